@@ -1,0 +1,267 @@
+"""Pools and backends: the balancer's beliefs about its servers, sans-IO.
+
+Every change of state goes through a L{Pool} method, which logs it once with a
+reason, bumps the pool's version (so the candidate tuple handed to balancers is
+rebuilt only when something changed) and tells subscribers (metrics, admin).
+"""
+from __future__ import annotations
+
+import enum
+import random
+from typing import Callable, Iterable, Sequence
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from lbtwist.interfaces import IBalancer, IPoolState
+
+log = Logger(namespace="lbtwist.pool")
+
+
+class Health(enum.Enum):
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"127.0.0.1:9001"`` / ``"[::1]:9001"`` -> (host, port). Raises ValueError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"backend address {address!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    p = int(port)
+    if not 0 < p < 65536:
+        raise ValueError(f"backend address {address!r}: port out of range")
+    return host, p
+
+
+@attrs.define(eq=False)
+class Backend:
+    """One server of a pool. Identity is the object; ``address`` names it."""
+
+    address: str
+    weight: float = 1.0
+    name: str | None = None
+    host: str = attrs.field(init=False)
+    port: int = attrs.field(init=False)
+    health: Health = Health.HEALTHY
+    enabled: bool = True
+    draining: bool = False
+    #: Until when (pool clock) passive detection keeps it out; None when not ejected.
+    ejected_until: float | None = None
+    #: When the backend (re)joined; slow start ramps from here.
+    joined_at: float = float("-inf")
+    #: Outstanding work (connections for L4, requests for L7).
+    active: int = 0
+    #: Work ever started on it.
+    total: int = 0
+    #: Seconds over which the weight ramps after joining (set from the pool's slow_start).
+    slow_start: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        self.host, self.port = split_address(self.address)
+
+    def usable(self, now: float) -> bool:
+        """May new work go here, health permitting?"""
+        return (
+            self.enabled
+            and not self.draining
+            and (self.ejected_until is None or self.ejected_until <= now)
+        )
+
+    def ramp(self, now: float) -> float:
+        """Slow-start factor: 0.1 -> 1.0 over ``slow_start`` seconds since joining."""
+        if self.slow_start <= 0:
+            return 1.0
+        age = now - self.joined_at
+        if age >= self.slow_start:
+            return 1.0
+        return max(0.1, age / self.slow_start)
+
+    def effective_weight(self, now: float) -> float:
+        """The weight algorithms should use: configured weight times the slow-start ramp."""
+        return self.weight * self.ramp(now)
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.address} {self.health.value}>"
+
+
+@attrs.define
+class PickContext:
+    """What a balancer may know about the work it places."""
+
+    now: float
+    #: Hash key (source address, header or cookie value) for hashing algorithms.
+    key: bytes | None = None
+    #: Backends already tried for this work (retries and failover avoid them).
+    exclude: Sequence[Backend] | frozenset = ()
+    client: str | None = None
+
+
+StateListener = Callable[["Pool", Backend, str, str], None]
+
+
+@implementer(IPoolState)
+class Pool:
+    """A named set of backends plus the algorithm that chooses among them."""
+
+    def __init__(
+        self,
+        name: str,
+        backends: Iterable[Backend],
+        balancer: IBalancer,
+        clock: IReactorTime,
+        *,
+        slow_start: float = 0.0,
+        panic_threshold: float = 50.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = name
+        self.balancer = balancer
+        self.clock = clock
+        self.slow_start = slow_start
+        self.panic_threshold = panic_threshold
+        self.rng = rng or random.Random()
+        self._backends: list[Backend] = list(backends)
+        for b in self._backends:
+            b.slow_start = slow_start
+        self._by_address = {b.address: b for b in self._backends}
+        self.version = 0
+        self._cached_version = -1
+        self._candidates: tuple[Backend, ...] = ()
+        self.panic = False
+        self._ejected: list[Backend] = []
+        self._listeners: list[StateListener] = []
+
+    # -- reading -------------------------------------------------------------
+
+    def backends(self) -> tuple[Backend, ...]:
+        return tuple(self._backends)
+
+    def get(self, address: str) -> Backend | None:
+        return self._by_address.get(address)
+
+    def candidates(self, now: float) -> tuple[Backend, ...]:
+        """Backends new work may go to. Falls back to every enabled,
+        non-draining backend when too few are healthy (panic mode)."""
+        if self._cached_version != self.version or self._expiry_passed(now):
+            self._rebuild(now)
+        return self._candidates
+
+    def _expiry_passed(self, now: float) -> bool:
+        return any(
+            b.ejected_until is not None and b.ejected_until <= now for b in self._ejected
+        )
+
+    def _rebuild(self, now: float) -> None:
+        live = [b for b in self._backends if b.enabled and not b.draining]
+        good = [b for b in live if b.usable(now) and b.health is Health.HEALTHY]
+        panic = bool(live) and (len(good) * 100.0 / len(live)) < self.panic_threshold
+        if panic != self.panic:
+            self.panic = panic
+            if panic:
+                log.warn(
+                    "pool {pool}: panic mode, only {good} of {total} backends usable; "
+                    "routing across all of them",
+                    pool=self.name, good=len(good), total=len(live),
+                )
+            else:
+                log.info("pool {pool}: left panic mode", pool=self.name)
+            self._notify(None, "panic" if panic else "normal", "healthy share changed")
+        self._candidates = tuple(live if panic else good)
+        self._ejected = [b for b in self._backends if b.ejected_until is not None]
+        self._cached_version = self.version
+
+    def select(self, ctx: PickContext) -> Backend | None:
+        cands = self.candidates(ctx.now)
+        if not cands:
+            return None
+        return self.balancer.pick(cands, ctx)
+
+    # -- accounting ----------------------------------------------------------
+
+    def on_start(self, backend: Backend) -> None:
+        backend.active += 1
+        backend.total += 1
+        self.balancer.on_start(backend, self.clock.seconds())
+
+    def on_finish(self, backend: Backend, latency: float, ok: bool) -> None:
+        backend.active -= 1
+        self.balancer.on_finish(backend, self.clock.seconds(), latency, ok)
+
+    # -- changing state ------------------------------------------------------
+
+    def subscribe(self, listener: StateListener) -> None:
+        """``listener(pool, backend_or_None, state, reason)`` on every change."""
+        self._listeners.append(listener)
+
+    def _notify(self, backend: Backend | None, state: str, reason: str) -> None:
+        for listener in list(self._listeners):
+            listener(self, backend, state, reason)
+
+    def _changed(self, backend: Backend, state: str, reason: str) -> None:
+        self.version += 1
+        log.info(
+            "pool {pool} backend {backend}: {state} ({reason})",
+            pool=self.name, backend=backend.address, state=state, reason=reason,
+        )
+        self._notify(backend, state, reason)
+
+    def set_health(self, backend: Backend, health: Health, reason: str) -> None:
+        if backend.health is health:
+            return
+        was = backend.health
+        backend.health = health
+        if health is Health.HEALTHY and was is not Health.HEALTHY:
+            backend.joined_at = self.clock.seconds()
+        self._changed(backend, health.value, reason)
+
+    def eject(self, backend: Backend, until: float, reason: str) -> None:
+        backend.ejected_until = until
+        self._changed(backend, "ejected", reason)
+
+    def unject(self, backend: Backend, reason: str) -> None:
+        if backend.ejected_until is None:
+            return
+        backend.ejected_until = None
+        backend.joined_at = self.clock.seconds()
+        self._changed(backend, "returned", reason)
+
+    def set_draining(self, backend: Backend, draining: bool, reason: str) -> None:
+        if backend.draining == draining:
+            return
+        backend.draining = draining
+        if not draining:
+            backend.joined_at = self.clock.seconds()
+        self._changed(backend, "draining" if draining else "undrained", reason)
+
+    def set_enabled(self, backend: Backend, enabled: bool, reason: str) -> None:
+        if backend.enabled == enabled:
+            return
+        backend.enabled = enabled
+        if enabled:
+            backend.joined_at = self.clock.seconds()
+        self._changed(backend, "enabled" if enabled else "disabled", reason)
+
+    def set_weight(self, backend: Backend, weight: float, reason: str) -> None:
+        if weight < 0:
+            raise ValueError("weight must be >= 0")
+        backend.weight = weight
+        self._changed(backend, f"weight={weight:g}", reason)
+
+    def add_backend(self, backend: Backend, reason: str = "added") -> None:
+        if backend.address in self._by_address:
+            raise ValueError(f"pool {self.name}: duplicate backend {backend.address}")
+        backend.slow_start = self.slow_start
+        self._backends.append(backend)
+        self._by_address[backend.address] = backend
+        self._changed(backend, "added", reason)
+
+    def remove_backend(self, backend: Backend, reason: str = "removed") -> None:
+        self._backends.remove(backend)
+        del self._by_address[backend.address]
+        self._changed(backend, "removed", reason)
