@@ -103,6 +103,14 @@ class PickContext:
 
 
 StateListener = Callable[["Pool", Backend, str, str], None]
+#: ``observer(backend, now, latency, outcome)``; outcome is one of OUTCOMES.
+OutcomeObserver = Callable[[Backend, float, float, str], None]
+
+#: How a unit of work ended, as the data plane reports it to L{Pool.on_finish}.
+#: "ok": success (any status < 500 for L7); "5xx": the backend answered 5xx;
+#: "gateway": connect failure, reset, timeout or a garbage/unverifiable answer;
+#: "cancelled": the client went away first (says nothing about the backend).
+OUTCOMES = ("ok", "5xx", "gateway", "cancelled")
 
 
 @implementer(IPoolState)
@@ -136,6 +144,7 @@ class Pool:
         self.panic = False
         self._ejected: list[Backend] = []
         self._listeners: list[StateListener] = []
+        self._outcome_observers: list[OutcomeObserver] = []
 
     # -- reading -------------------------------------------------------------
 
@@ -189,9 +198,21 @@ class Pool:
         backend.total += 1
         self.balancer.on_start(backend, self.clock.seconds())
 
-    def on_finish(self, backend: Backend, latency: float, ok: bool) -> None:
+    def on_finish(self, backend: Backend, latency: float, ok: bool, outcome: str | None = None) -> None:
+        """Work on ``backend`` ended. ``outcome`` refines ``ok`` for passive
+        health checking and metrics (see L{OUTCOMES}); defaults from ``ok``."""
         backend.active -= 1
-        self.balancer.on_finish(backend, self.clock.seconds(), latency, ok)
+        now = self.clock.seconds()
+        self.balancer.on_finish(backend, now, latency, ok)
+        if self._outcome_observers:
+            if outcome is None:
+                outcome = "ok" if ok else "gateway"
+            for obs in self._outcome_observers:
+                obs(backend, now, latency, outcome)
+
+    def observe_outcomes(self, observer: OutcomeObserver) -> None:
+        """Passive health checks and metrics watch live traffic through this."""
+        self._outcome_observers.append(observer)
 
     # -- changing state ------------------------------------------------------
 
