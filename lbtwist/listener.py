@@ -47,6 +47,7 @@ class ListenerService(Service):
         super().startService()
         if self.port is None:
             self.port = self.listen()
+        log.info("listener {name} on {bind} ({address})", name=self.name, bind=self.bind, address=self.address)
 
     def track(self, conn: Any) -> None:
         self.connections.add(conn)

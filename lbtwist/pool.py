@@ -61,6 +61,9 @@ class Backend:
     total: int = 0
     #: Seconds over which the weight ramps after joining (set from the pool's slow_start).
     slow_start: float = 0.0
+    #: Why the last state change happened, and when (pool clock): for the admin API.
+    reason: str = ""
+    changed_at: float | None = None
 
     def __attrs_post_init__(self) -> None:
         self.host, self.port = split_address(self.address)
@@ -85,6 +88,21 @@ class Backend:
     def effective_weight(self, now: float) -> float:
         """The weight algorithms should use: configured weight times the slow-start ramp."""
         return self.weight * self.ramp(now)
+
+    def state(self, now: float) -> str:
+        """One word for the admin API and metrics, most restrictive first:
+        disabled, draining, ejected, unknown, unhealthy, slow_start, healthy."""
+        if not self.enabled:
+            return "disabled"
+        if self.draining:
+            return "draining"
+        if self.ejected_until is not None and self.ejected_until > now:
+            return "ejected"
+        if self.health is not Health.HEALTHY:
+            return self.health.value
+        if self.ramp(now) < 1.0:
+            return "slow_start"
+        return "healthy"
 
     def __repr__(self) -> str:
         return f"<Backend {self.address} {self.health.value}>"
@@ -127,12 +145,15 @@ class Pool:
         slow_start: float = 0.0,
         panic_threshold: float = 50.0,
         rng: random.Random | None = None,
+        drain_timeout: float = 30.0,
     ) -> None:
         self.name = name
         self.balancer = balancer
         self.clock = clock
         self.slow_start = slow_start
         self.panic_threshold = panic_threshold
+        #: How long in-flight work on a draining backend may run (see L{drain_expired}).
+        self.drain_timeout = drain_timeout
         self.rng = rng or random.Random()
         self._backends: list[Backend] = list(backends)
         for b in self._backends:
@@ -156,7 +177,9 @@ class Pool:
 
     def candidates(self, now: float) -> tuple[Backend, ...]:
         """Backends new work may go to. Falls back to every enabled,
-        non-draining backend when too few are healthy (panic mode)."""
+        non-draining backend when too few are healthy (panic mode). Backends
+        still 'unknown' (no probe yet) are never candidates and do not count
+        toward the healthy share, so adding new backends cannot cause panic."""
         if self._cached_version != self.version or self._expiry_passed(now):
             self._rebuild(now)
         return self._candidates
@@ -167,7 +190,10 @@ class Pool:
         )
 
     def _rebuild(self, now: float) -> None:
-        live = [b for b in self._backends if b.enabled and not b.draining]
+        live = [
+            b for b in self._backends
+            if b.enabled and not b.draining and b.health is not Health.UNKNOWN
+        ]
         good = [b for b in live if b.usable(now) and b.health is Health.HEALTHY]
         panic = bool(live) and (len(good) * 100.0 / len(live)) < self.panic_threshold
         if panic != self.panic:
@@ -182,7 +208,10 @@ class Pool:
                 log.info("pool {pool}: left panic mode", pool=self.name)
             self._notify(None, "panic" if panic else "normal", "healthy share changed")
         self._candidates = tuple(live if panic else good)
-        self._ejected = [b for b in self._backends if b.ejected_until is not None]
+        # only ejections still running: an expired one must not force a rebuild per pick
+        self._ejected = [
+            b for b in self._backends if b.ejected_until is not None and b.ejected_until > now
+        ]
         self._cached_version = self.version
 
     def select(self, ctx: PickContext) -> Backend | None:
@@ -204,6 +233,8 @@ class Pool:
         backend.active -= 1
         now = self.clock.seconds()
         self.balancer.on_finish(backend, now, latency, ok)
+        if backend.draining and backend.active <= 0:
+            self._notify(backend, "drained", "no work left in flight")
         if self._outcome_observers:
             if outcome is None:
                 outcome = "ok" if ok else "gateway"
@@ -214,11 +245,19 @@ class Pool:
         """Passive health checks and metrics watch live traffic through this."""
         self._outcome_observers.append(observer)
 
+    def unobserve_outcomes(self, observer: OutcomeObserver) -> None:
+        if observer in self._outcome_observers:
+            self._outcome_observers.remove(observer)
+
     # -- changing state ------------------------------------------------------
 
     def subscribe(self, listener: StateListener) -> None:
         """``listener(pool, backend_or_None, state, reason)`` on every change."""
         self._listeners.append(listener)
+
+    def unsubscribe(self, listener: StateListener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     def _notify(self, backend: Backend | None, state: str, reason: str) -> None:
         for listener in list(self._listeners):
@@ -226,11 +265,16 @@ class Pool:
 
     def _changed(self, backend: Backend, state: str, reason: str) -> None:
         self.version += 1
+        backend.reason = f"{state}: {reason}"
+        backend.changed_at = self.clock.seconds()
         log.info(
             "pool {pool} backend {backend}: {state} ({reason})",
             pool=self.name, backend=backend.address, state=state, reason=reason,
         )
         self._notify(backend, state, reason)
+        # evaluate panic now, so entering/leaving it is logged when it happens
+        # rather than at the next request
+        self.candidates(self.clock.seconds())
 
     def set_health(self, backend: Backend, health: Health, reason: str) -> None:
         if backend.health is health:
@@ -253,12 +297,31 @@ class Pool:
         self._changed(backend, "returned", reason)
 
     def set_draining(self, backend: Backend, draining: bool, reason: str) -> None:
+        """Draining: no new work. Subscribers on the data plane react to the
+        "draining" notification by closing idle keep-alive connections to the
+        backend and not reusing busy ones; "drained" follows when its last
+        in-flight unit finishes, or "drain-expired" (L{drain_expired}) when
+        ``drain_timeout`` ran out, telling them to abort what is left."""
         if backend.draining == draining:
             return
         backend.draining = draining
         if not draining:
             backend.joined_at = self.clock.seconds()
         self._changed(backend, "draining" if draining else "undrained", reason)
+        if draining and backend.active <= 0:
+            self._notify(backend, "drained", "no work in flight")
+
+    def drain_expired(self, backend: Backend) -> None:
+        """``drain_timeout`` passed with work still in flight: subscribers
+        abort the work left on ``backend``."""
+        if not backend.draining:
+            return
+        n = backend.active
+        log.warn(
+            "pool {pool} backend {backend}: drain timeout ({t:g}s), closing {n} in flight",
+            pool=self.name, backend=backend.address, t=self.drain_timeout, n=n,
+        )
+        self._notify(backend, "drain-expired", f"drain_timeout {self.drain_timeout:g}s passed with {n} in flight")
 
     def set_enabled(self, backend: Backend, enabled: bool, reason: str) -> None:
         if backend.enabled == enabled:

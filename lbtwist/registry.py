@@ -12,8 +12,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import attrs
 import pluggy
+from zope.interface.verify import verifyObject
 
 from lbtwist import hookspecs
+from lbtwist.interfaces import IBalancer
 
 ENTRY_POINT_GROUP = "lbtwist"
 
@@ -21,6 +23,7 @@ ENTRY_POINT_GROUP = "lbtwist"
 BUILTIN_PLUGINS = (
     "lbtwist.balancers.builtin",
     "lbtwist.routing",
+    "lbtwist.health.builtin",
 )
 
 
@@ -75,6 +78,8 @@ class Registry:
         self.rules: dict[str, RuleSpec] = {}
         #: name -> plugin label, to say where a duplicate came from.
         self._origin: dict[tuple[str, str], str] = {}
+        #: plugin label -> " (dist NAME VERSION)" for plugins found by entry point.
+        self._dist: dict[str, str] = {}
 
     @classmethod
     def default(cls, entry_points: bool = True) -> "Registry":
@@ -92,50 +97,70 @@ class Registry:
         try:
             self.pm.register(plugin, name=label)
         except Exception as e:  # pluggy raises ValueError on duplicates, PluginValidationError on bad impls
-            raise PluginError(f"plugin {label!r}: cannot register: {e}") from None
+            raise PluginError(f"{self.describe(label)}: cannot register: {e}") from None
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
         for ep in importlib.metadata.entry_points(group=group):
             dist = getattr(ep, "dist", None)
             label = ep.name
-            where = f"plugin {label!r}" + (f" (dist {dist.name} {dist.version})" if dist else "")
+            dist_text = f" (dist {dist.name} {dist.version})" if dist else ""
+            where = f"plugin {label!r}{dist_text}"
             if self.pm.get_plugin(label) is not None or self.pm.is_blocked(label):
-                raise PluginError(f"{where}: a plugin named {label!r} is already registered")
+                raise PluginError(
+                    f"{where}: a plugin named {label!r} is already registered"
+                    f"{self._dist.get(label, '')}"
+                )
+            self._dist[label] = dist_text
             try:
                 obj = ep.load()
             except Exception as e:
                 raise PluginError(f"{where}: failed to import {ep.value!r}: {type(e).__name__}: {e}") from None
             self.register(obj, label)
 
+    def describe(self, label: str) -> str:
+        """``plugin 'x' (dist lbtwist-x 1.0)``: how errors name a plugin."""
+        return f"plugin {label!r}{self._dist.get(label, '')}"
+
     def collect(self) -> None:
-        """Call every implementation on its own so errors name the plugin."""
-        try:
-            self.pm.check_pending()
-        except Exception as e:
-            raise PluginError(str(e)) from None
+        """Call every implementation on its own so errors name the plugin.
+        Registration order (built-ins first): a duplicate blames the newcomer."""
+        specced = [n for n in vars(hookspecs) if n.startswith("lbtwist_")]
+        for name, caller in vars(self.pm.hook).items():
+            if name.startswith("_") or caller.has_spec():
+                continue
+            for impl in caller.get_hookimpls():
+                if not impl.optionalhook:
+                    raise PluginError(
+                        f"{self.describe(impl.plugin_name)}: unknown hook {name!r}"
+                        f"{suggest(name, specced)}; lbtwist hooks: {', '.join(specced)}"
+                    )
+        for table in (self.balancers, self.probes, self.rules):
+            table.clear()
+        self._origin.clear()
         for hook, table, spec_type, what in (
             (self.pm.hook.lbtwist_balancers, self.balancers, BalancerSpec, "algorithm"),
             (self.pm.hook.lbtwist_health_probes, self.probes, ProbeSpec, "health probe kind"),
             (self.pm.hook.lbtwist_routing_rules, self.rules, RuleSpec, "routing rule"),
         ):
-            for impl in reversed(hook.get_hookimpls()):
+            for impl in hook.get_hookimpls():
                 label = impl.plugin_name
+                where = self.describe(label)
                 try:
                     specs = list(impl.function() or ())
                 except Exception as e:
                     raise PluginError(
-                        f"plugin {label!r}: {impl.function.__name__} raised {type(e).__name__}: {e}"
+                        f"{where}: {impl.function.__name__} raised {type(e).__name__}: {e}"
                     ) from None
                 for spec in specs:
                     if not isinstance(spec, spec_type):
                         raise PluginError(
-                            f"plugin {label!r}: {impl.function.__name__} returned {spec!r}, "
+                            f"{where}: {impl.function.__name__} returned {spec!r}, "
                             f"expected {spec_type.__name__}"
                         )
                     if spec.name in table:
                         raise PluginError(
-                            f"plugin {label!r}: duplicate {what} {spec.name!r} "
-                            f"(already from {self._origin[(what, spec.name)]!r})"
+                            f"{where}: duplicate {what} {spec.name!r} "
+                            f"(already from {self.describe(self._origin[(what, spec.name)])})"
                         )
                     table[spec.name] = spec
                     self._origin[(what, spec.name)] = label
@@ -152,4 +177,12 @@ class Registry:
                 f"unknown algorithm {name!r}{suggest(name, self.balancers)}; "
                 f"registered: {', '.join(sorted(self.balancers))}"
             ) from None
-        return spec.factory(dict(options), clock=clock, rng=rng)
+        balancer = spec.factory(dict(options), clock=clock, rng=rng)
+        try:
+            verifyObject(IBalancer, balancer)
+        except Exception as e:  # zope's Invalid subclasses: a plugin bug, named as such
+            raise PluginError(
+                f"{self.describe(self.origin('algorithm', name))}: algorithm {name!r} "
+                f"built {balancer!r}, which does not provide IBalancer: {e}"
+            ) from None
+        return balancer

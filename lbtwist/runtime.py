@@ -9,6 +9,7 @@ import attrs
 from lbtwist.config.model import Config, PoolConfig
 from lbtwist.pool import Pool
 from lbtwist.registry import Registry
+from lbtwist.traffic import TrafficHub
 
 
 @attrs.define
@@ -19,6 +20,17 @@ class Runtime:
     config: Config
     pools: dict[str, Pool] = attrs.Factory(dict)
     pool_configs: dict[str, PoolConfig] = attrs.Factory(dict)
+    #: Finished requests/connections: the data plane publishes, logs and metrics subscribe.
+    traffic: TrafficHub = attrs.Factory(TrafficHub)
+    #: Extra state shown by the admin API and exported by /metrics, pulled at
+    #: each poll or scrape (cheap, must not raise). One callable per part,
+    #: under a short name (docs/operations.md, "State providers"):
+    #:   backend_state["breaker"] = fn(pool, backend) -> dict | None
+    #:   pool_state["retry_budget"] = fn(pool) -> dict | None
+    #:   listener_state["tls"] = fn(listener_name) -> dict | None
+    backend_state: dict[str, Any] = attrs.Factory(dict)
+    pool_state: dict[str, Any] = attrs.Factory(dict)
+    listener_state: dict[str, Any] = attrs.Factory(dict)
 
     def clock_seconds(self) -> float:
         return self.reactor.seconds()

@@ -45,6 +45,162 @@ class ConnectionPoolConfig:
 
 
 @attrs.frozen(kw_only=True)
+class ActiveHealthConfig:
+    """Active probes: catch a dead backend within ``interval x unhealthy_threshold + timeout``."""
+
+    kind: str = _f("tcp", "probe kind from the registry: tcp (connect), http, or a plugin kind")
+    interval: Duration = _f(Duration(5.0), "time between two probes of one backend (jittered downwards, never longer)")
+    timeout: Duration = _f(Duration(2.0), "a probe not answered within this fails; must be below interval")
+    unhealthy_threshold: int = _f(3, "consecutive failed probes that take a healthy backend out")
+    healthy_threshold: int = _f(2, "consecutive passing probes that bring an unhealthy backend back")
+    jitter: float = _f(0.1, "each interval is shortened by a random fraction up to this, so probes drift apart")
+    stagger: Duration = _f(Duration(1.0), "first probes of a pool's backends are spread over this window (capped at interval)")
+    assume_healthy: bool = _f(False, "new backends take traffic before their first probe instead of starting 'unknown'")
+    path: str = _f("/healthz", "http: request path (with query)")
+    method: str = _f("GET", "http: request method")
+    host: str | None = _f(None, "http: Host header (defaults to the backend address)")
+    expected_statuses: str = _f("200-399", "http: passing statuses, comma-separated codes and ranges")
+    body_match: str | None = _f(None, "http: regular expression the first 64 KiB of the body must contain")
+    options: dict[str, Any] = _f(factory=dict, doc="extra options for plugin probe kinds")
+
+
+@attrs.frozen(kw_only=True)
+class LatencyOutlierConfig:
+    """Eject a backend whose recent latency is far above the rest of its pool (the gray failure)."""
+
+    enabled: bool = _f(True, "evaluate the latency rule")
+    factor: float = _f(5.0, "eject when the backend's recent mean latency exceeds this many times the median of the others")
+    min_latency: Duration = _f(Duration(0.1), "never eject for latency below this (fast pools are noisy in ratio)")
+    min_requests: int = _f(5, "recent requests (decayed over window) a backend needs before it is judged")
+    window: Duration = _f(Duration(10.0), "time constant of the decaying latency mean")
+
+
+@attrs.frozen(kw_only=True)
+class PassiveHealthConfig:
+    """Outlier detection on live traffic: catches what a shallow probe misses."""
+
+    enabled: bool = _f(True, "watch live traffic and eject outliers")
+    consecutive_5xx: int = _f(5, "eject after this many 5xx answers in a row (0: off)")
+    consecutive_gateway_failures: int = _f(5, "eject after this many connect failures, resets or timeouts in a row (0: off)")
+    base_ejection_time: Duration = _f(Duration(30.0), "first ejection lasts this; each repeat adds it again")
+    max_ejection_time: Duration = _f(Duration(300.0), "cap on one ejection's length")
+    max_ejection_percent: float = _f(50.0, "never eject more than this share of a pool at once (at least one backend of two or more)")
+    interval: Duration = _f(Duration(1.0), "how often the latency rule is evaluated and ejection multipliers decay")
+    latency: LatencyOutlierConfig = _f(factory=LatencyOutlierConfig, doc="the latency outlier rule")
+
+
+@attrs.frozen(kw_only=True)
+class HealthConfig:
+    active: ActiveHealthConfig | None = _f(None, "active probes; omitted means backends are assumed healthy")
+    passive: PassiveHealthConfig = _f(factory=PassiveHealthConfig, doc="passive outlier detection (on by default)")
+    panic_threshold: float = _f(50.0, "percent of healthy backends below which the pool routes across all of them (0: never)")
+
+
+@attrs.frozen(kw_only=True)
+class CircuitBreakerConfig:
+    """Per-backend circuit breaker (lbtwist.resilience.breaker)."""
+
+    consecutive_failures: int = _f(5, "open a backend's breaker after this many failures in a row (0: breakers off)")
+    open_for: Duration = _f(Duration(10.0), "an open breaker keeps its backend out this long, then half-opens")
+    half_open_requests: int = _f(3, "trial requests let through when half-open; all must succeed to close")
+    failure_statuses: list[int] = _f(factory=lambda: [502, 503, 504], doc="response statuses counted as failures (connect failures, resets and timeouts always are)")
+    max_retry_after: Duration = _f(Duration(30.0), "cap on how long a backend's Retry-After on 503 keeps it out (0: ignore Retry-After)")
+
+
+@attrs.frozen(kw_only=True)
+class PoolLimitsConfig:
+    """Envoy-style per-pool limits: over one, 503 at once naming it (lbtwist.resilience.limits)."""
+
+    max_connections: int = _f(1024, "open connections to the pool's backends")
+    max_pending: int = _f(256, "requests waiting for a backend connection")
+    max_requests: int = _f(1024, "requests in flight to the pool, retries included")
+    max_retries: int = _f(3, "retries in flight to the pool at once (0: no retries)")
+
+
+@attrs.frozen(kw_only=True)
+class RetryBudgetConfig:
+    """A retry budget: retries <= budget_percent of requests over window, plus a floor."""
+
+    budget_percent: float = _f(10.0, "retries allowed as a percentage of requests over the window")
+    min_retries_per_second: float = _f(3.0, "retries always allowed per second, so a quiet route can retry")
+    window: Duration = _f(Duration(10.0), "sliding window over which requests and retries are counted")
+
+
+#: TLS 1.2 default: forward-secret AEAD suites only, for ECDSA and RSA certificates.
+TLS12_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+#: TLS 1.3 default: the three standard AEAD suites.
+TLS13_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
+
+@attrs.frozen(kw_only=True)
+class CertificateConfig:
+    """One certificate of a terminating listener (lbtwist.tls)."""
+
+    cert: str = _f(doc="PEM file: the certificate, then its intermediates")
+    key: str | None = _f(None, "PEM file with the unencrypted private key (omitted: the key is in the cert file)")
+    names: list[str] = _f(factory=list, doc="SNI names served, exact or *.wildcard (default: the certificate's DNS subjectAltNames)")
+    default: bool = _f(False, "serve it to clients sending no SNI or an unknown name (default: the first certificate)")
+
+
+@attrs.frozen(kw_only=True)
+class SessionTicketsConfig:
+    """Stateless resumption; keys rotate by keeping the last few front contexts (lbtwist.tls.tickets)."""
+
+    enabled: bool = _f(True, "issue and accept session tickets (off: TLS 1.3 resumes through the session cache)")
+    rotate: Duration = _f(Duration(12 * 3600.0), "start issuing tickets with a new key this often (0: never)")
+    keep: int = _f(2, "ticket keys accepted at once, the current one included (tickets survive keep-1 rotations)")
+    prepare: int = _f(0, "future keys made at start-up, so workers forked later share them for this many rotations")
+
+
+@attrs.frozen(kw_only=True)
+class SessionCacheConfig:
+    """Stateful resumption (session ids; TLS 1.3 when tickets are off)."""
+
+    size: int = _f(20000, "sessions cached per certificate (0: no cache); OpenSSL's fixed limit is 20480")
+    timeout: Duration = _f(Duration(300.0), "how long a session stays resumable, cached or in a ticket")
+
+
+@attrs.frozen(kw_only=True)
+class ListenerTLSConfig:
+    """TLS termination on a listener (lbtwist.tls.context)."""
+
+    certificates: list[CertificateConfig] = _f(factory=list, doc="certificates chosen by SNI; the first (or the one marked default) otherwise")
+    min_version: str = _f("1.2", 'lowest TLS version accepted: "1.2" or "1.3"')
+    ciphers: str = _f(TLS12_CIPHERS, "TLS 1.2 cipher list (OpenSSL syntax)")
+    ciphersuites: str = _f(TLS13_CIPHERSUITES, "TLS 1.3 cipher suites (OpenSSL syntax)")
+    alpn: list[str] | None = _f(None, "ALPN protocols, preferred first (default: http/1.1 on http listeners, none on tcp)")
+    session_tickets: SessionTicketsConfig = _f(factory=SessionTicketsConfig, doc="ticket resumption and key rotation")
+    session_cache: SessionCacheConfig = _f(factory=SessionCacheConfig, doc="session-id resumption")
+    handshake_timeout: Duration = _f(Duration(10.0), "close a connection whose handshake has not finished within this")
+
+
+@attrs.frozen(kw_only=True)
+class PoolTLSConfig:
+    """TLS to a pool's backends (lbtwist.tls.client); probes use it too."""
+
+    ca: str | None = _f(None, "PEM CA bundle backend certificates must chain to (default: the system trust store)")
+    server_name: str | None = _f(None, "name to send as SNI and verify in the certificate (default: the backend host)")
+    cert: str | None = _f(None, "PEM client certificate for mTLS")
+    key: str | None = _f(None, "PEM key of the client certificate (omitted: in the cert file)")
+    min_version: str = _f("1.2", 'lowest TLS version accepted: "1.2" or "1.3"')
+    alpn: list[str] = _f(factory=list, doc="ALPN protocols to offer (none by default)")
+    session_reuse: bool = _f(True, "resume TLS sessions per backend to save handshakes")
+
+
+@attrs.frozen(kw_only=True)
+class TLSPassthroughConfig:
+    """Route TLS by SNI without terminating it (tcp listeners, lbtwist.tls.passthrough)."""
+
+    routes: dict[str, str] = _f(factory=dict, doc="server name (exact or *.wildcard) -> pool")
+    default: str | None = _f(None, "pool for no SNI or an unrouted name (default: the listener's pool; none: close)")
+    client_hello_timeout: Duration = _f(Duration(10.0), "close a connection whose ClientHello has not arrived within this")
+
+
+@attrs.frozen(kw_only=True)
 class PoolConfig:
     name: str = _f(doc="pool name referenced by listeners and routes")
     algorithm: str = _f("p2c", "a name from the algorithm registry")
@@ -55,7 +211,11 @@ class PoolConfig:
     connection_pool: ConnectionPoolConfig = _f(factory=ConnectionPoolConfig, doc="L7 backend connection reuse")
     slow_start: Duration = _f(Duration(0.0), "ramp a joining backend's weight over this time")
     drain_timeout: Duration = _f(Duration(30.0), "how long in-flight work on a draining backend may run")
-    panic_threshold: float = _f(50.0, "percent of healthy backends below which the pool routes to all")
+    health: HealthConfig = _f(factory=HealthConfig, doc="active probes, passive outlier detection, panic threshold")
+    circuit_breaker: CircuitBreakerConfig = _f(factory=CircuitBreakerConfig, doc="per-backend circuit breakers")
+    limits: PoolLimitsConfig = _f(factory=PoolLimitsConfig, doc="per-pool connection, pending, request and retry limits")
+    retry_budget: RetryBudgetConfig | None = _f(None, "pool-wide retry budget across all routes (on top of each route's)")
+    tls: PoolTLSConfig | None = _f(None, "re-encrypt to the backends with TLS, verifying their certificates")
 
 
 @attrs.frozen(kw_only=True)
@@ -63,6 +223,41 @@ class HeaderRewrite:
     add: dict[str, str] = _f(factory=dict, doc="append these headers")
     set: dict[str, str] = _f(factory=dict, doc="replace these headers")
     remove: list[str] = _f(factory=list, doc="delete these headers")
+
+
+@attrs.frozen(kw_only=True)
+class BackoffConfig:
+    """Wait before retry n: uniform in [0, min(max, base * 2**(n-1))] (full jitter)."""
+
+    base: Duration = _f(Duration(0.025), "backoff before the first retry is drawn from [0, base]")
+    max: Duration = _f(Duration(0.25), "cap on the backoff ceiling")
+
+
+@attrs.frozen(kw_only=True)
+class RetryConfig:
+    """Per-route retries (lbtwist.resilience.retry); the defaults retry connect
+    failures and resets of idempotent requests once, inside a 10% budget."""
+
+    retry_on: list[str | int] = _f(factory=lambda: ["connect-failure", "reset"], doc="connect-failure, reset, timeout, gateway-error (502/503/504), 5xx, or status codes")
+    max_attempts: int = _f(2, "tries in all, the first included (1: no retries)")
+    per_try_timeout: Duration | None = _f(None, "response head must start within this on each try; defaults to the route timeout")
+    backoff: BackoffConfig = _f(factory=BackoffConfig, doc="jittered exponential backoff between tries")
+    budget_percent: float = _f(10.0, "retries allowed as a percentage of the route's requests over budget_window")
+    min_retries_per_second: float = _f(3.0, "retries always allowed per second, so a quiet route can retry")
+    budget_window: Duration = _f(Duration(10.0), "sliding window of the retry budget")
+    max_replay_body: Size = _f(Size(64 * 1024), "request body bytes kept for replay; a longer body is never retried")
+    idempotency_header: str | None = _f("idempotency-key", "requests carrying this header are retryable whatever their method")
+    connect_failure_any_method: bool = _f(False, "also retry connect failures of non-idempotent requests (no byte was sent)")
+
+
+@attrs.frozen(kw_only=True)
+class RateLimitConfig:
+    """Per-route token buckets (lbtwist.resilience.ratelimit): over the limit, 429 with Retry-After."""
+
+    rate: float = _f(doc="tokens (requests) added per second")
+    burst: float | None = _f(None, "bucket size: requests allowed at once after a quiet spell; defaults to rate")
+    key: str = _f("client", "client (address), route (one bucket), or header:NAME")
+    max_keys: int = _f(100_000, "buckets kept at most; the least recently used is dropped beyond")
 
 
 @attrs.frozen(kw_only=True)
@@ -75,6 +270,8 @@ class RouteConfig:
     max_body_size: Size | None = _f(None, "413 above this request body size; defaults to the listener's")
     buffering: Literal["stream", "request", "response", "both"] = _f("stream", "buffer whole bodies instead of streaming")
     hash_key: str | None = _f(None, "key for hashing algorithms: source | header:NAME | cookie:NAME")
+    retry: RetryConfig = _f(factory=RetryConfig, doc="when and how often to retry (defaults apply when omitted)")
+    rate_limit: RateLimitConfig | None = _f(None, "token-bucket rate limit; omitted means none")
 
 
 @attrs.frozen(kw_only=True)
@@ -95,6 +292,15 @@ class HttpConfig:
 
 
 @attrs.frozen(kw_only=True)
+class ProxyProtocolConfig:
+    """PROXY protocol (HAProxy v1/v2) on a ``mode: tcp`` listener."""
+
+    accept: bool = _f(False, "clients are proxies that open with a PROXY header; the client address is taken from it, a connection without a valid header is closed")
+    send: Literal["none", "v1", "v2"] = _f("none", "open each backend connection with a PROXY header carrying the client address")
+    header_timeout: Duration = _f(Duration(5.0), "accept: close a connection whose header has not fully arrived within this")
+
+
+@attrs.frozen(kw_only=True)
 class ListenerConfig:
     name: str = _f(doc="listener name")
     bind: str = _f(doc="a Twisted server endpoint description, e.g. tcp:8080:interface=127.0.0.1")
@@ -104,12 +310,34 @@ class ListenerConfig:
     max_connections: int = _f(10000, "refuse connections above this many at once")
     idle_timeout: Duration | None = _f(None, "close an idle connection/flow (tcp default 1h, udp 30s)")
     hash_key: str = _f("source", "key for hashing algorithms at L4: source (client address)")
+    proxy_protocol: ProxyProtocolConfig = _f(factory=ProxyProtocolConfig, doc="tcp: PROXY protocol from clients and/or to backends")
     http: HttpConfig = _f(factory=HttpConfig, doc="http-mode limits and timeouts")
+    tls: ListenerTLSConfig | None = _f(None, "terminate TLS (http and tcp listeners)")
+    tls_passthrough: TLSPassthroughConfig | None = _f(None, "tcp: route TLS by SNI to pools without terminating it")
 
 
 @attrs.frozen(kw_only=True)
 class AdminConfig:
     bind: str = _f("tcp:9900:interface=127.0.0.1", "admin API endpoint")
+    token: str | None = _f(None, "bearer token required on every admin request (prefer token_file); mandatory when bind is not loopback")
+    token_file: str | None = _f(None, "file holding the bearer token (first line); read at start and reload")
+
+
+@attrs.frozen(kw_only=True)
+class AccessLogConfig:
+    """Structured access log: one JSON line per request (L7) or connection/flow (L4)."""
+
+    path: str = _f("stdout", "stdout, stderr, or a file appended to")
+    state_events: bool = _f(True, "also write backend state changes (health, ejections, drains) as JSON lines")
+    flush_interval: Duration = _f(Duration(1.0), "buffered lines are written at least this often (0: every line)")
+
+
+@attrs.frozen(kw_only=True)
+class DeploymentConfig:
+    """How this balancer is deployed; lbtwist cannot see it, ``lbtwist check`` asks."""
+
+    instances: int = _f(1, "balancer instances serving the same traffic")
+    failover: str | None = _f(None, "how traffic moves off a dead instance: e.g. 'keepalived VIP', 'anycast', 'DNS'")
 
 
 @attrs.frozen(kw_only=True)
@@ -126,3 +354,5 @@ class Config:
     pools: list[PoolConfig] = _f(factory=list, doc="backend pools")
     admin: AdminConfig | None = _f(None, "admin API; omitted means no admin listener")
     demo: DemoConfig | None = _f(None, "demo backends in-process (for trying lbtwist out)")
+    access_log: AccessLogConfig | None = _f(None, "JSON access log; omitted means none")
+    deployment: DeploymentConfig | None = _f(None, "balancer instances and failover, for lbtwist check")

@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SRC    := $(shell find lbtwist twisted plugins -name '*.py' -o -name '*.yaml' -o -name 'setup.cfg' 2>/dev/null)
+
+.PHONY: run test quick bench clean
+
+run: $(VENV)/.installed
+	$(BIN)/twistd -n --pidfile= lbtwist --config etc/lbtwist.yaml
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+quick: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Non-editable installs: twistd cannot see the dropin through PEP 660 editable hooks.
+$(VENV)/.installed: $(VENV)/bin/python setup.cfg pyproject.toml $(SRC)
+	$(BIN)/pip install -q '.[dev,drill]' ./plugins/lbtwist-example
+	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache

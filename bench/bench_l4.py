@@ -1,0 +1,335 @@
+#!/usr/bin/env python3
+"""L4 relay benchmark: lbtwist (``python -m lbtwist.l4``) against HAProxy in
+``mode tcp`` (one thread), in front of the same local backends, in one run.
+
+Two measures, each printed per contender with its ratio to HAProxy:
+  - connections per second: ``wrk`` with ``Connection: close`` through the
+    relay to one nginx worker answering ``200 ok`` (one TCP connection per
+    request, so this is connection setup + a small exchange + teardown);
+  - bulk MB/s: one TCP stream of ``--bulk`` bytes from a Python source through
+    the relay to a Python sink.
+
+Method (see /work/shared/notes/performance-facts.md): every proxy runs on CPU 0,
+load generators and origins on CPU 1 (taskset); contenders are interleaved
+A B A B ... for ``--rounds`` rounds and the medians compared, because this
+machine's absolute numbers drift between runs. Compare ratios, not absolutes.
+
+Usage: .venv/bin/python bench/bench_l4.py [--rounds 3] [--duration 10]
+       [--bulk 1GiB] [--variants tuned,stock] [--skip-bulk] [--skip-conns]
+Variants of lbtwist: ``tuned`` (default levers: eager write, 1 MiB reads),
+``lean`` (tuned + lean epoll reactor), ``stock`` (no levers: Twisted's
+buffered writes and 64 KiB reads).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+PROXY_CPU = "0"
+LOAD_CPU = "1"
+
+VARIANTS = {
+    "tuned": [],
+    "lean": ["--lean-reactor"],
+    "stock": ["--no-eager", "--read-size", "0"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{what}: nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"(\d+)\s*([kmg]?)(i?b?)", text.strip().lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}")
+    return int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2)]
+
+
+def check_tools() -> None:
+    missing = [t for t in ("haproxy", "nginx", "wrk", "taskset") if shutil.which(t) is None]
+    if missing:
+        pkgs = {"haproxy": "haproxy", "nginx": "nginx-light", "wrk": "wrk", "taskset": "util-linux"}
+        raise SystemExit(
+            f"missing: {', '.join(missing)}; install with: "
+            f"apt-get install {' '.join(pkgs[m] for m in missing)}"
+        )
+    if (os.cpu_count() or 1) < 2:
+        raise SystemExit("needs 2 CPUs (proxy on CPU 0, load and origin on CPU 1)")
+
+
+class Procs:
+    """Background processes, all stopped at exit."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], cpu: str, **kw) -> subprocess.Popen:
+        p = subprocess.Popen(["taskset", "-c", cpu, *argv], **kw)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+# -- bulk source and sink (run as subprocesses on the load CPU) -----------------
+
+
+def run_sink(port_file: str) -> None:
+    """Accept connections one at a time; read to EOF; answer with the count."""
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(16)
+    Path(port_file).write_text(str(ls.getsockname()[1]))
+    buf = bytearray(1 << 20)
+    while True:
+        conn, _ = ls.accept()
+        n = 0
+        while True:
+            k = conn.recv_into(buf)
+            if not k:
+                break
+            n += k
+        conn.sendall(b"%d\n" % n)
+        conn.close()
+
+
+def run_source(port: int, total: int) -> None:
+    """Send ``total`` bytes, half-close, wait for the sink's count; print MB/s."""
+    chunk = memoryview(os.urandom(1 << 20))
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    t0 = time.perf_counter()
+    left = total
+    while left > 0:
+        n = min(left, len(chunk))
+        s.sendall(chunk[:n])
+        left -= n
+    s.shutdown(socket.SHUT_WR)
+    got = b""
+    while not got.endswith(b"\n"):
+        d = s.recv(64)
+        if not d:
+            break
+        got += d
+    dt = time.perf_counter() - t0
+    s.close()
+    if int(got or b"0") != total:
+        raise SystemExit(f"sink counted {got!r}, sent {total}")
+    print(f"{total / dt / 1e6:.1f}")
+
+
+# -- contenders ------------------------------------------------------------------
+
+
+def start_nginx(procs: Procs, tmp: Path) -> int:
+    port = free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/nginx-body;
+    proxy_temp_path {tmp}/nginx-proxy;
+    fastcgi_temp_path {tmp}/nginx-fastcgi;
+    uwsgi_temp_path {tmp}/nginx-uwsgi;
+    scgi_temp_path {tmp}/nginx-scgi;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{ return 200 "ok"; }}
+    }}
+}}
+"""
+    )
+    procs.start(["nginx", "-p", str(tmp), "-c", str(conf)], LOAD_CPU, stderr=open(tmp / "nginx.stderr", "w"))
+    wait_port(port, f"nginx (see {tmp}/nginx.stderr)")
+    return port
+
+
+def start_sink(procs: Procs, tmp: Path) -> int:
+    pf = tmp / "sink.port"
+    procs.start([PY, __file__, "--role", "sink", str(pf)], LOAD_CPU)
+    deadline = time.monotonic() + 10
+    while not (pf.exists() and pf.read_text()):
+        if time.monotonic() > deadline:
+            raise SystemExit("sink did not start")
+        time.sleep(0.05)
+    return int(pf.read_text())
+
+
+def start_haproxy(procs: Procs, tmp: Path, http_port: int, sink_port: int) -> tuple[int, int]:
+    fe_http, fe_bulk = free_port(), free_port()
+    cfg = tmp / "haproxy.cfg"
+    cfg.write_text(
+        f"""
+global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode tcp
+    timeout connect 3s
+    timeout client 60s
+    timeout server 60s
+frontend fe_http
+    bind 127.0.0.1:{fe_http}
+    default_backend be_http
+backend be_http
+    server s1 127.0.0.1:{http_port}
+frontend fe_bulk
+    bind 127.0.0.1:{fe_bulk}
+    default_backend be_bulk
+backend be_bulk
+    server s1 127.0.0.1:{sink_port}
+"""
+    )
+    procs.start(["haproxy", "-db", "-f", str(cfg)], PROXY_CPU, stderr=open(tmp / "haproxy.stderr", "w"))
+    wait_port(fe_http, f"haproxy (see {tmp}/haproxy.stderr)")
+    wait_port(fe_bulk, f"haproxy (see {tmp}/haproxy.stderr)")
+    return fe_http, fe_bulk
+
+
+def start_lbtwist(procs: Procs, backend_port: int, extra: list[str]) -> int:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = procs.start(
+        [PY, "-m", "lbtwist.l4", "--backend", f"127.0.0.1:{backend_port}", "--max-connections", "8000", *extra],
+        PROXY_CPU, stdout=subprocess.PIPE, env=env, text=True,
+    )
+    line = p.stdout.readline()
+    if not line.startswith("LISTENING"):
+        raise SystemExit(f"lbtwist relay did not start: {line!r}")
+    return int(line.split()[1])
+
+
+# -- measurements ------------------------------------------------------------------
+
+
+def measure_conns(port: int, duration: int, connections: int) -> float:
+    out = subprocess.run(
+        ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{duration}s",
+         "-H", "Connection: close", f"http://127.0.0.1:{port}/"],
+        capture_output=True, text=True, timeout=duration + 30,
+    ).stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        raise SystemExit(f"wrk output not understood:\n{out}")
+    errors = re.search(r"Socket errors:.*|Non-2xx.*", out)
+    if errors:
+        print(f"      (wrk: {errors.group(0).strip()})")
+    return float(m.group(1))
+
+
+def measure_bulk(port: int, total: int) -> float:
+    out = subprocess.run(
+        ["taskset", "-c", LOAD_CPU, PY, __file__, "--role", "source", str(port), str(total)],
+        capture_output=True, text=True, timeout=300,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"bulk source failed: {out.stderr}")
+    return float(out.stdout.strip())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="lbtwist L4 relay vs HAProxy mode tcp")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    ap.add_argument("--connections", type=int, default=50, help="wrk concurrent connections")
+    ap.add_argument("--bulk", type=parse_size, default=1 << 30, help="bytes per bulk stream (e.g. 1GiB)")
+    ap.add_argument("--variants", default="tuned,stock", help=f"lbtwist variants: {','.join(VARIANTS)}")
+    ap.add_argument("--skip-conns", action="store_true")
+    ap.add_argument("--skip-bulk", action="store_true")
+    ap.add_argument("--role", help=argparse.SUPPRESS)
+    ap.add_argument("role_args", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.role == "sink":
+        return run_sink(args.role_args[0])
+    if args.role == "source":
+        return run_source(int(args.role_args[0]), int(args.role_args[1]))
+
+    check_tools()
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    procs = Procs()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_l4_"))
+    try:
+        http_port = start_nginx(procs, tmp)
+        sink_port = start_sink(procs, tmp)
+        ports = {"haproxy": start_haproxy(procs, tmp, http_port, sink_port)}
+        for v in variants:
+            ports[f"lbtwist-{v}"] = (
+                start_lbtwist(procs, http_port, VARIANTS[v]),
+                start_lbtwist(procs, sink_port, VARIANTS[v]),
+            )
+        names = list(ports)
+        conns: dict[str, list[float]] = {n: [] for n in names}
+        bulk: dict[str, list[float]] = {n: [] for n in names}
+        print(f"load avg before: {os.getloadavg()[0]:.2f}; rounds={args.rounds} duration={args.duration}s "
+              f"wrk -c{args.connections} bulk={args.bulk / 2**20:.0f} MiB")
+        for r in range(1, args.rounds + 1):
+            order = names if r % 2 else list(reversed(names))  # A B ... then ... B A
+            for n in order:
+                if not args.skip_conns:
+                    c = measure_conns(ports[n][0], args.duration, args.connections)
+                    conns[n].append(c)
+                    print(f"  round {r} {n:16s} conns/s {c:10.0f}", flush=True)
+                if not args.skip_bulk:
+                    b = measure_bulk(ports[n][1], args.bulk)
+                    bulk[n].append(b)
+                    print(f"  round {r} {n:16s} bulk MB/s {b:8.1f}", flush=True)
+        print(f"load avg after: {os.getloadavg()[0]:.2f}")
+        print("\nmedians (ratio to haproxy):")
+        for label, table, unit in (("conns/s", conns, ""), ("bulk MB/s", bulk, "")):
+            if not table["haproxy"]:
+                continue
+            base = statistics.median(table["haproxy"])
+            for n in names:
+                med = statistics.median(table[n])
+                print(f"  {label:10s} {n:16s} {med:10.1f}   x{med / base:.2f}")
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The admin listener: JSON API, Prometheus /metrics and the live dashboard.
+
+``admin_service(admin_cfg, runtime, reload=None)`` is all the rest of lbtwist
+needs; the pieces live in L{lbtwist.admin.api} (HTTP), L{lbtwist.admin.state}
+(JSON views), L{lbtwist.admin.metrics} (Prometheus), L{lbtwist.admin.live} and
+L{lbtwist.admin.window} (live figures), L{lbtwist.admin.auth} (who may call).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.application.service import IService
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.web import server
+
+from lbtwist.admin.api import AdminResource
+from lbtwist.admin.auth import Guard, admin_config_problems, bind_is_loopback, read_token
+from lbtwist.admin.live import Live
+from lbtwist.admin.metrics import make_registry
+from lbtwist.admin.state import StateView
+from lbtwist.listener import ListenerService
+
+__all__ = ["admin_service", "AdminService", "admin_config_problems"]
+
+log = Logger(namespace="lbtwist.admin")
+
+
+class _QuietSite(server.Site):
+    """The dashboard polls every second: per-request lines would drown the log.
+    Operator actions are logged where they happen (Pool state changes)."""
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+class AdminService(ListenerService):
+    """Binds ``admin.bind`` and follows the runtime's pools while running."""
+
+    def __init__(self, admin_cfg: Any, runtime: Any, reload: Callable[[], Any] | None = None,
+                 process_metrics: bool = True) -> None:
+        problems = admin_config_problems(admin_cfg)
+        if problems:
+            raise ValueError("; ".join(f"{k}: {m}" for k, m in problems))
+        self.runtime = runtime
+        clock = runtime.reactor
+        self.live = Live(runtime, clock)
+        self.view = StateView(runtime, self.live, clock)
+        self.registry = make_registry(runtime, self.live, clock, process=process_metrics)
+        guard = Guard(read_token(admin_cfg), bind_is_loopback(admin_cfg.bind))
+        self.resource = AdminResource(runtime, self.view, self.registry, guard, reload)
+        site = _QuietSite(self.resource, reactor=runtime.reactor)
+        super().__init__("admin", admin_cfg.bind, site, runtime.reactor)
+        self._sync = task.LoopingCall(self._safe_sync)
+        self._sync.clock = clock
+
+    def _safe_sync(self) -> None:
+        try:
+            self.live.sync()
+        except Exception:
+            log.failure("admin: following the runtime's pools failed")
+
+    def startService(self) -> None:
+        self.live.attach()
+        super().startService()
+        # a reload may rebuild pools: attach to the new ones within a second
+        self._sync.start(1.0, now=False)
+
+    def stopService(self, drain_timeout: float = 1.0) -> defer.Deferred:
+        if self._sync.running:
+            self._sync.stop()
+        self.live.detach()
+        return super().stopService(drain_timeout)
+
+
+def admin_service(admin_cfg: Any, runtime: Any, reload: Callable[[], Any] | None = None) -> IService:
+    """The admin listener for ``runtime``. ``reload()`` (returning a Deferred
+    or a value, raising or failing when the new config is refused) backs
+    ``POST /api/reload``; without it that endpoint answers 501."""
+    return AdminService(admin_cfg, runtime, reload)

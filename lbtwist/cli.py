@@ -1,0 +1,55 @@
+"""The ``lbtwist`` command: ``run`` (twistd in the foreground), ``check``
+(validate a config), and later ``drill``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _run(args: argparse.Namespace) -> int:
+    from twisted.scripts.twistd import run
+
+    argv = ["twistd", "-n", f"--pidfile={args.pidfile}", "lbtwist"]
+    if args.config:
+        argv += ["--config", args.config]
+    sys.argv = argv
+    run()
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from lbtwist.config import ConfigError, load_config
+    from lbtwist.registry import PluginError, Registry
+
+    try:
+        loaded = load_config(args.config, Registry.default())
+    except PluginError as e:
+        print(f"lbtwist: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    for w in loaded.warnings:
+        print(str(w), file=sys.stderr)
+    if loaded.warnings:
+        return 1
+    print(f"{args.config}: ok")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lbtwist", description="lbtwist load balancer")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run", help="run the balancer in the foreground (twistd -n lbtwist)")
+    p.add_argument("--config", "-c", default=None)
+    p.add_argument("--pidfile", default="")
+    p.set_defaults(func=_run)
+    p = sub.add_parser("check", help="validate a config; exit 0 clean, 1 warnings, 2 errors")
+    p.add_argument("config")
+    p.set_defaults(func=_check)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

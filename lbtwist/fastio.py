@@ -1,0 +1,134 @@
+"""Transport speed levers that reach into Twisted internals, kept in this one
+module so a Twisted upgrade has one place to re-check (tests/test_l4_fastio.py
+pins every internal relied on here).
+
+Why each lever exists (measured, see the performance notes):
+
+  - **Eager write.** ``FileDescriptor.write`` only appends to a buffer and asks
+    the reactor for a writability event, so every write costs an extra loop
+    pass and two epoll changes. When nothing is buffered the socket is almost
+    always writable, so sending at once and buffering only the unsent tail
+    nearly doubles small-message relay rates.
+  - **Read size.** TCP transports read ``bufferSize`` (64 KiB) per event and
+    use the same number as the threshold at which they pause their producer.
+    A bulk relay moves twice the bytes per event with 1 MiB.
+  - **Lean dispatch.** The epoll reactor wraps each event in
+    ``log.callWithLogger`` (a log-context push per event); a reactor that
+    dispatches directly, still catching and logging errors, spends that time
+    on the relay instead. Opt-in, installed by the process entry point.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import twisted
+from twisted.internet import tcp
+
+#: Twisted major versions whose internals this module was checked against.
+CHECKED_TWISTED_MAJOR = (26,)
+
+#: Read size for L4 relay transports (and their producer pause threshold).
+L4_READ_SIZE = 1 << 20
+
+_eager_classes: dict[type, type] = {}
+
+
+class _EagerWriteMixin:
+    """``write`` that calls ``send()`` at once when nothing is queued.
+
+    Falls back to Twisted's buffered path for the unsent tail, while anything
+    is buffered (ordering), during TLS, and once a close or half-close was
+    requested (so Twisted's own shutdown sequencing stays in charge)."""
+
+    def write(self, data: bytes) -> None:
+        if (
+            self._tempDataLen
+            or self.dataBuffer
+            or not self.connected
+            or self.disconnecting
+            or self._writeDisconnecting
+            or self._writeDisconnected
+            or self.TLS
+            or type(data) is not bytes
+        ):
+            return super().write(data)  # type: ignore[misc]
+        try:
+            sent = self.socket.send(data)
+        except OSError:
+            # EAGAIN, EINTR, or a real error: the buffered path retries from
+            # doWrite, which also turns real errors into connectionLost.
+            sent = 0
+        if sent < len(data):
+            super().write(data[sent:] if sent else data)  # type: ignore[misc]
+
+
+def _eager_class(cls: type) -> type:
+    eager = _eager_classes.get(cls)
+    if eager is None:
+        eager = type(f"Eager{cls.__name__}", (_EagerWriteMixin, cls), {})
+        _eager_classes[cls] = eager
+    return eager
+
+
+def accelerate(transport: Any, *, eager: bool = True, read_size: int | None = None) -> bool:
+    """Apply the levers to a connected plain TCP transport (``tcp.Server`` or
+    ``tcp.Client``). Returns False and changes nothing for any other transport
+    (TLS, test doubles, unknown reactors), so callers may always call it."""
+    if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False):
+        return False
+    if eager and not isinstance(transport, _EagerWriteMixin):
+        # Same instance layout (a subclass adding only a method), so the class
+        # swap is safe; it keeps every other attribute and reactor registration.
+        transport.__class__ = _eager_class(type(transport))
+    if read_size:
+        transport.bufferSize = read_size
+    return True
+
+
+def is_accelerated(transport: Any) -> bool:
+    return isinstance(transport, _EagerWriteMixin)
+
+
+# -- lean reactor ------------------------------------------------------------
+
+
+def lean_reactor_class() -> type:
+    """An epoll reactor whose poll loop calls the dispatcher directly.
+
+    ``_doReadOrWrite`` already catches and logs every exception from a
+    selectable and disconnects it; the only thing skipped is the per-event
+    log-context push (so errors are logged without the selectable's prefix)."""
+    from twisted.internet import epollreactor
+
+    class LeanEPollReactor(epollreactor.EPollReactor):
+        def doPoll(self, timeout: float | None) -> None:
+            if timeout is None:
+                timeout = -1
+            try:
+                events = self._poller.poll(timeout, len(self._selectables))
+            except InterruptedError:
+                return
+            selectables = self._selectables
+            dispatch = self._doReadOrWrite
+            for fd, event in events:
+                selectable = selectables.get(fd)
+                if selectable is not None:
+                    dispatch(selectable, fd, event)
+
+        doIteration = doPoll
+
+    return LeanEPollReactor
+
+
+def install_lean_reactor() -> Any:
+    """Install the lean reactor as the global one. For process entry points
+    only (before anything imports ``twisted.internet.reactor``)."""
+    from twisted.internet.main import installReactor
+
+    reactor = lean_reactor_class()()
+    installReactor(reactor)
+    return reactor
+
+
+def twisted_supported() -> bool:
+    return int(twisted.__version__.split(".")[0]) in CHECKED_TWISTED_MAJOR

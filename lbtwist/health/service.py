@@ -1,0 +1,194 @@
+# -*- test-case-name: tests.test_health_service -*-
+"""The Twisted service that runs health for every pool of a Runtime: active
+probe loops, passive outlier detection and its timer, draining.
+
+It follows pool membership by itself: a backend added with
+C{pool.add_backend} (hot reload, admin API) gets a probe loop, a removed one
+loses it, so reload code only changes pools.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from lbtwist.config.model import HealthConfig
+from lbtwist.health.builtin import make_probe
+from lbtwist.health.drain import drain_backend
+from lbtwist.health.outlier import OutlierDetector
+from lbtwist.health.scheduler import ProbeScheduler
+from lbtwist.interfaces import IHealthProbe
+from lbtwist.pool import Backend, Pool
+
+log = Logger(namespace="lbtwist.health")
+
+
+class PoolHealth:
+    """Active and passive health for one pool."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        cfg: HealthConfig,
+        *,
+        reactor: Any,
+        probe: IHealthProbe | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.pool = pool
+        self.cfg = cfg
+        self.clock = reactor
+        self.scheduler: ProbeScheduler | None = None
+        if cfg.active is not None:
+            if probe is None:
+                raise ValueError(f"pool {pool.name}: active health configured but no probe given")
+            self.scheduler = ProbeScheduler(pool, probe, cfg.active, reactor, rng)
+        self.detector = OutlierDetector(pool, cfg.passive) if cfg.passive.enabled else None
+        self._tick_call: IDelayedCall | None = None
+        self.running = False
+
+    def start(self) -> None:
+        self.running = True
+        self.pool.subscribe(self._on_change)
+        if self.detector is not None:
+            self.pool.observe_outcomes(self.detector.on_outcome)
+            self._tick()
+        if self.scheduler is not None:
+            self.scheduler.start()
+
+    def stop(self) -> None:
+        self.running = False
+        self.pool.unsubscribe(self._on_change)
+        if self.detector is not None:
+            self.pool.unobserve_outcomes(self.detector.on_outcome)
+        if self._tick_call is not None and self._tick_call.active():
+            self._tick_call.cancel()
+        self._tick_call = None
+        if self.scheduler is not None:
+            self.scheduler.stop()
+
+    def _on_change(self, pool: Pool, backend: Backend | None, state: str, reason: str) -> None:
+        if backend is None:
+            return
+        if state == "added":
+            if self.scheduler is not None:
+                self.scheduler.add(backend)
+        elif state == "removed":
+            if self.scheduler is not None:
+                self.scheduler.remove(backend)
+            if self.detector is not None:
+                self.detector.forget(backend)
+
+    def _tick(self) -> None:
+        self._tick_call = None
+        if not self.running or self.detector is None:
+            return
+        now = self.clock.seconds()
+        try:
+            nxt = self.detector.tick(now)
+        except Exception:
+            log.failure("pool {pool}: outlier detection tick failed", pool=self.pool.name)
+            nxt = now + self.cfg.passive.interval
+        self._tick_call = self.clock.callLater(max(0.0, nxt - now), self._tick)
+
+    def status(self) -> dict[str, Any]:
+        """Per-backend health as plain data, for the admin API and metrics."""
+        now = self.clock.seconds()
+        out = []
+        for b in self.pool.backends():
+            entry: dict[str, Any] = {
+                "address": b.address,
+                "state": b.state(now),
+                "health": b.health.value,
+                "reason": b.reason,
+                "changed_at": b.changed_at,
+                "ejected_until": b.ejected_until if b.ejected_until is not None and b.ejected_until > now else None,
+                "draining": b.draining,
+                "effective_weight": b.effective_weight(now),
+                "active": b.active,
+            }
+            loop = self.scheduler.loops.get(b) if self.scheduler is not None else None
+            if loop is not None and loop.last is not None:
+                entry["last_probe"] = {"ok": loop.last.ok, "reason": loop.last.reason,
+                                       "latency": loop.last.latency, "at": loop.last_at}
+            if self.detector is not None:
+                entry["passive"] = self.detector.snapshot(b, now)
+            out.append(entry)
+        return {"pool": self.pool.name, "panic": self.pool.panic, "backends": out}
+
+
+class HealthService(Service):
+    """Health checking for all pools of ``runtime``. Probes come from the
+    registry (``runtime.registry``) by the kind named in each pool's config."""
+
+    name = "health"
+
+    def __init__(self, runtime: Any, *, rng: random.Random | None = None) -> None:
+        self.runtime = runtime
+        self.reactor = runtime.reactor
+        self.rng = rng or random.Random()
+        self.pools: dict[str, PoolHealth] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        for name, pool in self.runtime.pools.items():
+            pcfg = self.runtime.pool_configs.get(name)
+            self.add_pool(pool, pcfg.health if pcfg is not None else HealthConfig())
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        for ph in self.pools.values():
+            ph.stop()
+        self.pools.clear()
+        return defer.succeed(None)
+
+    def add_pool(self, pool: Pool, cfg: HealthConfig, probe: IHealthProbe | None = None) -> PoolHealth:
+        """Start health for ``pool`` (a new pool on reload). ``probe`` overrides
+        the one the registry would build (tests inject fakes here)."""
+        self.remove_pool(pool.name)
+        if cfg.active is not None and probe is None:
+            probe = make_probe(self.runtime.registry, cfg.active, reactor=self.reactor)
+        ph = PoolHealth(pool, cfg, reactor=self.reactor, probe=probe, rng=self.rng)
+        self.pools[pool.name] = ph
+        if self.running:
+            ph.start()
+        return ph
+
+    def remove_pool(self, name: str) -> None:
+        ph = self.pools.pop(name, None)
+        if ph is not None:
+            ph.stop()
+
+    def add_backend(self, pool_name: str, backend: Backend, reason: str = "added") -> None:
+        """Add a backend at runtime; it is probed (and kept out until its first
+        pass, unless ``assume_healthy``) because the pool announces it."""
+        self.runtime.pools[pool_name].add_backend(backend, reason)
+
+    def drain(self, pool_name: str, address: str, reason: str = "drain requested") -> defer.Deferred:
+        """Drain a backend; fires with "drained", "expired" or "undrained"."""
+        pool = self.runtime.pools[pool_name]
+        backend = pool.get(address)
+        if backend is None:
+            return defer.fail(KeyError(f"pool {pool_name}: no backend {address}"))
+        return drain_backend(pool, backend, self.reactor, reason)
+
+    def remove_backend(self, pool_name: str, address: str, reason: str = "removed from config") -> defer.Deferred:
+        """Drain, then remove (config removal): in-flight work gets up to the
+        pool's ``drain_timeout`` to finish."""
+        pool = self.runtime.pools[pool_name]
+        d = self.drain(pool_name, address, reason)
+
+        def remove(how: str) -> str:
+            b = pool.get(address)
+            if b is not None:
+                pool.remove_backend(b, f"{reason} ({how})")
+            return how
+
+        return d.addCallback(remove)
+
+    def status(self) -> dict[str, Any]:
+        return {name: ph.status() for name, ph in self.pools.items()}

@@ -1,0 +1,566 @@
+"""The L4 TCP relay: one backend connection per client connection, bytes both
+ways with backpressure, half-close, bounded failover on connect, idle timeout,
+a per-listener connection cap, and the PROXY protocol on either side.
+
+Backpressure is Twisted's producer/consumer: each transport is registered as
+the streaming producer of the other, so when one side's write buffer passes
+its threshold the other side stops reading (and the kernel's TCP window then
+slows the sender). Nothing is buffered without bound.
+
+The protocols here are thin adapters: which backend to try next lives in
+L{lbtwist.l4.failover}, header parsing in L{lbtwist.l4.proxy_protocol}.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from twisted.internet import error, protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from lbtwist import fastio
+from lbtwist.config.model import ListenerConfig, PoolConfig
+from lbtwist.l4.failover import ConnectAttempts
+from lbtwist.l4.proxy_protocol import ProxyHeaderParser, ProxyProtocolError, encode
+from lbtwist.listener import ListenerService
+from lbtwist.pool import Backend
+from lbtwist.traffic import TrafficRecord
+
+log = Logger(namespace="lbtwist.l4.tcp")
+
+#: Idle timeout when the listener sets none: long, but not forever.
+DEFAULT_IDLE_TIMEOUT = 3600.0
+#: Log at most one "refused: at max_connections" line per this many seconds.
+REFUSAL_LOG_INTERVAL = 10.0
+
+
+def _unregister(consumer: Any) -> None:
+    """Drop a consumer's producer when the producing side has finished, so a
+    later close is not held back waiting to resume it."""
+    if getattr(consumer, "producer", None) is not None:
+        consumer.unregisterProducer()
+
+
+class RelayFactory(protocol.ServerFactory):
+    """Per-listener state shared by its connections: settings resolved once
+    from the config, counters, and the listener service that tracks them."""
+
+    noisy = False
+
+    def __init__(self, cfg: ListenerConfig, runtime: Any, service: ListenerService | None = None) -> None:
+        if cfg.pool is None:
+            raise ValueError(f"listener {cfg.name}: mode tcp needs a pool")
+        if cfg.hash_key != "source":
+            raise ValueError(
+                f"listener {cfg.name}: hash_key {cfg.hash_key!r} is not available at L4 (use 'source')"
+            )
+        self.cfg = cfg
+        self.runtime = runtime
+        self.reactor = runtime.reactor
+        self.service = service
+        self.pool_name = cfg.pool
+        self.max_connections = cfg.max_connections
+        self.idle_timeout = cfg.idle_timeout if cfg.idle_timeout is not None else DEFAULT_IDLE_TIMEOUT
+        pp = cfg.proxy_protocol
+        self.accept_proxy = pp.accept
+        self.send_proxy = None if pp.send == "none" else pp.send
+        self.header_timeout = pp.header_timeout
+        #: Speed levers (see L{lbtwist.fastio}); switchable to measure them.
+        self.eager = True
+        self.read_size: int | None = fastio.L4_READ_SIZE
+        #: Live client connections (refused ones are not counted).
+        self.active = 0
+        self.total = 0
+        self.refused = 0
+        self.failed = 0
+        self._refusal_logged_at = float("-inf")
+        self._refused_since_log = 0
+
+    def pool_config(self) -> PoolConfig:
+        cfg = self.runtime.pool_configs.get(self.pool_name)
+        return cfg if cfg is not None else PoolConfig(name=self.pool_name)
+
+    def buildProtocol(self, addr: Any) -> "Frontend":
+        p = Frontend(self)
+        return p
+
+    def note_refusal(self, now: float) -> None:
+        self.refused += 1
+        self._refused_since_log += 1
+        if now - self._refusal_logged_at >= REFUSAL_LOG_INTERVAL:
+            log.warn(
+                "listener {listener}: at max_connections={cap}, refused {n} connection(s)",
+                listener=self.cfg.name, cap=self.max_connections, n=self._refused_since_log,
+            )
+            self._refusal_logged_at = now
+            self._refused_since_log = 0
+
+
+class _BackendConnector(protocol.ClientFactory):
+    """One connect attempt. Late callbacks of an attempt that already timed out
+    are ignored by the frontend (it compares attempt objects)."""
+
+    noisy = False
+
+    def __init__(self, frontend: "Frontend", backend: Backend) -> None:
+        self.frontend = frontend
+        self.backend = backend
+
+    def buildProtocol(self, addr: Any) -> "BackendSide":
+        return BackendSide(self.frontend, self)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.frontend._connect_failed(self, reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class BackendSide(protocol.Protocol):
+    """The backend leg: hands bytes to the client transport."""
+
+    def __init__(self, frontend: "Frontend", attempt: _BackendConnector) -> None:
+        self.frontend = frontend
+        self.attempt = attempt
+        self.peer: Any = None  # the client transport, once relaying
+
+    def connectionMade(self) -> None:
+        self.frontend._backend_connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        fe = self.frontend
+        fe.bytes_out += len(data)
+        fe.last_activity = fe.seconds()
+        self.peer.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.frontend._backend_read_eof()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.frontend._backend_lost(self, reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class Frontend(protocol.Protocol):
+    """The client leg, and the owner of one relayed connection's lifecycle:
+    (header) -> connecting -> relaying -> closed."""
+
+    def __init__(self, factory: RelayFactory) -> None:
+        self.factory = factory
+        self.seconds = factory.reactor.seconds
+        self.peer: Any = None  # the backend transport, once relaying
+        self.backend_side: BackendSide | None = None
+        self.backend: Backend | None = None
+        self.attempts: ConnectAttempts | None = None
+        self.attempt: _BackendConnector | None = None
+        self.connector: Any = None
+        self.client: tuple[str, int] | None = None
+        self.dest: tuple[str, int] | None = None
+        self.pending: list[bytes] = []
+        self.parser: ProxyHeaderParser | None = None
+        self.refused = False
+        self.closed = False
+        self.client_gone = False
+        self.client_eof = False
+        self.backend_eof = False
+        self.backend_gone = False
+        self.aborting_backend = False
+        self.outcome: str | None = None
+        self.error: str | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.started = 0.0
+        self.wall_start = 0.0
+        self.connected_at = 0.0
+        self.last_activity = 0.0
+        self._timer: Any = None  # header, connect or idle timer (one at a time)
+        self._reported = False
+
+    # -- client connection -----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        now = self.seconds()
+        if f.active >= f.max_connections:
+            self.refused = True
+            f.note_refusal(now)
+            self.transport.loseConnection()
+            return
+        f.active += 1
+        f.total += 1
+        if f.service is not None:
+            f.service.track(self)
+        self.started = self.last_activity = now
+        self.wall_start = time.time()
+        peer = self.transport.getPeer()
+        self.client = (peer.host, peer.port)
+        host = self.transport.getHost()
+        self.dest = (host.host, host.port)
+        fastio.accelerate(self.transport, eager=f.eager, read_size=f.read_size)
+        if f.accept_proxy:
+            self.parser = ProxyHeaderParser()
+            self._timer = f.reactor.callLater(f.header_timeout, self._header_timed_out)
+            return
+        self.transport.pauseProducing()
+        self._start_connecting()
+
+    def dataReceived(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None:
+            self.bytes_in += len(data)
+            self.last_activity = self.seconds()
+            peer.write(data)
+            return
+        self.bytes_in += len(data)
+        if self.parser is None:
+            # Read before pausing took effect, or while connecting.
+            self.pending.append(data)
+            return
+        try:
+            header = self.parser.feed(data)
+        except ProxyProtocolError as e:
+            self._reject(f"bad PROXY header: {e}")
+            return
+        if header is None:
+            return
+        self._cancel_timer()
+        if header.source is not None:
+            self.client = header.source
+            self.dest = header.dest
+        if self.parser.rest:
+            self.pending.append(self.parser.rest)
+        self.parser = None
+        self.transport.pauseProducing()
+        self._start_connecting()
+
+    def readConnectionLost(self) -> None:
+        if self.client_eof:
+            return
+        self.client_eof = True
+        if self.peer is None:
+            if self.parser is not None:
+                self._reject("client closed before its PROXY header")
+            # Else still connecting: the half-close is forwarded once connected.
+            return
+        # Nothing more will come from the client: stop it being the backend's producer.
+        _unregister(self.peer)
+        self.peer.loseWriteConnection()
+        self._maybe_both_eof()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.refused:
+            return
+        self.client_gone = True
+        self._cancel_timer()
+        if not reason.check(error.ConnectionDone) and self.outcome is None:
+            self.outcome = "cancelled"
+            self.error = self.error or f"client: {reason.getErrorMessage()}"
+        if self.peer is not None and not self.backend_gone:
+            if reason.check(error.ConnectionDone):
+                _unregister(self.peer)
+                self.peer.loseConnection()
+            else:
+                self._abort_backend()
+        elif self.attempt is not None:
+            # Still connecting: give up the attempt.
+            attempt, self.attempt = self.attempt, None
+            self._stop_connector()
+            self._report_failure(attempt.backend, "cancelled")
+        self._maybe_finish()
+
+    # -- listener drain contract ----------------------------------------------
+
+    def drain(self) -> None:
+        """L4 cannot end a connection cleanly on its own: let the relay finish."""
+
+    def abort(self) -> None:
+        self.outcome = self.outcome or "cancelled"
+        self.error = self.error or "aborted (drain timeout)"
+        self._abort_all()
+
+    # -- connecting -------------------------------------------------------------
+
+    def _start_connecting(self) -> None:
+        f = self.factory
+        pool = f.runtime.pools.get(f.pool_name)
+        if pool is None:
+            self._give_up(f"pool {f.pool_name!r} does not exist")
+            return
+        pcfg = f.pool_config()
+        self.pool = pool
+        self.connect_timeout = pcfg.connect_timeout
+        host = self.client[0] if self.client else None
+        self.attempts = ConnectAttempts(
+            pool=pool,
+            max_attempts=max(1, pcfg.connect_attempts),
+            key=host.encode() if host else None,
+            client=host,
+        )
+        self._connect_next()
+
+    def _connect_next(self) -> None:
+        now = self.seconds()
+        backend = self.attempts.next(now)
+        if backend is None:
+            n = self.attempts.count
+            self._give_up(
+                "no usable backend" if n == 0 else f"connect failed on {n} backend(s)"
+            )
+            return
+        attempt = _BackendConnector(self, backend)
+        self.attempt = attempt
+        self.attempt_started = now
+        r = self.factory.reactor
+        self._timer = r.callLater(self.connect_timeout, self._connect_timed_out, attempt)
+        # Twisted's own timeout is only a safety net; ours above decides.
+        self.connector = r.connectTCP(
+            backend.host, backend.port, attempt, timeout=self.connect_timeout * 2 + 1
+        )
+
+    def _connect_timed_out(self, attempt: _BackendConnector) -> None:
+        self._timer = None
+        if attempt is not self.attempt:
+            return
+        self.attempt = None
+        self._stop_connector()
+        self._attempt_failed(attempt.backend, f"connect timeout ({self.connect_timeout:g}s)")
+
+    def _connect_failed(self, attempt: _BackendConnector, reason: Failure) -> None:
+        if attempt is not self.attempt:
+            return
+        self.attempt = None
+        self._cancel_timer()
+        self._attempt_failed(attempt.backend, reason.getErrorMessage())
+
+    def _attempt_failed(self, backend: Backend, why: str) -> None:
+        self._report_failure(backend, "gateway")
+        log.info(
+            "listener {listener}: connect to {backend} failed: {why}",
+            listener=self.factory.cfg.name, backend=backend.address, why=why,
+        )
+        self.error = f"{backend.address}: {why}"
+        if self.client_gone:
+            self._maybe_finish()
+            return
+        self._connect_next()
+
+    def _report_failure(self, backend: Backend, outcome: str) -> None:
+        """A connect that never became a connection still counts as work that
+        failed on ``backend``, so passive health sees L4 connect failures."""
+        self.pool.on_start(backend)
+        self.pool.on_finish(backend, self.seconds() - self.attempt_started, False, outcome)
+
+    def _stop_connector(self) -> None:
+        c, self.connector = self.connector, None
+        if c is not None:
+            try:
+                c.stopConnecting()
+            except error.NotConnectingError:
+                pass
+
+    def _give_up(self, why: str) -> None:
+        self.factory.failed += 1
+        self.outcome = "gateway"
+        if self.error is None or not self.attempts or self.attempts.count == 0:
+            self.error = why
+        else:
+            self.error = f"{why}; last: {self.error}"
+        log.warn(
+            "listener {listener}: closing client {client}: {why}",
+            listener=self.factory.cfg.name, client=self._client_str(), why=self.error,
+        )
+        self.pending = []
+        self.transport.loseConnection()
+
+    def _backend_connected(self, side: BackendSide) -> None:
+        if side.attempt is not self.attempt or self.client_gone:
+            # A connect that completed after we gave up on it.
+            side.transport.abortConnection()
+            return
+        self._cancel_timer()
+        self.attempt = None
+        self.connector = None
+        backend = side.attempt.backend
+        self.backend = backend
+        self.backend_side = side
+        self.connected_at = self.last_activity = self.seconds()
+        self.pool.on_start(backend)
+        bt = side.transport
+        fastio.accelerate(bt, eager=self.factory.eager, read_size=self.factory.read_size)
+        ct = self.transport
+        self.peer = bt
+        side.peer = ct
+        ct.registerProducer(bt, True)
+        bt.registerProducer(ct, True)
+        send = self.factory.send_proxy
+        if send is not None:
+            head = encode(send, self.client, self.dest)
+            self.pending.insert(0, head)
+        if self.pending:
+            bt.write(b"".join(self.pending))
+            self.pending = []
+        if self.client_eof:
+            _unregister(bt)
+            bt.loseWriteConnection()
+        else:
+            ct.resumeProducing()
+        self._timer = self.factory.reactor.callLater(self.factory.idle_timeout, self._idle_check)
+
+    # -- relaying ---------------------------------------------------------------
+
+    def _backend_read_eof(self) -> None:
+        if self.backend_eof:
+            return
+        self.backend_eof = True
+        if not self.client_gone:
+            _unregister(self.transport)
+            self.transport.loseWriteConnection()
+        self._maybe_both_eof()
+
+    def _maybe_both_eof(self) -> None:
+        if self.client_eof and self.backend_eof:
+            # Both directions finished: close both once their buffers flush.
+            if not self.client_gone:
+                self.transport.loseConnection()
+            if not self.backend_gone:
+                self.peer.loseConnection()
+
+    def _backend_lost(self, side: BackendSide, reason: Failure) -> None:
+        if side is not self.backend_side:
+            return
+        self.backend_gone = True
+        if not reason.check(error.ConnectionDone) and not self.aborting_backend:
+            if self.outcome is None:
+                self.outcome = "gateway"
+                self.error = f"backend {self.backend.address}: {reason.getErrorMessage()}"
+            if not self.client_gone:
+                # Pass the reset on: a clean close would make a cut-off stream look complete.
+                self.transport.abortConnection()
+        elif not self.client_gone:
+            _unregister(self.transport)
+            self.transport.loseConnection()
+        self._maybe_finish()
+
+    def _idle_check(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        idle = self.factory.idle_timeout
+        due = self.last_activity + idle
+        now = self.seconds()
+        if now < due:
+            self._timer = self.factory.reactor.callLater(due - now, self._idle_check)
+            return
+        self.outcome = self.outcome or "cancelled"
+        self.error = f"idle for {idle:g}s"
+        log.info(
+            "listener {listener}: closing idle connection from {client}",
+            listener=self.factory.cfg.name, client=self._client_str(),
+        )
+        self._abort_all()
+
+    def _header_timed_out(self) -> None:
+        self._timer = None
+        self._reject(f"no PROXY header within {self.factory.header_timeout:g}s")
+
+    def _reject(self, why: str) -> None:
+        """Close a client that failed the PROXY handshake; no backend was involved."""
+        self._cancel_timer()
+        self.parser = None
+        self.outcome = "rejected"
+        self.error = why
+        log.info(
+            "listener {listener}: closing client {client}: {why}",
+            listener=self.factory.cfg.name, client=self._client_str(), why=why,
+        )
+        self.transport.abortConnection()
+
+    # -- closing ------------------------------------------------------------------
+
+    def _abort_backend(self) -> None:
+        if self.peer is not None and not self.backend_gone:
+            self.aborting_backend = True
+            self.peer.abortConnection()
+
+    def _abort_all(self) -> None:
+        self._abort_backend()
+        if self.attempt is not None:
+            self.attempt = None
+            self._stop_connector()
+        if not self.client_gone:
+            self.transport.abortConnection()
+
+    def _cancel_timer(self) -> None:
+        t, self._timer = self._timer, None
+        if t is not None and t.active():
+            t.cancel()
+
+    def _maybe_finish(self) -> None:
+        if self.closed or not self.client_gone:
+            return
+        if self.backend_side is not None and not self.backend_gone:
+            return
+        if self.attempt is not None:
+            return
+        self.closed = True
+        self._cancel_timer()
+        f = self.factory
+        f.active -= 1
+        if f.service is not None:
+            f.service.untrack(self)
+        now = self.seconds()
+        outcome = self.outcome or "ok"
+        if self.backend is not None:
+            self.pool.on_finish(self.backend, now - self.connected_at, outcome == "ok" or outcome == "cancelled", outcome)
+        traffic = getattr(f.runtime, "traffic", None)
+        if traffic is not None and traffic.subscribers:
+            traffic.publish(
+                TrafficRecord(
+                    kind="tcp",
+                    listener=f.cfg.name,
+                    start=self.wall_start,
+                    duration=now - self.started,
+                    client=self._client_str(),
+                    pool=f.pool_name,
+                    backend=self.backend.address if self.backend else (
+                        self.attempts.tried[-1].address if self.attempts and self.attempts.tried else None
+                    ),
+                    bytes_in=self.bytes_in,
+                    bytes_out=self.bytes_out,
+                    tries=self.attempts.count if self.attempts else 0,
+                    outcome=outcome,
+                    error=self.error,
+                )
+            )
+
+    def _client_str(self) -> str:
+        if self.client is None:
+            return "?"
+        host, port = self.client
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class TCPListenerService(ListenerService):
+    """A ListenerService whose drain waits as long as its pool's drain_timeout."""
+
+    def __init__(self, cfg: ListenerConfig, runtime: Any) -> None:
+        self.relay = RelayFactory(cfg, runtime)
+        super().__init__(cfg.name, cfg.bind, self.relay, runtime.reactor)
+        self.relay.service = self
+
+    def stopService(self, drain_timeout: float | None = None) -> Any:
+        if drain_timeout is None:
+            drain_timeout = self.relay.pool_config().drain_timeout
+        return super().stopService(drain_timeout)
+
+
+def tcp_listener(cfg: ListenerConfig, runtime: Any) -> TCPListenerService:
+    """The service for a ``mode: tcp`` listener (the lead's service tree calls this)."""
+    return TCPListenerService(cfg, runtime)

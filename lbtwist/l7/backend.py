@@ -1,0 +1,260 @@
+"""One keep-alive connection to a backend: a thin Twisted adapter around the
+sans-IO L{ResponseParser}. It serves one request at a time for whoever holds
+it (an L{lbtwist.l7.forward.Attempt}) and reports what the backend did; the
+connection pool decides whether it is reused.
+
+Failures are named so the client gets the right status and the keep-alive
+race can be told apart: "closed"/"reset" with ``received`` False means the
+backend dropped the connection before sending a single byte of the answer.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import error as terror
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from lbtwist import fastio
+from lbtwist.l7.errors import ParseError
+from lbtwist.l7.parser import UPGRADED, Response, ResponseParser
+from lbtwist.l7.timers import Deadline
+
+if TYPE_CHECKING:
+    from lbtwist.l7.connpool import BackendConnections
+
+CONNECTING, IDLE, BUSY, TUNNEL, CLOSED = range(5)
+
+
+@implementer(IPushProducer)
+class _WriteFlow:
+    """Registered on the connection's own transport: tells the user when the
+    request body outruns the backend (so the client's reads pause)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: "BackendConnection") -> None:
+        self.conn = conn
+
+    def pauseProducing(self) -> None:
+        conn = self.conn
+        conn.write_blocked = True
+        if conn.user is not None:
+            conn.user.backend_write_blocked()
+
+    def resumeProducing(self) -> None:
+        conn = self.conn
+        conn.write_blocked = False
+        if conn.user is not None:
+            conn.user.backend_write_unblocked()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class BackendConnection(Protocol):
+    """A pooled HTTP/1.1 connection to one backend."""
+
+    def __init__(self, owner: "BackendConnections") -> None:
+        self.owner = owner
+        clock = owner.clock
+        self.clock = clock
+        self.created = clock.seconds()
+        self.state = CONNECTING
+        #: Requests sent on this connection so far.
+        self.requests = 0
+        #: The Attempt using the connection (None while idle).
+        self.user: Any = None
+        #: The Attempt waiting for this connection to be established.
+        self.pending: Any = None
+        self.parser = ResponseParser(self)
+        #: Any byte received since the current request was sent.
+        self.received = False
+        self.write_blocked = False
+        self.read_paused = False
+        #: Close instead of reusing when released (drained/removed backend).
+        self.retire = False
+        self.deadline = Deadline(clock, self._timeout)
+        self.tunnel: Any = None
+        self.response: Response | None = None
+
+    def __repr__(self) -> str:
+        return f"<BackendConnection {self.owner.backend.address} state={self.state} requests={self.requests}>"
+
+    # -- Twisted ---------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        t = self.transport
+        fastio.accelerate(t)
+        try:
+            t.setTcpNoDelay(True)
+        except Exception:  # not a TCP transport (tests)
+            pass
+        t.registerProducer(_WriteFlow(self), True)
+        self.owner.connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == TUNNEL:
+            self.tunnel.from_backend(data)
+            return
+        user = self.user
+        if user is None:
+            # Bytes on an idle connection: the backend is confused (or talks
+            # first); never hand such a connection to a request.
+            self.abort()
+            return
+        self.received = True
+        try:
+            self.parser.feed(data)
+        except ParseError as e:
+            self._fail("garbage", e.reason)
+            return
+        if self.parser.state == UPGRADED and self.tunnel is not None:
+            rest = self.parser.take_buffer()
+            if rest:
+                self.tunnel.from_backend(rest)
+        user.flush()
+
+    def connectionLost(self, reason: Failure = terror.ConnectionDone) -> None:  # type: ignore[assignment]
+        was = self.state
+        self.state = CLOSED
+        self.deadline.cancel()
+        self.owner.lost(self, was)
+        if was == TUNNEL:
+            if self.tunnel is not None:
+                self.tunnel.backend_lost()
+            return
+        user = self.user
+        if user is None:
+            return
+        if self.parser.eof():  # a close-delimited body just ended
+            user.flush()
+            return
+        self.user = None
+        code = "closed" if reason.check(terror.ConnectionDone) else "reset"
+        user.backend_failed(self, code, "backend closed the connection" if code == "closed" else "connection reset by backend")
+
+    # -- used by the pool --------------------------------------------------------
+
+    def connect_failed(self, reason: Failure) -> None:
+        self.state = CLOSED
+        if reason.check(terror.TimeoutError):
+            code, detail = "connect-timeout", "connect timed out"
+        elif reason.check(terror.ConnectionRefusedError):
+            code, detail = "connect-refused", "connection refused"
+        else:
+            code, detail = "connect-failed", f"connect failed: {reason.getErrorMessage()}"
+        self.owner.connect_failed(self, code, detail)
+
+    def go_idle(self, idle_timeout: float) -> None:
+        self.state = IDLE
+        self.user = None
+        self.response = None
+        if self.read_paused:
+            self.resume_reading()  # an idle connection must notice the backend closing
+        self.deadline.set(idle_timeout, "idle")
+
+    # -- used by the request ---------------------------------------------------------
+
+    def start(self, user: Any, head_request: bool, timeout: float) -> None:
+        """``user`` sends a request now; its response is parsed next."""
+        self.state = BUSY
+        self.user = user
+        self.requests += 1
+        self.received = False
+        self.parser.expect(head_request)
+        self.deadline.set(timeout, "response")
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def finish(self, reusable: bool) -> None:
+        """The user is done with the connection: pool it or close it."""
+        self.user = None
+        self.deadline.clear()
+        if self.state == BUSY:
+            self.owner.release(self, reusable and not self.retire and self.parser.buffered() == 0)
+
+    def pause_reading(self) -> None:
+        if not self.read_paused and self.state != CLOSED:
+            self.read_paused = True
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        if self.read_paused and self.state != CLOSED:
+            self.read_paused = False
+            self.transport.resumeProducing()
+
+    def set_timeout(self, delay: float, kind: str) -> None:
+        self.deadline.set(delay, kind)
+
+    def close(self) -> None:
+        """Close gracefully (an idle or retired connection)."""
+        if self.state == CLOSED or self.transport is None:
+            return
+        self.deadline.cancel()
+        t = self.transport
+        t.unregisterProducer()
+        t.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the connection at once (a request was abandoned mid-way)."""
+        self.user = None
+        if self.state == CLOSED or self.transport is None:
+            return
+        self.deadline.cancel()
+        self.transport.unregisterProducer()
+        self.transport.abortConnection()
+
+    # -- parser callbacks ----------------------------------------------------------------
+
+    def on_informational(self, resp: Response) -> None:
+        self.user.backend_informational(resp)
+
+    def on_response(self, resp: Response) -> None:
+        self.response = resp
+        self.user.backend_response(self, resp)
+
+    def on_body(self, data: bytes) -> None:
+        self.user.backend_body(data)
+
+    def on_end(self) -> None:
+        self.user.backend_end(self)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _timeout(self, kind: str) -> None:
+        if kind == "idle":
+            if self.state == IDLE:
+                self.owner.expire(self)
+            return
+        if kind == "response":
+            self._fail("timeout", "no response in time")
+        else:  # "body": the backend stalled mid-response
+            self._fail("timeout", "response body stalled")
+
+    def _fail(self, code: str, detail: str) -> None:
+        user = self.user
+        self.abort()
+        if user is not None:
+            user.backend_failed(self, code, detail)
+
+
+class ConnectFactory(ClientFactory):
+    """Connects exactly one L{BackendConnection}."""
+
+    noisy = False
+
+    def __init__(self, conn: BackendConnection) -> None:
+        self.conn = conn
+
+    def buildProtocol(self, addr: Any) -> BackendConnection:
+        return self.conn
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.conn.connect_failed(reason)
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        pass

@@ -1,0 +1,717 @@
+"""Strict HTTP/1.1 message parsing for both sides of the proxy, sans-IO.
+
+Division of labour, and why:
+  - *We* frame messages: find the end of the header block (so the request-line
+    and header-block limits are exact and answered with 414/431), then count
+    Content-Length bodies or run our own strict chunked decoder. httptools
+    would otherwise parse straight on into the next pipelined request while we
+    are still forwarding this one.
+  - *httptools (llhttp, strict mode)* validates and splits each header block:
+    it rejects Content-Length with Transfer-Encoding, duplicate or malformed
+    Content-Length, obs-fold, bare CR/LF, control characters, whitespace before
+    the colon, bad tokens, methods and targets. ``set_dangerous_leniencies`` is
+    never called.
+  - *We* add what llhttp leaves out: exactly one Host on HTTP/1.1, only
+    HTTP/1.0 and 1.1, a single space between request-line parts, no fragment
+    in the target, ``*`` only with OPTIONS, no CONNECT, a Transfer-Encoding
+    whose last coding is ``chunked`` (normalised to lower case), none on
+    HTTP/1.0, Expect other than 100-continue.
+
+The parsers are push-style: ``feed(bytes)`` calls handler methods and raises
+L{ParseError} on a bad message. After a message ends the parser holds further
+bytes (pipelined requests) until ``next()`` is called, so requests on one
+connection are processed strictly one after the other.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Protocol
+
+import httptools
+
+from lbtwist.l7.chunked import ChunkedDecoder
+from lbtwist.l7.errors import ParseError
+
+_HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]{0,5})?")
+_TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+#: Methods safe to send twice (RFC 9110 9.2.2).
+IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
+# Parser states.
+HEAD, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE, DONE, CLOSED, UPGRADED = range(7)
+
+
+class Request:
+    """A parsed request head. ``headers`` holds the end-to-end fields in
+    arrival order with their original names; the fields the proxy interprets
+    or rewrites (Host, framing, Connection and its kin, Expect, forwarding and
+    request-id headers) are pulled out into attributes instead."""
+
+    __slots__ = (
+        "method", "target", "version", "host", "headers", "all_headers", "content_length",
+        "chunked", "te", "keep_alive", "expect_continue", "upgrade", "connection_tokens",
+        "x_forwarded_for", "forwarded", "via", "request_id", "cookie", "absolute",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.version = b"1.1"
+        self.host: bytes | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        #: Every header field as received (routing and hash keys read these).
+        self.all_headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
+        self.chunked = False
+        #: Normalised Transfer-Encoding value (lower case) when present.
+        self.te: bytes | None = None
+        self.keep_alive = True
+        self.expect_continue = False
+        #: The Upgrade header value when Connection lists "upgrade".
+        self.upgrade: bytes | None = None
+        self.connection_tokens: tuple[bytes, ...] = ()
+        self.x_forwarded_for: bytes | None = None
+        self.forwarded: bytes | None = None
+        self.via: bytes | None = None
+        self.request_id: bytes | None = None
+        self.cookie: bytes | None = None
+        #: True when the target was in absolute form (it is rewritten to origin form).
+        self.absolute = False
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    @property
+    def idempotent(self) -> bool:
+        return self.method in IDEMPOTENT_METHODS
+
+    def header(self, name: bytes) -> bytes | None:
+        """First value of ``name`` (lower case) among all received fields."""
+        for k, v in self.all_headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    @property
+    def path(self) -> bytes:
+        t = self.target
+        q = t.find(b"?")
+        return t if q < 0 else t[:q]
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method.decode()} {self.target.decode('latin-1')} HTTP/{self.version.decode()}>"
+
+
+class Response:
+    """A parsed response head from a backend; framing fields pulled out as in L{Request}."""
+
+    __slots__ = ("status", "reason", "version", "headers", "all_headers", "content_length",
+                 "chunked", "te", "keep_alive", "connection_tokens", "upgrade", "no_body")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason = b""
+        self.version = b"1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.all_headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
+        self.chunked = False
+        self.te: bytes | None = None
+        self.keep_alive = True
+        self.connection_tokens: tuple[bytes, ...] = ()
+        self.upgrade: bytes | None = None
+        #: True when this response has no body whatever its headers say
+        #: (HEAD request, 1xx, 204, 304).
+        self.no_body = False
+
+    def header(self, name: bytes) -> bytes | None:
+        """First value of ``name`` (lower case) among all received fields."""
+        for k, v in self.all_headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status}>"
+
+
+class RequestHandler(Protocol):
+    def on_request(self, request: Request) -> None: ...
+    def on_body(self, data: bytes) -> None: ...
+    def on_end(self) -> None: ...
+
+
+class ResponseHandler(Protocol):
+    def on_informational(self, response: Response) -> None: ...
+    def on_response(self, response: Response) -> None: ...
+    def on_body(self, data: bytes) -> None: ...
+    def on_end(self) -> None: ...
+
+
+def _parse_connection(value: bytes, tokens: list[bytes]) -> None:
+    for t in value.split(b","):
+        t = t.strip(b" \t").lower()
+        if t:
+            tokens.append(t)
+
+
+def _parse_te(value: bytes) -> tuple[bytes, bool]:
+    """Normalise a Transfer-Encoding list; (normalised, chunked-is-last).
+    Raises ParseError if chunked appears anywhere but last."""
+    codings = [c.strip(b" \t").lower() for c in value.split(b",")]
+    codings = [c for c in codings if c]
+    if not codings:
+        raise ParseError(400, "empty Transfer-Encoding")
+    for c in codings:
+        if not _TOKEN_RE.fullmatch(c):
+            raise ParseError(400, "malformed Transfer-Encoding")
+    if b"chunked" in codings[:-1]:
+        raise ParseError(400, "Transfer-Encoding: chunked must be the final coding, once")
+    return b", ".join(codings), codings[-1] == b"chunked"
+
+
+class _HeadCollector:
+    """httptools callbacks for one header block; pulls out interpreted fields."""
+
+    __slots__ = ("msg", "url", "count", "error", "complete", "conn", "te_values",
+                 "cl_value", "upgrade_value", "expect", "status_text", "hosts", "special")
+
+    def __init__(self, special: dict[bytes, int]) -> None:
+        self.special = special
+        self.reset(None)
+
+    def reset(self, msg: Any) -> None:
+        self.msg = msg
+        self.url = b""
+        self.count = 0
+        self.error: ParseError | None = None
+        self.complete = False
+        self.conn: list[bytes] = []
+        self.te_values: list[bytes] = []
+        self.cl_value: bytes | None = None
+        self.upgrade_value: bytes | None = None
+        self.expect: bytes | None = None
+        self.status_text = b""
+        self.hosts = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_status(self, status: bytes) -> None:
+        self.status_text += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.count += 1
+        msg = self.msg
+        msg.all_headers.append((name, value))
+        lname = name.lower()
+        kind = self.special.get(lname)
+        if kind is None:
+            msg.headers.append((name, value))
+            return
+        if kind == 1:  # host
+            self.hosts += 1
+            msg.host = value
+        elif kind == 2:  # content-length (llhttp rejects duplicates and junk)
+            self.cl_value = value
+        elif kind == 3:
+            self.te_values.append(value)
+        elif kind == 4:  # connection, proxy-connection
+            _parse_connection(value, self.conn)
+        elif kind == 5:  # other hop-by-hop: keep-alive, te, trailer
+            pass
+        elif kind == 6:
+            self.upgrade_value = value
+        elif kind == 7:
+            self.expect = value if self.expect is None else self.expect + b"," + value
+        elif kind == 8:
+            msg.x_forwarded_for = value if msg.x_forwarded_for is None else msg.x_forwarded_for + b", " + value
+        elif kind == 9:
+            msg.forwarded = value if msg.forwarded is None else msg.forwarded + b", " + value
+        elif kind == 10:
+            msg.via = value if msg.via is None else msg.via + b", " + value
+        elif kind == 11:
+            msg.headers.append((name, value))
+            if msg.request_id is None:
+                msg.request_id = value
+        elif kind == 12:
+            msg.headers.append((name, value))
+            msg.cookie = value if msg.cookie is None else msg.cookie + b"; " + value
+        elif kind == 13:  # x-forwarded-proto/host: set by us
+            pass
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+_SPECIAL = {
+    b"host": 1,
+    b"content-length": 2,
+    b"transfer-encoding": 3,
+    b"connection": 4,
+    b"proxy-connection": 4,
+    b"keep-alive": 5,
+    b"te": 5,
+    b"trailer": 5,
+    b"upgrade": 6,
+    b"expect": 7,
+    b"x-forwarded-for": 8,
+    b"forwarded": 9,
+    b"via": 10,
+    b"x-request-id": 11,
+    b"cookie": 12,
+    b"x-forwarded-proto": 13,
+    b"x-forwarded-host": 13,
+}
+
+#: Response fields the proxy interprets: framing and hop-by-hop ones.
+_SPECIAL_RESPONSE = {
+    b"content-length": 2,
+    b"transfer-encoding": 3,
+    b"connection": 4,
+    b"proxy-connection": 4,
+    b"keep-alive": 5,
+    b"te": 5,
+    b"trailer": 5,
+    b"upgrade": 6,
+}
+
+
+class _Framer:
+    """Shared framing: header-block search with limits, body counting, chunked."""
+
+    def __init__(self, max_line: int, max_head: int, max_headers: int) -> None:
+        self.max_line = max_line
+        self.max_head = max_head
+        self.max_headers = max_headers
+        self.state = HEAD
+        self._buf = b""
+        self._left = 0
+        self._chunked: ChunkedDecoder | None = None
+        self.body_size = 0
+        self._feeding = False
+
+    def buffered(self) -> int:
+        """Bytes held but not yet parsed (pipelined data while DONE)."""
+        return len(self._buf)
+
+    def take_buffer(self) -> bytes:
+        """Hand over unparsed bytes (after an upgrade) and stop parsing."""
+        b, self._buf = self._buf, b""
+        self.state = UPGRADED
+        return b
+
+    def stop(self) -> None:
+        """Parse nothing more (the connection is closing)."""
+        self.state = CLOSED
+        self._buf = b""
+
+    def _find_head_end(self, data: bytes) -> int:
+        """Index just past the header block, or -1 if incomplete. Raises on limits."""
+        end = data.find(b"\n\r\n")
+        if end >= 0:
+            end += 3
+        else:
+            end = data.find(b"\n\n")  # a bare-LF head: let llhttp reject it now
+            if end >= 0:
+                end += 2
+        if end < 0:
+            if len(data) > self.max_head:
+                self._limit_error(data)
+            if len(data) > self.max_line + 1 and data.find(b"\n", 0, self.max_line + 2) < 0:
+                raise ParseError(self.line_status, "request line too long")
+            return -1
+        if end > self.max_head:
+            self._limit_error(data)
+        return end
+
+    line_status = 414
+
+    def _limit_error(self, data: bytes) -> None:
+        nl = data.find(b"\n")
+        if nl < 0 or nl > self.max_line + 1:
+            raise ParseError(self.line_status, "request line too long")
+        raise ParseError(431 if self.line_status == 414 else 502, "header block too large")
+
+
+class RequestParser(_Framer):
+    """Client side: bytes in, L{Request}s and body data out."""
+
+    def __init__(self, handler: RequestHandler, *, max_request_line: int = 8192,
+                 max_header_size: int = 32768, max_headers: int = 100) -> None:
+        super().__init__(max_request_line, max_header_size, max_headers)
+        self.handler = handler
+        self._collector = _HeadCollector(_SPECIAL)
+        self._hp: Any = None
+        #: 413 when a body grows past this (set per request by the handler; 0: no limit).
+        self.max_body = 0
+
+    def feed(self, data: bytes) -> None:
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
+        if self._feeding:  # re-entered from a handler callback: queue
+            self._buf = data
+            return
+        self._feeding = True
+        try:
+            self._feed(data)
+        finally:
+            self._feeding = False
+
+    def _feed(self, data: bytes) -> None:
+        handler = self.handler
+        while data:
+            state = self.state
+            if state == BODY_LENGTH:
+                left = self._left
+                if len(data) <= left:
+                    self._left = left - len(data)
+                    handler.on_body(data)
+                    if self._left:
+                        return
+                    data = b""
+                else:
+                    self._left = 0
+                    handler.on_body(data[:left])
+                    data = data[left:]
+                self._end()
+            elif state == HEAD:
+                if data[0] in (13, 10):  # empty lines before a request-line (RFC 9112 2.2)
+                    data = data.lstrip(b"\r\n")
+                    if not data:
+                        return
+                end = self._find_head_end(data)
+                if end < 0:
+                    self._buf = data
+                    return
+                head = data[:end]
+                data = data[end:]
+                self._head(head)
+            elif state == BODY_CHUNKED:
+                rest = self._chunked.feed(data)  # type: ignore[union-attr]
+                if rest is None:
+                    return
+                data = rest
+                self._end()
+            else:  # DONE (hold pipelined bytes until next()), CLOSED, UPGRADED
+                if state == DONE:
+                    self._buf += data
+                return
+
+    def next(self) -> None:
+        """Start on the next request (processes any bytes already held)."""
+        if self.state != DONE:
+            return
+        self.state = HEAD
+        self.max_body = 0
+        self.body_size = 0
+        if self._buf and not self._feeding:
+            data, self._buf = self._buf, b""
+            self.feed(data)
+
+    def _end(self) -> None:
+        self.state = DONE
+        self.handler.on_end()
+
+    def _body_data(self, data: bytes) -> None:
+        size = self.body_size + len(data)
+        self.body_size = size
+        if self.max_body and size > self.max_body:
+            raise ParseError(413, f"request body larger than {self.max_body} bytes")
+        self.handler.on_body(data)
+
+    def _head(self, head: bytes) -> None:
+        req = Request()
+        col = self._collector
+        col.reset(req)
+        hp = self._hp
+        if hp is None:
+            hp = self._hp = httptools.HttpRequestParser(col)
+        try:
+            hp.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            self._hp = None
+        except httptools.HttpParserInvalidMethodError:
+            self._hp = None
+            raise ParseError(400, "invalid method") from None
+        except httptools.HttpParserInvalidURLError:
+            self._hp = None
+            raise ParseError(400, "invalid request target") from None
+        except httptools.HttpParserError as e:
+            self._hp = None
+            if col.error is not None:
+                raise col.error from None
+            raise ParseError(400, str(e) or "malformed request") from None
+        if not col.complete:
+            self._hp = None
+            raise ParseError(400, "malformed request head")
+        if col.count > self.max_headers:
+            self._hp = None
+            raise ParseError(431, f"more than {self.max_headers} header fields")
+        version = hp.get_http_version()
+        req.method = hp.get_method()
+        self._validate(req, col, head, version)
+        if req.has_body or req.upgrade is not None:
+            # llhttp now waits for a body we frame ourselves (or paused on an
+            # upgrade): start the next head on a fresh parser.
+            self._hp = None
+        if req.chunked:
+            self.state = BODY_CHUNKED
+            self._chunked = ChunkedDecoder(self._body_data, max_trailer=self.max_head)
+        elif req.content_length:
+            self.state = BODY_LENGTH
+            self._left = req.content_length
+        else:
+            self.state = DONE
+        self.handler.on_request(req)
+        if self.state == DONE and not req.has_body:
+            self.handler.on_end()
+
+    def _validate(self, req: Request, col: _HeadCollector, head: bytes, version: str) -> None:
+        if version == "1.1":
+            req.version = b"1.1"
+        elif version == "1.0":
+            req.version = b"1.0"
+        else:
+            raise ParseError(505 if version.startswith("2") else 400, f"unsupported HTTP version {version}")
+        line_end = head.find(b"\r\n")
+        if line_end > self.max_line:
+            raise ParseError(414, "request line too long")
+        if head.count(b" ", 0, line_end) != 2:
+            raise ParseError(400, "malformed request line")
+        method = req.method
+        if method == b"CONNECT":
+            raise ParseError(501, "CONNECT is not supported by this reverse proxy")
+        target = col.url
+        if b"#" in target:
+            raise ParseError(400, "fragment in request target")
+        if target[:1] == b"/":
+            req.target = target
+        elif target == b"*":
+            if method != b"OPTIONS":
+                raise ParseError(400, "asterisk-form target is only valid with OPTIONS")
+            req.target = target
+        else:
+            lower = target[:8].lower()
+            if lower.startswith(b"http://"):
+                rest = target[7:]
+            elif lower.startswith(b"https://"):
+                rest = target[8:]
+            else:
+                raise ParseError(400, "invalid request target")
+            slash = rest.find(b"/")
+            q = rest.find(b"?")
+            cut = min(x for x in (slash, q, len(rest)) if x >= 0)
+            authority = rest[:cut]
+            if b"@" in authority or not authority:
+                raise ParseError(400, "invalid authority in absolute-form target")
+            path = rest[cut:]
+            req.target = path if path[:1] == b"/" else b"/" + path
+            req.absolute = True
+        if col.hosts > 1:
+            raise ParseError(400, "more than one Host header")
+        if req.absolute:
+            # RFC 9112 3.2.2: the target's authority replaces Host.
+            req.host = authority
+        elif col.hosts == 0 and req.version == b"1.1":
+            raise ParseError(400, "missing Host header")
+        host = req.host
+        if host is not None and _HOST_RE.fullmatch(host) is None:
+            raise ParseError(400, "invalid Host header")
+        if col.te_values:
+            if req.version == b"1.0":
+                raise ParseError(400, "Transfer-Encoding in an HTTP/1.0 request")
+            te, chunked_last = _parse_te(b",".join(col.te_values))
+            if not chunked_last:
+                raise ParseError(400, "Transfer-Encoding whose final coding is not chunked")
+            if col.cl_value is not None:  # llhttp checks this too; belt and braces
+                raise ParseError(400, "both Content-Length and Transfer-Encoding")
+            req.te = te
+            req.chunked = True
+        elif col.cl_value is not None:
+            cl = col.cl_value.strip(b" \t")
+            if not cl.isdigit() or len(cl) > 18:
+                raise ParseError(400, "invalid Content-Length")
+            req.content_length = int(cl)
+        tokens = col.conn
+        if tokens:
+            req.connection_tokens = tuple(tokens)
+        if req.version == b"1.1":
+            req.keep_alive = b"close" not in tokens
+        else:
+            req.keep_alive = b"keep-alive" in tokens and b"close" not in tokens
+        if col.expect is not None:
+            if col.expect.strip(b" \t").lower() != b"100-continue":
+                raise ParseError(417, "only Expect: 100-continue is supported")
+            req.expect_continue = req.version == b"1.1"
+        if col.upgrade_value is not None and b"upgrade" in tokens and req.version == b"1.1" and not req.has_body:
+            req.upgrade = col.upgrade_value
+
+
+class ResponseParser(_Framer):
+    """Backend side: bytes in, L{Response}s and body data out. Told per
+    request whether it was HEAD (no body whatever the headers say), which
+    httptools cannot be told. Errors are ParseError(502)."""
+
+    line_status = 502
+
+    def __init__(self, handler: ResponseHandler, *, max_header_size: int = 65536, max_headers: int = 200) -> None:
+        super().__init__(max_header_size, max_header_size, max_headers)
+        self.handler = handler
+        self._collector = _HeadCollector(_SPECIAL_RESPONSE)
+        self.head_request = False
+        self.state = DONE  # until a request is sent
+
+    def expect(self, head_request: bool) -> None:
+        """A request was sent: parse its response (processes held bytes)."""
+        self.head_request = head_request
+        self.state = HEAD
+        self.body_size = 0
+        if self._buf and not self._feeding:
+            data, self._buf = self._buf, b""
+            self.feed(data)
+
+    def feed(self, data: bytes) -> None:
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
+        if self._feeding:
+            self._buf = data
+            return
+        self._feeding = True
+        try:
+            self._feed(data)
+        finally:
+            self._feeding = False
+
+    def _feed(self, data: bytes) -> None:
+        handler = self.handler
+        while data:
+            state = self.state
+            if state == BODY_LENGTH:
+                left = self._left
+                if len(data) <= left:
+                    self._left = left - len(data)
+                    self.body_size += len(data)
+                    handler.on_body(data)
+                    if self._left:
+                        return
+                    data = b""
+                else:
+                    self._left = 0
+                    self.body_size += left
+                    handler.on_body(data[:left])
+                    data = data[left:]
+                self._end()
+            elif state == HEAD:
+                end = self._find_head_end(data)
+                if end < 0:
+                    self._buf = data
+                    return
+                head = data[:end]
+                data = data[end:]
+                self._head(head)
+            elif state == BODY_CHUNKED:
+                rest = self._chunked.feed(data)  # type: ignore[union-attr]
+                if rest is None:
+                    return
+                data = rest
+                self._end()
+            elif state == BODY_CLOSE:
+                self.body_size += len(data)
+                handler.on_body(data)
+                return
+            else:  # DONE, UPGRADED: hold (the connection judges extra bytes); CLOSED: drop
+                if state != CLOSED:
+                    self._buf += data
+                return
+
+    def eof(self) -> bool:
+        """The connection closed. Returns True if that completed a
+        close-delimited body (the response is whole), False otherwise."""
+        if self.state == BODY_CLOSE:
+            self._end()
+            return True
+        return False
+
+    def _end(self) -> None:
+        self.state = DONE
+        self.handler.on_end()
+
+    def _chunk_data(self, data: bytes) -> None:
+        self.body_size += len(data)
+        self.handler.on_body(data)
+
+    def _head(self, head: bytes) -> None:
+        resp = Response()
+        col = self._collector
+        col.reset(resp)
+        hp = httptools.HttpResponseParser(col)
+        try:
+            hp.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            pass
+        except httptools.HttpParserError as e:
+            raise ParseError(502, f"malformed response head ({e})") from None
+        if not col.complete or col.count > self.max_headers:
+            raise ParseError(502, "malformed response head")
+        version = hp.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise ParseError(502, f"unsupported response version {version}")
+        resp.version = version.encode()
+        status = hp.get_status_code()
+        resp.status = status
+        resp.reason = col.status_text
+        tokens = col.conn
+        resp.connection_tokens = tuple(tokens)
+        resp.keep_alive = (b"close" not in tokens) if version == "1.1" else (b"keep-alive" in tokens)
+        if col.upgrade_value is not None:
+            resp.upgrade = col.upgrade_value
+        if col.te_values:
+            te, chunked_last = _parse_te(b",".join(col.te_values))
+            if col.cl_value is not None:
+                raise ParseError(502, "response with both Content-Length and Transfer-Encoding")
+            resp.te = te
+            resp.chunked = chunked_last
+        elif col.cl_value is not None:
+            cl = col.cl_value.strip(b" \t")
+            if not cl.isdigit() or len(cl) > 18:
+                raise ParseError(502, "invalid Content-Length in response")
+            resp.content_length = int(cl)
+        if status < 200:
+            if status == 101:
+                resp.no_body = True
+                self.state = UPGRADED
+                self.handler.on_response(resp)
+                return
+            resp.no_body = True
+            self.handler.on_informational(resp)
+            return  # stay in HEAD for the final response
+        if self.head_request or status == 204 or status == 304:
+            resp.no_body = True
+            self.state = DONE
+            self.handler.on_response(resp)
+            if self.state == DONE:
+                self.handler.on_end()
+            return
+        if resp.chunked:
+            self.state = BODY_CHUNKED
+            self._chunked = ChunkedDecoder(self._chunk_data, max_trailer=self.max_head, status=502)
+        elif resp.te is not None:
+            self.state = BODY_CLOSE  # a transfer coding we do not decode: until close
+            resp.keep_alive = False
+        elif resp.content_length is not None:
+            if resp.content_length:
+                self.state = BODY_LENGTH
+                self._left = resp.content_length
+            else:
+                self.state = DONE
+        else:
+            self.state = BODY_CLOSE
+            resp.keep_alive = False
+        self.handler.on_response(resp)
+        if self.state == DONE:
+            self.handler.on_end()

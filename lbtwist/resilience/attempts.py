@@ -1,0 +1,277 @@
+# -*- test-case-name: tests.test_resilience_attempts -*-
+"""The attempt planner: one L{RequestRetryState} per client request (L7) or
+client connection (L4), which the data plane drives as a thin loop::
+
+    state = route.start_request(pool_res, head, clock, rng)   # counts the request
+    refused = state.admit()                                   # max_requests
+    if refused: reply 503 + overflow_headers(refused); state.finish(); return
+    while True:
+        backend = pool.select(PickContext(now, exclude=state.pick_exclude(now), ...))
+        if backend is None: fail with the last error (or 503); break
+        state.on_attempt_start(backend); pool.on_start(backend)
+        ... send, with timeout state.try_timeout() ...
+        state.on_attempt_finish(backend, outcome, status, retry_after)
+        pool.on_finish(backend, latency, ok, outcome)
+        if success: forward; break
+        d = state.may_retry(failure, status, response_started, body_replayable)
+        if not d.retry: fail with this error; break
+        wait d.delay (clock.callLater), then loop
+    state.finish()
+
+It decides; it never does I/O and never schedules anything itself.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Iterable, Sequence
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+
+from lbtwist.resilience.breaker import BreakerSet
+from lbtwist.resilience.budget import RetryBudget
+from lbtwist.resilience.limits import Limit, PoolLimits, Slot
+from lbtwist.resilience.retry import Failure, RetryPolicy, parse_retry_after
+
+
+@attrs.frozen
+class RetryDecision:
+    retry: bool
+    #: Seconds to wait before the next try (0 when not retrying).
+    delay: float = 0.0
+    #: Why: "retry" or the rule that said no (see REASONS).
+    reason: str = "retry"
+
+
+#: Every reason L{RequestRetryState.may_retry} can give, for metrics labels.
+REASONS = (
+    "retry",
+    "response-started",
+    "not-retryable",
+    "non-idempotent",
+    "body-not-replayable",
+    "attempts-exhausted",
+    "deadline",
+    "retry-limit",
+    "budget-exhausted",
+)
+
+
+class RetryStats:
+    """Counters of retry decisions, by reason; one per route (for metrics)."""
+
+    __slots__ = ("decisions",)
+
+    def __init__(self) -> None:
+        self.decisions: Counter[str] = Counter()
+
+    def count(self, reason: str) -> None:
+        self.decisions[reason] += 1
+
+
+class RequestRetryState:
+    """Decides, for one request, whether and when to try again, and where not to.
+
+    Creating it records the request against the retry ``budgets`` (route, and
+    pool-wide if any): that is what earns retry credit. Tries are sequential
+    (one in flight at a time), which is what the data plane does.
+    """
+
+    __slots__ = (
+        "policy", "budgets", "breakers", "limits", "clock", "rng", "stats", "method",
+        "eligible", "started", "deadline", "attempts", "retries", "tried", "_tried_set",
+        "_gen", "_request_slot", "_retry_slot", "_retry_slot_bound", "finished",
+    )
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        budgets: Sequence[RetryBudget] | RetryBudget = (),
+        breakers: BreakerSet | None = None,
+        limits: PoolLimits | None = None,
+        clock: IReactorTime | None = None,
+        rng: random.Random | None = None,
+        *,
+        method: str | bytes | None = None,
+        headers: Iterable[tuple[str, str]] | Iterable[tuple[bytes, bytes]] = (),
+        timeout: float | None = None,
+        stats: RetryStats | None = None,
+    ) -> None:
+        if clock is None:
+            raise TypeError("RequestRetryState needs a clock (IReactorTime)")
+        self.policy = policy
+        self.budgets: tuple[RetryBudget, ...] = (
+            (budgets,) if isinstance(budgets, RetryBudget) else tuple(budgets)
+        )
+        self.breakers = breakers
+        self.limits = limits
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.stats = stats
+        self.method = method
+        self.eligible = policy.eligible(method) or policy.has_key(headers)
+        now = clock.seconds()
+        self.started = now
+        #: Absolute time the whole request must be answered by (route timeout).
+        self.deadline = None if timeout is None else now + timeout
+        #: Tries started so far.
+        self.attempts = 0
+        #: Retries granted so far.
+        self.retries = 0
+        self.tried: list[object] = []
+        self._tried_set: frozenset = frozenset()
+        #: Breaker generation of the try in flight (see L{BreakerSet.on_start}).
+        self._gen: int | None = None
+        self._request_slot: Slot | None = None
+        self._retry_slot: Slot | None = None
+        #: The retry slot belongs to a try that has started (so that try's end frees it).
+        self._retry_slot_bound = False
+        self.finished = False
+        for budget in self.budgets:
+            budget.record_request(now)
+
+    # -- admission ---------------------------------------------------------------
+
+    def admit(self) -> Limit | None:
+        """Take a ``max_requests`` slot for the whole request. Returns the limit
+        that refused (answer 503 naming it), or None when admitted."""
+        if self.limits is None or self._request_slot is not None:
+            return None
+        slot = self.limits.try_acquire(Limit.REQUESTS)
+        if slot is None:
+            return Limit.REQUESTS
+        self._request_slot = slot
+        return None
+
+    # -- picking -----------------------------------------------------------------
+
+    @property
+    def exclude(self) -> frozenset:
+        """Backends already tried: a retry goes elsewhere."""
+        return self._tried_set
+
+    def pick_exclude(self, now: float | None = None) -> frozenset:
+        """What to put in L{lbtwist.pool.PickContext.exclude}: backends tried,
+        plus those whose breaker is open (or held by Retry-After)."""
+        if self.breakers is None:
+            return self._tried_set
+        blocked = self.breakers.blocked(self.clock.seconds() if now is None else now)
+        return self._tried_set | blocked if blocked else self._tried_set
+
+    def try_timeout(self, now: float | None = None) -> float | None:
+        """Timeout for the next try: the per-try timeout cut to what is left of
+        the route timeout. None when neither applies; <= 0 when the deadline passed."""
+        per_try = self.policy.per_try_timeout
+        if self.deadline is None:
+            return per_try
+        left = self.deadline - (self.clock.seconds() if now is None else now)
+        return left if per_try is None else min(per_try, left)
+
+    # -- attempt lifecycle --------------------------------------------------------
+
+    def on_attempt_start(self, backend: object) -> None:
+        """A try is being sent to ``backend``."""
+        self.attempts += 1
+        if self._retry_slot is not None:
+            self._retry_slot_bound = True
+        if backend not in self._tried_set:
+            self.tried.append(backend)
+            self._tried_set = frozenset(self.tried)
+        if self.breakers is not None:
+            self._gen = self.breakers.on_start(backend, self.clock.seconds())
+
+    def on_attempt_finish(
+        self, backend: object, outcome: str, status: int | None = None,
+        retry_after: str | bytes | None = None,
+    ) -> None:
+        """The try on ``backend`` ended. ``outcome`` as in L{lbtwist.pool.OUTCOMES}
+        ("ok", "5xx", "gateway", "cancelled"); ``retry_after`` is the raw
+        ``Retry-After`` header of a 503, which holds the backend out that long."""
+        now = self.clock.seconds()
+        if self.breakers is not None:
+            gen, self._gen = self._gen, None
+            self.breakers.on_finish(backend, now, outcome, status, gen)
+            if status == 503 and retry_after is not None:
+                seconds = parse_retry_after(retry_after, now)
+                if seconds:
+                    self.breakers.hold(backend, now, seconds)
+        if self._retry_slot is not None and self._retry_slot_bound:
+            self._retry_slot.release()
+            self._retry_slot = None
+            self._retry_slot_bound = False
+
+    # -- the decision -----------------------------------------------------------------
+
+    def _no(self, reason: str) -> RetryDecision:
+        if self.stats is not None:
+            self.stats.count(reason)
+        return RetryDecision(False, 0.0, reason)
+
+    def may_retry(
+        self,
+        failure: Failure | str,
+        status: int | None = None,
+        response_started: bool = False,
+        body_replayable: bool = True,
+    ) -> RetryDecision:
+        """May the request be tried again after this failure? A yes spends
+        retry budget and takes a ``max_retries`` slot until the retry ends,
+        so ask only when you will act on the answer.
+
+        ``response_started``: some response byte already reached the client.
+        ``body_replayable``: every request body byte sent so far is still held
+        (L{lbtwist.resilience.retry.ReplayBuffer.replayable})."""
+        failure = Failure(failure)
+        policy = self.policy
+        if self._retry_slot is not None and not self._retry_slot_bound:
+            # a retry granted earlier was never started: give its slot back
+            self._retry_slot.release()
+            self._retry_slot = None
+        if response_started:
+            return self._no("response-started")
+        if not policy.retryable(failure, status):
+            return self._no("not-retryable")
+        if not self.eligible and not (
+            failure is Failure.CONNECT_FAILURE and policy.connect_failure_any_method
+        ):
+            return self._no("non-idempotent")
+        if not body_replayable:
+            return self._no("body-not-replayable")
+        if self.attempts >= policy.max_attempts:
+            return self._no("attempts-exhausted")
+        now = self.clock.seconds()
+        delay = policy.backoff.delay(self.retries + 1, self.rng)
+        if self.deadline is not None and now + delay >= self.deadline:
+            return self._no("deadline")
+        limits = self.limits
+        if limits is not None and not limits.available(Limit.RETRIES):
+            limits.refused[Limit.RETRIES] += 1
+            return self._no("retry-limit")
+        for budget in self.budgets:
+            if not budget.can_retry(now):
+                budget.exhausted += 1
+                return self._no("budget-exhausted")
+        for budget in self.budgets:
+            budget.record_retry(now)
+        if limits is not None:
+            if self._retry_slot is not None:
+                self._retry_slot.release()
+            self._retry_slot = limits.try_acquire(Limit.RETRIES)
+            self._retry_slot_bound = False
+        self.retries += 1
+        if self.stats is not None:
+            self.stats.count("retry")
+        return RetryDecision(True, delay, "retry")
+
+    def finish(self) -> None:
+        """The request is over, however it ended: release its slots. Idempotent."""
+        if self.finished:
+            return
+        self.finished = True
+        if self._retry_slot is not None:
+            self._retry_slot.release()
+            self._retry_slot = None
+        if self._request_slot is not None:
+            self._request_slot.release()
+            self._request_slot = None

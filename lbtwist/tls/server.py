@@ -1,0 +1,152 @@
+"""TLS termination for any listener factory: the thin Twisted adapter.
+
+    factory = wrap_server_factory(l7_or_l4_factory, server_tls)
+
+Each connection is first a L{ClientHelloPeeker}; once the ClientHello is in,
+a TLS protocol (Twisted's memory-BIO TLS, with a handshake deadline and
+handshake counting added) is built around the listener's own protocol, with
+the OpenSSL connection made by L{ServerTLS} for that hello.
+
+The listener's protocol sees a TLS transport; L{tls_info} on it gives the
+negotiated version, cipher, server name, ALPN protocol and whether the session
+was resumed (for ``X-Forwarded-Proto: https``, routing rules and logs).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from OpenSSL import SSL
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IProtocolFactory, IReactorTime
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+from lbtwist.tls.clienthello import ClientHello, NotTLS
+from lbtwist.tls.context import ServerTLS
+from lbtwist.tls.peek import ClientHelloPeekFactory
+
+__all__ = ["TLSInfo", "TLSServerProtocol", "tls_info", "wrap_server_factory"]
+
+
+@attrs.frozen
+class TLSInfo:
+    """What a terminated TLS connection negotiated."""
+
+    #: ``"TLSv1.3"`` / ``"TLSv1.2"``.
+    version: str
+    #: OpenSSL cipher name, e.g. ``"TLS_AES_128_GCM_SHA256"``.
+    cipher: str
+    #: SNI as sent by the client (lower-cased), or None.
+    server_name: str | None
+    #: ALPN protocol agreed, or None.
+    alpn: str | None
+    resumed: bool
+
+
+class TLSServerProtocol(BufferingTLSTransport):
+    """Twisted's TLS protocol plus: a deadline for the whole handshake, and a
+    hook (called from OpenSSL's info callback) that counts the handshake."""
+
+    _lbtwist_hello: ClientHello | None = None
+    _lbtwist_choice: Any = None
+    _lbtwist_state: ServerTLS | None = None
+    _lbtwist_resumed: bool | None = None
+    _lbtwist_info: TLSInfo | None = None
+    _lbtwist_timer: IDelayedCall | None = None
+    _lbtwist_closed = False
+
+    def makeConnection(self, transport: Any) -> None:
+        st = self._lbtwist_state
+        if st is not None and st.handshake_timeout > 0:
+            self._lbtwist_timer = self.factory._clock.callLater(st.handshake_timeout, self._lbtwist_timed_out)
+        super().makeConnection(transport)
+
+    def _lbtwist_timed_out(self) -> None:
+        self._lbtwist_timer = None
+        if self._lbtwist_resumed is None:
+            if self._lbtwist_state is not None:
+                self._lbtwist_state.stats.handshake_timeouts += 1
+            self.abortConnection()
+
+    def _lbtwist_handshake_done(self, conn: SSL.Connection) -> None:
+        if self._lbtwist_resumed is not None:
+            return
+        t = self._lbtwist_timer
+        if t is not None:
+            self._lbtwist_timer = None
+            if t.active():
+                t.cancel()
+        st = self._lbtwist_state
+        self._lbtwist_resumed = st.count_handshake(self, conn) if st is not None else False
+
+    def connectionLost(self, reason: Failure) -> None:
+        t = self._lbtwist_timer
+        if t is not None:
+            self._lbtwist_timer = None
+            if t.active():
+                t.cancel()
+        if self._lbtwist_resumed is None and self._lbtwist_state is not None and not self._lbtwist_closed:
+            self._lbtwist_state.stats.failed_handshakes += 1
+        self._lbtwist_closed = True
+        super().connectionLost(reason)
+
+
+def _read_info(p: TLSServerProtocol) -> TLSInfo:
+    conn = p._tlsConnection
+    alpn = conn.get_alpn_proto_negotiated()
+    hello = p._lbtwist_hello
+    return TLSInfo(
+        version=conn.get_protocol_version_name(),
+        cipher=conn.get_cipher_name() or "",
+        server_name=hello.server_name if hello is not None else None,
+        alpn=alpn.decode("ascii", "replace") if alpn else None,
+        resumed=bool(p._lbtwist_resumed),
+    )
+
+
+def tls_info(transport: Any) -> TLSInfo | None:
+    """The TLS parameters of a connection, given the transport a listener's
+    protocol sees; None for a plain connection or before the handshake ends."""
+    if not isinstance(transport, TLSServerProtocol):
+        return None
+    info = transport._lbtwist_info
+    if info is None:
+        if transport._lbtwist_resumed is None or transport._tlsConnection is None:
+            return None
+        info = transport._lbtwist_info = _read_info(transport)
+    return info
+
+
+class _ServerTLSFactory(TLSMemoryBIOFactory):
+    protocol = TLSServerProtocol
+
+
+def wrap_server_factory(
+    factory: IProtocolFactory, tls: ServerTLS, reactor: IReactorTime | None = None
+) -> ClientHelloPeekFactory:
+    """Terminate TLS in front of ``factory`` with ``tls``'s certificates and
+    resumption state. ``factory.buildProtocol`` is called once the ClientHello
+    has arrived; a connection that does not start with one is closed.
+
+    @param reactor: times the handshake deadline and flushes TLS writes
+        (Twisted coalesces small writes on the next reactor turn); defaults
+        to the clock ``tls`` was built with."""
+    clock = reactor if reactor is not None else tls.clock
+    tls_factory = _ServerTLSFactory(tls, False, factory, clock=clock)
+
+    def decide(hello: ClientHello | NotTLS, addr: IAddress) -> IProtocol | None:
+        if isinstance(hello, NotTLS):
+            tls.stats.not_tls += 1
+            return None
+        app = factory.buildProtocol(addr)
+        if app is None:
+            return None
+        p = TLSServerProtocol(tls_factory, app)
+        p._lbtwist_hello = hello
+        p._lbtwist_state = tls
+        return p
+
+    def timed_out() -> None:
+        tls.stats.handshake_timeouts += 1
+
+    return ClientHelloPeekFactory(decide, clock, tls.handshake_timeout, wrapped=tls_factory, on_timeout=timed_out)

@@ -1,0 +1,240 @@
+"""Health against real local backends on the real reactor (127.0.0.1, port 0):
+a killed backend is out within interval x unhealthy_threshold + timeout, and a
+gray backend (fast 200 on /healthz, slow or 5xx on real paths) is ejected by
+passive detection while its probe stays green, after which clients recover.
+
+Requests are sent straight to the backend the pool selects and reported with
+``pool.on_finish`` exactly as the data plane does (what the L7 proxy reports
+per request), so the passive detector sees real outcomes and latencies."""
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import pytest_twisted
+from treq.client import HTTPClient
+from twisted.internet import defer, reactor, task
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+import lbtwist.balancers.builtin
+import lbtwist.health.builtin
+from lbtwist.config.model import (ActiveHealthConfig, Config, HealthConfig, LatencyOutlierConfig,
+                                  PassiveHealthConfig, PoolConfig)
+from lbtwist.health.probes import TcpProbe
+from lbtwist.health.service import HealthService
+from lbtwist.pool import Backend, Health, PickContext, Pool
+from lbtwist.registry import Registry
+from lbtwist.runtime import Runtime
+
+pytestmark = pytest.mark.integration
+
+
+class App(Resource):
+    """/healthz: 200 at once. /work: 'ok' at once, 'slow' after a delay, '5xx' 503."""
+
+    isLeaf = True
+
+    def __init__(self, mode="ok", delay=0.3):
+        super().__init__()
+        self.mode = mode
+        self.delay = delay
+        self.hits = {"healthz": 0, "work": 0}
+        self.pending = []
+
+    def render(self, request):
+        if request.path == b"/healthz":
+            self.hits["healthz"] += 1
+            return b"ok"
+        self.hits["work"] += 1
+        if self.mode == "5xx":
+            request.setResponseCode(503)
+            return b"disk on fire"
+        if self.mode == "slow":
+            call = reactor.callLater(self.delay, self._finish, request)
+            self.pending.append(call)
+            request.notifyFinish().addErrback(lambda _: call.active() and call.cancel())
+            return NOT_DONE_YET
+        return b"done"
+
+    def _finish(self, request):
+        request.write(b"done")
+        request.finish()
+
+
+async def serve(apps):
+    ports = []
+    for app in apps:
+        site = Site(app)
+        site.noisy = False
+        ports.append(reactor.listenTCP(0, site, interface="127.0.0.1"))
+    return ports
+
+
+async def close(ports, apps=()):
+    for app in apps:
+        for call in app.pending:
+            if call.active():
+                call.cancel()
+    await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports if p.connected])
+
+
+async def wait_for(predicate, timeout, step=0.01):
+    """Poll ``predicate`` on the reactor; bounded by ``timeout`` seconds."""
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await task.deferLater(reactor, step, lambda: None)
+
+
+def registry():
+    reg = Registry()
+    reg.register(lbtwist.balancers.builtin, "lbtwist.balancers")
+    reg.register(lbtwist.health.builtin, "lbtwist.health.builtin")
+    reg.collect()
+    return reg
+
+
+def make_runtime(ports, health, algorithm="round_robin", slow_start=0.0):
+    reg = registry()
+    rt = Runtime(reactor=reactor, registry=reg, config=Config())
+    backends = [Backend(f"127.0.0.1:{p.getHost().port}") for p in ports]
+    if health.active is not None and not health.active.assume_healthy:
+        for b in backends:
+            b.health = Health.UNKNOWN
+    balancer = reg.make_balancer(algorithm, {}, clock=reactor, rng=random.Random(1))
+    rt.pools["app"] = Pool("app", backends, balancer, reactor, slow_start=slow_start,
+                           panic_threshold=health.panic_threshold)
+    rt.pool_configs["app"] = PoolConfig(name="app", health=health)
+    return rt
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_probe_against_real_sockets():
+    ports = await serve([App()])
+    addr = f"127.0.0.1:{ports[0].getHost().port}"
+    probe = TcpProbe(reactor, 1.0)
+    try:
+        up = await probe.probe(Backend(addr))
+        assert up.ok and up.latency < 0.5
+    finally:
+        await close(ports)
+    down = await probe.probe(Backend(addr))
+    assert not down.ok and down.reason == "connection refused"
+
+
+@pytest_twisted.ensureDeferred
+async def test_killed_backend_is_out_within_the_bound():
+    interval, timeout, threshold = 0.2, 0.1, 3
+    apps = [App(), App(), App()]
+    ports = await serve(apps)
+    active = ActiveHealthConfig(kind="http", path="/healthz", interval=interval, timeout=timeout,
+                                unhealthy_threshold=threshold, healthy_threshold=2, stagger=0.1)
+    rt = make_runtime(ports, HealthConfig(active=active))
+    pool = rt.pools["app"]
+    svc = HealthService(rt, rng=random.Random(3))
+    svc.startService()
+    try:
+        started = reactor.seconds()
+        await wait_for(lambda: all(b.health is Health.HEALTHY for b in pool.backends()), 2.0)
+        joined = reactor.seconds() - started
+        assert joined < 0.1 + timeout + 0.2  # first probes within the stagger window
+        victim = pool.backends()[1]
+        await ports[1].stopListening()
+        killed = reactor.seconds()
+        await wait_for(lambda: victim.health is Health.UNHEALTHY, 3.0, step=0.005)
+        took = reactor.seconds() - killed
+        bound = interval * threshold + timeout
+        print(f"\nkilled backend out after {took * 1000:.0f} ms (bound {bound * 1000:.0f} ms)")
+        assert took <= bound + 0.05, took  # 50 ms of scheduling slack on a shared box
+        assert victim.reason == "unhealthy: 3 probes failed: connection refused"
+        assert victim not in pool.candidates(reactor.seconds())
+        assert [b.health for b in pool.backends()].count(Health.HEALTHY) == 2
+    finally:
+        svc.stopService()
+        await close(ports)
+
+
+async def drive(pool, client, n, concurrency, deadline):
+    """Send ``n`` requests to /work through the pool's choice, ``concurrency``
+    at a time, and report each like the data plane. Returns per-request
+    (backend address, status or None, latency)."""
+    results = []
+    todo = iter(range(n))
+
+    async def worker():
+        for _ in todo:
+            b = pool.select(PickContext(now=reactor.seconds()))
+            assert b is not None
+            pool.on_start(b)
+            t0 = time.monotonic()
+            try:
+                d = client.get(f"http://{b.address}/work")
+                d.addTimeout(deadline, reactor)
+                resp = await d
+                await resp.content()
+                status = resp.code
+            except Exception:
+                status = None
+            latency = time.monotonic() - t0
+            outcome = "gateway" if status is None else "5xx" if status >= 500 else "ok"
+            pool.on_finish(b, latency, outcome == "ok", outcome)
+            results.append((b.address, status, latency))
+
+    await defer.gatherResults([defer.ensureDeferred(worker()) for _ in range(concurrency)])
+    return results
+
+
+def http_client():
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    return HTTPClient(Agent(reactor, pool=pool, connectTimeout=1.0))
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("gray_mode", ["5xx", "slow"])
+async def test_gray_backend_is_ejected_while_its_probe_stays_green(gray_mode):
+    apps = [App(), App(gray_mode, delay=0.25), App(), App()]
+    ports = await serve(apps)
+    active = ActiveHealthConfig(kind="http", path="/healthz", interval=0.2, timeout=0.1, stagger=0.1)
+    # defaults except the sweep interval, shortened so the test stays short
+    passive = PassiveHealthConfig(interval=0.1, latency=LatencyOutlierConfig())
+    rt = make_runtime(ports, HealthConfig(active=active, passive=passive))
+    pool = rt.pools["app"]
+    gray = pool.backends()[1]
+    svc = HealthService(rt, rng=random.Random(4))
+    svc.startService()
+    client = http_client()
+    try:
+        await wait_for(lambda: all(b.health is Health.HEALTHY for b in pool.backends()), 2.0)
+        before = await drive(pool, client, 40, 4, 1.0)
+        await wait_for(lambda: gray.state(reactor.seconds()) == "ejected", 2.0)
+        ejected_reason = gray.reason
+        after = await drive(pool, client, 80, 4, 1.0)
+
+        def good(r):  # what a client calls success: a 200 within 100 ms
+            return r[1] == 200 and r[2] < 0.1
+
+        rate_before = sum(map(good, before)) / len(before)
+        rate_after = sum(map(good, after)) / len(after)
+        print(f"\n{gray_mode}: success {rate_before:.0%} before ejection, {rate_after:.0%} after; "
+              f"{ejected_reason}")
+        hurt = sum(1 for r in before if r[0] == gray.address)
+        print(f"gray backend served {hurt} of {len(before)} requests before its ejection")
+        assert 5 <= hurt <= 12  # round robin kept sending it a quarter until passive detection acted
+        assert rate_after == 1.0
+        assert all(addr != gray.address for addr, _, _ in after)
+        # the active check never saw anything wrong, even after the ejection
+        probed = apps[1].hits["healthz"]
+        await wait_for(lambda: apps[1].hits["healthz"] > probed, 1.0)
+        await task.deferLater(reactor, 0.02, lambda: None)  # let the probe's verdict land
+        assert gray.health is Health.HEALTHY
+        assert svc.pools["app"].scheduler.loops[gray].last.ok
+        expect = "5 consecutive 5xx" if gray_mode == "5xx" else "latency"
+        assert ejected_reason.startswith(f"ejected: {expect}"), ejected_reason
+        assert gray.ejected_until - reactor.seconds() > 25  # base ejection time 30 s
+    finally:
+        svc.stopService()
+        await close(ports, apps)

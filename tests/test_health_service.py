@@ -1,0 +1,184 @@
+"""HealthService on a MemoryReactorClock: it runs probes (a plugin kind here)
+and passive detection for every pool, follows membership changes, drains and
+removes backends, and leaves no timer behind when stopped."""
+from __future__ import annotations
+
+import random
+
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
+from zope.interface import implementer
+
+import lbtwist.health.builtin
+from lbtwist import hookimpl
+from lbtwist.config.model import ActiveHealthConfig, Config, HealthConfig, PassiveHealthConfig, PoolConfig
+from lbtwist.health import ProbeResult
+from lbtwist.health.drain import DRAINED
+from lbtwist.health.service import HealthService
+from lbtwist.interfaces import IHealthProbe
+from lbtwist.pool import Backend, Health, PickContext, Pool
+from lbtwist.registry import ProbeSpec, Registry
+from lbtwist.runtime import Runtime
+
+
+@implementer(IHealthProbe)
+class Scripted:
+    """A plugin probe kind whose verdict per address the test sets."""
+
+    down: set[str] = set()
+
+    def __init__(self, options, reactor):
+        self.options = options
+
+    def probe(self, backend):
+        if backend.address in Scripted.down:
+            return defer.succeed(ProbeResult(False, "scripted down"))
+        return defer.succeed(ProbeResult(True, "scripted up"))
+
+
+class ScriptedPlugin:
+    @hookimpl
+    def lbtwist_health_probes(self):
+        return [ProbeSpec("scripted", lambda options, *, reactor: Scripted(options, reactor))]
+
+
+class FirstBalancer:
+    def pick(self, candidates, ctx):
+        return candidates[0] if candidates else None
+
+    def on_start(self, backend, now):
+        pass
+
+    def on_finish(self, backend, now, latency, ok):
+        pass
+
+
+def runtime(**active):
+    reg = Registry()
+    reg.register(lbtwist.health.builtin, "lbtwist.health.builtin")
+    reg.register(ScriptedPlugin(), "scripted")
+    reg.collect()
+    reactor = MemoryReactorClock()
+    rt = Runtime(reactor=reactor, registry=reg, config=Config())
+    acfg = ActiveHealthConfig(kind="scripted", interval=1.0, timeout=0.5, stagger=0.5,
+                              options={"x": 1}, **active)
+    for name, health in (("probed", HealthConfig(active=acfg)), ("passive", HealthConfig())):
+        backends = [Backend(f"127.0.0.1:{9000 + i}") for i in range(3)]
+        if health.active is not None:
+            for b in backends:
+                b.health = Health.UNKNOWN  # as the pool builder does when an active check exists
+        rt.pools[name] = Pool(name, backends, FirstBalancer(), reactor, slow_start=10.0, drain_timeout=5.0)
+        rt.pool_configs[name] = PoolConfig(name=name, health=health)
+    Scripted.down = set()
+    return rt
+
+
+def test_probes_let_backends_in_and_take_dead_ones_out():
+    rt = runtime()
+    svc = HealthService(rt, rng=random.Random(1))
+    svc.startService()
+    pool, clock = rt.pools["probed"], rt.reactor
+    assert pool.candidates(0) == ()
+    clock.pump([0.1] * 6)
+    assert all(b.health is Health.HEALTHY for b in pool.backends())
+    Scripted.down.add("127.0.0.1:9001")
+    clock.pump([0.1] * 40)
+    b1 = pool.get("127.0.0.1:9001")
+    assert b1.health is Health.UNHEALTHY
+    assert b1.reason == "unhealthy: 3 probes failed: scripted down"
+    st = svc.status()["probed"]
+    entry = next(e for e in st["backends"] if e["address"] == "127.0.0.1:9001")
+    assert entry["state"] == "unhealthy" and entry["last_probe"]["reason"] == "scripted down"
+    assert svc.pools["probed"].scheduler.probe.options == {"x": 1, "timeout": 0.5}
+    svc.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+def test_passive_detection_is_wired_for_every_pool():
+    rt = runtime()
+    svc = HealthService(rt)
+    svc.startService()
+    clock = rt.reactor
+    pool = rt.pools["passive"]
+    b = pool.backends()[0]
+    for _ in range(5):
+        pool.on_start(b)
+        pool.on_finish(b, 0.01, False, "5xx")
+    assert b.state(clock.seconds()) == "ejected"
+    assert b.reason == "ejected: 5 consecutive 5xx; out for 30s (ejection 1)"
+    clock.pump([1.0] * 30)
+    # returned by the service's timer at the end of the ejection, into slow start
+    assert b.ejected_until is None and b.changed_at == 30.0
+    assert b.state(clock.seconds()) == "slow_start"
+    svc.stopService()
+    # stopped: outcomes are no longer watched
+    for _ in range(10):
+        pool.on_finish(b, 0.01, False, "5xx")
+    assert b.ejected_until is None
+    assert clock.getDelayedCalls() == []
+
+
+def test_backends_added_and_removed_at_runtime():
+    rt = runtime()
+    svc = HealthService(rt, rng=random.Random(2))
+    svc.startService()
+    clock, pool = rt.reactor, rt.pools["probed"]
+    clock.pump([0.1] * 6)
+    new = Backend("127.0.0.1:9100")
+    svc.add_backend("probed", new)
+    assert new.health is Health.UNKNOWN and new not in pool.candidates(clock.seconds())
+    clock.pump([0.1] * 6)
+    assert new.health is Health.HEALTHY and new in pool.candidates(clock.seconds())
+    # removal drains first: in-flight work may finish
+    pool.on_start(new)
+    done = []
+    svc.remove_backend("probed", "127.0.0.1:9100").addCallback(done.append)
+    assert new.draining and pool.get("127.0.0.1:9100") is new
+    clock.advance(1.0)
+    pool.on_finish(new, 0.5, True, "ok")
+    assert done == [DRAINED]
+    assert pool.get("127.0.0.1:9100") is None
+    assert new not in svc.pools["probed"].scheduler.loops
+    svc.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+def test_drain_timeout_comes_from_the_pool():
+    rt = runtime()
+    svc = HealthService(rt)
+    svc.startService()
+    clock, pool = rt.reactor, rt.pools["passive"]
+    b = pool.backends()[1]
+    pool.on_start(b)
+    seen, done = [], []
+    pool.subscribe(lambda p, bb, state, reason: seen.append(state))
+    svc.drain("passive", b.address).addCallback(done.append)
+    clock.advance(4.9)
+    assert done == []
+    clock.advance(0.1)
+    assert done == ["expired"] and "drain-expired" in seen
+    assert pool.select(PickContext(now=clock.seconds())) is not b
+    svc.stopService()
+
+
+def test_pool_added_on_reload_and_removed():
+    rt = runtime()
+    svc = HealthService(rt)
+    svc.startService()
+    clock = rt.reactor
+    pool = Pool("late", [Backend("127.0.0.1:9200")], FirstBalancer(), clock)
+    ph = svc.add_pool(pool, HealthConfig(passive=PassiveHealthConfig(consecutive_gateway_failures=2)))
+    assert ph.running
+    b = pool.backends()[0]
+    pool2 = Pool("late2", [Backend("127.0.0.1:9201"), Backend("127.0.0.1:9202")], FirstBalancer(), clock)
+    svc.add_pool(pool2, HealthConfig(passive=PassiveHealthConfig(consecutive_gateway_failures=2)))
+    b2 = pool2.backends()[0]
+    for _ in range(2):
+        pool2.on_start(b2)
+        pool2.on_finish(b2, 3.0, False, "gateway")
+    assert b2.state(clock.seconds()) == "ejected"
+    svc.remove_pool("late2")
+    assert "late2" not in svc.status()
+    svc.stopService()
+    assert clock.getDelayedCalls() == []
+    assert b.state(clock.seconds()) == "healthy"

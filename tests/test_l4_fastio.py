@@ -1,0 +1,153 @@
+"""Pins the Twisted internals lbtwist.fastio relies on, and the levers' behaviour
+on real sockets. A Twisted upgrade that breaks an assumption fails here first."""
+import inspect
+import socket
+
+import pytest
+import pytest_twisted
+import twisted
+from twisted.internet import abstract, defer, epollreactor, posixbase, protocol, reactor, tcp
+from twisted.internet.testing import StringTransport
+
+from lbtwist import fastio
+
+
+def test_twisted_internals_still_as_assumed():
+    assert fastio.twisted_supported(), f"fastio was checked against Twisted {fastio.CHECKED_TWISTED_MAJOR}, not {twisted.__version__}"
+    fd = abstract.FileDescriptor
+    # The buffered write path and the state the eager path inspects.
+    for name in ("dataBuffer", "offset", "_writeDisconnecting", "_writeDisconnected", "disconnecting", "bufferSize"):
+        assert hasattr(fd, name), name
+    src = inspect.getsource(fd.write)
+    assert "_tempDataBuffer.append" in src and "_tempDataLen" in src and "startWriting" in src
+    assert "self.dataBuffer = b\"\"" in inspect.getsource(fd.doWrite)
+    # Read size: one recv of bufferSize per read event; pause threshold is bufferSize too.
+    assert "self.socket.recv(self.bufferSize)" in inspect.getsource(tcp.Connection.doRead)
+    assert "> self.bufferSize" in inspect.getsource(fd._isSendBufferFull)
+    assert hasattr(tcp.Connection, "TLS")
+    # Lean reactor: the dispatcher catches and logs errors itself.
+    src = inspect.getsource(posixbase._PollLikeMixin._doReadOrWrite)
+    assert "except BaseException" in src and "log.err()" in src
+    assert "log.callWithLogger" in inspect.getsource(epollreactor.EPollReactor.doPoll)
+    init = inspect.getsource(epollreactor.EPollReactor.__init__)
+    assert "self._poller" in init and "self._selectables" in init
+
+
+def test_accelerate_ignores_other_transports():
+    t = StringTransport()
+    assert fastio.accelerate(t, read_size=1 << 20) is False
+    assert not fastio.is_accelerated(t)
+    assert not hasattr(t, "bufferSize")
+
+
+class _Recorder(protocol.Protocol):
+    def connectionMade(self):
+        self.factory.made.callback(self)
+
+
+@pytest_twisted.ensureDeferred
+async def test_eager_write_sends_before_the_reactor_turns():
+    """With an empty buffer, write() reaches the peer socket synchronously; with
+    data already queued it takes Twisted's buffered path (order preserved)."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    f = protocol.ClientFactory()
+    f.protocol = _Recorder
+    f.made = defer.Deferred()
+    connector = reactor.connectTCP("127.0.0.1", lsock.getsockname()[1], f, timeout=5)
+    try:
+        proto = await f.made.addTimeout(5, reactor)
+        peer, _ = lsock.accept()
+        peer.settimeout(5)
+        t = proto.transport
+        assert fastio.accelerate(t, read_size=1 << 20)
+        assert fastio.is_accelerated(t) and isinstance(t, tcp.Client)
+        assert t.bufferSize == 1 << 20
+        t.write(b"now")
+        # No reactor iteration happened since write(): the bytes are already sent.
+        assert t._tempDataLen == 0 and t.dataBuffer == b""
+        assert peer.recv(100) == b"now"
+        # Something queued: the next write must queue behind it, not jump ahead.
+        t._tempDataBuffer.append(b"first")
+        t._tempDataLen += 5
+        t.startWriting()
+        t.write(b"second")
+        assert t._tempDataLen == len(b"firstsecond")
+        got = b""
+        while len(got) < 11:
+            await deferLater(0.01)
+            try:
+                peer.setblocking(False)
+                got += peer.recv(100)
+            except BlockingIOError:
+                pass
+        assert got == b"firstsecond"
+        # After loseConnection the normal path owns the shutdown sequence.
+        t.loseConnection()
+        t.write(b"late")
+        assert t._tempDataLen == 4
+        peer.close()
+    finally:
+        connector.disconnect()
+        lsock.close()
+
+
+def deferLater(seconds):
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+def test_lean_reactor_class_is_an_epoll_reactor():
+    cls = fastio.lean_reactor_class()
+    assert issubclass(cls, epollreactor.EPollReactor)
+    assert cls.doIteration is cls.doPoll
+
+
+def test_lean_reactor_runs_and_survives_a_failing_selectable(tmp_path):
+    """In a subprocess (a reactor can only be installed once): the lean reactor
+    serves a connection, and an exception in a protocol is logged and only
+    closes that connection."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "lean.py"
+    script.write_text(
+        """
+import socket, sys
+from lbtwist.fastio import install_lean_reactor
+r = install_lean_reactor()
+from twisted.internet import protocol
+from twisted.python import log
+errors = []
+log.addObserver(lambda e: e.get("isError") and errors.append(e))
+class Boom(protocol.Protocol):
+    def dataReceived(self, data):
+        if data == b"boom":
+            raise RuntimeError("boom")
+        self.transport.write(data.upper())
+f = protocol.Factory.forProtocol(Boom)
+port = r.listenTCP(0, f, interface="127.0.0.1")
+out = []
+def client():
+    a = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    b = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    a.sendall(b"boom")
+    b.sendall(b"ok")
+    out.append(b.recv(10))
+    out.append(a.recv(10))  # closed after the error: b""
+    r.callFromThread(r.stop)
+import threading
+threading.Thread(target=client, daemon=True).start()
+r.callLater(10, r.stop)
+r.run()
+print(type(r).__name__, out, len(errors))
+"""
+    )
+    res = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=30,
+        env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])},
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "LeanEPollReactor [b'OK', b''] 1", res.stdout + res.stderr
