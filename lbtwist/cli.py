@@ -18,23 +18,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from lbtwist.config import ConfigError, load_config
-    from lbtwist.registry import PluginError, Registry
+    """Validate as twistd would, then review against the operational checklist."""
+    from lbtwist.check import run
 
-    try:
-        loaded = load_config(args.config, Registry.default())
-    except PluginError as e:
-        print(f"lbtwist: {e}", file=sys.stderr)
-        return 2
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    for w in loaded.warnings:
-        print(str(w), file=sys.stderr)
-    if loaded.warnings:
-        return 1
-    print(f"{args.config}: ok")
-    return 0
+    return run(args.config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", "-c", default=None)
     p.add_argument("--pidfile", default="")
     p.set_defaults(func=_run)
-    p = sub.add_parser("check", help="validate a config; exit 0 clean, 1 warnings, 2 errors")
+    p = sub.add_parser("check", help="validate a config and review it against the operational checklist; exit 0 clean, 1 warnings, 2 errors")
     p.add_argument("config")
     p.set_defaults(func=_check)
     args = parser.parse_args(argv)

@@ -61,6 +61,24 @@ class _EagerWriteMixin:
         if sent < len(data):
             super().write(data[sent:] if sent else data)  # type: ignore[misc]
 
+    def loseWriteConnection(self) -> None:
+        """Half-close at once when nothing is buffered, instead of waiting a
+        loop pass for a writability event only to call shutdown() then. Runs
+        exactly what ``doWrite`` would have run at that point."""
+        if (
+            self._tempDataLen
+            or self.dataBuffer
+            or not self.connected
+            or self.disconnecting
+            or self._writeDisconnected
+            or self.TLS
+            or self.producer is not None
+        ):
+            return super().loseWriteConnection()  # type: ignore[misc]
+        self._writeDisconnecting = True
+        self._writeDisconnected = True
+        self._closeWriteConnection()
+
 
 def _eager_class(cls: type) -> type:
     eager = _eager_classes.get(cls)
@@ -128,6 +146,13 @@ def install_lean_reactor() -> Any:
     reactor = lean_reactor_class()()
     installReactor(reactor)
     return reactor
+
+
+def install() -> None:
+    """For a twistd reactor plugin (``twisted.application.reactors.Reactor(
+    "lbtwist-lean", "lbtwist.fastio", ...)``), whose installer calls the
+    module's ``install()``: then ``twistd --reactor=lbtwist-lean lbtwist ...``."""
+    install_lean_reactor()
 
 
 def twisted_supported() -> bool:

@@ -66,10 +66,17 @@ class ListenerService(Service):
         """Stop accepting, ask every connection to drain, abort what is left
         after ``drain_timeout``."""
         super().stopService()
-        port, self.port = self.port, None
-        d = defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+        d = self.stop_accepting()
         d.addCallback(lambda _: self.drain(drain_timeout))
         return d
+
+    def stop_accepting(self) -> defer.Deferred:
+        """Close the listening socket; fires once the port is released (so a
+        replacement may bind it). Established connections live on."""
+        port, self.port = self.port, None
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening)
 
     def drain(self, timeout: float) -> defer.Deferred:
         if not self.connections:

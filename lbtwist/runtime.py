@@ -22,6 +22,10 @@ class Runtime:
     pool_configs: dict[str, PoolConfig] = attrs.Factory(dict)
     #: Finished requests/connections: the data plane publishes, logs and metrics subscribe.
     traffic: TrafficHub = attrs.Factory(TrafficHub)
+    #: lbtwist.l7.connpool.ConnectionPools: backend keep-alive connections
+    #: shared by every http listener (created by the first one; draining a
+    #: backend closes its idle connections through it).
+    connection_pools: Any = None
     #: Extra state shown by the admin API and exported by /metrics, pulled at
     #: each poll or scrape (cheap, must not raise). One callable per part,
     #: under a short name (docs/operations.md, "State providers"):

@@ -4,7 +4,8 @@ which Twisted's MultiService does not do by itself."""
 from __future__ import annotations
 
 import random
-from typing import Any
+import signal
+from typing import Any, Callable
 
 from twisted.application.service import IService, MultiService
 from twisted.internet import defer
@@ -37,6 +38,7 @@ def build_pool(cfg: PoolConfig, runtime: Runtime, rng: random.Random | None = No
         balancer,
         runtime.reactor,
         slow_start=cfg.slow_start,
+        drain_timeout=cfg.drain_timeout,
         panic_threshold=panic,
         rng=rng,
     )
@@ -74,16 +76,39 @@ def build_listener(cfg: ListenerConfig, runtime: Runtime) -> IService:
     raise ValueError(f"listener {cfg.name}: unknown mode {cfg.mode!r}")
 
 
+class ReloadError(Exception):
+    """The new config was refused; the message lists its problems."""
+
+
+def _same_socket(old: ListenerConfig | None, new: ListenerConfig) -> bool:
+    """Can the running listener take ``new`` in place (same socket, same mode)?"""
+    return old is not None and (old.bind, old.mode) == (new.bind, new.mode)
+
+
 class LbtwistService(MultiService):
     """Owns a Runtime. Children: demo backends, health, admin, listeners."""
 
-    def __init__(self, config: Config, reactor: Any, registry: Registry) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        registry: Registry,
+        *,
+        config_path: str | None = None,
+        install_signals: bool = False,
+        loader: Callable[[str, Registry], Any] | None = None,
+    ) -> None:
         super().__init__()
         self.setName("lbtwist")
         self.reactor = reactor
+        self.config_path = config_path
+        self.install_signals = install_signals
+        self._loader = loader
+        self._old_handlers: dict[int, Any] = {}
         self.runtime = Runtime(reactor=reactor, registry=registry, config=config)
         self.listeners: MultiService = MultiService()
         self.listeners.setName("listeners")
+        self.health: IService | None = None
         self._build(config)
 
     def _build(self, config: Config) -> None:
@@ -95,9 +120,9 @@ class LbtwistService(MultiService):
             from lbtwist.demo import demo_service
 
             demo_service(config.demo, self.reactor).setServiceParent(self)
-        health = self._health_service()
-        if health is not None:
-            health.setServiceParent(self)
+        self.health = self._health_service()
+        if self.health is not None:
+            self.health.setServiceParent(self)
         admin = self._admin_service(config)
         if admin is not None:
             admin.setServiceParent(self)
@@ -119,9 +144,154 @@ class LbtwistService(MultiService):
             from lbtwist.admin import admin_service
         except ImportError:
             return None
-        return admin_service(config.admin, self.runtime)
+        return admin_service(config.admin, self.runtime, reload=self.reload)
+
+    # -- signals -------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self.install_signals:
+            self.reactor.callWhenRunning(self._install_signal_handlers)
+
+    def _install_signal_handlers(self) -> None:
+        """SIGHUP reloads; SIGTERM drains and exits 0 (Twisted's own handler
+        would re-raise the signal after shutdown, exiting -15)."""
+        def on_hup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self._reload_logged)
+
+        def on_term(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self._terminate)
+
+        for sig, handler in ((signal.SIGHUP, on_hup), (signal.SIGTERM, on_term)):
+            self._old_handlers[sig] = signal.signal(sig, handler)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers.clear()
+
+    def _terminate(self) -> None:
+        log.info("lbtwist: SIGTERM received; stop accepting, drain, exit")
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def _reload_logged(self) -> None:
+        d = defer.maybeDeferred(self.reload)
+        d.addErrback(lambda f: log.error("lbtwist: reload failed, keeping the running config:\n{err}", err=f.getErrorMessage()))
+
+    # -- hot reload ----------------------------------------------------------
+
+    def reload(self) -> defer.Deferred:
+        """Re-read the config file; validate it whole; apply it as a diff.
+        A bad file leaves the running config untouched and fails the Deferred
+        with the problems (one per line)."""
+        if self.config_path is None:
+            return defer.fail(RuntimeError("no config file to reload (built-in config)"))
+        loader = self._loader
+        if loader is None:
+            from lbtwist.config import load_config as loader
+        try:
+            loaded = loader(self.config_path, self.runtime.registry)
+        except Exception as e:  # ConfigError: str() is one line per problem
+            return defer.fail(ReloadError(str(e)))
+        return defer.maybeDeferred(self.apply, loaded.config)
+
+    def apply(self, new: Config) -> defer.Deferred:
+        """Apply a validated config: pools first (so listeners find them),
+        then listeners; removed backends drain, removed listeners drain."""
+        rt = self.runtime
+        old = rt.config
+        log.info("lbtwist: applying new configuration")
+        waits: list[defer.Deferred] = []
+        # pools: add, change in place, and remember which to drop
+        new_pools = {p.name: p for p in new.pools}
+        for name, pcfg in new_pools.items():
+            if name in rt.pools:
+                waits += self._reconfigure_pool(rt.pools[name], rt.pool_configs[name], pcfg)
+            else:
+                rt.pools[name] = build_pool(pcfg, rt)
+                rt.pool_configs[name] = pcfg
+                if self.health is not None and hasattr(self.health, "add_pool"):
+                    self.health.add_pool(rt.pools[name], pcfg.health)
+                log.info("lbtwist: pool {pool} added", pool=name)
+        rt.config = new
+        # listeners
+        old_l = {l.name: l for l in old.listeners}
+        new_l = {l.name: l for l in new.listeners}
+        current = {svc.name: svc for svc in self.listeners}
+        released: list[defer.Deferred] = []
+        for name, svc in current.items():
+            lcfg = new_l.get(name)
+            if lcfg is not None and _same_socket(old_l.get(name), lcfg) and hasattr(svc, "reconfigure"):
+                svc.reconfigure(lcfg)
+                continue
+            # removed or rebound: release the socket now, drain in the background
+            released.append(svc.stop_accepting())
+            waits.append(defer.maybeDeferred(svc.disownServiceParent))
+            log.info("lbtwist: listener {name} retired", name=name)
+
+        def add_listeners(_: object) -> None:
+            for name, lcfg in new_l.items():
+                svc = current.get(name)
+                if svc is not None and svc.parent is self.listeners:
+                    continue
+                build_listener(lcfg, rt).setServiceParent(self.listeners)
+                log.info("lbtwist: listener {name} added", name=name)
+
+        bound = defer.gatherResults(released, consumeErrors=True).addCallback(add_listeners)
+        # pools no longer named anywhere: stop health, keep objects for in-flight work
+        for name in [n for n in rt.pools if n not in new_pools]:
+            if self.health is not None and hasattr(self.health, "remove_pool"):
+                self.health.remove_pool(name)
+            del rt.pools[name]
+            del rt.pool_configs[name]
+            log.info("lbtwist: pool {pool} removed", pool=name)
+        # drains finish in the background; the reload is done once new listeners are bound
+        for w in waits:
+            w.addErrback(lambda f: log.failure("lbtwist: drain after reload", f))
+        bound.addCallback(lambda _: log.info("lbtwist: configuration applied"))
+        return bound
+
+    def _reconfigure_pool(self, pool: Pool, old: PoolConfig, new: PoolConfig) -> list[defer.Deferred]:
+        rt = self.runtime
+        waits: list[defer.Deferred] = []
+        if (old.algorithm, old.algorithm_options) != (new.algorithm, new.algorithm_options):
+            pool.balancer = rt.registry.make_balancer(
+                new.algorithm, new.algorithm_options, clock=rt.reactor, rng=pool.rng
+            )
+            pool.version += 1
+        pool.slow_start = new.slow_start
+        pool.drain_timeout = new.drain_timeout
+        pool.panic_threshold = new.health.panic_threshold
+        wanted = {b.address: b for b in new.backends}
+        for b in pool.backends():
+            b.slow_start = new.slow_start
+            bc = wanted.get(b.address)
+            if bc is None:
+                if self.health is not None and hasattr(self.health, "remove_backend"):
+                    waits.append(self.health.remove_backend(pool.name, b.address, "removed from config"))
+                else:
+                    pool.remove_backend(b, "removed from config")
+            elif bc.weight != b.weight:
+                pool.set_weight(b, bc.weight, "weight changed in config")
+        initial = _initial_health(new)
+        for address, bc in wanted.items():
+            if pool.get(address) is None:
+                b = Backend(address=bc.address, weight=bc.weight, name=bc.name)
+                b.health = initial
+                b.joined_at = rt.reactor.seconds()
+                pool.add_backend(b, "added by reload")
+        if old.health != new.health and self.health is not None and hasattr(self.health, "add_pool"):
+            self.health.add_pool(pool, new.health)
+        rt.pool_configs[pool.name] = new
+        pool.version += 1
+        return waits
 
     def stopService(self) -> defer.Deferred:
+        self._restore_signal_handlers()
+        return self._stop_in_order()
+
+    def _stop_in_order(self) -> defer.Deferred:
         """Listeners first (stop accepting, drain in-flight work), then the
         rest concurrently: health checks, admin, demo backends."""
         self.running = 0

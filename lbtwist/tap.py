@@ -57,6 +57,10 @@ def makeService(options: Options) -> Any:
 
     from lbtwist.service import LbtwistService
 
-    svc = LbtwistService(options["loaded"].config, reactor, options["registry"])
-    svc.config_path = options["config_path"]
-    return svc
+    return LbtwistService(
+        options["loaded"].config,
+        reactor,
+        options["registry"],
+        config_path=options["config_path"],
+        install_signals=True,
+    )

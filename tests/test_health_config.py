@@ -91,3 +91,15 @@ def test_bad_health_settings(change, message):
     }[change]
     errs = errors(SHAPE.replace(change, replacement))
     assert any(message in m for _, m in errs), errs
+
+
+def test_deep_check_example_in_etc_is_valid():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "etc" / "health-deep-check.yaml"
+    loaded = load_config(path, Registry.default())
+    assert loaded.warnings == []
+    app, redis = loaded.config.pools
+    assert app.health.active.path == "/healthz?deep=1" and app.health.active.body_match
+    assert redis.health.active.kind == "tcp_banner"
+    assert redis.health.active.options == {"send": "PING\r\n", "expect": "+PONG"}

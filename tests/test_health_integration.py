@@ -3,9 +3,8 @@ a killed backend is out within interval x unhealthy_threshold + timeout, and a
 gray backend (fast 200 on /healthz, slow or 5xx on real paths) is ejected by
 passive detection while its probe stays green, after which clients recover.
 
-Requests are sent straight to the backend the pool selects and reported with
-``pool.on_finish`` exactly as the data plane does (what the L7 proxy reports
-per request), so the passive detector sees real outcomes and latencies."""
+The gray-failure test goes through the real L7 listener, which reports every
+request to the pool, so the passive detector sees real outcomes and latencies."""
 from __future__ import annotations
 
 import random
@@ -15,17 +14,19 @@ import pytest
 import pytest_twisted
 from treq.client import HTTPClient
 from twisted.internet import defer, reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 import lbtwist.balancers.builtin
 import lbtwist.health.builtin
-from lbtwist.config.model import (ActiveHealthConfig, Config, HealthConfig, LatencyOutlierConfig,
+from lbtwist.config.model import (ActiveHealthConfig, Config, HealthConfig, ListenerConfig,
                                   PassiveHealthConfig, PoolConfig)
-from lbtwist.health.probes import TcpProbe
+from lbtwist.health.probes import HttpProbe, TcpProbe
 from lbtwist.health.service import HealthService
-from lbtwist.pool import Backend, Health, PickContext, Pool
+from lbtwist.l7.listener import http_listener
+from lbtwist.pool import Backend, Health, Pool
 from lbtwist.registry import Registry
 from lbtwist.runtime import Runtime
 
@@ -113,17 +114,30 @@ def make_runtime(ports, health, algorithm="round_robin", slow_start=0.0):
 
 
 @pytest_twisted.ensureDeferred
-async def test_tcp_probe_against_real_sockets():
+async def test_probes_against_real_sockets_quietly():
+    """Both kinds on real sockets; a refused connect is reported at once (not
+    after a resolver's attempt delay), and probing does not flood the log."""
     ports = await serve([App()])
     addr = f"127.0.0.1:{ports[0].getHost().port}"
-    probe = TcpProbe(reactor, 1.0)
+    tcp, http = TcpProbe(reactor, 1.0), HttpProbe(reactor, 1.0, path="/healthz")
+    events = []
+    globalLogPublisher.addObserver(events.append)
     try:
-        up = await probe.probe(Backend(addr))
-        assert up.ok and up.latency < 0.5
+        try:
+            for probe in (tcp, http):
+                up = await probe.probe(Backend(addr))
+                assert up.ok and up.latency < 0.5, up
+        finally:
+            await close(ports)
+        for probe in (tcp, http):
+            t0 = reactor.seconds()
+            down = await probe.probe(Backend(addr))
+            assert not down.ok and down.reason == "connection refused"
+            assert reactor.seconds() - t0 < 0.1
     finally:
-        await close(ports)
-    down = await probe.probe(Backend(addr))
-    assert not down.ok and down.reason == "connection refused"
+        globalLogPublisher.removeObserver(events.append)
+    noisy = [formatEvent(e) for e in events if "factory" in (formatEvent(e) or "").lower()]
+    assert noisy == []
 
 
 @pytest_twisted.ensureDeferred
@@ -158,36 +172,6 @@ async def test_killed_backend_is_out_within_the_bound():
         await close(ports)
 
 
-async def drive(pool, client, n, concurrency, deadline):
-    """Send ``n`` requests to /work through the pool's choice, ``concurrency``
-    at a time, and report each like the data plane. Returns per-request
-    (backend address, status or None, latency)."""
-    results = []
-    todo = iter(range(n))
-
-    async def worker():
-        for _ in todo:
-            b = pool.select(PickContext(now=reactor.seconds()))
-            assert b is not None
-            pool.on_start(b)
-            t0 = time.monotonic()
-            try:
-                d = client.get(f"http://{b.address}/work")
-                d.addTimeout(deadline, reactor)
-                resp = await d
-                await resp.content()
-                status = resp.code
-            except Exception:
-                status = None
-            latency = time.monotonic() - t0
-            outcome = "gateway" if status is None else "5xx" if status >= 500 else "ok"
-            pool.on_finish(b, latency, outcome == "ok", outcome)
-            results.append((b.address, status, latency))
-
-    await defer.gatherResults([defer.ensureDeferred(worker()) for _ in range(concurrency)])
-    return results
-
-
 def http_client():
     pool = HTTPConnectionPool(reactor, persistent=False)
     return HTTPClient(Agent(reactor, pool=pool, connectTimeout=1.0))
@@ -195,46 +179,69 @@ def http_client():
 
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("gray_mode", ["5xx", "slow"])
-async def test_gray_backend_is_ejected_while_its_probe_stays_green(gray_mode):
-    apps = [App(), App(gray_mode, delay=0.25), App(), App()]
+async def test_gray_backend_through_the_l7_proxy(gray_mode):
+    """End to end: clients talk to the real L7 listener, which reports every
+    request to the pool; passive detection ejects the gray backend while its
+    probe stays green, and the clients' success rate recovers."""
+    apps = [App(), App(gray_mode, delay=0.5), App(), App()]
     ports = await serve(apps)
     active = ActiveHealthConfig(kind="http", path="/healthz", interval=0.2, timeout=0.1, stagger=0.1)
-    # defaults except the sweep interval, shortened so the test stays short
-    passive = PassiveHealthConfig(interval=0.1, latency=LatencyOutlierConfig())
+    passive = PassiveHealthConfig(interval=0.1)
     rt = make_runtime(ports, HealthConfig(active=active, passive=passive))
     pool = rt.pools["app"]
     gray = pool.backends()[1]
-    svc = HealthService(rt, rng=random.Random(4))
-    svc.startService()
+    health = HealthService(rt, rng=random.Random(4))
+    health.startService()
+    lst = http_listener(ListenerConfig(name="web", bind="tcp:0:interface=127.0.0.1", mode="http", pool="app"), rt)
+    lst.startService()
+    front = f"127.0.0.1:{lst.address.port}"
     client = http_client()
     try:
         await wait_for(lambda: all(b.health is Health.HEALTHY for b in pool.backends()), 2.0)
-        before = await drive(pool, client, 40, 4, 1.0)
-        await wait_for(lambda: gray.state(reactor.seconds()) == "ejected", 2.0)
-        ejected_reason = gray.reason
-        after = await drive(pool, client, 80, 4, 1.0)
 
-        def good(r):  # what a client calls success: a 200 within 100 ms
-            return r[1] == 200 and r[2] < 0.1
+        async def batch(n, concurrency=4):
+            out = []
+            todo = iter(range(n))
+
+            async def worker():
+                for _ in todo:
+                    t0 = time.monotonic()
+                    try:
+                        d = client.get(f"http://{front}/work")
+                        d.addTimeout(2.0, reactor)
+                        resp = await d
+                        await resp.content()
+                        out.append((resp.code, time.monotonic() - t0))
+                    except Exception:
+                        out.append((None, time.monotonic() - t0))
+
+            await defer.gatherResults([defer.ensureDeferred(worker()) for _ in range(concurrency)])
+            return out
+
+        before = await batch(40)
+        await wait_for(lambda: gray.state(reactor.seconds()) == "ejected", 2.0)
+        reason = gray.reason
+        gray_hits = apps[1].hits["work"]
+        after = await batch(80)
+
+        def good(r):
+            return r[0] == 200 and r[1] < 0.25
 
         rate_before = sum(map(good, before)) / len(before)
         rate_after = sum(map(good, after)) / len(after)
-        print(f"\n{gray_mode}: success {rate_before:.0%} before ejection, {rate_after:.0%} after; "
-              f"{ejected_reason}")
-        hurt = sum(1 for r in before if r[0] == gray.address)
-        print(f"gray backend served {hurt} of {len(before)} requests before its ejection")
-        assert 5 <= hurt <= 12  # round robin kept sending it a quarter until passive detection acted
+        print(f"\nL7 {gray_mode}: client success {rate_before:.0%} before ejection, {rate_after:.0%} after; "
+              f"gray node served {gray_hits} real requests first; {reason}")
+        assert rate_before < 1.0
         assert rate_after == 1.0
-        assert all(addr != gray.address for addr, _, _ in after)
-        # the active check never saw anything wrong, even after the ejection
+        assert apps[1].hits["work"] == gray_hits  # no real request reached it after the ejection
+        expect = "5 consecutive 5xx" if gray_mode == "5xx" else "latency"
+        assert reason.startswith(f"ejected: {expect}"), reason
         probed = apps[1].hits["healthz"]
         await wait_for(lambda: apps[1].hits["healthz"] > probed, 1.0)
-        await task.deferLater(reactor, 0.02, lambda: None)  # let the probe's verdict land
+        await task.deferLater(reactor, 0.02, lambda: None)
         assert gray.health is Health.HEALTHY
-        assert svc.pools["app"].scheduler.loops[gray].last.ok
-        expect = "5 consecutive 5xx" if gray_mode == "5xx" else "latency"
-        assert ejected_reason.startswith(f"ejected: {expect}"), ejected_reason
-        assert gray.ejected_until - reactor.seconds() > 25  # base ejection time 30 s
+        assert health.pools["app"].scheduler.loops[gray].last.ok
     finally:
-        svc.stopService()
+        await lst.stopService(0.5)
+        health.stopService()
         await close(ports, apps)

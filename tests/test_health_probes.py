@@ -171,7 +171,14 @@ class TestHttpConnects:
     def test_ipv6_literal(self):
         reactor = MemoryReactorClock()
         HttpProbe(reactor, 2.0).probe(Backend("[::1]:9001"))
-        assert reactor.tcpClients[0][:2] == ("::1", 9001)
+        host, port, factory, _, _ = reactor.tcpClients[0]
+        assert (host, port) == ("::1", 9001)
+        transport = StringTransport()
+        factory.buildProtocol(None).makeConnection(transport)
+        sent = transport.value()
+        assert sent.startswith(b"GET /healthz HTTP/1.1\r\n")
+        assert b"Host: [::1]:9001\r\n" in sent
+        assert sent.count(b"Connection: close\r\n") == 1  # a fresh connection per probe
 
 
 class TestOptions:

@@ -182,3 +182,31 @@ def test_pool_added_on_reload_and_removed():
     svc.stopService()
     assert clock.getDelayedCalls() == []
     assert b.state(clock.seconds()) == "healthy"
+
+
+def test_latency_rule_is_off_for_pools_behind_l4_listeners():
+    """An L4 connection's latency is its lifetime: a backend holding long
+    connections must not look like a gray failure."""
+    from lbtwist.config.model import ListenerConfig
+
+    rt = runtime()
+    rt.config = Config(listeners=[ListenerConfig(name="db", bind="tcp:0", mode="tcp", pool="passive"),
+                                  ListenerConfig(name="web", bind="tcp:0", mode="http", pool="probed")])
+    svc = HealthService(rt)
+    svc.startService()
+    pool, clock = rt.pools["passive"], rt.reactor
+    long_lived = pool.backends()[0]
+    for _ in range(20):
+        for b in pool.backends():
+            pool.on_start(b)
+            pool.on_finish(b, 600.0 if b is long_lived else 0.5, True, "ok")
+    clock.pump([0.5] * 4)
+    assert long_lived.state(clock.seconds()) == "healthy"
+    assert not svc.pools["passive"].detector.cfg.latency.enabled
+    assert svc.pools["probed"].detector.cfg.latency.enabled
+    # the failure rules still apply to L4 pools
+    for _ in range(5):
+        pool.on_start(long_lived)
+        pool.on_finish(long_lived, 3.0, False, "gateway")
+    assert long_lived.state(clock.seconds()) == "ejected"
+    svc.stopService()

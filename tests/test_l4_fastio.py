@@ -7,7 +7,9 @@ import pytest
 import pytest_twisted
 import twisted
 from twisted.internet import abstract, defer, epollreactor, posixbase, protocol, reactor, tcp
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.testing import StringTransport
+from zope.interface import implementer
 
 from lbtwist import fastio
 
@@ -91,6 +93,93 @@ async def test_eager_write_sends_before_the_reactor_turns():
     finally:
         connector.disconnect()
         lsock.close()
+
+
+@implementer(IHalfCloseableProtocol)
+class _HalfCloser(protocol.Protocol):
+    write_lost = 0
+
+    def connectionMade(self):
+        if self.factory is not None:
+            self.factory.made.callback(self)
+
+    def readConnectionLost(self):
+        pass
+
+    def writeConnectionLost(self):
+        self.write_lost += 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_eager_half_close_shuts_down_at_once_when_nothing_is_buffered():
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    f = protocol.ClientFactory()
+    f.protocol = _HalfCloser
+    f.made = defer.Deferred()
+    connector = reactor.connectTCP("127.0.0.1", lsock.getsockname()[1], f, timeout=5)
+    try:
+        proto = await f.made.addTimeout(5, reactor)
+        peer, _ = lsock.accept()
+        peer.settimeout(5)
+        t = proto.transport
+        fastio.accelerate(t)
+        t.write(b"last words")
+        t.loseWriteConnection()
+        # shutdown(SHUT_WR) already happened: the peer reads the data, then EOF,
+        # without the reactor having turned.
+        assert proto.write_lost == 1 and t._writeDisconnected
+        assert peer.recv(100) == b"last words"
+        assert peer.recv(100) == b""
+        # The other direction still works.
+        peer.sendall(b"reply")
+        got = await _read_some(proto)
+        assert got == b"reply"
+        peer.close()
+    finally:
+        connector.disconnect()
+        lsock.close()
+
+
+async def _read_some(proto):
+    got = []
+    proto.dataReceived = got.append
+    for _ in range(500):
+        if got:
+            return b"".join(got)
+        await deferLater(0.01)
+    raise AssertionError("no data")
+
+
+def test_eager_half_close_waits_for_buffered_data():
+    """With bytes still queued the normal path runs: shutdown only after they
+    are flushed (doWrite), so nothing is cut off."""
+    a, b = socket.socketpair()
+    try:
+        proto = _HalfCloser()
+        t = tcp.Server(a, proto, ("127.0.0.1", 1), _NoPort(), 1, reactor)
+        proto.makeConnection(t)
+        fastio.accelerate(t)
+        t._tempDataBuffer.append(b"queued")
+        t._tempDataLen += 6
+        t.loseWriteConnection()
+        assert t._writeDisconnecting and not t._writeDisconnected and proto.write_lost == 0
+        t.doWrite()
+        assert t._writeDisconnected and proto.write_lost == 1
+        b.settimeout(5)
+        assert b.recv(100) == b"queued" and b.recv(100) == b""
+    finally:
+        t.stopReading()
+        t.stopWriting()
+        a.close()
+        b.close()
+
+
+class _NoPort:
+    """Just what tcp.Server reads from its listening port."""
+
+    _realPortNumber = 1
 
 
 def deferLater(seconds):

@@ -90,15 +90,19 @@ class Rig:
         factory.clientConnectionFailed(self.clock.connectors[i], Failure(error.ConnectionRefusedError()))
 
 
-def test_client_paused_until_backend_up_then_bytes_flow_with_producers_wired():
+def test_early_bytes_held_then_sent_and_producers_wired():
     rig = Rig()
     fe, ct = rig.client()
-    # Nothing is read from the client while no backend is connected.
-    assert ct.producerState == "paused"
     assert rig.attempt()[0] == "10.0.0.1:81"
     assert rig.balancer.contexts[0] == (b"192.0.2.7", "192.0.2.7", ())
-    bp, bt = rig.connect_backend()
+    # Bytes the client sends while the backend connect is under way are held...
+    fe.dataReceived(b"GET / HTTP/1.1\r\n")
+    fe.dataReceived(b"\r\n")
     assert ct.producerState == "producing"
+    bp, bt = rig.connect_backend()
+    # ...and go out, in order, the moment the backend is up.
+    assert bt.value() == b"GET / HTTP/1.1\r\n\r\n"
+    bt.clear()
     # Backpressure: each transport is the streaming producer of the other, so a
     # full write buffer on one side pauses reading on the other.
     assert ct.producer is bt and ct.streaming
@@ -108,6 +112,21 @@ def test_client_paused_until_backend_up_then_bytes_flow_with_producers_wired():
     assert bt.value() == b"hello" and ct.value() == b"world"
     assert rig.pool.get("10.0.0.1:81").active == 1
     assert fe in rig.service.connections
+
+
+def test_client_paused_when_too_much_arrives_before_the_backend_is_up():
+    from lbtwist.l4.tcp import PENDING_LIMIT
+
+    rig = Rig()
+    fe, ct = rig.client()
+    fe.dataReceived(b"a" * (PENDING_LIMIT - 1))
+    assert ct.producerState == "producing"
+    fe.dataReceived(b"b")
+    # The relay holds at most PENDING_LIMIT; the kernel keeps the rest.
+    assert ct.producerState == "paused"
+    bp, bt = rig.connect_backend()
+    assert ct.producerState == "producing"
+    assert bt.value() == b"a" * (PENDING_LIMIT - 1) + b"b"
 
 
 def test_connect_timeout_fails_over_before_the_client_sees_anything():
@@ -127,7 +146,7 @@ def test_connect_timeout_fails_over_before_the_client_sees_anything():
     assert late_bt.aborted
     bp, bt = rig.connect_backend()
     fe.dataReceived(b"x")
-    assert bt.value() == b"x" and ct.producerState == "producing"
+    assert bt.value() == b"x"
 
 
 def test_refused_connects_fail_over_within_the_attempt_budget():
@@ -189,6 +208,7 @@ def test_max_connections_refuses_cleanly_then_admits_again():
     assert ct.disconnecting and not at.disconnecting and not bt_.disconnecting
     assert len(rig.clock.tcpClients) == 2  # no backend work for the refused one
     assert rig.factory.refused == 1 and rig.factory.active == 2
+    assert rig.records[-1].outcome == "rejected" and "max_connections=2" in rig.records[-1].error
     c.connectionLost(Failure(error.ConnectionDone()))
     assert rig.factory.active == 2
     # One ends (while still connecting): room for another.
@@ -215,6 +235,19 @@ def test_half_close_propagates_each_way_then_closes():
     fe.connectionLost(Failure(error.ConnectionDone()))
     assert rig.outcomes == [("10.0.0.1:81", "ok")]
     assert (rig.records[-1].bytes_in, rig.records[-1].bytes_out) == (7, 8)
+
+
+def test_client_half_close_while_connecting_is_forwarded_once_connected():
+    rig = Rig()
+    fe, ct = rig.client()
+    fe.dataReceived(b"whole request")
+    fe.readConnectionLost()
+    assert not ct.disconnecting
+    bp, bt = rig.connect_backend()
+    assert bt.value() == b"whole request" and bt.write_closed
+    bp.dataReceived(b"answer")
+    bp.readConnectionLost()
+    assert ct.value() == b"answer" and ct.disconnecting and bt.disconnecting
 
 
 def test_backend_reset_is_passed_on_and_reported_as_gateway():
@@ -272,7 +305,6 @@ def test_accept_proxy_header_sets_client_and_forwards_following_bytes():
     fe.dataReceived(header[:10])
     assert rig.clock.tcpClients == []
     fe.dataReceived(header[10:] + b"early data")
-    assert ct.producerState == "paused"
     # The hash key and client are the header's, not the socket's.
     assert rig.balancer.contexts[0][:2] == (b"203.0.113.9", "203.0.113.9")
     bp, bt = rig.connect_backend()

@@ -13,7 +13,7 @@ from twisted.internet.protocol import DatagramProtocol
 from lbtwist.balancers.round_robin import RoundRobin
 from lbtwist.config.model import Config, ListenerConfig, ProxyProtocolConfig
 from lbtwist.l4.flows import Flow, FlowTable
-from lbtwist.l4.udp import parse_udp_bind, udp_listener
+from lbtwist.l4.udp import _Upstream, parse_udp_bind, udp_listener
 from lbtwist.pool import Backend, Pool
 from lbtwist.registry import Registry
 from lbtwist.runtime import Runtime
@@ -121,6 +121,8 @@ class ClockedReactor:
 
     def __init__(self, clock: task.Clock):
         self.listenUDP = reactor.listenUDP
+        self.addReader = reactor.addReader
+        self.removeReader = reactor.removeReader
         self.callLater = clock.callLater
         self.seconds = clock.seconds
 
@@ -181,6 +183,8 @@ async def test_flows_keep_their_backend_and_replies_reach_their_client(udp):
     finally:
         await defer.maybeDeferred(svc.stopService).addTimeout(TIMEOUT, reactor)
     assert sorted(outcomes) == sorted([(addrs[0], "ok"), (addrs[1], "ok")])
+    # Every flow's socket was closed and unregistered.
+    assert not any(isinstance(r, _Upstream) for r in reactor.getReaders())
     assert {r.bytes_in for r in records} == {len(b"two0") * 3, len(b"one0") * 3 + 20480}
 
 
@@ -230,6 +234,8 @@ async def test_unreachable_backend_ends_the_flow_as_gateway_failure(udp):
             await task.deferLater(reactor, 0.01, lambda: None)
         assert outcomes == [(dead, "gateway")]
         assert len(svc.relay.flows) == 0 and c.got == []
+        assert records[0].error == "port unreachable"
+        assert not any(isinstance(r, _Upstream) for r in reactor.getReaders())
     finally:
         await defer.maybeDeferred(svc.stopService).addTimeout(TIMEOUT, reactor)
 

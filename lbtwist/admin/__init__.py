@@ -12,7 +12,7 @@ from typing import Any, Callable
 from twisted.application.service import IService
 from twisted.internet import defer, task
 from twisted.logger import Logger
-from twisted.web import server
+from twisted.web import http, server
 
 from lbtwist.admin.api import AdminResource
 from lbtwist.admin.auth import Guard, admin_config_problems, bind_is_loopback, read_token
@@ -26,11 +26,37 @@ __all__ = ["admin_service", "AdminService", "admin_config_problems"]
 log = Logger(namespace="lbtwist.admin")
 
 
+class _AdminChannel(http.HTTPChannel):
+    """An HTTP/1.1 connection the admin service tracks, so that stopping it
+    (a reload that rebuilds it) also closes the dashboard's keep-alive
+    connections instead of leaving them served by a detached, stale view."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        svc = getattr(self.factory, "service", None)
+        if svc is not None:
+            svc.track(self)
+
+    def connectionLost(self, reason: Any) -> None:
+        svc = getattr(self.factory, "service", None)
+        if svc is not None:
+            svc.untrack(self)
+        super().connectionLost(reason)
+
+    def drain(self) -> None:
+        self.transport.loseConnection()
+
+    def abort(self) -> None:
+        self.transport.abortConnection()
+
+
 class _QuietSite(server.Site):
     """The dashboard polls every second: per-request lines would drown the log.
     Operator actions are logged where they happen (Pool state changes)."""
 
     noisy = False
+    protocol = _AdminChannel
+    service: "AdminService | None" = None
 
     def log(self, request: Any) -> None:
         pass
@@ -53,6 +79,7 @@ class AdminService(ListenerService):
         self.resource = AdminResource(runtime, self.view, self.registry, guard, reload)
         site = _QuietSite(self.resource, reactor=runtime.reactor)
         super().__init__("admin", admin_cfg.bind, site, runtime.reactor)
+        site.service = self
         self._sync = task.LoopingCall(self._safe_sync)
         self._sync.clock = clock
 
@@ -62,8 +89,28 @@ class AdminService(ListenerService):
         except Exception:
             log.failure("admin: following the runtime's pools failed")
 
+    def _listener_connections(self, name: str) -> dict | None:
+        """Open connections of the listener service called ``name``, found
+        next to us in the service tree (a reload may replace it: looked up
+        per call). Used unless a part registered its own "connections"."""
+        group = getattr(self.parent, "listeners", None)
+        try:
+            svc = group.getServiceNamed(name) if group is not None else None
+        except KeyError:
+            return None
+        if svc is None:
+            return None
+        out: dict = {"active": len(getattr(svc, "connections", ()))}
+        factory = getattr(svc, "relay", None) or getattr(svc, "factory", None)
+        for attr, key in (("total", "accepted_total"), ("refused", "refused_total")):
+            v = getattr(factory, attr, None)
+            if isinstance(v, int) and not isinstance(v, bool):
+                out[key] = v
+        return out
+
     def startService(self) -> None:
         self.live.attach()
+        self.runtime.listener_state.setdefault("connections", self._listener_connections)
         super().startService()
         # a reload may rebuild pools: attach to the new ones within a second
         self._sync.start(1.0, now=False)
@@ -72,6 +119,8 @@ class AdminService(ListenerService):
         if self._sync.running:
             self._sync.stop()
         self.live.detach()
+        if self.runtime.listener_state.get("connections") == self._listener_connections:
+            del self.runtime.listener_state["connections"]
         return super().stopService(drain_timeout)
 
 

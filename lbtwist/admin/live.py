@@ -62,10 +62,13 @@ class ListenerLive:
         self.by_kind: dict[str, int] = {}
 
 
+_CLASSES = (None, "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
 def status_class(status: int | None) -> str | None:
     if status is None or not 100 <= status < 600:
         return None
-    return f"{status // 100}xx"
+    return _CLASSES[status // 100]
 
 
 class Live:
@@ -169,11 +172,13 @@ class Live:
             b.ejections += 1
 
     def record(self, rec: TrafficRecord) -> None:
-        """A finished request or connection (subscribed to runtime.traffic)."""
+        """A finished request or connection (subscribed to runtime.traffic).
+        Runs once per request: kept to dictionary lookups and additions."""
         now = self.clock.seconds()
-        cls = status_class(rec.status)
-        error = rec.outcome in ERROR_OUTCOMES or (rec.status is not None and rec.status >= 500)
-        lst = self.listener(rec.listener)
+        status = rec.status
+        cls = _CLASSES[status // 100] if status is not None and 100 <= status < 600 else None
+        error = rec.outcome in ERROR_OUTCOMES or (status is not None and status >= 500)
+        lst = self.listeners.get(rec.listener) or self.listener(rec.listener)
         lst.meter.observe(now, rec.duration, error)
         lst.bytes_in += rec.bytes_in
         lst.bytes_out += rec.bytes_out
@@ -183,15 +188,15 @@ class Live:
         if cls:
             lst.responses[cls] = lst.responses.get(cls, 0) + 1
         if rec.pool is not None:
-            p = self.pool(rec.pool)
+            p = self.pools.get(rec.pool) or self.pool(rec.pool)
             p.meter.observe(now, rec.duration, error)
             if rec.tries > 1:
                 p.retries += rec.tries - 1
             if cls:
                 p.responses[cls] = p.responses.get(cls, 0) + 1
-            if rec.backend is not None and cls:
-                b = self.backend(rec.pool, rec.backend)
-                b.responses[cls] = b.responses.get(cls, 0) + 1
+                if rec.backend is not None:
+                    b = self.backends.get((rec.pool, rec.backend)) or self.backend(rec.pool, rec.backend)
+                    b.responses[cls] = b.responses.get(cls, 0) + 1
 
 
 def _call(obj: Any, name: str, arg: Any) -> None:

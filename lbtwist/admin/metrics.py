@@ -172,7 +172,7 @@ class LbtwistCollector:
         healthy = GaugeMetricFamily("lbtwist_pool_backends_healthy", "Backends the health checks consider healthy", labels=L)
         rotation = GaugeMetricFamily("lbtwist_pool_backends_in_rotation", "Backends new work may go to", labels=L)
         panic = GaugeMetricFamily("lbtwist_pool_panic", "1 while too few backends are healthy and the pool routes across all", labels=L)
-        spread_g = GaugeMetricFamily("lbtwist_pool_load_spread", f"Coefficient of variation of per-backend request rate per unit weight over {WINDOW}s, across backends in rotation (0 = even; alarm when it widens)", labels=L)
+        spread_g = GaugeMetricFamily("lbtwist_pool_load_spread", f"Coefficient of variation of per-backend request rate per unit of effective weight (slow start included) over {WINDOW}s, across backends in rotation (0 = even; alarm when it widens)", labels=L)
         requests = CounterMetricFamily("lbtwist_pool_requests", "Client requests (L7) or connections (L4) routed to the pool", labels=L)
         responses = CounterMetricFamily("lbtwist_pool_responses", "Responses sent to clients for the pool, by status class", labels=L + ["code"])
         retries = CounterMetricFamily("lbtwist_pool_retries", "Backend attempts beyond the first (retries and connect failovers)", labels=L)
@@ -187,8 +187,8 @@ class LbtwistCollector:
             rotation.add_metric(v, len(rot))
             panic.add_metric(v, 1.0 if pool.panic else 0.0)
             loads = [
-                self.live.backend(pool.name, b.address).meter.window(now, WINDOW).rps / b.weight
-                for b in rot if b.weight > 0
+                self.live.backend(pool.name, b.address).meter.window(now, WINDOW).rps / b.effective_weight(now)
+                for b in rot if b.effective_weight(now) > 0
             ]
             spread_g.add_metric(v, spread(loads))
             pl = self.live.pool(pool.name)

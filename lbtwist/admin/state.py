@@ -109,10 +109,11 @@ class StateView:
         backends = pool.backends()
         rotation = set(pool.candidates(now))
         views = [self.backend(pool, b, now, history, rotation) for b in backends]
+        # per unit of effective weight: a backend in slow start is meant to take less
         loads = [
-            v["stats"]["rps"] / b.weight
+            v["stats"]["rps"] / b.effective_weight(now)
             for v, b in zip(views, backends)
-            if v["in_rotation"] and b.weight > 0
+            if v["in_rotation"] and b.effective_weight(now) > 0
         ]
         pl = self.live.pool(pool.name)
         out: dict[str, Any] = {

@@ -7,8 +7,8 @@ observation costs a log and a few additions, and merging a window is cheap.
 """
 from __future__ import annotations
 
-import bisect
 import math
+from bisect import bisect_left as _bisect_left
 from typing import Iterable, Mapping, Sequence
 
 import attrs
@@ -28,10 +28,16 @@ PROM_BUCKETS: tuple[float, ...] = (
 ERROR_OUTCOMES = frozenset({"5xx", "gateway"})
 
 
+_INV_MIN = 1.0 / _FINE_MIN
+_INV_LOG = 1.0 / _FINE_LOG
+_log = math.log
+
+
 def fine_index(latency: float) -> int:
     if latency <= _FINE_MIN:
         return 0
-    return min(_FINE_MAX_INDEX, int(math.log(latency / _FINE_MIN) / _FINE_LOG) + 1)
+    i = int(_log(latency * _INV_MIN) * _INV_LOG) + 1
+    return i if i < _FINE_MAX_INDEX else _FINE_MAX_INDEX
 
 
 def fine_value(index: int) -> float:
@@ -56,19 +62,22 @@ def percentile(hist: Mapping[int, int], q: float) -> float | None:
 
 
 class _Slot:
-    __slots__ = ("second", "count", "errors", "hist")
+    __slots__ = ("second", "count", "errors", "hist", "p99")
 
     def __init__(self) -> None:
         self.second = -1
         self.count = 0
         self.errors = 0
         self.hist: dict[int, int] = {}
+        #: p99 of a completed second, computed once (the dashboard asks every second).
+        self.p99: float | None | bool = False
 
     def reset(self, second: int) -> None:
         self.second = second
         self.count = 0
         self.errors = 0
         self.hist = {}
+        self.p99 = False
 
 
 @attrs.frozen
@@ -125,9 +134,15 @@ class Meter:
             slot.errors += 1
             self.errors += 1
         if latency is not None and latency >= 0:
-            i = fine_index(latency)
-            slot.hist[i] = slot.hist.get(i, 0) + 1
-            self.bucket_counts[bisect.bisect_left(self.buckets, latency)] += 1
+            if latency <= _FINE_MIN:
+                i = 0
+            else:
+                i = int(_log(latency * _INV_MIN) * _INV_LOG) + 1
+                if i > _FINE_MAX_INDEX:
+                    i = _FINE_MAX_INDEX
+            hist = slot.hist
+            hist[i] = hist.get(i, 0) + 1
+            self.bucket_counts[_bisect_left(self.buckets, latency)] += 1
             self.latency_sum += latency
 
     def _complete(self, now: float, seconds: int) -> Iterable[_Slot]:
@@ -173,8 +188,10 @@ class Meter:
             else:
                 req.append(s.count)
                 err.append(s.errors)
-                p = percentile(s.hist, 0.99)
-                p99.append(None if p is None else round(p * 1000, 3))
+                if s.p99 is False:  # only complete seconds get here: their p99 is final
+                    p = percentile(s.hist, 0.99)
+                    s.p99 = None if p is None else round(p * 1000, 3)
+                p99.append(s.p99)
         return {"start": sec - seconds, "step_s": 1, "requests": req, "errors": err, "p99_ms": p99}
 
     def prometheus_buckets(self) -> list[tuple[str, int]]:

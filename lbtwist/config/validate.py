@@ -151,7 +151,8 @@ def pool_references(ctx: CheckContext) -> Iterator[Problem]:
         elif lst.pool is not None:
             yield from ref(key_path(lpath, "pool"), lst.pool)
         elif lst.mode != "http":
-            yield ctx.error(key_path(lpath, "pool"), f"a {lst.mode} listener needs a pool")
+            if lst.tls_passthrough is None:  # passthrough may route every name itself
+                yield ctx.error(key_path(lpath, "pool"), f"a {lst.mode} listener needs a pool")
         elif not lst.routes:
             yield ctx.error(key_path(lpath, "pool"), "an http listener needs a pool or routes")
         elif not any(not r.match for r in lst.routes):
@@ -159,6 +160,13 @@ def pool_references(ctx: CheckContext) -> Iterator[Problem]:
                 key_path(lpath, "pool"),
                 "no default pool: requests that match no route get an error response",
             )
+        tp = lst.tls_passthrough
+        if tp is not None:
+            tpath = key_path(lpath, "tls_passthrough")
+            for server_name, pool_name in tp.routes.items():
+                yield from ref(key_path(key_path(tpath, "routes"), server_name), pool_name)
+            if tp.default is not None:
+                yield from ref(key_path(tpath, "default"), tp.default)
     for rpath, route, _ in _routes(ctx.config):
         if ctx.was_rejected(key_path(rpath, "pool")):
             dangling = True
@@ -626,3 +634,33 @@ def health_settings(ctx: CheckContext) -> Iterator[Problem]:
                     yield ctx.error(key_path(lp, "factor"), f"{lat.factor:g} must be above 1, or normal backends are outliers")
                 if lat.window <= 0:
                     yield ctx.error(key_path(lp, "window"), "must be above 0")
+
+
+# -- TLS ----------------------------------------------------------------------------
+
+
+@check
+def tls_settings(ctx: CheckContext) -> Iterator[Problem]:
+    """TLS blocks: certificate and key files (missing, unreadable, expired,
+    mismatched: each named), names, versions, ciphers, resumption settings."""
+    import time
+
+    from lbtwist.tls.checks import check_listener_tls, check_passthrough, check_pool_tls
+
+    def place(base: str, found: Iterable[tuple[str, str, str]]) -> Iterator[Problem]:
+        for rel, severity, message in found:
+            path = f"{base}.{rel}" if rel else base  # rel is "key.sub[0]..." under base
+            yield ctx.error(path, message) if severity == "error" else ctx.warning(path, message)
+
+    now = time.time()
+    for lpath, lst in _listeners(ctx.config):
+        if lst.tls is not None:
+            if lst.tls_passthrough is not None:
+                yield ctx.error(key_path(lpath, "tls"), "tls and tls_passthrough exclude each other: terminate or pass through")
+            yield from place(key_path(lpath, "tls"), check_listener_tls(lst.tls, lst.mode, now))
+        if lst.tls_passthrough is not None:
+            yield from place(key_path(lpath, "tls_passthrough"),
+                             check_passthrough(lst.tls_passthrough, lst.mode, lst.pool is not None))
+    for ppath, pool in _pools(ctx.config):
+        if pool.tls is not None:
+            yield from place(key_path(ppath, "tls"), check_pool_tls(pool.tls, now))

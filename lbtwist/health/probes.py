@@ -17,7 +17,7 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory
@@ -95,7 +95,9 @@ class TcpProbe:
         start = self.reactor.seconds()
         try:
             ep = client_endpoint(self.reactor, backend.host, backend.port, self.timeout)
-            d = ep.connect(Factory.forProtocol(Protocol))
+            factory = Factory.forProtocol(Protocol)
+            factory.noisy = False  # no "Starting factory" log line per probe
+            d = ep.connect(factory)
         except Exception:
             d = defer.fail()
 
@@ -172,6 +174,17 @@ class _BoundedBody(Protocol):
             self.done.errback(failure)
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+class _QuietPool(HTTPConnectionPool):
+    """Agent's connection factory logs two lines per connection; a probe
+    connects every few seconds per backend, which would drown the log."""
+
+    _factory = _QuietFactory
+
+
 @implementer(IAgentEndpointFactory)
 class _EndpointFactory:
     """Agent's default HostnameEndpoint resolves even IP literals in a thread
@@ -185,7 +198,25 @@ class _EndpointFactory:
     def endpointForURI(self, uri: Any) -> Any:
         if uri.scheme != b"http":
             raise SchemeNotSupported(f"health probes speak http, not {uri.scheme!r}")
-        return client_endpoint(self.reactor, uri.host.decode("ascii"), uri.port, self.timeout)
+        return client_endpoint(self.reactor, url_host_to_ip(uri.host.decode("ascii")), uri.port, self.timeout)
+
+
+#: treq parses URLs with hyperlink, which cannot encode IPv6 literals, so an
+#: IPv6 backend is named ``v6-<address with ':' as 'x'>.lbtwist.invalid`` in
+#: the URL and mapped back here (the Host header still carries the address).
+_V6_PREFIX, _V6_SUFFIX = "v6-", ".lbtwist.invalid"
+
+
+def ip_to_url_host(host: str) -> str:
+    if ":" in host:
+        return f"{_V6_PREFIX}{host.replace(':', 'x')}{_V6_SUFFIX}"
+    return host
+
+
+def url_host_to_ip(host: str) -> str:
+    if host.startswith(_V6_PREFIX) and host.endswith(_V6_SUFFIX):
+        return host[len(_V6_PREFIX):-len(_V6_SUFFIX)].replace("x", ":")
+    return host
 
 
 @implementer(IHealthProbe)
@@ -228,22 +259,18 @@ class HttpProbe:
             from treq.client import HTTPClient
 
             # persistent=False: every probe tests a new connection, see module doc
-            pool = HTTPConnectionPool(reactor, persistent=False)
+            pool = _QuietPool(reactor, persistent=False)
             agent = Agent.usingEndpointFactory(reactor, _EndpointFactory(reactor, timeout), pool=pool)
             http_client = HTTPClient(agent)
         self.client = http_client
 
     def url(self, backend: Backend) -> str:
-        host = f"[{backend.host}]" if ":" in backend.host else backend.host
-        return f"http://{host}:{backend.port}{self.path}"
+        return f"http://{ip_to_url_host(backend.host)}:{backend.port}{self.path}"
 
     def probe(self, backend: Backend) -> defer.Deferred:
         start = self.reactor.seconds()
-        headers = {
-            "Host": self.host or backend.address,
-            "User-Agent": "lbtwist-health",
-            "Connection": "close",
-        }
+        # no Connection header: the non-persistent pool sends "Connection: close"
+        headers = {"Host": self.host or backend.address, "User-Agent": "lbtwist-health"}
         try:
             d = self.client.request(self.method, self.url(backend), headers=headers, allow_redirects=False)
         except Exception:

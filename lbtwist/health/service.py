@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
@@ -121,6 +122,26 @@ class PoolHealth:
         return {"pool": self.pool.name, "panic": self.pool.panic, "backends": out}
 
 
+def l4_pools(config: Any) -> set[str]:
+    """Pools behind a ``tcp``/``udp`` listener."""
+    return {
+        lst.pool for lst in getattr(config, "listeners", ())
+        if lst.mode in ("tcp", "udp") and lst.pool is not None
+    }
+
+
+def without_latency_rule(cfg: HealthConfig, pool_name: str) -> HealthConfig:
+    """L4 listeners report a connection's (or flow's) whole lifetime as its
+    latency: a backend serving long-lived connections is not slow, so the
+    latency rule is off for pools they use; the failure rules stay on."""
+    if not cfg.passive.latency.enabled:
+        return cfg
+    log.info("pool {pool}: latency outlier rule off (an L4 listener uses the pool; "
+             "connection lifetimes are not latencies)", pool=pool_name)
+    latency = attrs.evolve(cfg.passive.latency, enabled=False)
+    return attrs.evolve(cfg, passive=attrs.evolve(cfg.passive, latency=latency))
+
+
 class HealthService(Service):
     """Health checking for all pools of ``runtime``. Probes come from the
     registry (``runtime.registry``) by the kind named in each pool's config."""
@@ -135,9 +156,13 @@ class HealthService(Service):
 
     def startService(self) -> None:
         super().startService()
+        l4 = l4_pools(self.runtime.config)
         for name, pool in self.runtime.pools.items():
             pcfg = self.runtime.pool_configs.get(name)
-            self.add_pool(pool, pcfg.health if pcfg is not None else HealthConfig())
+            cfg = pcfg.health if pcfg is not None else HealthConfig()
+            if name in l4:
+                cfg = without_latency_rule(cfg, name)
+            self.add_pool(pool, cfg)
 
     def stopService(self) -> defer.Deferred:
         super().stopService()

@@ -33,6 +33,9 @@ log = Logger(namespace="lbtwist.l4.tcp")
 
 #: Idle timeout when the listener sets none: long, but not forever.
 DEFAULT_IDLE_TIMEOUT = 3600.0
+#: Bytes read from a client before its backend is connected, beyond which
+#: the client is paused until then.
+PENDING_LIMIT = 64 * 1024
 #: Log at most one "refused: at max_connections" line per this many seconds.
 REFUSAL_LOG_INTERVAL = 10.0
 
@@ -161,6 +164,8 @@ class Frontend(protocol.Protocol):
         self.client: tuple[str, int] | None = None
         self.dest: tuple[str, int] | None = None
         self.pending: list[bytes] = []
+        self.pending_len = 0
+        self.paused = False
         self.parser: ProxyHeaderParser | None = None
         self.refused = False
         self.closed = False
@@ -189,6 +194,16 @@ class Frontend(protocol.Protocol):
             self.refused = True
             f.note_refusal(now)
             self.transport.loseConnection()
+            traffic = getattr(f.runtime, "traffic", None)
+            if traffic is not None and traffic.subscribers:
+                peer = self.transport.getPeer()
+                traffic.publish(
+                    TrafficRecord(
+                        kind="tcp", listener=f.cfg.name, start=time.time(), duration=0.0,
+                        client=f"{peer.host}:{peer.port}", pool=f.pool_name,
+                        outcome="rejected", error=f"at max_connections={f.max_connections}",
+                    )
+                )
             return
         f.active += 1
         f.total += 1
@@ -198,14 +213,13 @@ class Frontend(protocol.Protocol):
         self.wall_start = time.time()
         peer = self.transport.getPeer()
         self.client = (peer.host, peer.port)
-        host = self.transport.getHost()
-        self.dest = (host.host, host.port)
-        fastio.accelerate(self.transport, eager=f.eager, read_size=f.read_size)
         if f.accept_proxy:
             self.parser = ProxyHeaderParser()
             self._timer = f.reactor.callLater(f.header_timeout, self._header_timed_out)
             return
-        self.transport.pauseProducing()
+        # The client keeps being read while the backend connect is under way
+        # (its first bytes then go out the moment the backend is up), up to
+        # PENDING_LIMIT; beyond that it is paused and the kernel holds the rest.
         self._start_connecting()
 
     def dataReceived(self, data: bytes) -> None:
@@ -217,8 +231,7 @@ class Frontend(protocol.Protocol):
             return
         self.bytes_in += len(data)
         if self.parser is None:
-            # Read before pausing took effect, or while connecting.
-            self.pending.append(data)
+            self._hold(data)
             return
         try:
             header = self.parser.feed(data)
@@ -231,11 +244,20 @@ class Frontend(protocol.Protocol):
         if header.source is not None:
             self.client = header.source
             self.dest = header.dest
-        if self.parser.rest:
-            self.pending.append(self.parser.rest)
-        self.parser = None
-        self.transport.pauseProducing()
+        rest, self.parser = self.parser.rest, None
+        if rest:
+            self._hold(rest)
         self._start_connecting()
+
+    def _hold(self, data: bytes) -> None:
+        """Keep bytes read before the backend is connected; pause the client
+        once PENDING_LIMIT is reached so a connect that takes long cannot make
+        the relay buffer without bound."""
+        self.pending.append(data)
+        self.pending_len += len(data)
+        if self.pending_len >= PENDING_LIMIT and not self.paused:
+            self.paused = True
+            self.transport.pauseProducing()
 
     def readConnectionLost(self) -> None:
         if self.client_eof:
@@ -259,11 +281,12 @@ class Frontend(protocol.Protocol):
             return
         self.client_gone = True
         self._cancel_timer()
-        if not reason.check(error.ConnectionDone) and self.outcome is None:
+        clean = isinstance(reason.value, error.ConnectionDone)
+        if not clean and self.outcome is None:
             self.outcome = "cancelled"
             self.error = self.error or f"client: {reason.getErrorMessage()}"
         if self.peer is not None and not self.backend_gone:
-            if reason.check(error.ConnectionDone):
+            if clean:
                 _unregister(self.peer)
                 self.peer.loseConnection()
             else:
@@ -319,10 +342,8 @@ class Frontend(protocol.Protocol):
         self.attempt_started = now
         r = self.factory.reactor
         self._timer = r.callLater(self.connect_timeout, self._connect_timed_out, attempt)
-        # Twisted's own timeout is only a safety net; ours above decides.
-        self.connector = r.connectTCP(
-            backend.host, backend.port, attempt, timeout=self.connect_timeout * 2 + 1
-        )
+        # No Twisted timeout (one timer less per connection): ours above decides.
+        self.connector = r.connectTCP(backend.host, backend.port, attempt, timeout=None)
 
     def _connect_timed_out(self, attempt: _BackendConnector) -> None:
         self._timer = None
@@ -392,26 +413,30 @@ class Frontend(protocol.Protocol):
         self.backend_side = side
         self.connected_at = self.last_activity = self.seconds()
         self.pool.on_start(backend)
+        f = self.factory
         bt = side.transport
-        fastio.accelerate(bt, eager=self.factory.eager, read_size=self.factory.read_size)
         ct = self.transport
+        fastio.accelerate(bt, eager=f.eager, read_size=f.read_size)
+        fastio.accelerate(ct, eager=f.eager, read_size=f.read_size)
         self.peer = bt
         side.peer = ct
         ct.registerProducer(bt, True)
         bt.registerProducer(ct, True)
-        send = self.factory.send_proxy
-        if send is not None:
-            head = encode(send, self.client, self.dest)
-            self.pending.insert(0, head)
+        if f.send_proxy is not None:
+            if self.dest is None:
+                host = ct.getHost()
+                self.dest = (host.host, host.port)
+            self.pending.insert(0, encode(f.send_proxy, self.client, self.dest))
         if self.pending:
             bt.write(b"".join(self.pending))
             self.pending = []
         if self.client_eof:
             _unregister(bt)
             bt.loseWriteConnection()
-        else:
+        elif self.paused:
+            self.paused = False
             ct.resumeProducing()
-        self._timer = self.factory.reactor.callLater(self.factory.idle_timeout, self._idle_check)
+        self._timer = f.reactor.callLater(f.idle_timeout, self._idle_check)
 
     # -- relaying ---------------------------------------------------------------
 
@@ -436,7 +461,7 @@ class Frontend(protocol.Protocol):
         if side is not self.backend_side:
             return
         self.backend_gone = True
-        if not reason.check(error.ConnectionDone) and not self.aborting_backend:
+        if not isinstance(reason.value, error.ConnectionDone) and not self.aborting_backend:
             if self.outcome is None:
                 self.outcome = "gateway"
                 self.error = f"backend {self.backend.address}: {reason.getErrorMessage()}"

@@ -3,19 +3,25 @@ address was pinned to (L{lbtwist.l4.flows}), replies come back to that client.
 
 Each flow has its own connected UDP socket towards its backend, so the kernel
 routes a backend's reply to the right flow without a lookup and drops stray
-datagrams from anyone else; an ICMP port-unreachable from the backend closes
-that flow's socket, which ends the flow as a gateway failure so the next
-datagram picks again.
+datagrams from anyone else; an ICMP port-unreachable from the backend shows
+up as an error on that flow's socket, which ends the flow as a gateway
+failure so the next datagram picks again.
 """
 from __future__ import annotations
 
+import errno
+import ipaddress
+import os
+import socket
 import time
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, error
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from lbtwist.config.model import ListenerConfig
 from lbtwist.l4.flows import Flow, FlowTable
@@ -29,6 +35,8 @@ DEFAULT_IDLE_TIMEOUT = 30.0
 #: Largest datagram relayed (Twisted's default of 8192 would truncate).
 MAX_DATAGRAM = 65535
 DROP_LOG_INTERVAL = 10.0
+#: Datagrams read from one flow's socket per reactor event (fairness between flows).
+READS_PER_EVENT = 64
 
 
 def parse_udp_bind(bind: str) -> tuple[int, str]:
@@ -71,26 +79,82 @@ def parse_udp_bind(bind: str) -> tuple[int, str]:
     return port, interface
 
 
-class _Upstream(DatagramProtocol):
-    """A flow's connected socket towards its backend."""
+@implementer(IReadDescriptor)
+class _Upstream:
+    """A flow's connected UDP socket towards its backend.
 
-    noisy = False
+    Registered with the reactor directly (public IReactorFDSet) rather than
+    as a Twisted UDP port, which would log two lines per flow and cost a
+    port object per flow."""
 
-    def __init__(self, relay: "UDPRelay", flow: Flow) -> None:
+    def __init__(self, relay: "UDPRelay", flow: Flow, sock: socket.socket) -> None:
         self.relay = relay
         self.flow = flow
+        self.sock: socket.socket | None = sock
 
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        self.relay._reply(self.flow, data)
+    @classmethod
+    def open(cls, relay: "UDPRelay", flow: Flow) -> "_Upstream":
+        """Raises ValueError for a backend host that is not an IP address
+        (connect() would resolve it, blocking), OSError if the socket fails."""
+        host, port = flow.backend.host, flow.backend.port
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect((host, port))
+        except OSError:
+            sock.close()
+            raise
+        up = cls(relay, flow, sock)
+        relay.reactor.addReader(up)
+        return up
 
-    def connectionRefused(self) -> None:
-        self.relay._flow_refused(self.flow)
+    def fileno(self) -> int:
+        return self.sock.fileno() if self.sock is not None else -1
 
-    def stopProtocol(self) -> None:
-        # Twisted closes a UDP port whose socket reports an error (epoll says
-        # EPOLLERR for a pending ICMP port-unreachable, before any read), so a
-        # port stopping under a live flow means the backend refused it.
-        self.relay._flow_refused(self.flow)
+    def logPrefix(self) -> str:
+        return "lbtwist.l4.udp.flow"
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.send(data)
+        except ConnectionRefusedError:
+            self.relay._flow_refused(self.flow)
+
+    def doRead(self) -> None:
+        sock = self.sock
+        for _ in range(READS_PER_EVENT):
+            if sock is None:
+                return
+            try:
+                data = sock.recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionRefusedError:
+                self.relay._flow_refused(self.flow)
+                return
+            except OSError as e:
+                self.relay._flow_failed(self.flow, str(e))
+                return
+            self.relay._reply(self.flow, data)
+            sock = self.sock
+
+    def connectionLost(self, reason: Any) -> None:
+        # The reactor calls this when epoll reports an error on the socket
+        # (EPOLLERR, e.g. a pending ICMP port-unreachable) before any read.
+        err = 0
+        if self.sock is not None:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err == errno.ECONNREFUSED:
+            self.relay._flow_refused(self.flow)
+        else:
+            self.relay._flow_failed(self.flow, os.strerror(err) if err else "socket closed")
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            self.relay.reactor.removeReader(self)
+            sock.close()
 
 
 class UDPRelay(DatagramProtocol):
@@ -132,8 +196,8 @@ class UDPRelay(DatagramProtocol):
         flow.datagrams_in += 1
         flow.bytes_in += len(data)
         try:
-            flow.handle.transport.write(data)
-        except (OSError, error.MessageLengthError) as e:
+            flow.handle.send(data)
+        except OSError as e:
             self._drop(f"to {flow.backend.address}: {e}", now)
 
     def _open_flow(self, addr: Any, now: float) -> Flow | None:
@@ -150,18 +214,11 @@ class UDPRelay(DatagramProtocol):
             self._drop("no usable backend", now)
             return None
         flow = Flow(client=addr, backend=backend, created=now, last_seen=now, wall_start=time.time())
-        upstream = _Upstream(self, flow)
         try:
-            self.reactor.listenUDP(
-                0, upstream, interface="::" if ":" in backend.host else "", maxPacketSize=MAX_DATAGRAM
-            )
-            upstream.transport.connect(backend.host, backend.port)
-        except (OSError, ValueError, error.CannotListenError) as e:
-            if upstream.transport is not None:
-                upstream.transport.stopListening()
+            flow.handle = _Upstream.open(self, flow)
+        except (OSError, ValueError) as e:
             self._drop(f"cannot open a socket to {backend.address}: {e}", now)
             return None
-        flow.handle = upstream
         self.flows.add(flow)
         self.total_flows += 1
         pool.on_start(backend)
@@ -180,12 +237,16 @@ class UDPRelay(DatagramProtocol):
             self._drop(f"reply to {flow.client[0]}:{flow.client[1]}: {e}", self.reactor.seconds())
 
     def _flow_refused(self, flow: Flow) -> None:
+        self._flow_failed(flow, "port unreachable")
+
+    def _flow_failed(self, flow: Flow, why: str) -> None:
         if self.flows.discard(flow):
             log.info(
-                "listener {listener}: backend {backend} refused datagrams from flow {client}",
-                listener=self.cfg.name, backend=flow.backend.address, client=f"{flow.client[0]}:{flow.client[1]}",
+                "listener {listener}: flow {client} to {backend} failed: {why}",
+                listener=self.cfg.name, backend=flow.backend.address,
+                client=f"{flow.client[0]}:{flow.client[1]}", why=why,
             )
-            self._end(flow, "gateway", "port unreachable")
+            self._end(flow, "gateway", why)
 
     # -- expiry and shutdown ------------------------------------------------------
 
@@ -205,9 +266,8 @@ class UDPRelay(DatagramProtocol):
 
     def _end(self, flow: Flow, outcome: str, why: str | None) -> None:
         now = self.reactor.seconds()
-        upstream = flow.handle
-        if upstream is not None and upstream.transport is not None:
-            upstream.transport.stopListening()
+        if flow.handle is not None:
+            flow.handle.close()
         pool = self.runtime.pools.get(self.pool_name)
         if pool is not None:
             pool.on_finish(flow.backend, now - flow.created, outcome != "gateway", outcome)

@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from lbtwist import fastio
 from lbtwist.l7.errors import ParseError
-from lbtwist.l7.parser import UPGRADED, Response, ResponseParser
+from lbtwist.l7.parser import Response, ResponseParser
 from lbtwist.l7.timers import Deadline
 
 if TYPE_CHECKING:
@@ -79,6 +79,9 @@ class BackendConnection(Protocol):
         self.deadline = Deadline(clock, self._timeout)
         self.tunnel: Any = None
         self.response: Response | None = None
+        self._in_feed = False
+        #: finish() called while parsing: release once the rest of the read is judged.
+        self._release: bool | None = None
 
     def __repr__(self) -> str:
         return f"<BackendConnection {self.owner.backend.address} state={self.state} requests={self.requests}>"
@@ -106,12 +109,23 @@ class BackendConnection(Protocol):
             self.abort()
             return
         self.received = True
+        self._in_feed = True
         try:
             self.parser.feed(data)
         except ParseError as e:
+            self._in_feed = False
+            self._release = None
             self._fail("garbage", e.reason)
             return
-        if self.parser.state == UPGRADED and self.tunnel is not None:
+        self._in_feed = False
+        release = self._release
+        if release is not None:
+            # Bytes after the end of the response mean a confused backend:
+            # such a connection is never reused.
+            self._release = None
+            if self.state == BUSY:
+                self.owner.release(self, release and not self.retire and self.parser.buffered() == 0)
+        elif self.state == TUNNEL:
             rest = self.parser.take_buffer()
             if rest:
                 self.tunnel.from_backend(rest)
@@ -164,8 +178,8 @@ class BackendConnection(Protocol):
         self.user = user
         self.requests += 1
         self.received = False
+        self.deadline.clear()  # the response timeout starts once the request is written
         self.parser.expect(head_request)
-        self.deadline.set(timeout, "response")
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
@@ -175,7 +189,10 @@ class BackendConnection(Protocol):
         self.user = None
         self.deadline.clear()
         if self.state == BUSY:
-            self.owner.release(self, reusable and not self.retire and self.parser.buffered() == 0)
+            if self._in_feed:
+                self._release = reusable
+            else:
+                self.owner.release(self, reusable and not self.retire and self.parser.buffered() == 0)
 
     def pause_reading(self) -> None:
         if not self.read_paused and self.state != CLOSED:
@@ -196,7 +213,7 @@ class BackendConnection(Protocol):
             return
         self.deadline.cancel()
         t = self.transport
-        t.unregisterProducer()
+        _unregister(t)
         t.loseConnection()
 
     def abort(self) -> None:
@@ -205,7 +222,7 @@ class BackendConnection(Protocol):
         if self.state == CLOSED or self.transport is None:
             return
         self.deadline.cancel()
-        self.transport.unregisterProducer()
+        _unregister(self.transport)
         self.transport.abortConnection()
 
     # -- parser callbacks ----------------------------------------------------------------
@@ -232,6 +249,8 @@ class BackendConnection(Protocol):
             return
         if kind == "response":
             self._fail("timeout", "no response in time")
+        elif kind == "write":
+            self._fail("timeout", "backend stopped reading the request body")
         else:  # "body": the backend stalled mid-response
             self._fail("timeout", "response body stalled")
 
@@ -258,3 +277,10 @@ class ConnectFactory(ClientFactory):
 
     def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
         pass
+
+
+def _unregister(transport: Any) -> None:
+    """Unregister our flow producer if it is still registered (closing paths
+    may run twice)."""
+    if getattr(transport, "producer", None) is not None:
+        transport.unregisterProducer()

@@ -30,7 +30,8 @@ class ChunkedDecoder:
     bytes that follow the body once it is complete, else None. Raises
     L{ParseError} (400 by default) on any framing error."""
 
-    __slots__ = ("_on_data", "_state", "_left", "_buf", "_trailer_size", "max_line", "max_trailer", "status")
+    __slots__ = ("_on_data", "_state", "_left", "_buf", "_trailer_size", "max_line", "max_trailer", "status",
+                 "limit", "total")
 
     def __init__(self, on_data: Callable[[bytes], None], *, max_line: int = 4096,
                  max_trailer: int = 32768, status: int = 400) -> None:
@@ -43,6 +44,9 @@ class ChunkedDecoder:
         self.max_trailer = max_trailer
         #: Status used for errors (400 towards clients; callers map it for backends).
         self.status = status
+        #: 413 as soon as a chunk-size line announces more than this in total (0: no limit).
+        self.limit = 0
+        self.total = 0
 
     @property
     def done(self) -> bool:
@@ -74,6 +78,9 @@ class ChunkedDecoder:
                     raise ParseError(self.status, "malformed chunk size or extension")
                 size = int(m.group(1), 16)
                 pos = eol + 2
+                self.total += size
+                if self.limit and self.total > self.limit:
+                    raise ParseError(413, f"request body larger than {self.limit} bytes")
                 if size:
                     self._left = size
                     self._state = _DATA

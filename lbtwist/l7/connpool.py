@@ -55,10 +55,11 @@ class BackendConnections:
 
     # -- getting a connection ---------------------------------------------------
 
-    def acquire(self, attempt: Any, fresh: bool = False) -> None:
+    def acquire(self, attempt: Any, fresh: bool = False) -> bool:
         """Give ``attempt`` a connection: ``attempt.connection_ready(conn)`` now
         (idle reuse) or later, or ``attempt.connect_failed(code, detail)``.
-        ``fresh`` skips idle connections (the keep-alive race re-send)."""
+        ``fresh`` skips idle connections (the keep-alive race re-send).
+        Returns False when the attempt was queued behind the cap."""
         if not fresh:
             idle = self.idle
             if idle:
@@ -69,12 +70,13 @@ class BackendConnections:
                         conn.state = BUSY
                         self.reused += 1
                         attempt.connection_ready(conn)
-                        return
+                        return True
                     conn.close()
         if self.open >= self.max_open:
             self.waiting.append(attempt)
-            return
+            return False
         self._connect(attempt)
+        return True
 
     def cancel(self, attempt: Any) -> None:
         """``attempt`` no longer wants a connection (client left, timed out)."""

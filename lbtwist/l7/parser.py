@@ -424,6 +424,16 @@ class RequestParser(_Framer):
         self.handler.on_body(data)
 
     def _head(self, head: bytes) -> None:
+        line_end = head.find(b"\r\n")
+        if line_end > self.max_line:
+            raise ParseError(414, "request line too long")
+        version = head[line_end - 9:line_end] if line_end > 9 else b""
+        if version != b" HTTP/1.1" and version != b" HTTP/1.0":
+            # Decide on the version before llhttp (which knows HTTP/2's
+            # preface and RTSP): only 1.0 and 1.1 are spoken here.
+            if version[:7] == b" HTTP/2" or version[:7] == b" HTTP/3":
+                raise ParseError(505, "HTTP version not supported (only HTTP/1.0 and 1.1)")
+            raise ParseError(400, "malformed request line or unsupported HTTP version")
         req = Request()
         col = self._collector
         col.reset(req)
@@ -469,6 +479,8 @@ class RequestParser(_Framer):
         self.handler.on_request(req)
         if self.state == DONE and not req.has_body:
             self.handler.on_end()
+        elif self.state == BODY_CHUNKED:
+            self._chunked.limit = self.max_body  # type: ignore[union-attr]
 
     def _validate(self, req: Request, col: _HeadCollector, head: bytes, version: str) -> None:
         if version == "1.1":
@@ -478,8 +490,6 @@ class RequestParser(_Framer):
         else:
             raise ParseError(505 if version.startswith("2") else 400, f"unsupported HTTP version {version}")
         line_end = head.find(b"\r\n")
-        if line_end > self.max_line:
-            raise ParseError(414, "request line too long")
         if head.count(b" ", 0, line_end) != 2:
             raise ParseError(400, "malformed request line")
         method = req.method

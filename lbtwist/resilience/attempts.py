@@ -2,21 +2,22 @@
 """The attempt planner: one L{RequestRetryState} per client request (L7) or
 client connection (L4), which the data plane drives as a thin loop::
 
-    state = route.start_request(pool_res, head, clock, rng)   # counts the request
+    state = route.start_request(pool_res, clock, rng, method=m, headers=h)  # counts the request
     refused = state.admit()                                   # max_requests
     if refused: reply 503 + overflow_headers(refused); state.finish(); return
     while True:
+        now = clock.seconds()
         backend = pool.select(PickContext(now, exclude=state.pick_exclude(now), ...))
         if backend is None: fail with the last error (or 503); break
         state.on_attempt_start(backend); pool.on_start(backend)
-        ... send, with timeout state.try_timeout() ...
-        state.on_attempt_finish(backend, outcome, status, retry_after)
+        ... send (replaying the ReplayBuffer), timeout state.try_timeout() ...
+        state.on_attempt_finish(backend, outcome, status, retry_after)   # before may_retry
         pool.on_finish(backend, latency, ok, outcome)
         if success: forward; break
         d = state.may_retry(failure, status, response_started, body_replayable)
-        if not d.retry: fail with this error; break
+        if not d.retry: fail with this error (or forward the withheld response); break
         wait d.delay (clock.callLater), then loop
-    state.finish()
+    state.finish()                                            # always, exactly once or more
 
 It decides; it never does I/O and never schedules anything itself.
 """

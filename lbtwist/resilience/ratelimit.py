@@ -6,11 +6,11 @@ whole. Each bucket refills at ``rate`` tokens per second up to ``burst``; a
 request takes one token, and when none is left it gets 429 with a
 ``Retry-After`` saying when the next token arrives.
 
-Memory is bounded for many keys: a bucket untouched for ``burst / rate``
-seconds is full again, exactly like a missing one, so such buckets are
-dropped as they age (oldest first, a few per call); and past ``max_keys`` the
-least recently used bucket is dropped even if not yet full, which at worst
-forgives a client some of its debt.
+Memory is bounded for many keys: each bucket is one float (the time it
+will be full again); a bucket that is full again is exactly like a missing
+one, so such buckets are dropped as they age (least recently used first, a
+few per call); and past ``max_keys`` the least recently used bucket is
+dropped even if not yet full, which at worst forgives a client some debt.
 """
 from __future__ import annotations
 
@@ -70,10 +70,13 @@ class RateLimiter:
         self.kind, self.header = parse_key(key)
         self.max_keys = max_keys
         self.name = name
-        #: After this long untouched, a bucket is full: the same as no bucket.
-        self.full_after = self.burst / self.rate
-        #: key -> [tokens, last update]; least recently used first.
-        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+        #: Seconds one request's token takes to come back.
+        self.interval = 1.0 / self.rate
+        #: How far ahead of now a bucket's "full again" time may run: ``burst`` tokens.
+        self.tolerance = self.burst * self.interval
+        #: key -> time at which the bucket is full again (GCRA's "theoretical
+        #: arrival time"): one float per key. Least recently used first.
+        self._buckets: OrderedDict[Any, float] = OrderedDict()
         #: Requests refused (a counter for metrics).
         self.limited = 0
         #: Buckets dropped before they were full (max_keys reached).
@@ -98,36 +101,37 @@ class RateLimiter:
     def check_request(self, head: Any, now: float) -> RateDecision:
         return self.check(self.key_for(head), now)
 
-    def check(self, key: str, now: float, cost: float = 1.0) -> RateDecision:
-        """Take ``cost`` tokens from ``key``'s bucket if it has them."""
+    def check(self, key: Any, now: float, cost: float = 1.0) -> RateDecision:
+        """Take ``cost`` tokens from ``key``'s bucket if it has them.
+
+        The bucket is kept as the single time at which it will be full again
+        (the generic cell rate algorithm, equivalent to a token bucket): it
+        holds ``(now + tolerance - full_at) / interval`` tokens."""
         buckets = self._buckets
-        b = buckets.get(key)
-        if b is None:
-            tokens = self.burst
-            b = buckets[key] = [tokens, now]
-            if len(buckets) > self.max_keys:
-                buckets.popitem(last=False)
-                self.evicted += 1
+        full_at = buckets.get(key)
+        if full_at is None:
+            full_at = now
         else:
             buckets.move_to_end(key)
-            elapsed = now - b[1]
-            if elapsed > 0:
-                b[0] = min(self.burst, b[0] + elapsed * self.rate)
-                b[1] = now
+        new = (full_at if full_at > now else now) + cost * self.interval
+        over = new - now - self.tolerance
+        if over > 1e-9:  # tolerate float drift from many small steps
+            self.limited += 1
+            return RateDecision(False, over)
+        buckets[key] = new
+        if len(buckets) > self.max_keys:
+            buckets.popitem(last=False)
+            self.evicted += 1
         self._sweep(now)
-        if b[0] + 1e-9 >= cost:  # tolerate float drift from many small refills
-            b[0] -= cost
-            return _ALLOW
-        self.limited += 1
-        return RateDecision(False, (cost - b[0]) / self.rate)
+        return _ALLOW
 
     def _sweep(self, now: float) -> None:
+        """Drop a few least recently used buckets that are full again."""
         buckets = self._buckets
-        horizon = now - self.full_after
         for _ in range(self.SWEEP):
             if len(buckets) <= 1:
                 return
-            key, b = next(iter(buckets.items()))
-            if b[1] > horizon:
+            key = next(iter(buckets))
+            if buckets[key] > now:
                 return
             del buckets[key]

@@ -17,15 +17,21 @@ Wiring, for the data path and for health probes alike::
 from __future__ import annotations
 
 import ipaddress
+import time
 from typing import Any
 
 import attrs
 from OpenSSL import SSL
-from OpenSSL.crypto import X509, PKey
+from OpenSSL.crypto import X509
 from service_identity.hazmat import DNS_ID, IPAddress_ID, VerificationError, verify_service_identity
 from service_identity.pyopenssl import extract_patterns
 from twisted.internet import defer
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -49,6 +55,32 @@ __all__ = [
 log = Logger(namespace="lbtwist.tls.client")
 
 _TICKET_READ = b"SSLv3/TLS read server session ticket"
+
+
+def detached_session(conn: SSL.Connection) -> SSL.Session | None:
+    """A private copy of the connection's current session.
+
+    OpenSSL marks a connection's session unresumable when the connection is
+    freed without having sent close_notify (a backend that just closes TCP),
+    which would spoil the session kept for the next connection; a copy made
+    through DER is immune. pyOpenSSL has no copy call: the binding's
+    ``i2d``/``d2i_SSL_SESSION`` are used here, and only here."""
+    sess = conn.get_session()
+    if sess is None:
+        return None
+    ffi, lib = SSL._ffi, SSL._lib  # type: ignore[attr-defined]
+    n = lib.i2d_SSL_SESSION(sess._session, ffi.NULL)
+    if n <= 0:
+        return None
+    buf = ffi.new("unsigned char[]", n)
+    lib.i2d_SSL_SESSION(sess._session, ffi.new("unsigned char **", buf))
+    raw = lib.d2i_SSL_SESSION(ffi.NULL, ffi.new("const unsigned char **", buf), n)
+    if raw == ffi.NULL:
+        return None
+    copy = SSL.Session.__new__(SSL.Session)
+    copy._session = ffi.gc(raw, lib.SSL_SESSION_free)
+    copy._context = sess._context
+    return copy
 
 
 class BackendVerificationError(Exception):
@@ -111,8 +143,6 @@ class BackendTLS:
     Raises L{TLSConfigError} naming the file when a CA or client cert is unusable."""
 
     def __init__(self, config: Any, now: float | None = None) -> None:
-        import time
-
         self.config = config
         self.session_reuse = bool(config.session_reuse)
         self._creators: dict[Any, BackendConnectionCreator] = {}
@@ -126,16 +156,16 @@ class BackendTLS:
         ctx.set_session_cache_mode(SSL.SESS_CACHE_CLIENT)
         try:
             if config.ca:
-                for cert in load_ca_bundle(config.ca):
-                    ctx.get_cert_store().add_cert(X509.from_cryptography(cert))
+                load_ca_bundle(config.ca)  # a clear error naming the file, before OpenSSL's
+                ctx.load_verify_locations(config.ca.encode())
             else:
                 ctx.set_default_verify_paths()
             if config.cert:
                 cf = load_certificate_pair(config.cert, config.key, time.time() if now is None else now)
-                ctx.use_certificate(X509.from_cryptography(cf.leaf))
+                ctx.use_certificate(cf.leaf)
                 for extra in cf.chain[1:]:
-                    ctx.add_extra_chain_cert(X509.from_cryptography(extra))
-                ctx.use_privatekey(PKey.from_cryptography_key(cf.key))
+                    ctx.add_extra_chain_cert(extra)
+                ctx.use_privatekey(cf.key)
                 ctx.check_privatekey()
             elif config.key:
                 raise TLSConfigError(f"{config.key}: a client key needs its certificate (cert)")
@@ -170,7 +200,7 @@ class BackendTLS:
         try:
             if not ok:
                 what = SSL._ffi.string(SSL._lib.X509_verify_cert_error_string(errno)).decode()  # type: ignore[attr-defined]
-                subject = cert.get_subject().CN or "?"
+                subject = cert.to_cryptography().subject.rfc4514_string() or "?"
                 creator._verify_failed(proto, f"certificate verify failed at depth {depth} ({subject!r}): {what}")
                 return False
             if depth == 0:
@@ -195,12 +225,12 @@ class BackendTLS:
                 if session_reused(conn):
                     creator.stats.resumed += 1
                 # TLS 1.2: the session is complete now (1.3: see below).
-                creator.session = conn.get_session()
+                creator.session = detached_session(conn)
             elif where & SSL.SSL_CB_LOOP and conn.get_state_string() == _TICKET_READ:
                 # TLS 1.3 tickets arrive after the handshake; keep the newest.
                 creator = getattr(conn.get_app_data(), "_lbtwist_creator", None)
                 if creator is not None:
-                    creator.session = conn.get_session()
+                    creator.session = detached_session(conn)
         except Exception:
             log.failure("TLS session bookkeeping")
 
@@ -225,6 +255,7 @@ def connect_tls(
     return endpoint.connect(tls_factory).addCallback(lambda p: p.wrappedProtocol)
 
 
+@implementer(IHandshakeListener)
 class _HandshakeWaiter(Protocol):
     def __init__(self, done: defer.Deferred) -> None:
         self.done = done
@@ -245,17 +276,8 @@ def probe_tls(
     """Connect and complete a verified handshake, then close: a TLS health
     probe. Fires with None, or errbacks (L{BackendVerificationError}, the
     connect error, or TimeoutError)."""
-    from twisted.internet.interfaces import IHandshakeListener
-    from zope.interface import directlyProvides
-
     done: defer.Deferred = defer.Deferred()
-
-    def build() -> Protocol:
-        p = _HandshakeWaiter(done)
-        directlyProvides(p, IHandshakeListener)
-        return p
-
-    f = Factory.forProtocol(build)  # type: ignore[arg-type]
+    f = Factory.forProtocol(lambda: _HandshakeWaiter(done))  # type: ignore[arg-type]
     conn = connect_tls(endpoint, creator, f, clock)
     conn.addErrback(lambda fail: None if done.called else done.errback(fail))
     done.addTimeout(timeout, clock)

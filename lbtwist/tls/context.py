@@ -29,7 +29,6 @@ from typing import Any, Callable, Sequence
 
 import attrs
 from OpenSSL import SSL
-from OpenSSL.crypto import X509, PKey
 from twisted.internet.interfaces import IDelayedCall, IOpenSSLServerConnectionCreator, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -198,10 +197,10 @@ class ServerTLS:
         # Same id context as the front: SSL_set_SSL_CTX carries it over, and
         # sessions are only resumed under the id context they were made in.
         ctx.set_session_id(sid_ctx)
-        ctx.use_certificate(X509.from_cryptography(cf.leaf))
+        ctx.use_certificate(cf.leaf)
         for extra in cf.chain[1:]:
-            ctx.add_extra_chain_cert(X509.from_cryptography(extra))
-        ctx.use_privatekey(PKey.from_cryptography_key(cf.key))
+            ctx.add_extra_chain_cert(extra)
+        ctx.use_privatekey(cf.key)
         ctx.check_privatekey()
         return ctx
 

@@ -102,7 +102,13 @@ class ClientHelloPeeker(Protocol):
         if IHalfCloseableProtocol.providedBy(inner):
             directlyProvides(self, IHalfCloseableProtocol)
         buffered, self._buf = self._buf, b""
-        inner.makeConnection(self.transport)
+        try:
+            inner.makeConnection(self.transport)
+        except Exception:
+            log.failure("starting the protocol chosen from the ClientHello failed")
+            self.inner = None
+            self.transport.abortConnection()
+            return
         self.dataReceived = inner.dataReceived  # type: ignore[method-assign]
         if buffered and self.connected:
             inner.dataReceived(buffered)

@@ -43,22 +43,29 @@
     base.setAttribute("y1", h - 0.5); base.setAttribute("y2", h - 0.5);
     const errs = document.createElementNS(SVG, "g"); errs.setAttribute("class", "err");
     const line = document.createElementNS(SVG, "path"); line.setAttribute("class", "line");
-    s.append(base, errs, line);
-    s._line = line; s._errs = errs; s._w = w; s._h = h;
+    const dots = document.createElementNS(SVG, "g"); dots.setAttribute("class", "dots");
+    s.append(base, errs, line, dots);
+    s._line = line; s._errs = errs; s._dots = dots; s._w = w; s._h = h;
     return s;
   }
 
   function drawSpark(s, values, errors, cls) {
     const w = s._w, h = s._h, n = values.length;
-    if (cls) s._line.setAttribute("class", "line " + cls);
+    if (cls) { s._line.setAttribute("class", "line " + cls); s._dots.setAttribute("class", "dots dots-" + cls); }
     const max = Math.max(1e-9, ...values.filter((v) => v != null));
-    let d = "", pen = false;
+    let d = "";
+    s._dots.replaceChildren();
     values.forEach((v, i) => {
-      if (v == null) { pen = false; return; }
+      if (v == null) return;
       const x = n > 1 ? (i * (w - 1)) / (n - 1) : 0;
       const y = h - 1 - (v / max) * (h - 3);
-      d += (pen ? "L" : "M") + x.toFixed(1) + " " + y.toFixed(1);
-      pen = true;
+      const joined = i > 0 && values[i - 1] != null;
+      d += (joined ? "L" : "M") + x.toFixed(1) + " " + y.toFixed(1);
+      if (!joined && (i === n - 1 || values[i + 1] == null)) {  // a lone point: a line needs two
+        const c = document.createElementNS(SVG, "circle");
+        c.setAttribute("cx", x.toFixed(1)); c.setAttribute("cy", y.toFixed(1)); c.setAttribute("r", 1.6);
+        c.setAttribute("class", "dot"); s._dots.append(c);
+      }
     });
     s._line.setAttribute("d", d || "M0 " + (h - 1));
     s._errs.replaceChildren();

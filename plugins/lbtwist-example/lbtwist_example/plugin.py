@@ -10,11 +10,15 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from lbtwist import hookimpl
-from lbtwist.interfaces import IBalancer, IRouteMatcher
-from lbtwist.registry import BalancerSpec, RuleSpec
+from lbtwist.health import ProbeResult
+from lbtwist.health.probes import client_endpoint, describe_failure
+from lbtwist.interfaces import IBalancer, IHealthProbe, IRouteMatcher
+from lbtwist.registry import BalancerSpec, ProbeSpec, RuleSpec
 
 # -- algorithm: ordered_failover ----------------------------------------------
 
@@ -106,5 +110,108 @@ def lbtwist_routing_rules() -> Iterable[RuleSpec]:
     return [RuleSpec("query_param", make_query_param, "query string has name=value (every pair listed)")]
 
 
-# -- health probe kinds --------------------------------------------------------
-# (An ``lbtwist_health_probes`` hook implementation goes here.)
+# -- health probe kind: tcp_banner ---------------------------------------------
+
+
+class _Banner(Protocol):
+    """Optionally sends a greeting, then reads until ``expect`` shows up."""
+
+    def __init__(self, send: bytes, expect: bytes, limit: int) -> None:
+        self.send = send
+        self.expect = expect
+        self.limit = limit
+        self.buf = b""
+        self.done: defer.Deferred = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        if self.send:
+            self.transport.write(self.send)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buf += data
+        if self.expect in self.buf:
+            self._finish(True, "banner matched")
+            self.transport.loseConnection()
+        elif len(self.buf) >= self.limit:
+            self._finish(False, f"no {self.expect.decode(errors='replace')!r} in the first {self.limit} bytes")
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._finish(False, f"closed before {self.expect.decode(errors='replace')!r} (got {self.buf[:40]!r})")
+
+    def _finish(self, ok: bool, reason: str) -> None:
+        if not self.done.called:
+            self.done.callback((ok, reason))
+
+
+@implementer(IHealthProbe)
+class TcpBannerProbe:
+    """Passes when the backend, once connected (and sent ``send``), answers
+    with bytes containing ``expect`` within ``timeout``: a process that
+    accepts connections but is wedged (SMTP, SSH, Redis ``PING``) fails."""
+
+    LIMIT = 4096
+
+    def __init__(self, reactor: Any, timeout: float, expect: bytes, send: bytes = b"") -> None:
+        self.reactor = reactor
+        self.timeout = timeout
+        self.expect = expect
+        self.send = send
+
+    def probe(self, backend: Any) -> defer.Deferred:
+        start = self.reactor.seconds()
+        protos: list[_Banner] = []
+
+        def build() -> _Banner:
+            p = _Banner(self.send, self.expect, self.LIMIT)
+            protos.append(p)
+            return p
+
+        def cancel(_: defer.Deferred) -> None:
+            if protos and protos[0].transport is not None:
+                protos[0].transport.abortConnection()
+            connecting.cancel()
+
+        result: defer.Deferred = defer.Deferred(canceller=cancel)
+        ep = client_endpoint(self.reactor, backend.host, backend.port, self.timeout)
+        connecting = ep.connect(Factory.forProtocol(build))
+        connecting.addCallback(lambda proto: proto.done)
+        connecting.addCallbacks(
+            lambda v: result.called or result.callback(ProbeResult(v[0], v[1], self.reactor.seconds() - start)),
+            lambda f: result.called or result.errback(f),
+        )
+        result.addTimeout(self.timeout, self.reactor)
+        result.addErrback(lambda f: ProbeResult(False, describe_failure(f, self.timeout)))
+        return result
+
+
+def make_tcp_banner(options: dict[str, Any], *, reactor: Any) -> TcpBannerProbe:
+    """Options: ``expect`` (required text), ``send`` (text, escapes like
+    ``\\r\\n`` allowed), ``timeout`` (seconds, given by lbtwist)."""
+    unknown = sorted(set(options) - {"expect", "send", "timeout"})
+    if unknown:
+        raise ValueError(f"tcp_banner: unknown option(s) {', '.join(map(repr, unknown))}; takes expect, send")
+    expect = options.get("expect")
+    if not isinstance(expect, str) or not expect:
+        raise ValueError(f"tcp_banner: 'expect' must be a non-empty string, not {expect!r}")
+    send = options.get("send", "")
+    if not isinstance(send, str):
+        raise ValueError(f"tcp_banner: 'send' must be a string, not {send!r}")
+    timeout = options.get("timeout", 2.0)
+    return TcpBannerProbe(
+        reactor,
+        float(timeout),
+        expect.encode("utf-8"),
+        send.encode("utf-8").decode("unicode_escape").encode("latin-1"),
+    )
+
+
+@hookimpl
+def lbtwist_health_probes() -> Iterable[ProbeSpec]:
+    return [
+        ProbeSpec(
+            "tcp_banner",
+            make_tcp_banner,
+            "connect, optionally send a line, pass when the answer contains 'expect'",
+        )
+    ]

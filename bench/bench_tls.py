@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""TLS handshake benchmark: full vs resumed handshakes per second, lbtwist's
+TLS termination (L{lbtwist.tls}) side by side with HAProxy terminating the
+same certificate, in one run.
+
+Load: ``openssl s_time`` clients (``-new``: a full handshake per connection;
+``-reuse``: every connection after the first resumes the session), each
+fetching a tiny page so TLS 1.3 tickets are read. Both servers answer
+``200 ok`` themselves and close: the cost measured is accept + handshake +
+one small exchange + close.
+
+Method (see /work/shared/notes/performance-facts.md): each server runs on
+CPU 0 (taskset), the clients on CPU 1; contenders are interleaved for
+``--rounds`` rounds and medians compared. Compare the ratios, not absolutes.
+The clients share one core and also pay for the handshakes, so HAProxy's
+full-handshake rate is probably client-bound: its ratio is a lower bound.
+
+Usage: .venv/bin/python bench/bench_tls.py [--rounds 3] [--duration 5]
+       [--clients 4] [--versions 1.3,1.2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+SERVER_CPU = "0"
+LOAD_CPU = "1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{what}: nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+# -- the lbtwist side (run as a subprocess with --serve) ---------------------------------
+
+
+def serve(port: int, cert: str, key: str) -> None:
+    sys.path.insert(0, str(REPO))
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    from lbtwist.config.model import CertificateConfig, ListenerTLSConfig
+    from lbtwist.tls.context import ServerTLS
+    from lbtwist.tls.server import wrap_server_factory
+
+    class Ok(Protocol):
+        buf = b""
+
+        def dataReceived(self, data: bytes) -> None:
+            self.buf += data
+            if b"\r\n\r\n" in self.buf or b"\n\n" in self.buf:
+                self.transport.write(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                self.transport.loseConnection()
+
+    state = ServerTLS(ListenerTLSConfig(certificates=[CertificateConfig(cert=cert, key=key)]), reactor,
+                      name="bench", alpn=())
+    reactor.listenTCP(port, wrap_server_factory(Factory.forProtocol(Ok), state, reactor),
+                      interface="127.0.0.1", backlog=1024)
+
+    def dump(*_: object) -> None:
+        print(json.dumps(state.stats.as_dict()), flush=True)
+
+    def stop(*_: object) -> None:
+        reactor.callFromThread(reactor.stop)
+
+    signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(dump))
+    signal.signal(signal.SIGTERM, stop)
+    print("ready", flush=True)
+    reactor.run()
+
+
+# -- contenders ------------------------------------------------------------------------------
+
+
+class Contender:
+    name = ""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class Lbtwist(Contender):
+    name = "lbtwist"
+
+    def __init__(self, cert: str, key: str) -> None:
+        self.port = free_port()
+        self.cert, self.key = cert, key
+
+    def start(self) -> None:
+        self.p = subprocess.Popen(
+            ["taskset", "-c", SERVER_CPU, PY, __file__, "--serve", str(self.port), self.cert, self.key],
+            stdout=subprocess.PIPE, text=True,
+        )
+        wait_port(self.port, "lbtwist")
+
+    def stats(self) -> dict:
+        self.p.send_signal(signal.SIGUSR1)
+        while True:
+            line = self.p.stdout.readline()
+            if not line:
+                return {}
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def stop(self) -> None:
+        self.p.terminate()
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+
+
+class HAProxy(Contender):
+    name = "haproxy"
+
+    def __init__(self, combined: str, workdir: str) -> None:
+        self.port = free_port()
+        self.cfg = os.path.join(workdir, "haproxy.cfg")
+        Path(self.cfg).write_text(f"""
+global
+  nbthread 1
+  maxconn 4000
+  tune.ssl.cachesize 20000
+  ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend fe
+  bind 127.0.0.1:{self.port} ssl crt {combined}
+  http-request return status 200 content-type text/plain string ok
+""")
+
+    def start(self) -> None:
+        self.p = subprocess.Popen(["taskset", "-c", SERVER_CPU, "haproxy", "-f", self.cfg, "-db"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, "haproxy")
+
+    def stop(self) -> None:
+        self.p.terminate()
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def s_time(port: int, mode: str, version: str, duration: int, clients: int) -> tuple[float, int, int]:
+    """Run ``clients`` s_time processes at once; (connections per second,
+    connections, connections the clients saw resumed)."""
+    flag = {"1.2": "-tls1_2", "1.3": "-tls1_3"}[version]
+    argv = ["taskset", "-c", LOAD_CPU, "openssl", "s_time", "-connect", f"127.0.0.1:{port}",
+            f"-{mode}", "-time", str(duration), flag, "-www", "/"]
+    t0 = time.monotonic()
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(clients)]
+    total = reused = 0
+    for p in procs:
+        out, _ = p.communicate(timeout=duration + 60)
+        m = re.search(r"^(\d+) connections in [\d.]+s", out, re.MULTILINE)
+        if not m:
+            raise SystemExit(f"s_time failed:\n{out[-2000:]}")
+        total += int(m.group(1))
+        reused += sum(line.count("r") for line in out.splitlines() if line and set(line) <= set("r*"))
+    wall = time.monotonic() - t0
+    return total / wall, total, reused
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=5, help="seconds per measurement")
+    ap.add_argument("--clients", type=int, default=4, help="concurrent s_time processes")
+    ap.add_argument("--versions", default="1.3,1.2")
+    ap.add_argument("--key", default="p256", choices=["p256", "rsa2048"], help="certificate key type")
+    ap.add_argument("--serve", nargs=3, metavar=("PORT", "CERT", "KEY"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        serve(int(args.serve[0]), args.serve[1], args.serve[2])
+        return
+    missing = [t for t in ("haproxy", "openssl", "taskset") if shutil.which(t) is None]
+    if missing:
+        raise SystemExit(f"missing: {', '.join(missing)} (apt-get install haproxy openssl util-linux)")
+
+    sys.path.insert(0, str(REPO))
+    from lbtwist.tls.testing import TestCA
+
+    work = tempfile.mkdtemp(prefix="bench-tls-")
+    leaf = TestCA().issue("bench.test", key_type=args.key)
+    cert, key = leaf.write(work, "bench")
+    combined = os.path.join(work, "combined.pem")
+    Path(combined).write_bytes(leaf.cert_pem + leaf.key_pem)
+
+    contenders = [Lbtwist(cert, key), HAProxy(combined, work)]
+    for c in contenders:
+        c.start()
+    results: dict[tuple[str, str, str], list[float]] = {}
+    resumed_seen: dict[tuple[str, str], int] = {}
+    per_core: dict[tuple[str, str, str], list[float]] = {}
+    try:
+        for r in range(args.rounds):
+            for version in args.versions.split(","):
+                for mode in ("new", "reuse"):
+                    order = contenders if r % 2 == 0 else contenders[::-1]
+                    for c in order:
+                        cpu0 = cpu_seconds(c.p.pid)
+                        rate, total, reused = s_time(c.port, mode, version, args.duration, args.clients)
+                        per_cpu = total / max(cpu_seconds(c.p.pid) - cpu0, 1e-3)
+                        results.setdefault((c.name, version, mode), []).append(rate)
+                        per_core.setdefault((c.name, version, mode), []).append(per_cpu)
+                        if mode == "reuse":
+                            resumed_seen[(c.name, version)] = resumed_seen.get((c.name, version), 0) + reused
+                        print(f"round {r + 1}: {c.name:8s} TLS {version} {mode:5s} {rate:8.0f} conn/s"
+                              f" {per_cpu:8.0f} conn per server CPU-second", flush=True)
+        lb_stats = contenders[0].stats()
+    finally:
+        for c in contenders:
+            c.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nmedians of {args.rounds} rounds, {args.clients} clients x {args.duration}s, {args.key} certificate "
+          f"(server on CPU {SERVER_CPU}, clients on CPU {LOAD_CPU})")
+    for title, table in (("connections per second (wall clock)", results),
+                         ("connections per server CPU-second (capacity of one core)", per_core)):
+        med = {k: statistics.median(v) for k, v in table.items()}
+        print(f"\n{title}:")
+        print(f"{'':20s}{'lbtwist':>10s}{'haproxy':>10s}{'lbtwist/haproxy':>17s}")
+        for version in args.versions.split(","):
+            for mode, label in (("new", "full"), ("reuse", "resumed")):
+                lb, hp = med[("lbtwist", version, mode)], med[("haproxy", version, mode)]
+                print(f"TLS {version} {label:8s}     {lb:10.0f}{hp:10.0f}{lb / hp:17.2f}")
+            for name in ("lbtwist", "haproxy"):
+                gain = med[(name, version, "reuse")] / med[(name, version, "new")]
+                print(f"TLS {version} resumed/full {name}: {gain:.2f}x")
+    print(f"\nlbtwist counters: full={lb_stats.get('full_handshakes')} resumed={lb_stats.get('resumed_handshakes')} "
+          f"(ticket {lb_stats.get('resumed_by_ticket')}, cache {lb_stats.get('resumed_by_cache')}) "
+          f"failed={lb_stats.get('failed_handshakes')} versions={lb_stats.get('versions')}")
+    print("s_time 'r' marks (resumed as the client saw it): "
+          + ", ".join(f"{n} TLS {v}: {k}" for (n, v), k in sorted(resumed_seen.items())))
+
+
+if __name__ == "__main__":
+    main()

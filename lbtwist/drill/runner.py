@@ -1,0 +1,260 @@
+# -*- test-case-name: tests.test_drill_scenarios -*-
+"""Runs one scenario against one target: backend processes, the balancer
+process, the open-loop load, the fault schedule, a poll of every side channel
+once a second, then a clean stop of everything it started.
+
+Everything is bounded: start-up waits have deadlines, the load stops by
+itself (each try has a 1 s timeout and there are at most 3), and every child
+is killed in a ``finally`` (and by the kernel if the drill itself dies).
+"""
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import attrs
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import deferLater
+
+from lbtwist.drill.configs import Setup
+from lbtwist.drill.control import ControlError
+from lbtwist.drill.fleet import BackendFleet
+from lbtwist.drill.loadgen import ClientPolicy, LoadGenerator
+from lbtwist.drill.procs import cpu_seconds, free_port
+from lbtwist.drill.recorder import Recorder
+from lbtwist.drill.scenarios import Plan, evaluate
+from lbtwist.drill.targets import make_target
+
+Progress = Callable[[str], None]
+
+
+@attrs.define
+class RunResult:
+    """One scenario run against one target (JSON-ready via L{as_json})."""
+
+    scenario: str
+    target: str
+    duration: float
+    window: tuple[float, float]
+    series: dict[str, Any] = attrs.Factory(dict)
+    totals: dict[str, Any] = attrs.Factory(dict)
+    phases: dict[str, Any] = attrs.Factory(dict)
+    events: list[dict[str, Any]] = attrs.Factory(list)
+    notes: list[str] = attrs.Factory(list)
+    load: dict[str, Any] = attrs.Factory(dict)
+    marks: dict[str, Any] = attrs.Factory(dict)
+    config: str = ""
+    error: str | None = None
+    criteria: list[dict[str, Any]] = attrs.Factory(list)
+    target_log: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and bool(self.criteria) and all(c["passed"] for c in self.criteria)
+
+    def as_json(self) -> dict[str, Any]:
+        d = attrs.asdict(self)
+        d["passed"] = self.passed
+        return d
+
+
+class DrillContext:
+    """What a scenario's scheduled actions may do while the load runs."""
+
+    def __init__(self, reactor: Any, fleet: BackendFleet, target: Any, recorder: Recorder, setup: Setup,
+                 plan: Plan, progress: Progress) -> None:
+        self.reactor = reactor
+        self.fleet = fleet
+        self.target = target
+        self.recorder = recorder
+        self.setup = setup
+        self.plan = plan
+        self.progress = progress
+        self.marks: dict[str, Any] = {}
+        self.current_fault = ""
+
+    def now(self) -> float:
+        """Seconds since the load started."""
+        return self.reactor.seconds() - self.recorder.t0
+
+    def event(self, label: str) -> None:
+        self.recorder.event(self.reactor.seconds(), label)
+        self.progress(f"[{self.target.kind}] t={self.now():5.1f}s  >> {label}")
+
+    def mark(self, key: str, value: Any) -> None:
+        self.marks[key] = value
+
+    async def sleep(self, seconds: float) -> None:
+        await deferLater(self.reactor, seconds, lambda: None)
+
+    async def faults(self, targets: list[str], **changes: Any) -> None:
+        await self.fleet.set_faults(targets, **changes)
+
+    async def reset(self, targets: list[str]) -> None:
+        await self.fleet.reset_faults(targets)
+
+    async def kill(self, group: str) -> None:
+        await self.fleet.kill_group(group)
+
+    async def start_group(self, group: str, **faults: Any) -> None:
+        await self.fleet.start_group(group, faults or None)
+
+    async def drain(self, name: str) -> None:
+        await self.target.drain(name)
+
+    async def undrain(self, name: str) -> None:
+        await self.target.undrain(name)
+
+    async def states(self) -> dict[str, str]:
+        return await self.target.states()
+
+    async def reload(self, names: list[str]) -> Any:
+        """Reload the balancer with ``names`` as the pool's backends."""
+        self.setup = attrs.evolve(self.setup, backends=self.fleet.refs(names))
+        return await self.target.reload(self.setup)
+
+    async def wait_until(self, pred: Callable[[], Awaitable[bool]], timeout: float, step: float = 0.1) -> bool:
+        """Poll ``pred`` until true (True) or ``timeout`` (False)."""
+        deadline = self.reactor.seconds() + timeout
+        while True:
+            try:
+                if await pred():
+                    return True
+            except ControlError:
+                pass
+            if self.reactor.seconds() >= deadline:
+                return False
+            await self.sleep(step)
+
+
+async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, *,
+                     progress: Progress = lambda s: None, seed: int = 1,
+                     echo: Callable[[str, str], None] | None = None) -> RunResult:
+    """Run ``plan`` against ``target_kind`` (lbtwist, naive, haproxy)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = RunResult(scenario=plan.name, target=target_kind, duration=plan.duration, window=plan.window)
+    fleet = BackendFleet(reactor, plan.groups, seed=seed, echo=echo)
+    target = make_target(target_kind, reactor, workdir, echo=echo)
+    poller: task.LoopingCall | None = None
+    step_calls: list[IDelayedCall] = []
+    gen: LoadGenerator | None = None
+    try:
+        progress(f"[{target_kind}] starting {sum(len(g.backends) for g in plan.groups)} backends")
+        await fleet.start()
+        setup = Setup(
+            listen_port=free_port(), admin_port=free_port(),
+            backends=fleet.refs(plan.in_pool), mode=plan.mode,
+            pool_overrides=plan.pool_overrides if target_kind == "lbtwist" else {},
+        )
+        progress(f"[{target_kind}] starting the balancer on 127.0.0.1:{setup.listen_port}")
+        await target.start(setup)
+        result.config = target.config_text
+        expect = {n for n in plan.in_pool if fleet.running(fleet.group_of(n))}
+        await target.wait_in_rotation(expect, 45.0)
+        progress(f"[{target_kind}] {len(expect)} backends in rotation; load {plan.rate:g}/s for {plan.duration:g}s")
+
+        t0 = reactor.seconds() + 0.2
+        rec = Recorder(t0, int(plan.duration))
+        ctx = DrillContext(reactor, fleet, target, rec, setup, plan, progress)
+        gen = LoadGenerator(reactor, "127.0.0.1", setup.listen_port, rate=plan.rate_fn or plan.rate,
+                            duration=plan.duration, sink=rec, policy=ClientPolicy(), seed=seed, start_at=t0)
+        my_pid = os.getpid()
+
+        async def poll() -> None:
+            t = reactor.seconds()
+            try:
+                rows, gone = await fleet.state()
+                rec.backend_sample(reactor.seconds(), rows)
+                rec.backend_gone(reactor.seconds(), gone)
+            except Exception as e:  # never let the poll loop die
+                rec.notes.append(f"t={t - t0:.1f}s backend poll failed: {e}")
+            try:
+                rec.lb_sample(reactor.seconds(), await target.states())
+            except Exception as e:
+                rec.notes.append(f"t={t - t0:.1f}s balancer poll failed: {e}")
+            now = reactor.seconds()
+            rec.cpu_sample(now, "balancer", target.cpu())
+            rec.cpu_sample(now, "backends", fleet.cpu())
+            rec.cpu_sample(now, "loadgen", cpu_seconds(my_pid))
+            _progress_line(progress, target_kind, rec, now, ctx)
+
+        poller = task.LoopingCall(lambda: defer.ensureDeferred(poll()))
+        poller.clock = reactor
+        poller_done = poller.start(1.0, now=False)
+
+        def run_step(step: Any) -> None:
+            async def go() -> None:
+                ctx.event(step.label)
+                try:
+                    await step.action(ctx)
+                except Exception as e:
+                    rec.notes.append(f"step {step.label!r} failed: {e.__class__.__name__}: {e}")
+                    progress(f"[{target_kind}] step {step.label!r} FAILED: {e}")
+            defer.ensureDeferred(go())
+
+        for step in plan.steps:
+            step_calls.append(reactor.callLater(max(0.0, t0 + step.at - reactor.seconds()), run_step, step))
+
+        stats = await gen.run()
+        poller.stop()
+        await poller_done
+        poller = None
+        # let steps still running (a restart) finish before stopping everything
+        result.series = rec.series()
+        result.totals = rec.totals()
+        a, b = plan.window
+        result.phases = {
+            "before": rec.totals(0, a), "fault": rec.totals(a, b), "after": rec.totals(b, plan.duration),
+        }
+        result.events = rec.events
+        result.notes = rec.notes
+        result.load = attrs.asdict(stats)
+        result.marks = ctx.marks
+        if stats.late_arrivals:
+            result.notes.append(
+                f"load generator fell behind: {stats.late_arrivals} of {stats.issued} arrivals more than "
+                f"{LoadGenerator.LATE * 1000:.0f} ms late (max {stats.max_lag * 1000:.0f} ms); latency is "
+                "still measured from the scheduled time")
+        if stats.client_limit:
+            result.notes.append(f"load generator hit its connection cap {stats.client_limit} times")
+        result.criteria = evaluate(plan, result)
+    except Exception as e:
+        result.error = f"{e.__class__.__name__}: {e}"
+        progress(f"[{target_kind}] drill error: {result.error}")
+        result.notes.append(traceback.format_exc())
+    finally:
+        for c in step_calls:
+            if c.active():
+                c.cancel()
+        if poller is not None and poller.running:
+            poller.stop()
+        if gen is not None:
+            gen.close()
+        if target.child is not None:
+            result.target_log = target.child.tail(200)
+        try:
+            await target.stop()
+        except Exception as e:
+            result.notes.append(f"stopping {target_kind}: {e}")
+        await fleet.shutdown()
+    return result
+
+
+def _progress_line(progress: Progress, kind: str, rec: Recorder, now: float, ctx: DrillContext) -> None:
+    sec = int(now - rec.t0) - 1
+    if sec < 0:
+        return
+    s = rec._s.get(sec)
+    offered = s.offered if s else 0
+    good = s.goodput if s else 0
+    failed = s.failed_done if s else 0
+    retries = s.retries if s else 0
+    st = rec.lb_state.get(sec + 1) or rec.lb_state.get(sec) or {}
+    inrot = sum(1 for v in st.values() if v in ("healthy", "slow_start"))
+    bad = ",".join(f"{k}:{v}" for k, v in sorted(st.items()) if v not in ("healthy", "slow_start"))
+    progress(f"[{kind}] t={sec:3d}s offered {offered:4d}/s  ok {good:4d}/s  failed {failed:3d}  "
+             f"retries {retries:3d}  in rotation {inrot}/{len(st)}" + (f"  ({bad})" if bad else ""))

@@ -1,0 +1,545 @@
+# -*- test-case-name: tests.test_drill_scenarios -*-
+"""The drills: for each, the backends, the load, the fault schedule and the
+pass criteria the drill checks by itself.
+
+Every scenario has a full-length version (documented in docs/drills.md with
+its charts) and a short one (``short=True``, tens of seconds) that the test
+suite runs. Criteria are fixed here, not tuned per run; each reports what it
+measured next to its threshold, for the target and for the comparison.
+
+Latency thresholds: "p99 recovered / flat" means every per-second p99 is at
+most ``max(3 x baseline, 50 ms)``, where the baseline is the median of the
+per-second p99s before the fault. The 50 ms floor is there because on a
+shared 2-core box a 5 ms baseline doubles from scheduling noise alone; it is
+still 20 times below the clients' 1 s timeout.
+"""
+from __future__ import annotations
+
+import statistics
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import attrs
+
+from lbtwist.config.model import ActiveHealthConfig
+from lbtwist.drill.fleet import GroupSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lbtwist.drill.runner import DrillContext, RunResult
+
+Action = Callable[["DrillContext"], Awaitable[None]]
+
+
+@attrs.frozen
+class Step:
+    at: float
+    label: str
+    action: Action
+
+
+@attrs.frozen
+class Criterion:
+    name: str
+    #: (passed, measured, threshold) from a run's result.
+    check: Callable[["RunResult"], tuple[bool, str, str]]
+
+
+@attrs.frozen
+class Plan:
+    name: str
+    title: str
+    story: str
+    rate: float
+    duration: float
+    groups: tuple[GroupSpec, ...]
+    #: Backends in the balancer's initial config.
+    in_pool: tuple[str, ...]
+    steps: tuple[Step, ...]
+    #: Fault window (shaded on the charts): [start, end) in seconds.
+    window: tuple[float, float]
+    criteria: tuple[Criterion, ...]
+    #: Extra pool keys for the lbtwist target, when the scenario is about them.
+    pool_overrides: dict[str, Any] = attrs.field(factory=dict)
+    mode: str = "http"
+    compare: str = "naive"
+    rate_fn: Callable[[float], float] | None = None
+
+
+def evaluate(plan: Plan, result: "RunResult") -> list[dict[str, Any]]:
+    out = []
+    for c in plan.criteria:
+        try:
+            passed, measured, threshold = c.check(result)
+        except Exception as e:  # a criterion that cannot be measured fails
+            passed, measured, threshold = False, f"not measurable: {e.__class__.__name__}: {e}", ""
+        out.append({"name": c.name, "passed": bool(passed), "measured": measured, "threshold": threshold})
+    return out
+
+
+# -- measuring ---------------------------------------------------------------
+
+FLOOR = 0.050
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 1000:.0f} ms"
+
+
+def baseline_p99(r: "RunResult", before: float) -> float | None:
+    vals = [v for i, v in enumerate(r.series["p99"]) if 2 <= i < before and v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def p99_limit(r: "RunResult", before: float) -> float:
+    base = baseline_p99(r, before)
+    return max(3 * base, FLOOR) if base is not None else FLOOR
+
+
+def window_success(r: "RunResult", start: float, end: float) -> tuple[float | None, int, int]:
+    fin = sum(r.series["finished"][int(start):int(end)])
+    failed = sum(r.series["failed"][int(start):int(end)])
+    return (100.0 * (fin - failed) / fin if fin else None), fin, failed
+
+
+def success_at_least(pct: float, start: float, end: float, what: str = "") -> Criterion:
+    def check(r: "RunResult") -> tuple[bool, str, str]:
+        rate, fin, failed = window_success(r, start, end)
+        ok = rate is not None and rate >= pct
+        return ok, (f"{rate:.2f}% ({failed} of {fin} failed)" if rate is not None else "no requests"), f">= {pct}%"
+    return Criterion(f"client success >= {pct}%{what}", check)
+
+
+def p99_within(start: float, end: float, before: float, name: str) -> Criterion:
+    """Every per-second p99 in [start, end) under the limit (see module doc)."""
+    def check(r: "RunResult") -> tuple[bool, str, str]:
+        lim = p99_limit(r, before)
+        vals = [(i, v) for i, v in enumerate(r.series["p99"]) if start <= i < end]
+        worst = max((v for _, v in vals if v is not None), default=None)
+        bad = [i for i, v in vals if v is None or v > lim]
+        measured = f"worst {_ms(worst)}" + (f"; over the limit at t={bad[0]}s..{bad[-1]}s ({len(bad)} s)" if bad else "")
+        return (not bad and bool(vals)), measured, f"<= {_ms(lim)} (3x baseline {_ms(baseline_p99(r, before))}, floor 50 ms) from t={start:g}s"
+    return Criterion(name, check)
+
+
+def failures_at_most(limit: Callable[["RunResult"], float], start: float, end: float, name: str,
+                     limit_text: Callable[["RunResult"], str], tries: bool = False) -> Criterion:
+    """Failed client requests (or failed tries) in [start, end) at most ``limit``."""
+    def check(r: "RunResult") -> tuple[bool, str, str]:
+        if tries:
+            n = failed_tries(r, start, end)
+        else:
+            n = sum(r.series["failed"][int(start):int(end)])
+        lim = limit(r)
+        return n <= lim, f"{n}", f"<= {limit_text(r)}"
+    return Criterion(name, check)
+
+
+def failed_tries(r: "RunResult", start: float, end: float) -> int:
+    """Tries that failed (a client saw an error or a timeout, retried or not)
+    for requests that arrived in [start, end): tries - requests."""
+    # every request makes 1 + retries tries; a success ends the request, so the
+    # failed tries are the retries plus the final failures
+    att = sum(r.series["attempts"][int(start):int(end)])
+    off = sum(r.series["offered"][int(start):int(end)])
+    failed = sum(r.series["failed"][int(start):int(end)])
+    return max(0, att - off) + failed
+
+
+def attempts_bounded(factor: float, start: float, end: float) -> Criterion:
+    """Backends never see more than ``factor`` x the offered load (3 s sums)."""
+    def check(r: "RunResult") -> tuple[bool, str, str]:
+        off = r.series["offered"]
+        seen = r.series["backend_attempts"]
+        worst = 0.0
+        at = None
+        for i in range(int(start), int(end) - 2):
+            o = sum(off[i:i + 3])
+            s = sum(x for x in seen[i:i + 3] if x is not None)
+            if o and s / o > worst:
+                worst, at = s / o, i
+        return worst <= factor, f"peak {worst:.2f}x" + (f" at t={at}s" if at is not None else ""), f"<= {factor:g}x offered"
+    return Criterion(f"load stays bounded: backend attempts <= {factor:g}x offered", check)
+
+
+def recovers(after: float, within: float, end: float, before: float, success_pct: float) -> Criterion:
+    """From ``after + within`` to ``end``: every second's success >= pct and p99 under the limit."""
+    def check(r: "RunResult") -> tuple[bool, str, str]:
+        lim = p99_limit(r, before)
+        start = int(after + within)
+        bad = []
+        for i in range(start, int(end)):
+            fin, failed, p99 = r.series["finished"][i], r.series["failed"][i], r.series["p99"][i]
+            ok_rate = 100.0 * (fin - failed) / fin if fin else 100.0
+            if ok_rate < success_pct or p99 is None or p99 > lim:
+                bad.append(i)
+        tail = window_success(r, start, end)[0]
+        measured = ("recovered" if not bad else f"not recovered: {len(bad)} bad seconds, last t={bad[-1]}s") + (
+            f"; success {tail:.2f}%" if tail is not None else "")
+        return not bad, measured, f"every second from t={start}s: success >= {success_pct}% and p99 <= {_ms(lim)}"
+    return Criterion(f"recovers within {within:g}s after the trigger ends (no metastable collapse)", check)
+
+
+def state_changes(r: "RunResult", name: str, start: float, end: float) -> int:
+    prev = None
+    n = 0
+    for i, st in enumerate(r.series["lb_states"]):
+        if st is None or not start <= i < end:
+            continue
+        w = "in" if st.get(name) in ("healthy", "slow_start") else "out"
+        if prev is not None and w != prev:
+            n += 1
+        prev = w
+    return n
+
+
+def active_bound(cfg: ActiveHealthConfig | None = None) -> float:
+    """A dead backend is out within interval x unhealthy_threshold + timeout."""
+    c = cfg or ActiveHealthConfig()
+    return c.interval * c.unhealthy_threshold + c.timeout
+
+
+# -- scenarios ---------------------------------------------------------------
+
+def _names(prefix: str, n: int, start: int = 0) -> tuple[str, ...]:
+    return tuple(f"{prefix}{i}" for i in range(start, start + n))
+
+
+def gray_failure(short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
+    onset = 10.0 if short else 20.0
+    dur = duration or (35.0 if short else 90.0)
+    rate = rate or 300.0
+    names = _names("b", 12)
+    slow = "b3"
+
+    async def slow_down(ctx: "DrillContext") -> None:
+        await ctx.faults([slow], latency=0.9, latency_scope="real")
+        await _watch_out(ctx, slow, "slow_out_after", dur - onset)
+
+    return Plan(
+        name="gray-failure",
+        title="Gray failure: one of 12 backends goes slow, its /healthz stays green",
+        story=("12 backends answer real requests in ~2 ms. At the onset one backend's real path jumps to "
+               "~900 ms while its /healthz keeps answering 200 in under a millisecond, so active checks "
+               "never see it. Clients time out after 1 s and retry twice."),
+        rate=rate, duration=dur,
+        groups=(GroupSpec("fleet", names, capacity=8, median=0.002, sigma=0.5),),
+        in_pool=names,
+        steps=(Step(onset, f"{slow}: real-path latency +900 ms (/healthz stays fast)", slow_down),),
+        window=(onset, dur),
+        criteria=(
+            success_at_least(99.5, onset, dur, " from the onset"),
+            p99_within(onset + 10, dur, onset, "p99 recovered within 10s of the onset"),
+        ),
+    )
+
+
+async def _watch_out(ctx: "DrillContext", name: str, mark: str, timeout: float) -> None:
+    """Mark how long after now the balancer takes ``name`` out of rotation."""
+    t = ctx.now()
+
+    async def out() -> bool:
+        st = await ctx.states()
+        return st.get(name) not in ("healthy", "slow_start")
+
+    if await ctx.wait_until(out, timeout, step=0.25):
+        ctx.mark(mark, round(ctx.now() - t, 2))
+        ctx.event(f"{name} out of rotation ({ctx.now() - t:.1f}s after the fault)")
+
+
+def hard_kill(short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
+    kill_at = 8.0 if short else 20.0
+    dur = duration or (32.0 if short else 90.0)
+    back_at = None if short else kill_at + 40.0
+    rate = rate or 300.0
+    victim = "b5"
+    bound = active_bound()
+
+    async def kill(ctx: "DrillContext") -> None:
+        n = await ctx.fleet.inflight([victim])
+        ctx.mark("inflight_at_kill", n)
+        await ctx.kill("victim")
+        ctx.mark("killed_at", round(ctx.now(), 2))
+        await _watch_out(ctx, victim, "out_after", bound + 5)
+
+    async def restart(ctx: "DrillContext") -> None:
+        await ctx.start_group("victim")
+        t = ctx.now()
+
+        async def back() -> bool:
+            return (await ctx.states()).get(victim) in ("healthy", "slow_start")
+
+        if await ctx.wait_until(back, dur - t - 1, step=0.25):
+            ctx.mark("back_after", round(ctx.now() - t, 2))
+            ctx.event(f"{victim} back in rotation ({ctx.now() - t:.1f}s after restart)")
+
+    steps = [Step(kill_at, f"SIGKILL {victim} mid-traffic", kill)]
+    if back_at is not None:
+        steps.append(Step(back_at, f"restart {victim}", restart))
+
+    def out_in_time(r: "RunResult") -> tuple[bool, str, str]:
+        v = r.marks.get("out_after")
+        return (v is not None and v <= bound + 1.0,
+                f"{v:.1f}s" if v is not None else "never (within the bound + 5 s)",
+                f"<= {bound:g}s (interval x unhealthy_threshold + timeout) + 1 s polling")
+
+    names = _names("b", 5)
+    return Plan(
+        name="hard-kill",
+        title="Hard kill: a backend SIGKILLed mid-traffic",
+        story=("6 backends; one runs in its own process and is SIGKILLed under load: its in-flight requests "
+               "are reset, its port refuses connections."
+               + ("" if short else " It is restarted 40 s later.")),
+        rate=rate, duration=dur,
+        groups=(GroupSpec("fleet", names, capacity=8), GroupSpec("victim", (victim,), capacity=8)),
+        in_pool=names + (victim,),
+        steps=tuple(steps),
+        window=(kill_at, back_at if back_at is not None else dur),
+        criteria=(
+            failures_at_most(lambda r: r.marks.get("inflight_at_kill", 0), kill_at, dur,
+                             "failed client requests <= requests in flight on the victim",
+                             lambda r: f"{r.marks.get('inflight_at_kill', '?')} (in flight at the kill)"),
+            Criterion("out of rotation within the active-check bound", out_in_time),
+        ),
+    )
+
+
+def retry_storm(short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
+    onset = 10.0 if short else 20.0
+    length = 10.0 if short else 30.0
+    dur = duration or (40.0 if short else 100.0)
+    end = onset + length
+    rate = rate or 400.0
+    names = _names("b", 6)
+    slow = "b2"
+
+    async def trigger(ctx: "DrillContext") -> None:
+        await ctx.faults([slow], latency=0.5, latency_scope="all")
+
+    async def clear(ctx: "DrillContext") -> None:
+        await ctx.reset([slow])
+
+    return Plan(
+        name="retry-storm",
+        title="Retry storm: backends near capacity, one slows for a while",
+        story=(f"6 backends with 2 workers each and ~20 ms service time run at ~75% of capacity. One slows "
+               f"by 500 ms on every path for {length:g} s, then recovers. Clients retry timeouts twice at once. "
+               "Abandoned work still occupies workers, so a storm can outlive its trigger."),
+        rate=rate, duration=dur,
+        groups=(GroupSpec("fleet", names, capacity=2, median=0.020, sigma=0.5),),
+        in_pool=names,
+        steps=(Step(onset, f"{slow}: +500 ms on all paths", trigger), Step(end, f"{slow}: recovered", clear)),
+        window=(onset, end),
+        criteria=(
+            attempts_bounded(1.2, onset, dur),
+            recovers(end, 10.0, dur, onset, 99.0),
+        ),
+    )
+
+
+def flapping(short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
+    onset = 5.0 if short else 10.0
+    dur = duration or (40.0 if short else 100.0)
+    end = dur - (5.0 if short else 10.0)
+    rate = rate or 200.0
+    names = _names("b", 6)
+    flappy = "b1"
+
+    async def flap(ctx: "DrillContext") -> None:
+        await ctx.faults([flappy], probe_fail_rate=0.5)
+
+    async def steady(ctx: "DrillContext") -> None:
+        await ctx.reset([flappy])
+
+    def no_oscillation(r: "RunResult") -> tuple[bool, str, str]:
+        n = state_changes(r, flappy, onset, dur)
+        return n <= 2, f"{n} state changes", "<= 2 (out once and back once at most)"
+
+    def others_stay(r: "RunResult") -> tuple[bool, str, str]:
+        worst = 0
+        for i, st in enumerate(r.series["lb_states"]):
+            if st is None or i < onset:
+                continue
+            out = [k for k, v in st.items() if k != flappy and v not in ("healthy", "slow_start")]
+            worst = max(worst, len(out))
+        return worst == 0, f"{worst} other backends out at worst", "0"
+
+    return Plan(
+        name="flapping",
+        title="Flapping: a backend whose health probe fails half the time",
+        story=("6 backends; one answers its /healthz with 503 half of the time (random) while serving real "
+               "requests perfectly. The pool should neither oscillate nor hurt clients."),
+        rate=rate, duration=dur,
+        groups=(GroupSpec("fleet", names, capacity=8),),
+        in_pool=names,
+        steps=(Step(onset, f"{flappy}: /healthz fails 50% of the time", flap), Step(end, f"{flappy}: probes pass again", steady)),
+        window=(onset, end),
+        criteria=(
+            Criterion(f"the pool does not oscillate ({flappy})", no_oscillation),
+            Criterion("no other backend leaves rotation", others_stay),
+            success_at_least(99.9, 0, dur),
+        ),
+    )
+
+
+def rolling_deploy(short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
+    start = 5.0 if short else 10.0
+    dur = duration or (40.0 if short else 90.0)
+    rate = rate or 200.0
+    names = _names("b", 4)
+    pause = 1.0 if short else 5.0
+
+    async def deploy(ctx: "DrillContext") -> None:
+        for name in names:
+            group = ctx.fleet.group_of(name)
+            await ctx.drain(name)
+            ctx.event(f"drain {name}")
+
+            async def idle() -> bool:
+                st = await ctx.states()
+                return st.get(name) == "draining" and await ctx.fleet.inflight([name]) == 0
+
+            if not await ctx.wait_until(idle, 30.0):
+                raise RuntimeError(f"{name} did not drain within 30 s")
+            await ctx.kill(group)
+            ctx.event(f"restart {name}")
+            await ctx.start_group(group)
+            await ctx.undrain(name)
+
+            async def back() -> bool:
+                return (await ctx.states()).get(name) in ("healthy", "slow_start")
+
+            if not await ctx.wait_until(back, 30.0, step=0.25):
+                raise RuntimeError(f"{name} not back in rotation within 30 s of the undrain")
+            ctx.event(f"{name} back in rotation")
+            await ctx.sleep(pause)
+        ctx.mark("deployed_at", round(ctx.now(), 2))
+
+    def all_back(r: "RunResult") -> tuple[bool, str, str]:
+        last = next((st for st in reversed(r.series["lb_states"]) if st), {})
+        out = [k for k in names if last.get(k) not in ("healthy", "slow_start")]
+        done = "deployed_at" in r.marks
+        return done and not out, ("all restarted and in rotation" if done and not out else
+                                  f"deploy finished: {done}; out at the end: {out}"), "every backend restarted and back"
+
+    return Plan(
+        name="rolling-deploy",
+        title="Rolling deploy: backends drained and restarted one by one via the admin API",
+        story=("4 backends, each in its own process. One at a time: drain through the admin API, wait until "
+               "nothing is in flight, kill and restart the process, undrain, wait until it is back."),
+        rate=rate, duration=dur,
+        groups=tuple(GroupSpec(f"p{n}", (n,), capacity=8) for n in names),
+        in_pool=names,
+        steps=(Step(start, "rolling deploy starts", deploy),),
+        window=(start, dur - 5.0),
+        criteria=(
+            failures_at_most(lambda r: 0, 0, dur, "zero failed requests", lambda r: "0"),
+            failures_at_most(lambda r: 0, 0, dur, "zero failed tries (no client had to retry)", lambda r: "0", tries=True),
+            Criterion("every backend restarted and back in rotation", all_back),
+        ),
+    )
+
+
+def cold_start(short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
+    join = 8.0 if short else 15.0
+    cold = 10.0 if short else 20.0
+    dur = duration or (35.0 if short else 75.0)
+    rate = rate or 300.0
+    names = _names("b", 6)
+    new = "b6"
+    ramp = cold * 1.5
+
+    async def boot(ctx: "DrillContext") -> None:
+        await ctx.start_group("newcomer")
+
+    def takes_share(r: "RunResult") -> tuple[bool, str, str]:
+        share = [v for v in r.series["share"].get(new, [])[int(dur) - 5:int(dur)] if v is not None]
+        fair = 100.0 / (len(names) + 1)
+        got = statistics.mean(share) if share else 0.0
+        return got >= fair / 2, f"{got:.1f}% of traffic in the last 5 s", f">= {fair / 2:.1f}% (half its fair {fair:.1f}%)"
+
+    return Plan(
+        name="cold-start",
+        title="Cold start: a new backend joins, slow for its first seconds",
+        story=(f"6 warm backends (~5 ms). A 7th starts at t={join:g}s; its service time starts 40x slower and "
+               f"warms up linearly over {cold:g} s. lbtwist runs with slow_start: {ramp:g}s (the key this "
+               "drill is about; its default is off)."),
+        rate=rate, duration=dur,
+        groups=(GroupSpec("fleet", names, capacity=8, median=0.005),
+                GroupSpec("newcomer", (new,), capacity=8, median=0.005, start=False,
+                          faults={"cold_factor": 40.0, "cold_seconds": cold})),
+        in_pool=names + (new,),
+        steps=(Step(join, f"{new} starts cold (40x slower, warming over {cold:g}s)", boot),),
+        window=(join, join + cold),
+        criteria=(
+            p99_within(join, dur, join, "p99 stays flat while the new backend warms up"),
+            success_at_least(99.5, 0, dur),
+            Criterion(f"{new} takes traffic by the end", takes_share),
+        ),
+        pool_overrides={"slow_start": f"{ramp:g}s"},
+    )
+
+
+def reload(short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
+    add_at = 8.0 if short else 15.0
+    remove_at = 20.0 if short else 45.0
+    dur = duration or (35.0 if short else 80.0)
+    rate = rate or 200.0
+    names = _names("b", 6)
+    first, added, removed = names[:4], names[4:], names[:2]
+    after_add = tuple(names)
+    after_remove = tuple(n for n in names if n not in removed)
+
+    async def add(ctx: "DrillContext") -> None:
+        res = await ctx.reload(list(after_add))
+        ctx.event(f"reload: + {', '.join(added)} -> {res}")
+
+    async def remove(ctx: "DrillContext") -> None:
+        res = await ctx.reload(list(after_remove))
+        ctx.event(f"reload: - {', '.join(removed)} -> {res}")
+
+    def added_take_traffic(r: "RunResult") -> tuple[bool, str, str]:
+        lo, hi = int(add_at) + 15, int(remove_at)
+        got = {n: max((v or 0.0 for v in r.series["backend_rate"].get(n, [])[lo:hi]), default=0.0) for n in added}
+        ok = all(v > 0 for v in got.values()) and hi > lo
+        return ok, ", ".join(f"{n}: {v:.0f}/s" for n, v in got.items()), f"> 0/s from 15 s after the reload (t={lo}s..{hi}s)"
+
+    def removed_idle(r: "RunResult") -> tuple[bool, str, str]:
+        lo = int(remove_at) + 10
+        got = {n: max((v or 0.0 for v in r.series["backend_rate"].get(n, [])[lo:int(dur)]), default=0.0) for n in removed}
+        ok = all(v == 0 for v in got.values())
+        return ok, ", ".join(f"{n}: {v:.0f}/s" for n, v in got.items()), f"0/s from 10 s after the reload (t={lo}s on)"
+
+    return Plan(
+        name="reload",
+        title="Reload under load: backends added, then removed",
+        story=(f"4 backends serve; at t={add_at:g}s the config is rewritten with 2 more and reloaded through "
+               f"the admin API; at t={remove_at:g}s it is reloaded again without the first 2."),
+        rate=rate, duration=dur,
+        groups=(GroupSpec("fleet", names, capacity=8),),
+        in_pool=first,
+        steps=(Step(add_at, "reload: add b4, b5", add), Step(remove_at, "reload: remove b0, b1", remove)),
+        window=(add_at, remove_at),
+        criteria=(
+            failures_at_most(lambda r: 0, 0, dur, "zero failed requests", lambda r: "0"),
+            Criterion("added backends take traffic", added_take_traffic),
+            Criterion("removed backends get no new traffic", removed_idle),
+        ),
+    )
+
+
+SCENARIOS: dict[str, Callable[..., Plan]] = {
+    "gray-failure": gray_failure,
+    "retry-storm": retry_storm,
+    "hard-kill": hard_kill,
+    "flapping": flapping,
+    "rolling-deploy": rolling_deploy,
+    "cold-start": cold_start,
+    "reload": reload,
+}
+
+
+def plan_for(name: str, *, short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
+    try:
+        make = SCENARIOS[name]
+    except KeyError:
+        raise ValueError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}") from None
+    return make(short=short, duration=duration, rate=rate)

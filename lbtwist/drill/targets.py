@@ -1,0 +1,244 @@
+# -*- test-case-name: tests.test_drill_targets -*-
+"""The balancer under test as a real process: ``twistd -n lbtwist`` with a
+generated config (defaults or naive), or HAProxy with the equivalent config.
+
+Each target answers the same questions for the runner: is it serving, what
+does it believe about each backend (state words as lbtwist's admin API uses
+them: healthy, slow_start, unhealthy, ejected, draining, ...), and it takes
+the same operations (drain, undrain, reload with a new backend list).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+
+from lbtwist.drill.configs import Setup, haproxy_config, haproxy_states, lbtwist_config, to_yaml
+from lbtwist.drill.control import ControlError, http_call
+from lbtwist.drill.procs import Child, ProcessGone, cpu_seconds, guarded, wait_port
+
+Echo = Callable[[str, str], None]
+
+
+def tree_cpu(pid: int) -> float | None:
+    """CPU seconds of ``pid`` and its direct children (HAProxy's master and
+    worker)."""
+    own = cpu_seconds(pid)
+    if own is None:
+        return None
+    total = own
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(x) for x in f.read().split()]
+    except OSError:
+        kids = []
+    for k in kids:
+        total += cpu_seconds(k) or 0.0
+    return total
+
+
+class _Target:
+    kind = "?"
+    START_TIMEOUT = 40.0
+
+    def __init__(self, reactor: Any, workdir: Path, echo: Echo | None = None) -> None:
+        self.reactor = reactor
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.echo = echo
+        self.child: Child | None = None
+        self.setup: Setup | None = None
+        self.config_text = ""
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid if self.child is not None and not self.child.ended else None
+
+    def cpu(self) -> float | None:
+        pid = self.pid
+        return tree_cpu(pid) if pid is not None else None
+
+    async def _wait_listening(self, port: int) -> None:
+        assert self.child is not None
+        d1 = wait_port(self.reactor, port, self.START_TIMEOUT)
+        d2 = self.child.wait_exit(self.START_TIMEOUT + 5)
+        first = await defer.DeferredList([d1, d2], fireOnOneCallback=True, fireOnOneErrback=True, consumeErrors=True)
+        if self.child.ended:
+            raise ProcessGone(f"{self.kind} exited during start-up (code {self.child.exit_code}):\n" + self.child.tail())
+        if not d1.called:
+            d1.cancel()
+        del first
+
+    async def wait_in_rotation(self, names: set[str], timeout: float) -> dict[str, str]:
+        """Until every backend in ``names`` is in rotation (fails after ``timeout``)."""
+        deadline = self.reactor.seconds() + timeout
+        last: dict[str, str] = {}
+        while True:
+            try:
+                last = await self.states()
+            except ControlError:
+                pass
+            if all(last.get(n) in ("healthy", "slow_start") for n in names):
+                return last
+            if self.reactor.seconds() > deadline:
+                raise ProcessGone(f"{self.kind}: backends not in rotation after {timeout:g}s: {last}")
+            if self.child is not None and self.child.ended:
+                raise ProcessGone(f"{self.kind} exited:\n" + self.child.tail())
+            await deferLater(self.reactor, 0.25, lambda: None)
+
+    async def stop(self) -> None:
+        if self.child is None:
+            return
+        await self.child.terminate(15.0)
+
+    async def states(self) -> dict[str, str]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class LbtwistTarget(_Target):
+    """``twistd -n --pidfile= lbtwist --config GENERATED``."""
+
+    def __init__(self, reactor: Any, workdir: Path, *, naive: bool = False, echo: Echo | None = None) -> None:
+        super().__init__(reactor, workdir, echo)
+        self.naive = naive
+        self.kind = "naive" if naive else "lbtwist"
+        self.config_path = self.workdir / "lbtwist.yaml"
+
+    def _write(self, setup: Setup) -> None:
+        self.setup = setup
+        self.config_text = to_yaml(lbtwist_config(setup, naive=self.naive))
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(self.config_text)
+        os.replace(tmp, self.config_path)
+
+    async def start(self, setup: Setup) -> None:
+        self._write(setup)
+        twistd = os.environ.get("LBTWIST_TWISTD") or _bin("twistd")
+        argv = guarded([twistd, "-n", "--pidfile=", "lbtwist", "--config", str(self.config_path)])
+        self.child = Child(self.reactor, self.kind, argv, cwd=str(self.workdir), echo=self.echo)
+        await self._wait_listening(setup.listen_port)
+        await wait_port(self.reactor, setup.admin_port, 10.0)
+
+    def _admin(self, path: str) -> str:
+        assert self.setup is not None
+        return f"http://127.0.0.1:{self.setup.admin_port}{path}"
+
+    async def states(self) -> dict[str, str]:
+        pool = await http_call(self.reactor, "GET", self._admin("/api/pools/app?history=0"), timeout=2.0)
+        out: dict[str, str] = {}
+        for b in pool.get("backends", []):
+            word = b.get("state", "?")
+            if word in ("healthy", "slow_start") and not b.get("in_rotation", True):
+                word = "out"
+            out[b.get("name") or b.get("address")] = word
+        return out
+
+    async def drain(self, name: str) -> None:
+        await http_call(self.reactor, "POST", self._admin(f"/api/pools/app/backends/{name}/drain"))
+
+    async def undrain(self, name: str) -> None:
+        await http_call(self.reactor, "POST", self._admin(f"/api/pools/app/backends/{name}/undrain"))
+
+    async def reload(self, setup: Setup) -> Any:
+        """Rewrite the config file and ask the admin API to reload it."""
+        self._write(setup)
+        return await http_call(self.reactor, "POST", self._admin("/api/reload"), timeout=10.0)
+
+
+class HAProxyTarget(_Target):
+    """HAProxy in master-worker mode (``-W``, so SIGUSR2 reloads without
+    dropping connections), foreground (``-db``)."""
+
+    kind = "haproxy"
+
+    def __init__(self, reactor: Any, workdir: Path, *, echo: Echo | None = None) -> None:
+        super().__init__(reactor, workdir, echo)
+        self.config_path = self.workdir / "haproxy.cfg"
+        self.socket_path = str(self.workdir / "haproxy.sock")
+
+    @staticmethod
+    def available() -> str | None:
+        return shutil.which("haproxy") or (os.path.exists("/usr/sbin/haproxy") and "/usr/sbin/haproxy") or None
+
+    def _write(self, setup: Setup) -> None:
+        self.setup = setup
+        self.config_text = haproxy_config(setup, self.socket_path)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(self.config_text)
+        os.replace(tmp, self.config_path)
+
+    async def start(self, setup: Setup) -> None:
+        exe = self.available()
+        if exe is None:
+            raise ProcessGone("haproxy is not installed (apt-get install haproxy)")
+        self._write(setup)
+        argv = guarded([exe, "-W", "-db", "-f", str(self.config_path)])
+        self.child = Child(self.reactor, self.kind, argv, cwd=str(self.workdir), echo=self.echo)
+        await self._wait_listening(setup.listen_port)
+        await wait_port(self.reactor, setup.admin_port, 10.0)
+
+    async def states(self) -> dict[str, str]:
+        assert self.setup is not None
+        raw = await http_call(self.reactor, "GET", f"http://127.0.0.1:{self.setup.admin_port}/stats;csv",
+                              timeout=2.0, raw=True)
+        return haproxy_states(raw.decode("utf-8", "replace"))
+
+    async def command(self, line: str) -> str:
+        """One command on the admin socket; returns its answer."""
+        ep = UNIXClientEndpoint(self.reactor, self.socket_path, timeout=5)
+        done: defer.Deferred = defer.Deferred()
+
+        class P(Protocol):
+            buf = b""
+
+            def connectionMade(self) -> None:
+                self.transport.write(line.encode() + b"\n")
+
+            def dataReceived(self, data: bytes) -> None:
+                self.buf += data
+
+            def connectionLost(self, reason: Any = None) -> None:
+                if not done.called:
+                    done.callback(self.buf.decode("utf-8", "replace"))
+
+        await ep.connect(Factory.forProtocol(P))
+        done.addTimeout(5.0, self.reactor)
+        return await done
+
+    async def drain(self, name: str) -> None:
+        await self.command(f"set server app/{name} state drain")
+
+    async def undrain(self, name: str) -> None:
+        await self.command(f"set server app/{name} state ready")
+
+    async def reload(self, setup: Setup) -> Any:
+        self._write(setup)
+        assert self.child is not None
+        self.child.signal("USR2")
+        return {"reloaded": True}
+
+
+def _bin(name: str) -> str:
+    """``name`` installed next to this Python (the venv's twistd), else on PATH."""
+    import sys
+
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    return shutil.which(name) or str(here)
+
+
+def make_target(kind: str, reactor: Any, workdir: Path, echo: Echo | None = None) -> _Target:
+    if kind == "lbtwist":
+        return LbtwistTarget(reactor, workdir, echo=echo)
+    if kind == "naive":
+        return LbtwistTarget(reactor, workdir, naive=True, echo=echo)
+    if kind == "haproxy":
+        return HAProxyTarget(reactor, workdir, echo=echo)
+    raise ValueError(f"unknown target {kind!r}; choose lbtwist, naive or haproxy")

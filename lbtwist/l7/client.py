@@ -1,0 +1,396 @@
+"""The client side of ``mode: http``: one protocol instance per client
+connection, a thin adapter around the sans-IO L{RequestParser}.
+
+It answers requests strictly in order (a pipelined request is parsed only
+after the previous response ended), owns the client-side timeouts (header
+block, body reads, keep-alive idle, stalled writes), turns parse errors into
+400/413/414/431 and a close, and implements the listener contract: ``drain()``
+finishes the current request then closes (its response says
+``Connection: close``), ``abort()`` drops the connection.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from lbtwist import fastio
+from lbtwist.l7.errors import ParseError, error_page
+from lbtwist.l7.exchange import Exchange
+from lbtwist.l7.parser import DONE, HEAD, Request, RequestParser
+from lbtwist.l7.timers import Deadline
+from lbtwist.traffic import TrafficRecord
+
+if TYPE_CHECKING:
+    from lbtwist.l7.listener import HttpProxyFactory
+    from lbtwist.l7.tunnel import Tunnel
+
+log = Logger(namespace="lbtwist.l7.client")
+
+#: Pipelined bytes held while a request is in progress before reads pause.
+PIPELINE_PAUSE = 64 * 1024
+#: How long unread request bytes are drained after an early response before
+#: closing (closing with unread data sends a reset that can destroy the response).
+LINGER = 2.0
+
+
+@implementer(IPushProducer)
+class _WriteFlow:
+    """Registered on the client transport: its buffer filling up means the
+    client reads slower than the backend sends."""
+
+    __slots__ = ("proto",)
+
+    def __init__(self, proto: "HttpProxyProtocol") -> None:
+        self.proto = proto
+
+    def pauseProducing(self) -> None:
+        self.proto._write_blocked()
+
+    def resumeProducing(self) -> None:
+        self.proto._write_unblocked()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IHalfCloseableProtocol)
+class HttpProxyProtocol(Protocol):
+    def __init__(self, ctx: "HttpProxyFactory") -> None:
+        self.ctx = ctx
+        self.exchange: Exchange | None = None
+        self.tunnel: Tunnel | None = None
+        self.parser: RequestParser | None = None
+        self.draining = False
+        self.closed = False
+        self.write_blocked = False
+        #: True while a client read is being parsed (backend writes are held).
+        self.feeding = False
+        self.lingering = False
+        self.half_closed = False
+        self.requests = 0
+        self.client_ip = b""
+        self.client_ip_str = ""
+        self.tls = False
+        self._paused: set[str] = set()
+        self._head_started = False
+        self.deadline: Deadline | None = None
+        self._wdeadline: Deadline | None = None
+
+    # -- Twisted ---------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        ctx = self.ctx
+        t = self.transport
+        peer = t.getPeer()
+        self.client_ip_str = getattr(peer, "host", "") or ""
+        self.client_ip = self.client_ip_str.encode("ascii", "replace")
+        self.tls = ISSLTransport.providedBy(t)
+        if not ctx.track(self):
+            self.closed = True
+            t.write(error_page(503, "too many connections to this listener"))
+            t.loseConnection()
+            return
+        fastio.accelerate(t)
+        try:
+            t.setTcpNoDelay(True)
+        except Exception:  # not TCP (tests, TLS wrappers without it)
+            pass
+        t.registerProducer(_WriteFlow(self), True)
+        http = ctx.http
+        self.parser = RequestParser(
+            self, max_request_line=http.max_request_line, max_header_size=http.max_header_size,
+            max_headers=http.max_headers,
+        )
+        self.deadline = Deadline(ctx.clock, self._timeout)
+        self.deadline.set(http.header_timeout, "idle-header")
+
+    def dataReceived(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.from_client(data)
+            return
+        if self.lingering or self.closed:
+            return
+        parser = self.parser
+        if self.exchange is None and not self._head_started and parser.state == HEAD:  # type: ignore[union-attr]
+            # First byte of a request: the header block must be complete in time
+            # (set once, so a slowloris trickle does not push it back).
+            self._head_started = True
+            self.deadline.set(self.ctx.http.header_timeout, "header")  # type: ignore[union-attr]
+        self.feeding = True
+        try:
+            parser.feed(data)  # type: ignore[union-attr]
+        except ParseError as e:
+            self.feeding = False
+            self._parse_error(e)
+            return
+        self.feeding = False
+        ex = self.exchange
+        if ex is not None:
+            ex.flush()
+            if parser.state == DONE and parser.buffered() > PIPELINE_PAUSE:  # type: ignore[union-attr]
+                self.pause_reading("pipeline")
+
+    def readConnectionLost(self) -> None:
+        """The client half-closed: finish a fully received request, then close."""
+        self.half_closed = True
+        ex = self.exchange
+        if self.tunnel is not None:
+            self.tunnel.client_lost()
+            return
+        if ex is not None and ex.request_complete:
+            return  # exchange_done closes
+        self.abort() if ex is not None else self.close()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        if self._wdeadline is not None:
+            self._wdeadline.cancel()
+        self.ctx.untrack(self)
+        self.closed = True
+        if self.parser is not None:
+            self.parser.stop()
+        tunnel = self.tunnel
+        if tunnel is not None:
+            self.tunnel = None
+            if not tunnel.closed:
+                tunnel.client_lost()
+            return
+        ex = self.exchange
+        if ex is not None:
+            ex.client_lost()
+
+    # -- parser callbacks --------------------------------------------------------------
+
+    def on_request(self, req: Request) -> None:
+        self._head_started = False
+        self.requests += 1
+        deadline = self.deadline
+        if req.has_body:
+            deadline.set(self.ctx.http.body_timeout, "body")  # type: ignore[union-attr]
+        else:
+            deadline.clear()  # type: ignore[union-attr]
+        ex = Exchange(self, req)
+        self.exchange = ex
+        ex.start()
+
+    def on_body(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is not None:
+            if not self._paused:
+                self.deadline.set(self.ctx.http.body_timeout, "body")  # type: ignore[union-attr]
+            ex.body_data(data)
+
+    def on_end(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            if ex.req.has_body:
+                self.deadline.clear()  # type: ignore[union-attr]
+            ex.body_end()
+
+    # -- from the exchange ----------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def exchange_done(self, ex: Exchange, keep_alive: bool) -> None:
+        if self.exchange is ex:
+            self.exchange = None
+        if self.closed:
+            return
+        if self.tunnel is not None or ex.tunnel is not None:
+            self.close()
+            return
+        if not ex.request_complete:
+            self._linger()
+            return
+        if not keep_alive or self.draining or self.half_closed:
+            self.close()
+            return
+        self.deadline.set(self.ctx.http.keepalive_timeout, "keepalive")  # type: ignore[union-attr]
+        parser = self.parser
+        if parser.buffered():  # type: ignore[union-attr]
+            # Pipelined requests: continue from the reactor, after the backend
+            # connection that served this one is back in its pool.
+            self.ctx.clock.callLater(0, self._next_request)
+        else:
+            parser.next()  # type: ignore[union-attr]
+            self.resume_reading("pipeline")
+
+    def _next_request(self) -> None:
+        if self.closed or self.exchange is not None:
+            return
+        self.resume_reading("pipeline")
+        self.feeding = True
+        try:
+            self.parser.next()  # type: ignore[union-attr]
+        except ParseError as e:
+            self.feeding = False
+            self._parse_error(e)
+            return
+        self.feeding = False
+        if self.exchange is not None:
+            self.exchange.flush()
+
+    def start_tunnel(self, tunnel: "Tunnel") -> None:
+        self.tunnel = tunnel
+        self.deadline.cancel()  # type: ignore[union-attr]
+        self._paused.discard("pipeline")
+        rest = self.parser.take_buffer()  # type: ignore[union-attr]
+        self.resume_reading("body")
+        if rest:
+            tunnel.from_client(rest)
+
+    # -- flow control -------------------------------------------------------------------------
+
+    def pause_reading(self, reason: str) -> None:
+        paused = self._paused
+        if reason in paused or self.closed:
+            return
+        if not paused:
+            self.transport.pauseProducing()
+            d = self.deadline
+            if d is not None and d.kind == "body":
+                d.clear()  # not the client's fault while we hold it back
+        paused.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        paused = self._paused
+        if reason not in paused:
+            return
+        paused.discard(reason)
+        if not paused and not self.closed:
+            self.transport.resumeProducing()
+            ex = self.exchange
+            if ex is not None and not ex.request_complete and self.deadline is not None:
+                self.deadline.set(self.ctx.http.body_timeout, "body")
+
+    def _write_blocked(self) -> None:
+        self.write_blocked = True
+        if self._wdeadline is None:
+            self._wdeadline = Deadline(self.ctx.clock, self._timeout)
+        self._wdeadline.set(self.ctx.http.body_timeout, "write")
+        target = self.tunnel or self.exchange
+        if target is not None:
+            target.client_write_blocked()
+
+    def _write_unblocked(self) -> None:
+        self.write_blocked = False
+        if self._wdeadline is not None:
+            self._wdeadline.clear()
+        target = self.tunnel or self.exchange
+        if target is not None:
+            target.client_write_unblocked()
+
+    # -- closing ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close after what was written has been sent."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.parser is not None:
+            self.parser.stop()
+        if self.deadline is not None:
+            self.deadline.cancel()
+        t = self.transport
+        _unregister(t)
+        if self._paused:
+            self._paused.clear()
+        t.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the connection now."""
+        ex = self.exchange
+        if ex is not None:
+            ex.abort()
+        if self.transport is not None and not getattr(self.transport, "disconnected", False):
+            self.closed = True
+            _unregister(self.transport)
+            self.transport.abortConnection()
+
+    def drain(self) -> None:
+        """Finish the current request (its response says Connection: close),
+        then close; close now if idle."""
+        self.draining = True
+        if self.tunnel is not None:
+            return  # a tunnel ends when either side closes, or at the drain timeout
+        if self.exchange is None and not self._head_started:
+            self.close()
+
+    def _linger(self) -> None:
+        """An answer went out before the request body was read: stop
+        forwarding, send our FIN, discard what the client still sends for a
+        moment, then close (a plain close with unread input resets the
+        connection and can destroy the answer in flight)."""
+        self.lingering = True
+        if self.parser is not None:
+            self.parser.stop()
+        self._paused.clear()
+        t = self.transport
+        _unregister(t)
+        try:
+            t.resumeProducing()
+            t.loseWriteConnection()
+        except Exception:
+            self.close()
+            return
+        self.deadline.set(LINGER, "linger")  # type: ignore[union-attr]
+
+    def _timeout(self, kind: str) -> None:
+        if self.closed:
+            return
+        if kind == "header":
+            self._reject(408, "request header not received in time")
+        elif kind == "body":
+            ex = self.exchange
+            if ex is not None and ex.response is None:
+                ex.protocol_error(408, "request body not received in time")
+            else:
+                self.abort()
+        elif kind == "write":
+            log.info("client {client}: not reading the response; closing", client=self.client_ip_str)
+            self.abort()
+        elif kind == "linger":
+            self.abort()
+        else:  # keepalive / idle-header: an idle connection, nothing to answer
+            if self.exchange is None:
+                self.close()
+
+    def _parse_error(self, e: ParseError) -> None:
+        if self.parser is not None:
+            self.parser.stop()
+        ex = self.exchange
+        if ex is not None:
+            ex.protocol_error(e.status, e.reason)
+            if not self.closed:
+                self.close()
+            return
+        self._reject(e.status, e.reason)
+
+    def _reject(self, status: int, reason: str) -> None:
+        """Answer an error outside any exchange (bad request head, header timeout) and close."""
+        log.info("client {client}: {status} {reason}", client=self.client_ip_str, status=status, reason=reason)
+        ctx = self.ctx
+        hub = ctx.runtime.traffic
+        if hub.subscribers:
+            hub.publish(TrafficRecord(kind="http", listener=ctx.name, start=0.0, duration=0.0,
+                                      client=self.client_ip_str, status=status, outcome="rejected", error=reason))
+        self.write(error_page(status, reason))
+        self._linger()
+
+
+def _unregister(transport: Any) -> None:
+    """Unregister our flow producer if it is still registered (closing paths
+    may run twice)."""
+    if getattr(transport, "producer", None) is not None:
+        transport.unregisterProducer()

@@ -1,0 +1,523 @@
+"""One request/response exchange: route the request, choose a backend, run
+an L{Attempt}, relay the response (or answer an error), and account for it.
+
+The exchange sits between the client connection (which parses requests and
+owns client-side timers) and the attempt (which owns one backend
+connection). Bytes for the client are collected in ``out`` and written once
+per event (``flush``), so a response head and its first body bytes leave in
+one send.
+
+Retry policies hook in at L{Exchange.retry}: called with the failed attempt
+before the error page is sent, it may start another attempt (for example
+with L{Exchange.forward_to}) and return True.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.logger import Logger
+
+from lbtwist.l7.chunked import LAST_CHUNK
+from lbtwist.l7.errors import FAILURE_STATUS, error_page
+from lbtwist.l7.forward import Attempt, Failed, RequestBody
+from lbtwist.l7.headers import (
+    FRAME_CHUNKED,
+    FRAME_CLOSE,
+    FRAME_NONE,
+    backend_request_head,
+    client_framing,
+    client_response_head,
+    interim_head,
+)
+from lbtwist.l7.parser import Request, Response
+from lbtwist.l7.plan import RoutePlan
+from lbtwist.l7.tunnel import Tunnel
+from lbtwist.pool import Backend, PickContext, Pool
+from lbtwist.routing import RequestHead, host_without_port
+from lbtwist.traffic import TrafficRecord
+
+if TYPE_CHECKING:
+    from lbtwist.l7.client import HttpProxyProtocol
+
+log = Logger(namespace="lbtwist.l7")
+
+#: Request body bytes held (no connection yet) before the client's reads pause.
+BODY_PAUSE = 256 * 1024
+#: Cap on a response held whole for ``buffering: response``.
+MAX_BUFFERED_RESPONSE = 64 * 1024 * 1024
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Exchange:
+    #: ``retry(exchange, attempt, failure) -> bool``: see the module docstring.
+    retry: Callable[["Exchange", Attempt, Failed], bool] | None = None
+
+    def __init__(self, client: "HttpProxyProtocol", req: Request) -> None:
+        self.client = client
+        ctx = client.ctx
+        self.ctx = ctx
+        self.req = req
+        self.clock = ctx.clock
+        self.started = ctx.clock.seconds()
+        self.wall = time.time()
+        self.plan: RoutePlan | None = None
+        self.pool: Pool | None = None
+        self.backend: Backend | None = None
+        self.attempt: Attempt | None = None
+        self.tries = 0
+        self.exclude: list[Backend] = []
+        self.body = RequestBody(req.chunked, 0) if req.has_body else None
+        self.request_complete = not req.has_body
+        self.response: Response | None = None
+        self.framing = FRAME_NONE
+        self.keep_alive = False
+        self.out: list[bytes] = []
+        #: Backend-bound bytes held until the client's current read is parsed.
+        self.req_out: list[bytes] = []
+        self.status = 0
+        self.bytes_out = 0
+        self.done = False
+        self.request_id = b""
+        self.error: str | None = None
+        self.outcome = "ok"
+        self.set_cookie: tuple[bytes, bytes] | None = None
+        self.resp_buffer: list[bytes] | None = None
+        self.resp_buffered = 0
+        self.waiting_body = False
+        self.head: bytes = b""
+        self.tunnel: Tunnel | None = None
+        self._queue_timer: Any = None
+
+    # -- start ------------------------------------------------------------------------
+
+    def request_head(self) -> RequestHead:
+        """The routing view of the request (built only when routes need it)."""
+        req = self.req
+        target = req.target.decode("latin-1")
+        q = target.find("?")
+        return RequestHead(
+            method=req.method.decode("ascii"),
+            target=target,
+            path=target if q < 0 else target[:q],
+            host=host_without_port(req.host.decode("latin-1")) if req.host else "",
+            headers=tuple((n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in req.all_headers),
+            client=self.client.client_ip_str,
+            tls=self.client.tls,
+        )
+
+    def start(self) -> None:
+        ctx = self.ctx
+        req = self.req
+        router = ctx.router
+        route = router.route(self.request_head() if router.needs_request else None)
+        if route is None:
+            host = req.host.decode("latin-1") if req.host else ""
+            self.reject(404, f"no route for {host}{req.path.decode('latin-1')}")
+            return
+        plan: RoutePlan = route.target
+        self.plan = plan
+        if plan.max_body:
+            if req.content_length is not None and req.content_length > plan.max_body:
+                self.reject(413, f"request body of {req.content_length} bytes is larger than {plan.max_body}")
+                return
+            self.client.parser.max_body = plan.max_body
+        pool = ctx.runtime.pools.get(plan.pool)
+        if pool is None:
+            self.reject(503, f"pool {plan.pool!r} does not exist", outcome="gateway")
+            return
+        self.pool = pool
+        self.request_id = req.request_id or ctx.ids.new()
+        body = self.body
+        if body is not None:
+            body.replay_limit = plan.replay_limit
+            if plan.buffer_request:
+                self.waiting_body = True
+                if req.expect_continue:
+                    req.expect_continue = False  # answered here; the backend gets the whole body
+                    self.out.append(_CONTINUE)
+                return
+        self.forward()
+
+    # -- attempts -----------------------------------------------------------------------
+
+    def pick(self) -> Backend | None:
+        pool = self.pool
+        now = self.clock.seconds()
+        sticky = self.ctx.sticky
+        if sticky is not None:
+            b = sticky.pinned(pool, self.req.cookie, now)  # type: ignore[arg-type]
+            if b is not None and b not in self.exclude:
+                return b
+        key = self.plan.hash_key.key(self.req, self.client.client_ip)  # type: ignore[union-attr]
+        b = pool.select(PickContext(now, key, self.exclude, self.client.client_ip_str))  # type: ignore[union-attr]
+        if b is not None and sticky is not None:
+            self.set_cookie = sticky.header(b)
+        return b
+
+    def forward(self) -> None:
+        """Choose a backend and start an attempt on it (503 if there is none)."""
+        backend = self.pick()
+        if backend is None:
+            self.reject(503, f"no backend available in pool {self.plan.pool!r}", outcome="gateway")  # type: ignore[union-attr]
+            return
+        self.forward_to(backend)
+
+    def forward_to(self, backend: Backend) -> Attempt:
+        """Start an attempt on ``backend`` (also the entry point for retries)."""
+        ctx = self.ctx
+        plan = self.plan
+        req = self.req
+        pool = self.pool
+        pcfg = ctx.runtime.pool_configs.get(pool.name)  # type: ignore[union-attr]
+        if pcfg is not None:
+            conns = ctx.connection_pools.get(pool, backend, pcfg.connection_pool, pcfg.connect_timeout)
+        else:
+            conns = ctx.connection_pools.get(pool, backend, ctx.default_connection_pool, 3.0)
+        if not self.head:
+            self.head = backend_request_head(
+                req,
+                client_ip=self.client.client_ip,
+                tls=self.client.tls,
+                request_id=self.request_id,
+                policy=ctx.forwarding,
+                rewriter=plan.request_rewriter,  # type: ignore[union-attr]
+                upgrade=req.upgrade is not None,
+            )
+        resend_ok = req.method in _IDEMPOTENT or (
+            plan.idempotency_header is not None and req.header(plan.idempotency_header) is not None  # type: ignore[union-attr]
+        )
+        self.backend = backend
+        self.tries += 1
+        self.exclude.append(backend)
+        att = Attempt(
+            self, backend, conns,
+            head=self.head, head_request=req.method == b"HEAD", timeout=plan.timeout,  # type: ignore[union-attr]
+            body=self.body, resend_ok=resend_ok, now=self.clock.seconds(),
+        )
+        self.attempt = att
+        pool.on_start(backend)  # type: ignore[union-attr]
+        if not att.start() and self.attempt is att:
+            # Queued behind the backend's connection cap: bound the wait.
+            self._queue_timer = self.clock.callLater(plan.timeout, self._queue_expired, att)  # type: ignore[union-attr]
+        return att
+
+    def _queue_expired(self, att: Attempt) -> None:
+        self._queue_timer = None
+        if self.attempt is att and att.conn is None and not att.cancelled:
+            att.cancel()
+            self.attempt_failed(att, Failed("pool-full", f"no connection to {att.backend.address} became free in time", sent=False))
+            self.flush()
+
+    def _cancel_queue_timer(self) -> None:
+        t, self._queue_timer = self._queue_timer, None
+        if t is not None and t.active():
+            t.cancel()
+
+    def _finish_attempt(self, att: Attempt, ok: bool, outcome: str) -> None:
+        """Report the attempt to the pool exactly once."""
+        if self.attempt is att:
+            self.attempt = None
+        self._cancel_queue_timer()
+        self.pool.on_finish(att.backend, self.clock.seconds() - att.started, ok, outcome)  # type: ignore[union-attr]
+
+    # -- from the attempt ------------------------------------------------------------------
+
+    def attempt_connected(self, att: Attempt) -> None:
+        self._cancel_queue_timer()
+        self.client.resume_reading("body")
+
+    def attempt_informational(self, att: Attempt, resp: Response) -> None:
+        if resp.status == 100:
+            if self.req.expect_continue:
+                self.out.append(_CONTINUE)
+        elif self.req.version == b"1.1" and resp.status != 101:
+            self.out.append(interim_head(resp))
+
+    def attempt_response(self, att: Attempt, resp: Response) -> None:
+        self._cancel_queue_timer()
+        req = self.req
+        if resp.status == 101:
+            if req.upgrade is None:
+                att.cancel()
+                self.attempt_failed(att, Failed("garbage", "backend switched protocols without an Upgrade request", sent=True))
+                return
+            self._start_tunnel(att, resp)
+            return
+        self.response = resp
+        self.status = resp.status
+        framing = client_framing(resp, req.version)
+        self.framing = framing
+        keep = req.keep_alive and framing != FRAME_CLOSE and not self.client.draining
+        self.keep_alive = keep
+        plan = self.plan
+        extra = (self.set_cookie,) if self.set_cookie is not None else ()
+        if plan.buffer_response and not resp.no_body:  # type: ignore[union-attr]
+            self.resp_buffer = []
+            return
+        self.out.append(client_response_head(
+            resp, framing=framing, keep_alive=keep, client_version=req.version,
+            request_id=self.request_id, policy=self.ctx.forwarding,
+            rewriter=plan.response_rewriter, extra=extra,  # type: ignore[union-attr]
+        ))
+        att.conn.set_timeout(self.ctx.http.body_timeout, "body")  # type: ignore[union-attr]
+
+    def attempt_body(self, data: bytes) -> None:
+        n = len(data)
+        self.bytes_out += n
+        buf = self.resp_buffer
+        if buf is not None:
+            self.resp_buffered += n
+            if self.resp_buffered > MAX_BUFFERED_RESPONSE:
+                att = self.attempt
+                if att is not None:
+                    att.cancel()
+                    self.attempt_failed(att, Failed("garbage", "response too large to buffer", sent=True))
+                return
+            buf.append(data)
+            return
+        if self.framing == FRAME_CHUNKED:
+            self.out.append(b"%x\r\n" % n)
+            self.out.append(data)
+            self.out.append(b"\r\n")
+        else:
+            self.out.append(data)
+        att = self.attempt
+        if att is not None and att.conn is not None and not self.client.write_blocked:
+            att.conn.set_timeout(self.ctx.http.body_timeout, "body")
+
+    def attempt_end(self, att: Attempt) -> None:
+        resp = self.response
+        if self.resp_buffer is not None:
+            body = b"".join(self.resp_buffer)
+            self.resp_buffer = None
+            extra = (self.set_cookie,) if self.set_cookie is not None else ()
+            self.out.append(client_response_head(
+                resp, framing=self.framing, keep_alive=self.keep_alive, client_version=self.req.version,  # type: ignore[arg-type]
+                request_id=self.request_id, policy=self.ctx.forwarding,
+                rewriter=self.plan.response_rewriter, extra=extra, content_length=len(body),  # type: ignore[union-attr]
+            ))
+            self.out.append(body)
+        elif self.framing == FRAME_CHUNKED:
+            self.out.append(LAST_CHUNK)
+        self.flush()
+        att.finish(resp.keep_alive)  # type: ignore[union-attr]
+        status = self.status
+        self._finish_attempt(att, status < 500, "ok" if status < 500 else "5xx")
+        self._done(self.keep_alive)
+
+    def attempt_failed(self, att: Attempt, failure: Failed) -> None:
+        if self.done:
+            return
+        self._finish_attempt(att, False, "gateway")
+        backend = att.backend.address
+        if failure.after_response:
+            log.warn("{method} {path}: backend {backend} failed mid-response: {detail}",
+                     method=self.req.method.decode(), path=self.req.path.decode("latin-1"),
+                     backend=backend, detail=failure.detail)
+            self.error = f"backend {backend}: {failure.detail} (mid-response)"
+            self.outcome = "gateway"
+            self.flush()
+            self.client.abort()
+            self._done(False)
+            return
+        retry = self.retry
+        if retry is not None and retry(self, att, failure):
+            return
+        status = FAILURE_STATUS.get(failure.code, 502)
+        cause = f"backend {backend}: {failure.detail}"
+        log.warn("{method} {path}: {status} {cause}", method=self.req.method.decode(),
+                 path=self.req.path.decode("latin-1"), status=status, cause=cause)
+        self.reject(status, cause, outcome="gateway")
+
+    def backend_write_blocked(self) -> None:
+        self.client.pause_reading("backend")
+        att = self.attempt
+        if att is not None and att.conn is not None and self.response is None:
+            # Bound how long a backend may leave the upload unread.
+            att.conn.set_timeout(self.ctx.http.body_timeout, "write")
+
+    def backend_write_unblocked(self) -> None:
+        self.client.resume_reading("backend")
+        att = self.attempt
+        if att is not None and att.conn is not None and att.conn.deadline.kind == "write":
+            if att.body_done:
+                att.conn.set_timeout(att.timeout, "response")
+            else:
+                att.conn.deadline.clear()
+
+    # -- from the client connection ---------------------------------------------------------
+
+    def body_data(self, data: bytes) -> None:
+        if self.done:
+            return
+        body = self.body
+        att = self.attempt
+        if att is not None and att.accepting_body:
+            att.body_data(data)
+            body.add(data, True)  # type: ignore[union-attr]
+        else:
+            body.add(data, False)  # type: ignore[union-attr]
+            if not self.waiting_body and body.unsent_size > BODY_PAUSE:  # type: ignore[union-attr]
+                self.client.pause_reading("body")
+
+    def body_end(self) -> None:
+        self.request_complete = True
+        if self.done:
+            return
+        body = self.body
+        if body is None:
+            return
+        body.complete = True
+        if self.waiting_body:
+            self.waiting_body = False
+            self.forward()
+            return
+        att = self.attempt
+        if att is not None and att.accepting_body:
+            att.body_end()
+
+    def client_write_blocked(self) -> None:
+        att = self.attempt
+        if att is not None and att.conn is not None:
+            att.conn.pause_reading()
+            att.conn.deadline.clear()
+
+    def client_write_unblocked(self) -> None:
+        att = self.attempt
+        if att is not None and att.conn is not None:
+            att.conn.resume_reading()
+            if self.response is not None:
+                att.conn.set_timeout(self.ctx.http.body_timeout, "body")
+
+    def client_lost(self) -> None:
+        """The client went away: abandon the backend side (not its fault)."""
+        if self.done:
+            return
+        att = self.attempt
+        if att is not None:
+            att.cancel()
+            self._finish_attempt(att, True, "cancelled")
+        self.outcome = "cancelled"
+        self.out = []
+        self._done(False)
+
+    def abort(self) -> None:
+        """Drop everything now (drain timeout, protocol error mid-request)."""
+        if self.done:
+            return
+        att = self.attempt
+        if att is not None:
+            att.cancel()
+            self._finish_attempt(att, True, "cancelled")
+        self.outcome = "cancelled"
+        self._done(False)
+
+    def protocol_error(self, status: int, reason: str) -> None:
+        """The client sent a bad request body (e.g. malformed chunk, too large)."""
+        if self.done:
+            return
+        self.req_out = []  # never forward any part of a bad request
+        att = self.attempt
+        if att is not None:
+            att.cancel()
+            self._finish_attempt(att, True, "cancelled")
+        if self.response is not None:
+            self.outcome = "rejected"
+            self.error = reason
+            self.flush()
+            self.client.abort()
+            self._done(False)
+            return
+        self.request_complete = False
+        self.reject(status, reason)
+
+    # -- output ------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        rq = self.req_out
+        if rq:
+            self.req_out = []
+            att = self.attempt
+            if att is not None and att.conn is not None:
+                att.conn.write(rq[0] if len(rq) == 1 else b"".join(rq))
+        out = self.out
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self.out = []
+            self.client.write(data)
+
+    def reject(self, status: int, cause: str, outcome: str = "rejected") -> None:
+        """Answer ``status`` ourselves (before any response byte was sent)."""
+        if self.done:
+            return
+        self.status = status
+        self.error = cause
+        self.outcome = outcome
+        keep = self.req.keep_alive and self.request_complete and not self.client.draining
+        extra = ((self.ctx.forwarding.request_id_header, self.request_id),) if self.request_id else ()
+        self.out.append(error_page(status, cause, close=not keep, head_only=self.req.method == b"HEAD", extra=extra))
+        self.flush()
+        self._done(keep)
+
+    def _done(self, keep_alive: bool) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._cancel_queue_timer()
+        ctx = self.ctx
+        hub = ctx.runtime.traffic
+        if hub.subscribers:
+            req = self.req
+            hub.publish(TrafficRecord(
+                kind="http", listener=ctx.name, start=self.wall,
+                duration=self.clock.seconds() - self.started, client=self.client.client_ip_str,
+                pool=self.plan.pool if self.plan else None,
+                backend=self.backend.address if self.backend else None,
+                route=self.plan.name if self.plan else None,
+                method=req.method.decode("ascii"), path=req.path.decode("latin-1"),
+                status=self.status or None, bytes_in=self.body.size if self.body else 0,
+                bytes_out=self.bytes_out, tries=self.tries,
+                request_id=self.request_id.decode("latin-1") if self.request_id else None,
+                outcome=self.outcome, error=self.error,
+            ))
+        self.client.exchange_done(self, keep_alive)
+
+    # -- upgrade --------------------------------------------------------------------------------
+
+    def _start_tunnel(self, att: Attempt, resp: Response) -> None:
+        from lbtwist.l7.backend import TUNNEL
+
+        req = self.req
+        self.status = 101
+        self.response = resp
+        self.out.append(client_response_head(
+            resp, framing=FRAME_NONE, keep_alive=True, client_version=req.version,
+            request_id=self.request_id, policy=self.ctx.forwarding,
+            rewriter=self.plan.response_rewriter,  # type: ignore[union-attr]
+        ))
+        self.flush()
+        conn = att.conn
+        att.conn = None
+        if self.attempt is att:
+            self.attempt = None
+        self._cancel_queue_timer()
+        conn.state = TUNNEL  # type: ignore[union-attr]
+        conn.deadline.clear()  # type: ignore[union-attr]
+        started = att.started
+
+        def closed(tunnel: Tunnel) -> None:
+            self.bytes_out = tunnel.bytes_out
+            self.pool.on_finish(att.backend, self.clock.seconds() - started, True, "ok")  # type: ignore[union-attr]
+            self._done(False)
+
+        idle = self.ctx.listener.idle_timeout or 3600.0
+        tunnel = Tunnel(self.client, conn, self.clock, idle, closed)
+        conn.tunnel = tunnel  # type: ignore[union-attr]
+        conn.user = tunnel  # type: ignore[union-attr]
+        self.tunnel = tunnel
+        self.client.start_tunnel(tunnel)
+
+
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))

@@ -1,0 +1,116 @@
+"""``mode: http`` listeners: the service the lead's tree starts, and the
+factory every client connection of the listener shares (config resolved once:
+router, forwarding policy, limits, sticky cookie, connection pools)."""
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+
+from lbtwist.config.model import ConnectionPoolConfig, ListenerConfig
+from lbtwist.l7.affinity import StickyCookie
+from lbtwist.l7.client import HttpProxyProtocol
+from lbtwist.l7.connpool import ConnectionPools
+from lbtwist.l7.headers import ForwardingPolicy, RequestIds
+from lbtwist.l7.plan import RoutePlan
+from lbtwist.listener import ListenerService
+from lbtwist.routing import Router
+
+log = Logger(namespace="lbtwist.l7")
+
+
+def connection_pools(runtime: Any) -> ConnectionPools:
+    """The runtime's shared backend connection pools (created on first use)."""
+    pools = getattr(runtime, "connection_pools", None)
+    if pools is None:
+        pools = ConnectionPools(runtime.reactor)
+        runtime.connection_pools = pools
+    return pools
+
+
+def build_router(cfg: ListenerConfig, registry: Any) -> Router:
+    """Routes of ``cfg`` with their plans; ValueError names a bad route."""
+    http = cfg.http
+    default = RoutePlan.build(None, "default", cfg.pool, http) if cfg.pool else None
+    return Router.build(
+        cfg.routes,
+        registry.rules,
+        make_target=lambda rcfg, name: RoutePlan.build(rcfg, name, rcfg.pool, http),
+        default=default,
+        where=f"listener {cfg.name}: routes",
+    )
+
+
+class HttpProxyFactory(ServerFactory):
+    """Shared by the client connections of one listener."""
+
+    noisy = False
+
+    def __init__(self, cfg: ListenerConfig, runtime: Any, router: Router | None = None) -> None:
+        self.listener = cfg
+        self.name = cfg.name
+        self.runtime = runtime
+        self.clock = runtime.reactor
+        self.http = cfg.http
+        self.router = router if router is not None else build_router(cfg, runtime.registry)
+        self.forwarding = ForwardingPolicy(
+            mode=cfg.http.forwarded,
+            request_id_header=cfg.http.request_id_header.lower().encode(),
+        )
+        self.ids = RequestIds()
+        self.sticky = StickyCookie(cfg.http.sticky_cookie) if cfg.http.sticky_cookie else None
+        self.connection_pools = connection_pools(runtime)
+        self.default_connection_pool = ConnectionPoolConfig()
+        self.max_connections = cfg.max_connections
+        self.active = 0
+        self.service: ListenerService | None = None
+
+    def buildProtocol(self, addr: Any) -> HttpProxyProtocol:
+        p = HttpProxyProtocol(self)
+        p.factory = self
+        return p
+
+    def track(self, proto: HttpProxyProtocol) -> bool:
+        """Count a new connection; False when over max_connections."""
+        if self.active >= self.max_connections:
+            log.warn("listener {name}: {n} connections, refusing more", name=self.name, n=self.active)
+            return False
+        self.active += 1
+        proto._tracked = True
+        if self.service is not None:
+            self.service.track(proto)
+        return True
+
+    def untrack(self, proto: HttpProxyProtocol) -> None:
+        if getattr(proto, "_tracked", False):
+            proto._tracked = False
+            self.active -= 1
+            if self.service is not None:
+                self.service.untrack(proto)
+
+
+class HttpListenerService(ListenerService):
+    """A ListenerService whose drain waits as long as its pools' drain_timeout."""
+
+    def __init__(self, cfg: ListenerConfig, runtime: Any) -> None:
+        self.proxy = HttpProxyFactory(cfg, runtime)
+        super().__init__(cfg.name, cfg.bind, self.proxy, runtime.reactor)
+        self.proxy.service = self
+        self.cfg = cfg
+        self.runtime = runtime
+
+    def drain_timeout(self) -> float:
+        names = {self.cfg.pool} | {r.pool for r in self.cfg.routes}
+        timeouts = [self.runtime.pool_configs[n].drain_timeout for n in names if n in self.runtime.pool_configs]
+        return max(timeouts) if timeouts else 30.0
+
+    def stopService(self, drain_timeout: float | None = None) -> Any:
+        if drain_timeout is None:
+            drain_timeout = self.drain_timeout()
+        return super().stopService(drain_timeout)
+
+
+def http_listener(cfg: ListenerConfig, runtime: Any) -> HttpListenerService:
+    """The service for a ``mode: http`` listener (the lead's service tree calls this)."""
+    return HttpListenerService(cfg, runtime)

@@ -1,0 +1,168 @@
+"""Config checks for the TLS blocks, for L{lbtwist.config.validate}.
+
+Each function yields ``(path, severity, message)`` with ``path`` relative to
+the block it was given, so the validator can place it on its YAML line. File
+checks read the files exactly as start-up and reload will, so an error here is
+the error the operator would otherwise meet at SIGHUP.
+"""
+from __future__ import annotations
+
+import datetime
+from typing import Any, Iterator
+
+from OpenSSL import SSL
+
+from lbtwist.tls.context import OPENSSL_CACHE_SIZE, tls_version
+from lbtwist.tls.files import TLSFileError, load_ca_bundle, load_certificate_pair
+from lbtwist.tls.sni import check_name_pattern
+
+__all__ = ["check_listener_tls", "check_passthrough", "check_pool_tls", "EXPIRY_WARNING"]
+
+Found = tuple[str, str, str]
+
+#: Warn when a certificate expires sooner than this.
+EXPIRY_WARNING = 14 * 86400.0
+
+#: ALPN protocols lbtwist can actually speak on an http listener.
+HTTP_ALPN = ("http/1.1",)
+
+
+def _covers(pattern: str, names: tuple[str, ...]) -> bool:
+    """Would a client asking for ``pattern`` accept a certificate for ``names``?"""
+    for n in names:
+        if n == pattern:
+            return True
+        if n.startswith("*.") and not pattern.startswith("*."):
+            dot = pattern.find(".")
+            if dot > 0 and pattern[dot + 1:] == n[2:]:
+                return True
+    return False
+
+
+def _file_problem(e: TLSFileError, cert_path: str, base: str) -> Found:
+    where = f"{base}.cert" if e.path == cert_path else f"{base}.key"
+    return where, "error", str(e)
+
+
+def _versions_and_ciphers(cfg: Any, with_ciphers: bool) -> Iterator[Found]:
+    try:
+        tls_version(cfg.min_version)
+    except ValueError as e:
+        yield "min_version", "error", str(e)
+    if not with_ciphers:
+        return
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    try:
+        ctx.set_cipher_list(cfg.ciphers.encode("ascii"))
+    except (SSL.Error, UnicodeEncodeError):
+        yield "ciphers", "error", f"OpenSSL accepts no cipher from {cfg.ciphers!r}"
+    try:
+        ctx.set_tls13_ciphersuites(cfg.ciphersuites.encode("ascii"))
+        SSL.Connection(ctx)  # unknown 1.3 suites only show here
+    except (SSL.Error, UnicodeEncodeError):
+        yield "ciphersuites", "error", f"OpenSSL rejects the TLS 1.3 suites {cfg.ciphersuites!r}"
+
+
+def check_listener_tls(cfg: Any, mode: str, now: float) -> Iterator[Found]:
+    """Problems in a listener's ``tls:`` block."""
+    if mode not in ("http", "tcp"):
+        yield "", "error", f"tls needs mode: http or tcp (this listener is {mode})"
+        return
+    if not cfg.certificates:
+        yield "certificates", "error", "at least one certificate is needed"
+    owner: dict[str, str] = {}
+    defaults = []
+    for i, c in enumerate(cfg.certificates):
+        base = f"certificates[{i}]"
+        if c.default:
+            defaults.append(base)
+        try:
+            cf = load_certificate_pair(c.cert, c.key, now)
+        except TLSFileError as e:
+            yield _file_problem(e, c.cert, base)
+            cf = None
+        if cf is not None and cf.not_after - now < EXPIRY_WARNING:
+            when = datetime.datetime.fromtimestamp(cf.not_after, datetime.timezone.utc).strftime("%Y-%m-%d")
+            yield f"{base}.cert", "warning", f"{c.cert}: certificate expires soon ({when})"
+        if cf is not None and not c.names and not cf.names:
+            yield f"{base}.cert", "warning", (
+                f"{c.cert}: the certificate has no DNS subjectAltName, so no SNI name selects it "
+                "(list names: or make it the default)"
+            )
+        names = c.names if c.names else (cf.names if cf is not None else ())
+        for j, n in enumerate(names):
+            npath = f"{base}.names[{j}]" if c.names else f"{base}.cert"
+            try:
+                p = check_name_pattern(n)
+            except ValueError as e:
+                yield npath, "error", str(e)
+                continue
+            if p in owner:
+                yield npath, "error", f"server name {p!r} is already served by {owner[p]}"
+            else:
+                owner[p] = base
+            if c.names and cf is not None and not _covers(p, cf.names):
+                yield npath, "warning", f"{p!r} is not among the certificate's names {list(cf.names)}: clients will refuse it"
+    if len(defaults) > 1:
+        yield defaults[1] + ".default", "error", f"only one certificate can be the default (also {defaults[0]})"
+    yield from _versions_and_ciphers(cfg, with_ciphers=True)
+    if mode == "http" and cfg.alpn is not None:
+        for j, p in enumerate(cfg.alpn):
+            if p not in HTTP_ALPN:
+                yield f"alpn[{j}]", "error", f"an http listener speaks only {', '.join(HTTP_ALPN)}; {p!r} would break clients that pick it"
+    sc, st = cfg.session_cache, cfg.session_tickets
+    if sc.size > OPENSSL_CACHE_SIZE:
+        yield "session_cache.size", "error", f"above OpenSSL's fixed cache limit of {OPENSSL_CACHE_SIZE}"
+    if sc.timeout <= 0:
+        yield "session_cache.timeout", "error", "must be above 0"
+    if st.enabled:
+        if st.keep < 1:
+            yield "session_tickets.keep", "error", "must be at least 1 (the current key)"
+        elif st.rotate > 0 and st.rotate * (st.keep - 1) < sc.timeout:
+            yield "session_tickets.rotate", "warning", (
+                f"a ticket's key is dropped {st.rotate * (st.keep - 1):g}s after its rotation, before the "
+                f"session timeout ({sc.timeout:g}s): raise keep or rotate, or clients fall back to full handshakes"
+            )
+
+
+def check_passthrough(cfg: Any, mode: str, has_listener_pool: bool) -> Iterator[Found]:
+    """Problems in a listener's ``tls_passthrough:`` block (pool names are
+    checked with the other pool references)."""
+    if mode != "tcp":
+        yield "", "error", f"tls_passthrough needs mode: tcp (this listener is {mode})"
+    seen: dict[str, str] = {}
+    for pattern in cfg.routes:
+        try:
+            p = check_name_pattern(pattern)
+        except ValueError as e:
+            yield f"routes[{pattern!r}]", "error", str(e)
+            continue
+        if p in seen:
+            yield f"routes[{pattern!r}]", "error", f"server name {p!r} is routed twice (also {seen[p]!r})"
+        seen[p] = pattern
+    if cfg.default is None and not has_listener_pool:
+        yield "default", "warning", "no default pool: connections without SNI or with an unrouted name are closed"
+
+
+def check_pool_tls(cfg: Any, now: float) -> Iterator[Found]:
+    """Problems in a pool's ``tls:`` block."""
+    if cfg.ca:
+        try:
+            load_ca_bundle(cfg.ca)
+        except TLSFileError as e:
+            yield "ca", "error", str(e)
+    if cfg.cert:
+        try:
+            load_certificate_pair(cfg.cert, cfg.key, now)
+        except TLSFileError as e:
+            yield _file_problem(e, cfg.cert, "")[0].lstrip("."), "error", str(e)
+    elif cfg.key:
+        yield "key", "error", "a client key needs its certificate (cert)"
+    yield from _versions_and_ciphers(cfg, with_ciphers=False)
+    if cfg.server_name is not None:
+        try:
+            check_name_pattern(cfg.server_name)
+            if cfg.server_name.startswith("*."):
+                raise ValueError(f"{cfg.server_name!r}: a backend name cannot be a wildcard")
+        except ValueError as e:
+            yield "server_name", "error", str(e)
