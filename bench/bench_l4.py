@@ -9,6 +9,10 @@ Two measures, each printed per contender with its ratio to HAProxy:
   - bulk MB/s: one TCP stream of ``--bulk`` bytes from a Python source through
     the relay to a Python sink.
 
+For each it also prints the proxy's own CPU time per connection / per GiB
+(from /proc): on a shared machine the rates swing with other load, the CPU
+cost per unit of work much less, so both ratios are shown.
+
 Method (see /work/shared/notes/performance-facts.md): every proxy runs on CPU 0,
 load generators and origins on CPU 1 (taskset); contenders are interleaved
 A B A B ... for ``--rounds`` rounds and the medians compared, because this
@@ -62,6 +66,13 @@ def wait_port(port: int, what: str, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise SystemExit(f"{what}: nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (from /proc), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def parse_size(text: str) -> int:
@@ -197,7 +208,7 @@ def start_sink(procs: Procs, tmp: Path) -> int:
     return int(pf.read_text())
 
 
-def start_haproxy(procs: Procs, tmp: Path, http_port: int, sink_port: int) -> tuple[int, int]:
+def start_haproxy(procs: Procs, tmp: Path, http_port: int, sink_port: int) -> tuple[tuple[int, int], tuple[int, int]]:
     fe_http, fe_bulk = free_port(), free_port()
     cfg = tmp / "haproxy.cfg"
     cfg.write_text(
@@ -222,13 +233,14 @@ backend be_bulk
     server s1 127.0.0.1:{sink_port}
 """
     )
-    procs.start(["haproxy", "-db", "-f", str(cfg)], PROXY_CPU, stderr=open(tmp / "haproxy.stderr", "w"))
+    p = procs.start(["haproxy", "-db", "-f", str(cfg)], PROXY_CPU, stderr=open(tmp / "haproxy.stderr", "w"))
     wait_port(fe_http, f"haproxy (see {tmp}/haproxy.stderr)")
     wait_port(fe_bulk, f"haproxy (see {tmp}/haproxy.stderr)")
-    return fe_http, fe_bulk
+    # taskset execs haproxy: same pid. One process serves both frontends.
+    return (fe_http, p.pid), (fe_bulk, p.pid)
 
 
-def start_lbtwist(procs: Procs, backend_port: int, extra: list[str]) -> int:
+def start_lbtwist(procs: Procs, backend_port: int, extra: list[str]) -> tuple[int, int]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     p = procs.start(
         [PY, "-m", "lbtwist.l4", "--backend", f"127.0.0.1:{backend_port}", "--max-connections", "8000", *extra],
@@ -237,35 +249,44 @@ def start_lbtwist(procs: Procs, backend_port: int, extra: list[str]) -> int:
     line = p.stdout.readline()
     if not line.startswith("LISTENING"):
         raise SystemExit(f"lbtwist relay did not start: {line!r}")
-    return int(line.split()[1])
+    return int(line.split()[1]), p.pid
 
 
 # -- measurements ------------------------------------------------------------------
 
 
-def measure_conns(port: int, duration: int, connections: int) -> float:
+def measure_conns(port: int, pid: int, duration: int, connections: int, keepalive: bool = False) -> tuple[float, float]:
+    """(requests/s, proxy CPU microseconds per request); one connection per
+    request unless ``keepalive``."""
+    c0 = cpu_seconds(pid)
+    close = [] if keepalive else ["-H", "Connection: close"]
     out = subprocess.run(
         ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{duration}s",
-         "-H", "Connection: close", f"http://127.0.0.1:{port}/"],
+         *close, f"http://127.0.0.1:{port}/"],
         capture_output=True, text=True, timeout=duration + 30,
     ).stdout
+    cpu = cpu_seconds(pid) - c0
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if not m:
+    n = re.search(r"(\d+) requests in", out)
+    if not m or not n:
         raise SystemExit(f"wrk output not understood:\n{out}")
     errors = re.search(r"Socket errors:.*|Non-2xx.*", out)
     if errors:
         print(f"      (wrk: {errors.group(0).strip()})")
-    return float(m.group(1))
+    return float(m.group(1)), cpu / int(n.group(1)) * 1e6
 
 
-def measure_bulk(port: int, total: int) -> float:
+def measure_bulk(port: int, pid: int, total: int) -> tuple[float, float]:
+    """(MB/s, proxy CPU seconds per GiB)."""
+    c0 = cpu_seconds(pid)
     out = subprocess.run(
         ["taskset", "-c", LOAD_CPU, PY, __file__, "--role", "source", str(port), str(total)],
         capture_output=True, text=True, timeout=300,
     )
     if out.returncode != 0:
         raise SystemExit(f"bulk source failed: {out.stderr}")
-    return float(out.stdout.strip())
+    cpu = cpu_seconds(pid) - c0
+    return float(out.stdout.strip()), cpu / (total / 2**30)
 
 
 def main() -> None:
@@ -275,6 +296,8 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=50, help="wrk concurrent connections")
     ap.add_argument("--bulk", type=parse_size, default=1 << 30, help="bytes per bulk stream (e.g. 1GiB)")
     ap.add_argument("--variants", default="tuned,stock", help=f"lbtwist variants: {','.join(VARIANTS)}")
+    ap.add_argument("--keepalive", action="store_true",
+                    help="wrk over persistent connections (requests/s through the relay) instead of Connection: close")
     ap.add_argument("--skip-conns", action="store_true")
     ap.add_argument("--skip-bulk", action="store_true")
     ap.add_argument("--role", help=argparse.SUPPRESS)
@@ -302,30 +325,41 @@ def main() -> None:
                 start_lbtwist(procs, sink_port, VARIANTS[v]),
             )
         names = list(ports)
+        rate_label, cost_label = ("req/s", "us/req") if args.keepalive else ("conns/s", "us/conn")
         conns: dict[str, list[float]] = {n: [] for n in names}
+        conns_cpu: dict[str, list[float]] = {n: [] for n in names}
         bulk: dict[str, list[float]] = {n: [] for n in names}
+        bulk_cpu: dict[str, list[float]] = {n: [] for n in names}
         print(f"load avg before: {os.getloadavg()[0]:.2f}; rounds={args.rounds} duration={args.duration}s "
               f"wrk -c{args.connections} bulk={args.bulk / 2**20:.0f} MiB")
         for r in range(1, args.rounds + 1):
             order = names if r % 2 else list(reversed(names))  # A B ... then ... B A
             for n in order:
                 if not args.skip_conns:
-                    c = measure_conns(ports[n][0], args.duration, args.connections)
+                    c, cu = measure_conns(*ports[n][0], args.duration, args.connections, args.keepalive)
                     conns[n].append(c)
-                    print(f"  round {r} {n:16s} conns/s {c:10.0f}", flush=True)
+                    conns_cpu[n].append(cu)
+                    print(f"  round {r} {n:16s} {rate_label} {c:10.0f}   proxy CPU {cu:6.0f} {cost_label}", flush=True)
                 if not args.skip_bulk:
-                    b = measure_bulk(ports[n][1], args.bulk)
+                    b, bu = measure_bulk(*ports[n][1], args.bulk)
                     bulk[n].append(b)
-                    print(f"  round {r} {n:16s} bulk MB/s {b:8.1f}", flush=True)
+                    bulk_cpu[n].append(bu)
+                    print(f"  round {r} {n:16s} bulk MB/s {b:8.1f}   proxy CPU {bu:6.2f} s/GiB", flush=True)
         print(f"load avg after: {os.getloadavg()[0]:.2f}")
-        print("\nmedians (ratio to haproxy):")
-        for label, table, unit in (("conns/s", conns, ""), ("bulk MB/s", bulk, "")):
+        print("\nmedians; ratio = lbtwist/haproxy for rates, haproxy/lbtwist for CPU cost (higher is better):")
+        for label, table, higher_better in (
+            (rate_label, conns, True),
+            (cost_label, conns_cpu, False),
+            ("bulk MB/s", bulk, True),
+            ("s/GiB", bulk_cpu, False),
+        ):
             if not table["haproxy"]:
                 continue
             base = statistics.median(table["haproxy"])
             for n in names:
                 med = statistics.median(table[n])
-                print(f"  {label:10s} {n:16s} {med:10.1f}   x{med / base:.2f}")
+                ratio = med / base if higher_better else base / med
+                print(f"  {label:10s} {n:16s} {med:10.2f}   x{ratio:.2f}")
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)

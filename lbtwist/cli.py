@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="validate a config and review it against the operational checklist; exit 0 clean, 1 warnings, 2 errors")
     p.add_argument("config")
     p.set_defaults(func=_check)
+    p = sub.add_parser("drill", help="run a chaos drill against a real balancer and grade it (docs/drills.md)")
+    from lbtwist.drill.cli import add_arguments as _drill_arguments, run as _drill
+
+    _drill_arguments(p)
+    p.set_defaults(func=_drill)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -120,6 +120,10 @@ class LbtwistService(MultiService):
             from lbtwist.demo import demo_service
 
             demo_service(config.demo, self.reactor).setServiceParent(self)
+        if config.access_log is not None:
+            from lbtwist.accesslog import access_log_service
+
+            access_log_service(config.access_log, rt).setServiceParent(self)
         self.health = self._health_service()
         if self.health is not None:
             self.health.setServiceParent(self)

@@ -226,9 +226,7 @@ async def test_real_relay_connections_are_logged(tmp_path):
         pools: [{{name: echo, backends: [{{address: "127.0.0.1:{port}"}}]}}]
         access_log: {{path: "{tmp_path / 'access.log'}", flush_interval: 0}}
     """), registry).config
-    svc = LbtwistService(config, reactor, registry)
-    log = AccessLogService(config.access_log, svc.runtime)
-    log.startService()
+    svc = LbtwistService(config, reactor, registry)  # starts the access log itself
     svc.startService()
     try:
         relay = svc.listeners.getServiceNamed("echo").address.port
@@ -250,5 +248,4 @@ async def test_real_relay_connections_are_logged(tmp_path):
             assert 0 < x["duration_ms"] < 10_000
     finally:
         await svc.stopService()
-        log.stopService()
         await echo.stopListening()

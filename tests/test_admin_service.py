@@ -188,6 +188,39 @@ async def test_stopping_closes_keep_alive_connections():
     assert not svc.connections and client.transport.connected == 0
 
 
+@pytest_twisted.ensureDeferred
+async def test_reload_takes_a_new_token_without_rebinding(tmp_path):
+    from lbtwist.config.model import Config
+
+    old_file, new_file = tmp_path / "old.token", tmp_path / "new.token"
+    old_file.write_text("old-token-0123456789\n")
+    new_file.write_text("new-token-0123456789\n")
+    cfg = Config(admin=AdminConfig(bind="tcp:0:interface=127.0.0.1", token_file=str(old_file)))
+    rt = Runtime(reactor=reactor, registry=Registry(), config=cfg)
+    svc = admin_service(cfg.admin, rt)
+    svc.startService()
+    try:
+        url = f"http://127.0.0.1:{svc.address.port}/api/pools"
+
+        async def code(token):
+            r = await treq.get(url, headers={"Authorization": f"Bearer {token}"}, persistent=False).addTimeout(DEADLINE, reactor)
+            await r.content()
+            return r.code
+
+        assert await code("old-token-0123456789") == 200
+        # what the service tree's reload does: swap the runtime's config
+        rt.config = Config(admin=AdminConfig(bind="tcp:0:interface=127.0.0.1", token_file=str(new_file)))
+        svc.follow_admin_config()  # runs every second while the service runs
+        assert await code("old-token-0123456789") == 401
+        assert await code("new-token-0123456789") == 200
+        # an unreadable token file keeps the current token rather than opening up
+        rt.config = Config(admin=AdminConfig(bind="tcp:0:interface=127.0.0.1", token_file=str(tmp_path / "gone")))
+        svc.follow_admin_config()
+        assert await code("new-token-0123456789") == 200
+    finally:
+        await svc.stopService()
+
+
 def test_admin_service_refuses_a_non_loopback_bind_without_token():
     rt = Runtime(reactor=reactor, registry=Registry(), config=None)
     with pytest.raises(ValueError, match="admin.bind"):

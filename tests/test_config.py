@@ -604,9 +604,10 @@ def test_several_problems_are_all_reported_in_file_order():
         (17, "pools[0].backends[1].address"),
         (18, "pools[0].backends[1].weight"),
         (20, "admin.bind"),
+        (20, "admin.bind"),  # and it is reachable from other machines without a token
     ], str(e.value)
     lines = str(e.value).splitlines()
-    assert len(lines) == 9
+    assert len(lines) == 10
     assert lines[0] == "bad.yaml:5: listeners[0].pool: unknown pool 'ap' (did you mean 'app'?)"
     assert all(re.match(r"^bad\.yaml:\d+: \S+: \S", line) for line in lines)
 

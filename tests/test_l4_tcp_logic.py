@@ -358,6 +358,30 @@ def test_accept_and_send_relays_the_original_addresses():
     assert bt.value().endswith(b"x")
 
 
+def test_reconfigure_applies_to_new_connections_only():
+    rig = Rig()
+    other = Pool("q", [Backend(address="10.9.9.9:99")], RoundRobin(random.Random(0)), rig.clock)
+    rig.runtime.pools["q"] = other
+    old_fe, old_ct = rig.client()
+    bp, bt = rig.connect_backend()
+    rig.service.reconfigure(
+        ListenerConfig(name="l4", bind="tcp:0", pool="q", max_connections=2,
+                       proxy_protocol=ProxyProtocolConfig(send="v1"))
+    )
+    fe, ct = rig.client()
+    assert rig.attempt()[0] == "10.9.9.9:99"
+    nbp, nbt = rig.connect_backend()
+    assert nbt.value().startswith(b"PROXY TCP4 ")
+    # The live connection is untouched: same backend, no header injected.
+    old_fe.dataReceived(b"still here")
+    assert bt.value() == b"still here"
+    # The new cap counts the connections already open.
+    third, tt = rig.client()
+    assert tt.disconnecting
+    with pytest.raises(ValueError):
+        rig.service.reconfigure(ListenerConfig(name="l4", bind="tcp:0"))
+
+
 def test_config_errors_are_clear():
     clock = MemoryReactorClock()
     rt = Runtime(reactor=clock, registry=Registry(), config=Config())

@@ -259,6 +259,31 @@ async def test_flow_cap_drops_new_clients(udp):
         await defer.maybeDeferred(svc.stopService).addTimeout(TIMEOUT, reactor)
 
 
+@pytest_twisted.ensureDeferred
+async def test_reconfigure_and_stop_accepting(udp):
+    clock = task.Clock()
+    e = Echo(b"A")
+    addr = f"127.0.0.1:{udp(e).getHost().port}"
+    svc, pool, outcomes, records = make_relay([addr], clock, idle=30.0)
+    port = svc.address.port
+    to = ("127.0.0.1", port)
+    c = Client()
+    udp(c)
+    assert await c.ask(b"1", to) == b"A:1"
+    # A shorter idle timeout applies to the live flow at once.
+    svc.reconfigure(ListenerConfig(name="u", bind=svc.cfg.bind, mode="udp", pool="u", idle_timeout=5.0))
+    clock.advance(5)
+    assert len(svc.relay.flows) == 0 and outcomes == [(addr, "ok")]
+    assert await c.ask(b"2", to) == b"A:2"
+    # Releasing the socket ends the flows and frees the port for a successor.
+    await svc.stop_accepting().addTimeout(TIMEOUT, reactor)
+    assert len(svc.relay.flows) == 0 and outcomes == [(addr, "ok"), (addr, "ok")]
+    again = reactor.listenUDP(port, DatagramProtocol(), interface="127.0.0.1")
+    await defer.maybeDeferred(again.stopListening)
+    await defer.maybeDeferred(svc.stopService).addTimeout(TIMEOUT, reactor)
+    assert clock.getDelayedCalls() == []
+
+
 def test_udp_rejects_proxy_protocol():
     rt = Runtime(reactor=reactor, registry=Registry(), config=Config())
     cfg = ListenerConfig(name="u", bind="udp:0", mode="udp", pool="u", proxy_protocol=ProxyProtocolConfig(send="v2"))

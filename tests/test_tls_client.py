@@ -23,7 +23,7 @@ from lbtwist.tls.client import (
     probe_tls,
 )
 from lbtwist.tls.context import ServerTLS, TLSConfigError
-from lbtwist.tls.server import tls_info, wrap_server_factory
+from lbtwist.tls.server import wrap_server_factory
 from lbtwist.tls.testing import TestCA
 
 pytestmark = pytest.mark.integration

@@ -209,7 +209,11 @@ def test_oversized_hello_refused_from_its_header():
         (sni_ext(b"a.test") + sni_ext(b"b.test"), "duplicate extension"),
         (ext(16, b"\x00\x03\x00ab"), "empty ALPN"),
         (ext(43, b"\x03\x03\x04\x03"), "odd supported_versions"),
-        (ext(0, b"\x00\x10\x00"), "truncated"),
+        (ext(0, b"\x00\x10\x00"), "server_name length"),
+        (ext(41, b"\x00\x04\x00\x05ab"), "truncated PSK identity"),
+        (ext(16, b"\x00\x05\x03ab"), "bad ALPN length"),
+        (b"\x00\x00\x00\x10", "truncated extension"),
+        (b"\x00\x00\x00", "truncated extension"),
     ],
 )
 def test_malformed_extensions(exts, why):
@@ -249,3 +253,26 @@ def test_random_garbage_and_mutations_never_raise():
             data = bytes(b[: rng.randrange(len(b) + 1)])
         r = parse_client_hello(data)
         assert r is NEED_MORE or isinstance(r, (NotTLS, ClientHello))
+
+
+def test_too_many_records_refused():
+    body = hello_body(sni_ext(b"x.test"))
+    hs = b"\x01" + len(body).to_bytes(3, "big") + body
+    data = b"".join(b"\x16\x03\x01\x00\x01" + hs[i:i + 1] for i in range(len(hs)))
+    r = parse_client_hello(data)
+    assert isinstance(r, NotTLS) and "more than 16 records" in r.reason
+
+
+def test_bytes_needed_points_at_the_end_of_the_pending_record():
+    from lbtwist.tls.clienthello import bytes_needed
+
+    data = records(hello_body(sni_ext(b"x.test")), split=10)
+    first_end = 5 + 10
+    assert bytes_needed(b"") == 5 and bytes_needed(data[:3]) == 5
+    assert bytes_needed(data[:5]) == first_end and bytes_needed(data[:first_end - 1]) == first_end
+    assert bytes_needed(data[:first_end]) == first_end + 5
+    assert bytes_needed(data[:first_end + 6]) == len(data)
+    # parsing below the hint cannot decide; at the hint it progresses
+    for n in range(len(data)):
+        assert parse_client_hello(data[:n]) is NEED_MORE
+    assert isinstance(parse_client_hello(data[:bytes_needed(data[:-1])]), ClientHello)

@@ -365,3 +365,17 @@ def test_certificate_for_reports_served_leaf(ca, certs):
     leaf = h.state.certificate_for("b.test")
     assert isinstance(leaf, x509.Certificate)
     assert leaf.subject.rfc4514_string() == "CN=b.test"
+
+
+def test_for_listener_picks_alpn_by_mode(ca, certs):
+    from lbtwist.config.model import ListenerConfig
+
+    tls = tls_config(certs)
+    http = ServerTLS.for_listener(ListenerConfig(name="w", bind="tcp:0", mode="http", tls=tls), task.Clock())
+    tcp = ServerTLS.for_listener(ListenerConfig(name="t", bind="tcp:0", mode="tcp", tls=tls), task.Clock())
+    assert http.alpn == ("http/1.1",) and tcp.alpn == () and http.name == "w"
+    for state, want in ((http, "http/1.1"), (tcp, None)):
+        app = echo_factory()
+        clock = task.Clock()
+        MemoryTLSClient(ca.cert_pem, alpn=[b"http/1.1"]).connect(wrap_server_factory(app, state, clock), clock)
+        assert app.infos[-1].alpn == want

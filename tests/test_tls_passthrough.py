@@ -16,7 +16,6 @@ from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from lbtwist.config.model import CertificateConfig, ListenerTLSConfig
-from lbtwist.tls.clienthello import ClientHello
 from lbtwist.tls.context import ServerTLS
 from lbtwist.tls.passthrough import PassthroughStats, SNIRouter, passthrough_factory
 from lbtwist.tls.peek import ClientHelloPeekFactory
@@ -282,3 +281,31 @@ async def test_plain_text_to_passthrough_port_is_closed(setup):
 
     assert await threads.deferToThread(plain).addTimeout(WAIT, reactor) == b""
     assert setup.stats.not_tls == 1
+
+
+def test_router_for_listener_defaults_to_listener_pool():
+    from lbtwist.config.model import ListenerConfig, TLSPassthroughConfig
+
+    from lbtwist.tls.passthrough import router_for_listener
+
+    cfg = ListenerConfig(name="s", bind="tcp:0", mode="tcp", pool="main",
+                         tls_passthrough=TLSPassthroughConfig(routes={"a.test": "pa"}))
+    r = router_for_listener(cfg)
+    assert r.route("a.test") == "pa" and r.route("z.test") == "main" and r.route(None) == "main"
+    cfg2 = ListenerConfig(name="s", bind="tcp:0", mode="tcp", pool="main",
+                          tls_passthrough=TLSPassthroughConfig(routes={}, default="other"))
+    assert router_for_listener(cfg2).route("z.test") == "other"
+
+
+def test_peeker_fed_one_byte_at_a_time():
+    clock = task.Clock()
+    inner = Recorder()
+    f = passthrough_factory(SNIRouter.from_routes({}, "only"), lambda *a: inner, clock, timeout=5)
+    p = f.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    t = StringTransport()
+    p.makeConnection(t)
+    hello = _hello_bytes("slow.test")
+    for i in range(len(hello)):
+        p.dataReceived(hello[i:i + 1])
+    assert inner.events == ["made"] and inner.data == hello
+    assert p.result.server_name == "slow.test" and not t.disconnecting

@@ -9,10 +9,9 @@ import ssl
 import subprocess
 import types
 
-import attrs
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import reactor, task, threads
 from twisted.internet.protocol import Factory, Protocol
 
 from lbtwist.config.model import CertificateConfig, ListenerTLSConfig, SessionTicketsConfig

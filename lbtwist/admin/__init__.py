@@ -75,8 +75,9 @@ class AdminService(ListenerService):
         self.live = Live(runtime, clock)
         self.view = StateView(runtime, self.live, clock)
         self.registry = make_registry(runtime, self.live, clock, process=process_metrics)
-        guard = Guard(read_token(admin_cfg), bind_is_loopback(admin_cfg.bind))
-        self.resource = AdminResource(runtime, self.view, self.registry, guard, reload)
+        self.admin_cfg = admin_cfg
+        self.guard = Guard(read_token(admin_cfg), bind_is_loopback(admin_cfg.bind))
+        self.resource = AdminResource(runtime, self.view, self.registry, self.guard, reload)
         site = _QuietSite(self.resource, reactor=runtime.reactor)
         super().__init__("admin", admin_cfg.bind, site, runtime.reactor)
         site.service = self
@@ -86,8 +87,33 @@ class AdminService(ListenerService):
     def _safe_sync(self) -> None:
         try:
             self.live.sync()
+            self.follow_admin_config()
         except Exception:
-            log.failure("admin: following the runtime's pools failed")
+            log.failure("admin: following the runtime failed")
+
+    def follow_admin_config(self) -> None:
+        """After a reload, take a new token (or token file contents) without
+        rebinding. A token that cannot be read keeps the old one; a new bind
+        needs a restart (the listening socket is not moved)."""
+        new = getattr(getattr(self.runtime, "config", None), "admin", None)
+        if new is None or new == self.admin_cfg:
+            return
+        old, self.admin_cfg = self.admin_cfg, new
+        if new.bind != old.bind:
+            log.warn("admin: admin.bind changed to {bind!r}; still listening on {old!r} until restart",
+                     bind=new.bind, old=old.bind)
+        loopback = bind_is_loopback(old.bind)
+        try:
+            token = read_token(new)
+        except ValueError as e:
+            log.error("admin: keeping the previous token: {err}", err=str(e))
+            return
+        if token is None and not loopback:
+            log.error("admin: a token is required on {bind!r}; keeping the previous one", bind=old.bind)
+            return
+        if token != self.guard.token:
+            self.guard.set_token(token)
+            log.info("admin: token {what}", what="changed" if token else "removed")
 
     def _listener_connections(self, name: str) -> dict | None:
         """Open connections of the listener service called ``name``, found

@@ -82,8 +82,11 @@ class Guard:
     (go ahead) or ``(status, message)``."""
 
     def __init__(self, token: str | None, loopback: bool) -> None:
-        self.token = token
         self.loopback = loopback
+        self.set_token(token)
+
+    def set_token(self, token: str | None) -> None:
+        self.token = token
         self._expected = token.encode() if token else b""
 
     def authorized(self, header: bytes | None) -> bool:

@@ -11,13 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.logger import Logger
-
 from lbtwist.admin.window import ERROR_OUTCOMES, Meter
 from lbtwist.pool import Backend, Pool
 from lbtwist.traffic import TrafficRecord
-
-log = Logger(namespace="lbtwist.admin.live")
 
 
 class BackendLive:
@@ -62,13 +58,8 @@ class ListenerLive:
         self.by_kind: dict[str, int] = {}
 
 
+#: status // 100 -> status class
 _CLASSES = (None, "1xx", "2xx", "3xx", "4xx", "5xx")
-
-
-def status_class(status: int | None) -> str | None:
-    if status is None or not 100 <= status < 600:
-        return None
-    return _CLASSES[status // 100]
 
 
 class Live:

@@ -31,12 +31,20 @@ def _r(x: float | None, nd: int = 3) -> float | None:
     return round(x, nd)
 
 
+#: Providers whose failure was logged and that have not succeeded since (the
+#: dashboard polls every second: one traceback per outage, not per poll).
+_failing: set[str] = set()
+
+
 def call_provider(name: str, fn: Callable[..., Any], *args: Any) -> Mapping | None:
     try:
         out = fn(*args)
     except Exception as e:  # a broken part must not take the admin API down with it
-        log.failure("state provider {name} failed", name=name)
+        if name not in _failing:
+            _failing.add(name)
+            log.failure("state provider {name} failed (logged once until it recovers)", name=name)
         return {"error": f"{type(e).__name__}: {e}"}
+    _failing.discard(name)
     return out
 
 

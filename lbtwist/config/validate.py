@@ -664,3 +664,17 @@ def tls_settings(ctx: CheckContext) -> Iterator[Problem]:
     for ppath, pool in _pools(ctx.config):
         if pool.tls is not None:
             yield from place(key_path(ppath, "tls"), check_pool_tls(pool.tls, now))
+
+
+# -- admin ----------------------------------------------------------------------------
+
+
+@check
+def admin_access(ctx: CheckContext) -> Iterator[Problem]:
+    """An admin listener reachable from other machines needs a token."""
+    if ctx.config.admin is None:
+        return
+    from lbtwist.admin.auth import admin_config_problems
+
+    for path, message in admin_config_problems(ctx.config.admin):
+        yield ctx.error(path, message)

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_drill_cli -*-
-"""``lbtwist drill SCENARIO [--compare naive|haproxy] [--duration S] [--out DIR]``
+"""``lbtwist drill SCENARIO [--compare naive|haproxy|naive,haproxy] [--duration S] [--out DIR]``
 
 Runs the scenario against lbtwist (defaults), then, with ``--compare``,
 against the comparison target on fresh processes; shows progress while
@@ -23,8 +23,8 @@ EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", choices=[*SCENARIOS, "all"], help="which drill ('all' runs every one)")
-    p.add_argument("--compare", choices=("naive", "haproxy", "none"), default="none",
-                   help="also run the scenario against this target, side by side in the report")
+    p.add_argument("--compare", type=_compare, default=[],
+                   help="also run the scenario against naive, haproxy or both (naive,haproxy), side by side in the report")
     p.add_argument("--target", choices=("lbtwist", "naive", "haproxy"), default="lbtwist",
                    help="the target graded by the exit status (default: lbtwist with its defaults)")
     p.add_argument("--duration", type=float, default=None, help="seconds of load (default: the scenario's)")
@@ -34,6 +34,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--quiet", "-q", action="store_true", help="no per-second progress")
     p.add_argument("--verbose", "-v", action="store_true", help="echo the balancer's and backends' output")
+
+
+def _compare(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip() and k.strip() != "none"]
+    bad = [k for k in kinds if k not in ("naive", "haproxy", "lbtwist")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"--compare takes naive, haproxy or both, not {', '.join(bad)}")
+    return kinds
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,7 +84,7 @@ async def drill(reactor: Any, args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         print(f"== drill {plan.name}: {plan.title}", flush=True)
         results = []
-        kinds = [args.target] + ([args.compare] if args.compare != "none" and args.compare != args.target else [])
+        kinds = [args.target] + [k for k in dict.fromkeys(args.compare) if k != args.target]
         for kind in kinds:
             r = await run_target(reactor, plan, kind, out / f"work-{kind}", progress=progress, seed=args.seed, echo=echo)
             results.append(r)

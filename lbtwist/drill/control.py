@@ -7,7 +7,8 @@ import json
 from typing import Any
 
 from twisted.internet import defer
-from twisted.web.client import Agent, readBody
+from twisted.internet.protocol import Protocol
+from twisted.web.client import Agent, PotentialDataLoss, ResponseDone
 from twisted.web.http_headers import Headers
 
 
@@ -36,7 +37,7 @@ async def http_call(reactor: Any, method: str, url: str, body: Any = None, *, ti
     d.addTimeout(timeout, reactor)
     try:
         resp = await d
-        rd = readBody(resp)
+        rd = _read_body(resp)
         rd.addTimeout(timeout, reactor)
         data = await rd
     except (defer.TimeoutError, defer.CancelledError) as e:
@@ -51,6 +52,30 @@ async def http_call(reactor: Any, method: str, url: str, body: Any = None, *, ti
         return json.loads(data)
     except ValueError as e:
         raise ControlError(f"{method} {url}: not JSON: {data[:200]!r}") from e
+
+
+class _Body(Protocol):
+    def __init__(self, done: defer.Deferred) -> None:
+        self.done = done
+        self.chunks: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.done.called:
+            return
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.chunks))
+        else:
+            self.done.errback(reason)
+
+
+def _read_body(response: Any) -> defer.Deferred:
+    """The whole body (small answers only)."""
+    d: defer.Deferred = defer.Deferred()
+    response.deliverBody(_Body(d))
+    return d
 
 
 class _ImmediateCooperator:

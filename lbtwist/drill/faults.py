@@ -47,8 +47,9 @@ class Faults:
     accept_close: bool = False
     #: Fraction of health probes answered 503 (a flapping check).
     probe_fail_rate: float = 0.0
-    #: Cold start: service times are multiplied by ``cold_factor`` at (re)start,
-    #: falling linearly to 1 over ``cold_seconds``.
+    #: Cold start: service times are multiplied by ``cold_factor`` from the
+    #: first real request after a (re)start, falling linearly to 1 over
+    #: ``cold_seconds`` (caches and JITs warm up under traffic, not while idle).
     cold_factor: float = 1.0
     cold_seconds: float = 0.0
 
@@ -159,6 +160,8 @@ class ServerModel:
         self.busy = 0
         self.queue: deque[_Job] = deque()
         self.started_at = clock.seconds()
+        #: When the first real request after the (re)start arrived.
+        self.warming_from: float | None = None
         self._pending: set[_Job] = set()
 
     # -- state ---------------------------------------------------------------
@@ -172,12 +175,15 @@ class ServerModel:
         self.queue.clear()
         self.busy = 0
         self.started_at = self.clock.seconds()
+        self.warming_from = None
 
     def cold_multiplier(self, now: float) -> float:
         f = self.faults
         if f.cold_factor <= 1.0 or f.cold_seconds <= 0:
             return 1.0
-        age = now - self.started_at
+        if self.warming_from is None:
+            return f.cold_factor
+        age = now - self.warming_from
         if age >= f.cold_seconds:
             return 1.0
         return f.cold_factor - (f.cold_factor - 1.0) * (age / f.cold_seconds)
@@ -210,6 +216,8 @@ class ServerModel:
             self._later(job, delay, status, worker=False)
             return Decision(RESPOND, status), job
         c.attempts += 1
+        if self.warming_from is None:
+            self.warming_from = now
         r = self.rng.random()
         if r < f.reset_rate:
             c.resets += 1

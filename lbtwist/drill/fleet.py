@@ -11,7 +11,7 @@ import attrs
 from twisted.internet import defer
 
 from lbtwist.drill.configs import BackendRef
-from lbtwist.drill.control import ControlError, http_call
+from lbtwist.drill.control import http_call
 from lbtwist.drill.procs import Child, cpu_seconds, free_port, python
 
 
@@ -49,6 +49,8 @@ class BackendFleet:
                 self._group_of[b] = g.name
                 self.ports[b] = free_port()
         self.children: dict[str, Child] = {}
+        #: Every process ever started (restarts included).
+        self.all_children: list[Child] = []
         self.control: dict[str, int] = {}
         self.starts: dict[str, int] = {}
         self._cpu_last: dict[int, float] = {}
@@ -82,6 +84,7 @@ class BackendFleet:
             argv += ["--backend", f"{b}:{self.ports[b]}"]
         child = Child(self.reactor, f"backends[{group}]", argv, echo=self.echo)
         self.children[group] = child
+        self.all_children.append(child)
         line = await child.wait_for("DRILL-READY ", self.READY_TIMEOUT)
         info = json.loads(line.split("DRILL-READY ", 1)[1])
         self.control[group] = int(info["control"])
@@ -163,14 +166,12 @@ class BackendFleet:
         return sum(self._cpu_last.values())
 
     async def shutdown(self) -> None:
-        for c in self.children.values():
+        for c in self.all_children:
             c.kill()
-        await defer.gatherResults([defer.ensureDeferred(_exit(c)) for c in self.children.values()],
+        await defer.gatherResults([defer.ensureDeferred(_exit(c)) for c in self.all_children],
                                   consumeErrors=True)
 
 
 async def _exit(child: Child) -> None:
     await child.wait_exit(10.0)
 
-
-__all__ = ["BackendFleet", "GroupSpec", "ControlError"]

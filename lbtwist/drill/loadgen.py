@@ -20,12 +20,12 @@ from typing import Any, Callable, Protocol as TypingProtocol
 
 import attrs
 import httptools
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ClientFactory, Protocol
 
 #: Final or per-attempt outcomes besides an HTTP status.
-TIMEOUT, RESET, REFUSED, CLIENT_LIMIT = "timeout", "reset", "refused", "client-limit"
+TIMEOUT, RESET, REFUSED, CONNECT_ERROR, CLIENT_LIMIT = "timeout", "reset", "refused", "connect-error", "client-limit"
 
 
 class Sink(TypingProtocol):
@@ -33,6 +33,7 @@ class Sink(TypingProtocol):
 
     def arrival(self, t: float) -> None: ...
     def attempt(self, t: float, retry: bool) -> None: ...
+    def try_result(self, t: float, outcome: str) -> None: ...
     def result(self, t_sched: float, t_done: float, ok: bool, attempts: int, outcome: str) -> None: ...
     def lag(self, t: float, lag: float) -> None: ...
 
@@ -45,7 +46,7 @@ class ClientPolicy:
     retries: int = 2
 
     def retryable(self, outcome: str) -> bool:
-        if outcome in (TIMEOUT, RESET, REFUSED):
+        if outcome in (TIMEOUT, RESET, REFUSED, CONNECT_ERROR):
             return True
         return outcome.isdigit() and int(outcome) >= 500
 
@@ -148,7 +149,8 @@ class _Factory(ClientFactory):
 
     def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
         self.gen._connecting -= 1
-        self.gen._finish_attempt(self.att, REFUSED, None)
+        refused = reason.check(error.ConnectionRefusedError) is not None
+        self.gen._finish_attempt(self.att, REFUSED if refused else CONNECT_ERROR, None)
 
 
 class _Request:
@@ -355,6 +357,7 @@ class LoadGenerator:
             self._release(reusable)
         now = self.reactor.seconds()
         self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
+        self.sink.try_result(now, outcome)
         req = att.req
         pol = self.policy
         if pol.success(outcome):

@@ -38,6 +38,7 @@ class _Second:
     latencies: list[float] = attrs.Factory(list)
     lag: float = 0.0
     outcomes: dict[str, int] = attrs.Factory(dict)
+    try_outcomes: dict[str, int] = attrs.Factory(dict)
 
 
 class Recorder:
@@ -53,6 +54,7 @@ class Recorder:
         self.lb_state: dict[int, dict[str, str]] = {}
         self.cpu: dict[str, dict[int, float]] = defaultdict(dict)
         self._cpu_prev: dict[str, tuple[float, float]] = {}
+        self.box: dict[int, float | None] = {}
         self.events: list[dict[str, Any]] = []
         self.notes: list[str] = []
 
@@ -69,6 +71,11 @@ class Recorder:
         s.attempts += 1
         if retry:
             s.retries += 1
+
+    def try_result(self, t: float, outcome: str) -> None:
+        """How one try ended (status code, timeout, reset, refused...), by the second it ended."""
+        s = self._s[self._sec(t)]
+        s.try_outcomes[outcome] = s.try_outcomes.get(outcome, 0) + 1
 
     def result(self, t_sched: float, t_done: float, ok: bool, attempts: int, outcome: str) -> None:
         s = self._s[self._sec(t_sched)]
@@ -129,6 +136,10 @@ class Recorder:
         if prev is not None and t > prev[0]:
             self.cpu[who][self._sec(t)] = 100.0 * (cpu_seconds - prev[1]) / (t - prev[0])
 
+    def box_sample(self, t: float, loadavg: float | None) -> None:
+        """The machine's 1-minute load average (other work shares the CPUs)."""
+        self.box[self._sec(t)] = loadavg
+
     def event(self, t: float, label: str) -> None:
         self.events.append({"t": round(t - self.t0, 3), "label": label})
 
@@ -146,7 +157,9 @@ class Recorder:
         out["backend_rate"] = {name: [] for name in names}
         out["lb_states"] = []
         out["outcomes"] = []
+        out["try_outcomes"] = []
         out["cpu"] = {who: [self.cpu[who].get(i) for i in range(n)] for who in sorted(self.cpu)}
+        out["loadavg"] = [self.box.get(i) for i in range(n)]
         for i in range(n):
             s = self._s.get(i, _Second())
             lat = sorted(s.latencies)
@@ -163,6 +176,7 @@ class Recorder:
             out["p999"].append(percentile(lat, 99.9))
             out["lag"].append(s.lag)
             out["outcomes"].append(dict(s.outcomes))
+            out["try_outcomes"].append(dict(s.try_outcomes))
             rates = {name: self.backend_rate[name].get(i) for name in names}
             known = [r for r in rates.values() if r is not None]
             total = sum(known) if known else None

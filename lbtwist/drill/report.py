@@ -13,8 +13,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from lbtwist.drill.runner import RunResult
     from lbtwist.drill.scenarios import Plan
 
-#: Chart files written per scenario, in page order.
-CHARTS = ("success", "latency", "load", "retries", "share", "rotation")
+#: Chart files written per scenario, in page order ("overview" stacks the
+#: main ones into one picture, the one docs/drills.md shows).
+CHARTS = ("overview", "success", "latency", "load", "retries", "share", "rotation")
 
 _TITLES = {
     "lbtwist": "lbtwist (defaults)",
@@ -56,7 +57,7 @@ def _figure(results: Sequence["RunResult"], title: str, draw: Callable[[Any, "Ru
             ylabel: str, path: Path, *, sharey: bool = True, legend: bool = True) -> None:
     plt = _plt()
     n = len(results)
-    fig, axes = plt.subplots(1, n, figsize=(6.4 * n, 3.6), sharey=sharey, squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(6.4 * n, 3.6), squeeze=False)
     for i, (ax, r) in enumerate(zip(axes[0], results)):
         if r.series.get("t"):
             draw(ax, r)
@@ -69,6 +70,10 @@ def _figure(results: Sequence["RunResult"], title: str, draw: Callable[[Any, "Ru
                      color="#166534" if r.passed else "#991b1b")
         if legend and i == n - 1 and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
+    if sharey and n > 1:
+        lims = [ax.get_ylim() for ax in axes[0]]
+        for ax in axes[0]:
+            ax.set_ylim(min(lo for lo, _ in lims), max(hi for _, hi in lims))
     fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -110,17 +115,28 @@ def _retries(ax: Any, r: "RunResult") -> None:
     ax.set_ylim(bottom=0)
 
 
-def _share(ax: Any, r: "RunResult") -> None:
+def _share(ax: Any, r: "RunResult", focus: Sequence[str] = ()) -> None:
     s = r.series
     names = s.get("backends", [])
     if not names:
         return
-    plt = _plt()
-    cmap = plt.get_cmap("tab20")
-    ys = [[0.0 if v is None else v for v in s["share"][n]] for n in names]
-    ax.stackplot(s["t"], ys, labels=names, colors=[cmap(i % 20) for i in range(len(names))], alpha=0.9, lw=0)
+    ordered = [n for n in names if n not in focus] + [n for n in names if n in focus]
+    ys = [_none_to_nan(s["share"][n]) for n in ordered]
+    others = ["#93c5fd", "#cbd5e1"]
+    hot = ["#dc2626", "#f97316", "#a21caf", "#ca8a04"]
+    colors, labels = [], []
+    k = 0
+    for n in ordered:
+        if n in focus:
+            colors.append(hot[len([c for c in colors if c in hot]) % len(hot)])
+            labels.append(n)
+        else:
+            colors.append(others[k % 2])
+            labels.append("other backends" if k == 0 else "_" + n)
+            k += 1
+    ax.stackplot(s["t"], ys, labels=labels, colors=colors, alpha=0.95, lw=0.3, edgecolor="white")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=6, loc="upper left", ncol=max(1, len(names) // 6), framealpha=0.6)
+    ax.legend(fontsize=8, loc="lower left", framealpha=0.8)
 
 
 def _rotation(ax: Any, r: "RunResult") -> None:
@@ -131,6 +147,50 @@ def _rotation(ax: Any, r: "RunResult") -> None:
     ax.set_ylim(-0.3, n + 0.5)
 
 
+def write_overview(plan: "Plan", results: Sequence["RunResult"], path: Path) -> Path:
+    """One picture per scenario: a row per metric, a column per target."""
+    plt = _plt()
+    rows = [
+        ("client latency, incl. retries (ms, log)", _latency),
+        ("client success rate (%)", _success),
+        ("load per second", _load),
+        ("share of backend attempts (%)" + (f": {', '.join(plan.focus)} highlighted" if plan.focus else ""),
+         lambda ax, r: _share(ax, r, plan.focus)),
+        ("backends in rotation", _rotation),
+    ]
+    n = len(results)
+    fig, axes = plt.subplots(len(rows), n, figsize=(6.2 * n, 2.7 * len(rows)), squeeze=False, sharex="col")
+    for j, r in enumerate(results):
+        for i, (label, draw) in enumerate(rows):
+            ax = axes[i][j]
+            if r.series.get("t"):
+                draw(ax, r)
+            elif i == 0:
+                ax.text(0.5, 0.5, f"no data: {r.error or 'run failed'}", ha="center", va="center",
+                        transform=ax.transAxes, wrap=True, fontsize=9)
+            _decorate(ax, r, label if j == 0 else None)
+            if i < len(rows) - 1:
+                ax.set_xlabel("")
+            if j == n - 1 and i not in (3,) and ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+            elif i != 3 and ax.get_legend() is not None:
+                ax.get_legend().remove()
+        verdict = "PASS" if r.passed else ("ERROR" if r.error else "FAIL")
+        axes[0][j].set_title(f"{_title(r.target)}: {verdict}", fontsize=12,
+                             color="#166534" if r.passed else "#991b1b")
+    for i in range(len(rows)):
+        axes[i][0].yaxis.label.set_size(9)
+        # the same scale across targets, wide enough for each
+        lims = [axes[i][j].get_ylim() for j in range(n)]
+        for j in range(n):
+            axes[i][j].set_ylim(min(lo for lo, _ in lims), max(hi for _, hi in lims))
+    fig.suptitle(f"drill {plan.name}: {plan.title}", fontsize=13)
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+    return path
+
+
 def write_charts(plan: "Plan", results: Sequence["RunResult"], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     specs = [
@@ -138,10 +198,11 @@ def write_charts(plan: "Plan", results: Sequence["RunResult"], out: Path) -> lis
         ("latency", f"{plan.name}: client latency incl. retries (from the scheduled arrival)", _latency, "ms (log)", True),
         ("load", f"{plan.name}: offered vs served load", _load, "per second", True),
         ("retries", f"{plan.name}: client retries and failures", _retries, "per second", True),
-        ("share", f"{plan.name}: share of backend attempts per backend", _share, "% of attempts", True),
+        ("share", f"{plan.name}: share of backend attempts per backend" + (f" ({', '.join(plan.focus)} highlighted)" if plan.focus else ""),
+         lambda ax, r: _share(ax, r, plan.focus), "% of attempts", True),
         ("rotation", f"{plan.name}: backends in rotation, as the balancer reports them", _rotation, "backends", True),
     ]
-    paths = []
+    paths = [write_overview(plan, results, out / "overview.png")]
     for name, title, draw, ylabel, sharey in specs:
         p = out / f"{name}.png"
         _figure(results, title, draw, ylabel, p, sharey=sharey, legend=name != "share")
@@ -175,6 +236,7 @@ def summary_rows(results: Sequence["RunResult"]) -> list[tuple[str, list[str]]]:
         _fmt_pct(r.phases[k]["success_rate"]) for k in ("before", "fault", "after")))
     add("failed requests (after client retries)", lambda r: f"{r.totals['failed']}")
     add("client retries", lambda r: f"{r.totals['retries']}")
+    add("failed tries by cause", lambda r: _failed_tries(r))
     add("p50 / p99 / p99.9 before the fault", lambda r: " / ".join(_fmt_ms(r.phases["before"][k]) for k in ("p50", "p99", "p999")))
     add("p50 / p99 / p99.9 during the fault", lambda r: " / ".join(_fmt_ms(r.phases["fault"][k]) for k in ("p50", "p99", "p999")))
     add("p50 / p99 / p99.9 after the fault", lambda r: " / ".join(_fmt_ms(r.phases["after"][k]) for k in ("p50", "p99", "p999")))
@@ -184,6 +246,15 @@ def summary_rows(results: Sequence["RunResult"]) -> list[tuple[str, list[str]]]:
     add("load generator max lag", lambda r: f"{r.load.get('max_lag', 0) * 1000:.0f} ms ({r.load.get('late_arrivals', 0)} late)")
     add("marks", lambda r: ", ".join(f"{k}={v}" for k, v in r.marks.items()) or "-")
     return rows
+
+
+def _failed_tries(r: "RunResult") -> str:
+    agg: dict[str, int] = {}
+    for o in r.series.get("try_outcomes", []):
+        for k, v in o.items():
+            if not (k.isdigit() and int(k) < 400):
+                agg[k] = agg.get(k, 0) + v
+    return ", ".join(f"{k}: {v}" for k, v in sorted(agg.items(), key=lambda kv: -kv[1])) or "none"
 
 
 def _peak_ratio(r: "RunResult") -> str:

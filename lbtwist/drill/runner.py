@@ -50,13 +50,18 @@ class RunResult:
     error: str | None = None
     criteria: list[dict[str, Any]] = attrs.Factory(list)
     target_log: str = ""
+    #: Every process the run started (all gone when it returns).
+    pids: list[int] = attrs.Factory(list)
+    #: The raw recorder (latencies of every request), for criteria over any
+    #: window; not serialised.
+    recorder: Recorder | None = attrs.field(default=None, repr=False)
 
     @property
     def passed(self) -> bool:
         return self.error is None and bool(self.criteria) and all(c["passed"] for c in self.criteria)
 
     def as_json(self) -> dict[str, Any]:
-        d = attrs.asdict(self)
+        d = attrs.asdict(self, filter=lambda a, v: a.name != "recorder")
         d["passed"] = self.passed
         return d
 
@@ -180,6 +185,7 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
             rec.cpu_sample(now, "balancer", target.cpu())
             rec.cpu_sample(now, "backends", fleet.cpu())
             rec.cpu_sample(now, "loadgen", cpu_seconds(my_pid))
+            rec.box_sample(now, _loadavg())
             _progress_line(progress, target_kind, rec, now, ctx)
 
         poller = task.LoopingCall(lambda: defer.ensureDeferred(poll()))
@@ -214,11 +220,18 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
         result.notes = rec.notes
         result.load = attrs.asdict(stats)
         result.marks = ctx.marks
+        result.recorder = rec
         if stats.late_arrivals:
             result.notes.append(
                 f"load generator fell behind: {stats.late_arrivals} of {stats.issued} arrivals more than "
                 f"{LoadGenerator.LATE * 1000:.0f} ms late (max {stats.max_lag * 1000:.0f} ms); latency is "
                 "still measured from the scheduled time")
+        box = [v for v in rec.box.values() if v is not None]
+        cores = os.cpu_count() or 1
+        if box and max(box) > cores:
+            result.notes.append(
+                f"the box was busy: 1-minute load average up to {max(box):.1f} on {cores} cores during the run "
+                "(other work shares the CPUs); latency spikes may be the box, not the target")
         if stats.client_limit:
             result.notes.append(f"load generator hit its connection cap {stats.client_limit} times")
         result.criteria = evaluate(plan, result)
@@ -241,7 +254,16 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
         except Exception as e:
             result.notes.append(f"stopping {target_kind}: {e}")
         await fleet.shutdown()
+        result.pids = [c.pid for c in fleet.all_children] + ([target.child.pid] if target.child is not None else [])
     return result
+
+
+def _loadavg() -> float | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _progress_line(progress: Progress, kind: str, rec: Recorder, now: float, ctx: DrillContext) -> None:

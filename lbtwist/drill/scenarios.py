@@ -61,6 +61,8 @@ class Plan:
     pool_overrides: dict[str, Any] = attrs.field(factory=dict)
     mode: str = "http"
     compare: str = "naive"
+    #: Backends the fault is about (highlighted in the share chart).
+    focus: tuple[str, ...] = ()
     rate_fn: Callable[[float], float] | None = None
 
 
@@ -85,7 +87,16 @@ def _ms(x: float | None) -> str:
 
 
 def baseline_p99(r: "RunResult", before: float) -> float | None:
-    vals = [v for i, v in enumerate(r.series["p99"]) if 2 <= i < before and v is not None]
+    """p99 of every request that arrived in [2 s, ``before``) (the first two
+    seconds warm connections up)."""
+    return _window_p99(r, 2, before)
+
+
+def _window_p99(r: "RunResult", start: float, end: float) -> float | None:
+    if r.recorder is not None:
+        return r.recorder.totals(start, end)["p99"]
+    # a result loaded from JSON: fall back to the median per-second p99
+    vals = [v for i, v in enumerate(r.series["p99"]) if start <= i < end and v is not None]
     return statistics.median(vals) if vals else None
 
 
@@ -109,14 +120,18 @@ def success_at_least(pct: float, start: float, end: float, what: str = "") -> Cr
 
 
 def p99_within(start: float, end: float, before: float, name: str) -> Criterion:
-    """Every per-second p99 in [start, end) under the limit (see module doc)."""
+    """The p99 of all requests arriving in [start, end) under the limit (see
+    module doc). Judged over the window rather than per second, so one
+    second of scheduling noise on a shared box does not decide the verdict;
+    the worst single second is reported alongside."""
     def check(r: "RunResult") -> tuple[bool, str, str]:
         lim = p99_limit(r, before)
-        vals = [(i, v) for i, v in enumerate(r.series["p99"]) if start <= i < end]
-        worst = max((v for _, v in vals if v is not None), default=None)
-        bad = [i for i, v in vals if v is None or v > lim]
-        measured = f"worst {_ms(worst)}" + (f"; over the limit at t={bad[0]}s..{bad[-1]}s ({len(bad)} s)" if bad else "")
-        return (not bad and bool(vals)), measured, f"<= {_ms(lim)} (3x baseline {_ms(baseline_p99(r, before))}, floor 50 ms) from t={start:g}s"
+        p99 = _window_p99(r, start, end)
+        secs = [(i, v) for i, v in enumerate(r.series["p99"]) if start <= i < end and v is not None]
+        worst = max(secs, key=lambda x: x[1], default=None)
+        measured = f"p99 {_ms(p99)}" + (f" (worst second t={worst[0]}s: {_ms(worst[1])})" if worst else "")
+        return (p99 is not None and p99 <= lim), measured, (
+            f"<= {_ms(lim)} (3x baseline {_ms(baseline_p99(r, before))}, floor 50 ms) for arrivals t={start:g}s..{end:g}s")
     return Criterion(name, check)
 
 
@@ -129,7 +144,9 @@ def failures_at_most(limit: Callable[["RunResult"], float], start: float, end: f
         else:
             n = sum(r.series["failed"][int(start):int(end)])
         lim = limit(r)
-        return n <= lim, f"{n}", f"<= {limit_text(r)}"
+        causes = try_failures(r, start, end) if n else {}
+        detail = (" (tries that failed: " + ", ".join(f"{k} {v}" for k, v in causes.items()) + ")") if causes else ""
+        return n <= lim, f"{n}{detail}", f"<= {limit_text(r)}"
     return Criterion(name, check)
 
 
@@ -142,6 +159,16 @@ def failed_tries(r: "RunResult", start: float, end: float) -> int:
     off = sum(r.series["offered"][int(start):int(end)])
     failed = sum(r.series["failed"][int(start):int(end)])
     return max(0, att - off) + failed
+
+
+def try_failures(r: "RunResult", start: float, end: float) -> dict[str, int]:
+    """Failed tries by cause (timeout, reset, 502...), by the second they ended."""
+    agg: dict[str, int] = {}
+    for o in r.series.get("try_outcomes", [])[int(start):int(end) + 3]:
+        for k, v in o.items():
+            if not (k.isdigit() and int(k) < 400):
+                agg[k] = agg.get(k, 0) + v
+    return dict(sorted(agg.items(), key=lambda kv: -kv[1]))
 
 
 def attempts_bounded(factor: float, start: float, end: float) -> Criterion:
@@ -161,20 +188,22 @@ def attempts_bounded(factor: float, start: float, end: float) -> Criterion:
 
 
 def recovers(after: float, within: float, end: float, before: float, success_pct: float) -> Criterion:
-    """From ``after + within`` to ``end``: every second's success >= pct and p99 under the limit."""
+    """From ``after + within`` to ``end``: every second's success >= pct, and
+    the p99 of that whole stretch under the limit."""
     def check(r: "RunResult") -> tuple[bool, str, str]:
         lim = p99_limit(r, before)
         start = int(after + within)
         bad = []
         for i in range(start, int(end)):
-            fin, failed, p99 = r.series["finished"][i], r.series["failed"][i], r.series["p99"][i]
-            ok_rate = 100.0 * (fin - failed) / fin if fin else 100.0
-            if ok_rate < success_pct or p99 is None or p99 > lim:
+            fin, failed = r.series["finished"][i], r.series["failed"][i]
+            if fin and 100.0 * (fin - failed) / fin < success_pct:
                 bad.append(i)
+        p99 = _window_p99(r, start, end)
         tail = window_success(r, start, end)[0]
-        measured = ("recovered" if not bad else f"not recovered: {len(bad)} bad seconds, last t={bad[-1]}s") + (
-            f"; success {tail:.2f}%" if tail is not None else "")
-        return not bad, measured, f"every second from t={start}s: success >= {success_pct}% and p99 <= {_ms(lim)}"
+        ok = not bad and p99 is not None and p99 <= lim
+        measured = (f"{len(bad)} seconds under {success_pct}% success (last t={bad[-1]}s); " if bad else "") + (
+            f"p99 {_ms(p99)}") + (f", success {tail:.2f}%" if tail is not None else "")
+        return ok, measured, f"from t={start}s: every second >= {success_pct}% success, p99 <= {_ms(lim)}"
     return Criterion(f"recovers within {within:g}s after the trigger ends (no metastable collapse)", check)
 
 
@@ -205,7 +234,7 @@ def _names(prefix: str, n: int, start: int = 0) -> tuple[str, ...]:
 
 def gray_failure(short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
     onset = 10.0 if short else 20.0
-    dur = duration or (35.0 if short else 90.0)
+    dur = duration or (30.0 if short else 90.0)
     rate = rate or 300.0
     names = _names("b", 12)
     slow = "b3"
@@ -222,7 +251,7 @@ def gray_failure(short: bool = False, duration: float | None = None, rate: float
                "never see it. Clients time out after 1 s and retry twice."),
         rate=rate, duration=dur,
         groups=(GroupSpec("fleet", names, capacity=8, median=0.002, sigma=0.5),),
-        in_pool=names,
+        in_pool=names, focus=(slow,),
         steps=(Step(onset, f"{slow}: real-path latency +900 ms (/healthz stays fast)", slow_down),),
         window=(onset, dur),
         criteria=(
@@ -246,8 +275,8 @@ async def _watch_out(ctx: "DrillContext", name: str, mark: str, timeout: float) 
 
 
 def hard_kill(short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
-    kill_at = 8.0 if short else 20.0
-    dur = duration or (32.0 if short else 90.0)
+    kill_at = 6.0 if short else 20.0
+    dur = duration or (28.0 if short else 90.0)
     back_at = None if short else kill_at + 40.0
     rate = rate or 300.0
     victim = "b5"
@@ -290,7 +319,7 @@ def hard_kill(short: bool = False, duration: float | None = None, rate: float | 
                + ("" if short else " It is restarted 40 s later.")),
         rate=rate, duration=dur,
         groups=(GroupSpec("fleet", names, capacity=8), GroupSpec("victim", (victim,), capacity=8)),
-        in_pool=names + (victim,),
+        in_pool=names + (victim,), focus=(victim,),
         steps=tuple(steps),
         window=(kill_at, back_at if back_at is not None else dur),
         criteria=(
@@ -303,9 +332,9 @@ def hard_kill(short: bool = False, duration: float | None = None, rate: float | 
 
 
 def retry_storm(short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
-    onset = 10.0 if short else 20.0
-    length = 10.0 if short else 30.0
-    dur = duration or (40.0 if short else 100.0)
+    onset = 8.0 if short else 20.0
+    length = 8.0 if short else 30.0
+    dur = duration or (32.0 if short else 100.0)
     end = onset + length
     rate = rate or 400.0
     names = _names("b", 6)
@@ -325,7 +354,7 @@ def retry_storm(short: bool = False, duration: float | None = None, rate: float 
                "Abandoned work still occupies workers, so a storm can outlive its trigger."),
         rate=rate, duration=dur,
         groups=(GroupSpec("fleet", names, capacity=2, median=0.020, sigma=0.5),),
-        in_pool=names,
+        in_pool=names, focus=(slow,),
         steps=(Step(onset, f"{slow}: +500 ms on all paths", trigger), Step(end, f"{slow}: recovered", clear)),
         window=(onset, end),
         criteria=(
@@ -336,9 +365,9 @@ def retry_storm(short: bool = False, duration: float | None = None, rate: float 
 
 
 def flapping(short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
-    onset = 5.0 if short else 10.0
-    dur = duration or (40.0 if short else 100.0)
-    end = dur - (5.0 if short else 10.0)
+    onset = 3.0 if short else 10.0
+    dur = duration or (30.0 if short else 100.0)
+    end = dur - (3.0 if short else 10.0)
     rate = rate or 200.0
     names = _names("b", 6)
     flappy = "b1"
@@ -369,7 +398,7 @@ def flapping(short: bool = False, duration: float | None = None, rate: float | N
                "requests perfectly. The pool should neither oscillate nor hurt clients."),
         rate=rate, duration=dur,
         groups=(GroupSpec("fleet", names, capacity=8),),
-        in_pool=names,
+        in_pool=names, focus=(flappy,),
         steps=(Step(onset, f"{flappy}: /healthz fails 50% of the time", flap), Step(end, f"{flappy}: probes pass again", steady)),
         window=(onset, end),
         criteria=(
@@ -381,8 +410,8 @@ def flapping(short: bool = False, duration: float | None = None, rate: float | N
 
 
 def rolling_deploy(short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
-    start = 5.0 if short else 10.0
-    dur = duration or (40.0 if short else 90.0)
+    start = 4.0 if short else 10.0
+    dur = duration or (25.0 if short else 90.0)
     rate = rate or 200.0
     names = _names("b", 4)
     pause = 1.0 if short else 5.0
@@ -429,7 +458,7 @@ def rolling_deploy(short: bool = False, duration: float | None = None, rate: flo
         groups=tuple(GroupSpec(f"p{n}", (n,), capacity=8) for n in names),
         in_pool=names,
         steps=(Step(start, "rolling deploy starts", deploy),),
-        window=(start, dur - 5.0),
+        window=(start, dur - (3.0 if short else 5.0)),
         criteria=(
             failures_at_most(lambda r: 0, 0, dur, "zero failed requests", lambda r: "0"),
             failures_at_most(lambda r: 0, 0, dur, "zero failed tries (no client had to retry)", lambda r: "0", tries=True),
@@ -439,9 +468,9 @@ def rolling_deploy(short: bool = False, duration: float | None = None, rate: flo
 
 
 def cold_start(short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
-    join = 8.0 if short else 15.0
+    join = 5.0 if short else 15.0
     cold = 10.0 if short else 20.0
-    dur = duration or (35.0 if short else 75.0)
+    dur = duration or (40.0 if short else 80.0)
     rate = rate or 300.0
     names = _names("b", 6)
     new = "b6"
@@ -449,6 +478,14 @@ def cold_start(short: bool = False, duration: float | None = None, rate: float |
 
     async def boot(ctx: "DrillContext") -> None:
         await ctx.start_group("newcomer")
+        t = ctx.now()
+
+        async def joined() -> bool:
+            return (await ctx.states()).get(new) in ("healthy", "slow_start")
+
+        if await ctx.wait_until(joined, dur - t - 1, step=0.25):
+            ctx.mark("joined_after", round(ctx.now() - t, 2))
+            ctx.event(f"{new} in rotation ({ctx.now() - t:.1f}s after it started)")
 
     def takes_share(r: "RunResult") -> tuple[bool, str, str]:
         share = [v for v in r.series["share"].get(new, [])[int(dur) - 5:int(dur)] if v is not None]
@@ -459,16 +496,16 @@ def cold_start(short: bool = False, duration: float | None = None, rate: float |
     return Plan(
         name="cold-start",
         title="Cold start: a new backend joins, slow for its first seconds",
-        story=(f"6 warm backends (~5 ms). A 7th starts at t={join:g}s; its service time starts 40x slower and "
-               f"warms up linearly over {cold:g} s. lbtwist runs with slow_start: {ramp:g}s (the key this "
-               "drill is about; its default is off)."),
+        story=(f"6 warm backends (~5 ms). A 7th starts at t={join:g}s; from its first request its service time "
+               f"is 40x slower, warming up linearly over {cold:g} s of traffic. lbtwist runs with "
+               f"slow_start: {ramp:g}s (the key this drill is about; its default is off)."),
         rate=rate, duration=dur,
         groups=(GroupSpec("fleet", names, capacity=8, median=0.005),
                 GroupSpec("newcomer", (new,), capacity=8, median=0.005, start=False,
                           faults={"cold_factor": 40.0, "cold_seconds": cold})),
-        in_pool=names + (new,),
-        steps=(Step(join, f"{new} starts cold (40x slower, warming over {cold:g}s)", boot),),
-        window=(join, join + cold),
+        in_pool=names + (new,), focus=(new,),
+        steps=(Step(join, f"{new} starts cold (40x slower, warming over {cold:g}s of traffic)", boot),),
+        window=(join, dur),
         criteria=(
             p99_within(join, dur, join, "p99 stays flat while the new backend warms up"),
             success_at_least(99.5, 0, dur),
@@ -479,9 +516,9 @@ def cold_start(short: bool = False, duration: float | None = None, rate: float |
 
 
 def reload(short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
-    add_at = 8.0 if short else 15.0
-    remove_at = 20.0 if short else 45.0
-    dur = duration or (35.0 if short else 80.0)
+    add_at = 5.0 if short else 15.0
+    remove_at = 17.0 if short else 45.0
+    dur = duration or (30.0 if short else 80.0)
     rate = rate or 200.0
     names = _names("b", 6)
     first, added, removed = names[:4], names[4:], names[:2]
@@ -497,10 +534,10 @@ def reload(short: bool = False, duration: float | None = None, rate: float | Non
         ctx.event(f"reload: - {', '.join(removed)} -> {res}")
 
     def added_take_traffic(r: "RunResult") -> tuple[bool, str, str]:
-        lo, hi = int(add_at) + 15, int(remove_at)
-        got = {n: max((v or 0.0 for v in r.series["backend_rate"].get(n, [])[lo:hi]), default=0.0) for n in added}
+        lo, hi = int(add_at) + 10, int(remove_at)
+        got = {n: min((v or 0.0 for v in r.series["backend_rate"].get(n, [])[lo:hi]), default=0.0) for n in added}
         ok = all(v > 0 for v in got.values()) and hi > lo
-        return ok, ", ".join(f"{n}: {v:.0f}/s" for n, v in got.items()), f"> 0/s from 15 s after the reload (t={lo}s..{hi}s)"
+        return ok, ", ".join(f"{n}: {v:.0f}/s at least" for n, v in got.items()), f"> 0/s in every second from 10 s after the reload (t={lo}s..{hi}s)"
 
     def removed_idle(r: "RunResult") -> tuple[bool, str, str]:
         lo = int(remove_at) + 10
@@ -515,11 +552,12 @@ def reload(short: bool = False, duration: float | None = None, rate: float | Non
                f"the admin API; at t={remove_at:g}s it is reloaded again without the first 2."),
         rate=rate, duration=dur,
         groups=(GroupSpec("fleet", names, capacity=8),),
-        in_pool=first,
+        in_pool=first, focus=removed + added,
         steps=(Step(add_at, "reload: add b4, b5", add), Step(remove_at, "reload: remove b0, b1", remove)),
         window=(add_at, remove_at),
         criteria=(
             failures_at_most(lambda r: 0, 0, dur, "zero failed requests", lambda r: "0"),
+            failures_at_most(lambda r: 0, 0, dur, "zero failed tries (no client had to retry)", lambda r: "0", tries=True),
             Criterion("added backends take traffic", added_take_traffic),
             Criterion("removed backends get no new traffic", removed_idle),
         ),

@@ -66,14 +66,15 @@ class _Target:
 
     async def _wait_listening(self, port: int) -> None:
         assert self.child is not None
-        d1 = wait_port(self.reactor, port, self.START_TIMEOUT)
-        d2 = self.child.wait_exit(self.START_TIMEOUT + 5)
-        first = await defer.DeferredList([d1, d2], fireOnOneCallback=True, fireOnOneErrback=True, consumeErrors=True)
+        listening = wait_port(self.reactor, port, self.START_TIMEOUT)
+        exited = self.child.wait_exit(self.START_TIMEOUT + 5)
+        # whichever comes first: the port accepts, or the process dies (bad config)
+        await defer.DeferredList([listening, exited], fireOnOneCallback=True, fireOnOneErrback=True,
+                                 consumeErrors=True)
         if self.child.ended:
             raise ProcessGone(f"{self.kind} exited during start-up (code {self.child.exit_code}):\n" + self.child.tail())
-        if not d1.called:
-            d1.cancel()
-        del first
+        if not listening.called:
+            listening.cancel()
 
     async def wait_in_rotation(self, names: set[str], timeout: float) -> dict[str, str]:
         """Until every backend in ``names`` is in rotation (fails after ``timeout``)."""

@@ -54,23 +54,10 @@ class RelayFactory(protocol.ServerFactory):
     noisy = False
 
     def __init__(self, cfg: ListenerConfig, runtime: Any, service: ListenerService | None = None) -> None:
-        if cfg.pool is None:
-            raise ValueError(f"listener {cfg.name}: mode tcp needs a pool")
-        if cfg.hash_key != "source":
-            raise ValueError(
-                f"listener {cfg.name}: hash_key {cfg.hash_key!r} is not available at L4 (use 'source')"
-            )
-        self.cfg = cfg
         self.runtime = runtime
         self.reactor = runtime.reactor
         self.service = service
-        self.pool_name = cfg.pool
-        self.max_connections = cfg.max_connections
-        self.idle_timeout = cfg.idle_timeout if cfg.idle_timeout is not None else DEFAULT_IDLE_TIMEOUT
-        pp = cfg.proxy_protocol
-        self.accept_proxy = pp.accept
-        self.send_proxy = None if pp.send == "none" else pp.send
-        self.header_timeout = pp.header_timeout
+        self.configure(cfg)
         #: Speed levers (see L{lbtwist.fastio}); switchable to measure them.
         self.eager = True
         self.read_size: int | None = fastio.L4_READ_SIZE
@@ -81,6 +68,24 @@ class RelayFactory(protocol.ServerFactory):
         self.failed = 0
         self._refusal_logged_at = float("-inf")
         self._refused_since_log = 0
+
+    def configure(self, cfg: ListenerConfig) -> None:
+        """Take (new) settings; connections opened from now on use them (a
+        reload keeps the socket and the live connections)."""
+        if cfg.pool is None:
+            raise ValueError(f"listener {cfg.name}: mode tcp needs a pool")
+        if cfg.hash_key != "source":
+            raise ValueError(
+                f"listener {cfg.name}: hash_key {cfg.hash_key!r} is not available at L4 (use 'source')"
+            )
+        self.cfg = cfg
+        self.pool_name = cfg.pool
+        self.max_connections = cfg.max_connections
+        self.idle_timeout = cfg.idle_timeout if cfg.idle_timeout is not None else DEFAULT_IDLE_TIMEOUT
+        pp = cfg.proxy_protocol
+        self.accept_proxy = pp.accept
+        self.send_proxy = None if pp.send == "none" else pp.send
+        self.header_timeout = pp.header_timeout
 
     def pool_config(self) -> PoolConfig:
         cfg = self.runtime.pool_configs.get(self.pool_name)
@@ -182,8 +187,10 @@ class Frontend(protocol.Protocol):
         self.wall_start = 0.0
         self.connected_at = 0.0
         self.last_activity = 0.0
+        self.pool: Any = None
+        self.connect_timeout = 0.0
+        self.attempt_started = 0.0
         self._timer: Any = None  # header, connect or idle timer (one at a time)
-        self._reported = False
 
     # -- client connection -----------------------------------------------------
 
@@ -579,6 +586,10 @@ class TCPListenerService(ListenerService):
         self.relay = RelayFactory(cfg, runtime)
         super().__init__(cfg.name, cfg.bind, self.relay, runtime.reactor)
         self.relay.service = self
+
+    def reconfigure(self, cfg: ListenerConfig) -> None:
+        """Hot reload with the same bind: new settings for new connections."""
+        self.relay.configure(cfg)
 
     def stopService(self, drain_timeout: float | None = None) -> Any:
         if drain_timeout is None:

@@ -163,6 +163,19 @@ class UDPRelay(DatagramProtocol):
     noisy = False
 
     def __init__(self, cfg: ListenerConfig, runtime: Any) -> None:
+        self.runtime = runtime
+        self.reactor = runtime.reactor
+        self.flows = FlowTable(DEFAULT_IDLE_TIMEOUT, cfg.max_connections)
+        self._timer: Any = None
+        self.configure(cfg)
+        self.dropped = 0
+        self.total_flows = 0
+        self._drop_logged_at = float("-inf")
+        self._drops_since_log = 0
+
+    def configure(self, cfg: ListenerConfig) -> None:
+        """Take (new) settings. Live flows keep their backend; the new idle
+        timeout and cap apply to every flow from now on."""
         if cfg.pool is None:
             raise ValueError(f"listener {cfg.name}: mode udp needs a pool")
         if cfg.hash_key != "source":
@@ -173,16 +186,16 @@ class UDPRelay(DatagramProtocol):
         if pp.accept or pp.send != "none":
             raise ValueError(f"listener {cfg.name}: proxy_protocol is not supported for mode udp")
         self.cfg = cfg
-        self.runtime = runtime
-        self.reactor = runtime.reactor
         self.pool_name = cfg.pool
         idle = cfg.idle_timeout if cfg.idle_timeout is not None else DEFAULT_IDLE_TIMEOUT
-        self.flows = FlowTable(idle, cfg.max_connections)
-        self._timer: Any = None
-        self.dropped = 0
-        self.total_flows = 0
-        self._drop_logged_at = float("-inf")
-        self._drops_since_log = 0
+        if idle <= 0:
+            raise ValueError(f"listener {cfg.name}: idle_timeout must be > 0 for mode udp")
+        self.flows.idle_timeout = idle
+        self.flows.max_flows = cfg.max_connections
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+            self._timer = None
+            self._schedule()
 
     # -- client datagrams -------------------------------------------------------
 
@@ -341,13 +354,24 @@ class UDPListenerService(Service):
     def address(self) -> Any:
         return self.port.getHost() if self.port is not None else None
 
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
+    def reconfigure(self, cfg: ListenerConfig) -> None:
+        """Hot reload with the same bind."""
+        self.relay.configure(cfg)
+        self.cfg = cfg
+
+    def stop_accepting(self) -> defer.Deferred:
+        """Release the port (fires once a replacement may bind it). Replies
+        leave through this port, so the flows end with it: UDP has no
+        in-flight work to drain."""
         port, self.port = self.port, None
         self.relay.close_all()
         if port is None:
             return defer.succeed(None)
         return defer.maybeDeferred(port.stopListening)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return self.stop_accepting()
 
 
 def udp_listener(cfg: ListenerConfig, runtime: Any) -> UDPListenerService:

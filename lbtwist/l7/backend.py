@@ -90,7 +90,9 @@ class BackendConnection(Protocol):
 
     def connectionMade(self) -> None:
         t = self.transport
-        fastio.accelerate(t)
+        pools = self.owner.pools
+        if pools is None or pools.eager:
+            fastio.accelerate(t)
         try:
             t.setTcpNoDelay(True)
         except Exception:  # not a TCP transport (tests)

@@ -94,7 +94,8 @@ class HttpProxyProtocol(Protocol):
             t.write(error_page(503, "too many connections to this listener"))
             t.loseConnection()
             return
-        fastio.accelerate(t)
+        if ctx.eager:
+            fastio.accelerate(t)
         try:
             t.setTcpNoDelay(True)
         except Exception:  # not TCP (tests, TLS wrappers without it)

@@ -42,6 +42,7 @@ class BackendConnections:
         #: Connections ever opened, and requests served on reused ones (metrics, tests).
         self.opened = 0
         self.reused = 0
+        self.pools: ConnectionPools | None = None
 
     def configure(self, cfg: ConnectionPoolConfig, connect_timeout: float) -> None:
         self.max_open = max(1, cfg.max_per_backend)
@@ -181,6 +182,8 @@ class ConnectionPools:
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
+        #: Apply fastio's eager write to backend connections.
+        self.eager = True
         self._by_backend: dict[Backend, BackendConnections] = {}
         self._watched: set[int] = set()
 
@@ -188,6 +191,7 @@ class ConnectionPools:
         bc = self._by_backend.get(backend)
         if bc is None:
             bc = self._by_backend[backend] = BackendConnections(backend, self.reactor, cfg, connect_timeout)
+            bc.pools = self
             if id(pool) not in self._watched:
                 self._watched.add(id(pool))
                 pool.subscribe(self._pool_changed)

@@ -22,7 +22,7 @@ import attrs
 
 from lbtwist.config.model import HeaderRewrite
 from lbtwist.l7.errors import status_line
-from lbtwist.l7.parser import Request, Response
+from lbtwist.l7.parser import Request, Response, parse_fields
 
 VIA_NAME = b"lbtwist"
 
@@ -62,10 +62,6 @@ class Rewriter:
         return fields
 
 
-def _join(fields: Iterable[tuple[bytes, bytes]]) -> bytes:
-    return b"".join([b"%s: %s\r\n" % nv for nv in fields])
-
-
 class RequestIds:
     """Cheap unique ids: a random per-process prefix and a counter (a uuid4
     per request costs more than the rest of the header work)."""
@@ -93,6 +89,15 @@ class ForwardingPolicy:
     via: bool = True
 
 
+def _drop_named(fields: bytes, names: set[bytes]) -> bytes:
+    """Remove the fields Connection named (rare: parse, filter, re-join)."""
+    return b"".join(b"\r\n%s: %s" % nv for nv in parse_fields(fields) if nv[0].lower() not in names)
+
+
+def _serialise(first_line: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
+    return first_line + b"".join([b"\r\n%s: %s" % nv for nv in fields]) + b"\r\n\r\n"
+
+
 def backend_request_head(
     req: Request,
     *,
@@ -103,62 +108,67 @@ def backend_request_head(
     rewriter: Rewriter | None = None,
     upgrade: bool = False,
 ) -> bytes:
-    """The request head sent to a backend (HTTP/1.1, origin-form target)."""
-    fields = req.headers
+    """The request head sent to a backend (HTTP/1.1, origin-form target):
+    Host first, the client's end-to-end fields as they arrived, then the
+    framing, forwarding and request-id fields lbtwist sets."""
+    fields = req.fields
     if req.connection_tokens:
         named = set(req.connection_tokens) - {b"close", b"keep-alive", b"upgrade"}
         if named:
-            fields = [(n, v) for n, v in fields if n.lower() not in named]
-    out: list[tuple[bytes, bytes]] = []
+            fields = _drop_named(fields, named)
     host = req.host
-    if host is not None:
-        out.append((b"host", host))
-    out.extend(fields)
+    extra: list[tuple[bytes, bytes]] = []
     if req.chunked:
-        out.append((b"transfer-encoding", req.te))  # type: ignore[arg-type]
+        extra.append((b"transfer-encoding", req.te))  # type: ignore[arg-type]
     elif req.content_length is not None:
-        out.append((b"content-length", b"%d" % req.content_length))
+        extra.append((b"content-length", b"%d" % req.content_length))
     if req.expect_continue:
-        out.append((b"expect", b"100-continue"))
+        extra.append((b"expect", b"100-continue"))
     if upgrade and req.upgrade is not None:
-        out.append((b"connection", b"upgrade"))
-        out.append((b"upgrade", req.upgrade))
+        extra.append((b"connection", b"upgrade"))
+        extra.append((b"upgrade", req.upgrade))
     mode = policy.mode
     proto = b"https" if tls else b"http"
     if mode == "x-forwarded" or mode == "both":
         xff = req.x_forwarded_for
-        out.append((b"x-forwarded-for", xff + b", " + client_ip if xff else client_ip))
-        out.append((b"x-forwarded-proto", proto))
+        extra.append((b"x-forwarded-for", xff + b", " + client_ip if xff else client_ip))
+        extra.append((b"x-forwarded-proto", proto))
         if host is not None:
-            out.append((b"x-forwarded-host", host))
+            extra.append((b"x-forwarded-host", host))
     elif req.x_forwarded_for is not None:
-        out.append((b"x-forwarded-for", req.x_forwarded_for))
+        extra.append((b"x-forwarded-for", req.x_forwarded_for))
     if mode == "forwarded" or mode == "both":
         node = b"for=%s;proto=%s" % (_forwarded_node(client_ip), proto)
         if host:
             node += b';host="%s"' % host
         prev = req.forwarded
-        out.append((b"forwarded", prev + b", " + node if prev else node))
+        extra.append((b"forwarded", prev + b", " + node if prev else node))
     elif req.forwarded is not None:
-        out.append((b"forwarded", req.forwarded))
+        extra.append((b"forwarded", req.forwarded))
     if policy.via:
         via = b"%s %s" % (req.version, VIA_NAME)
-        out.append((b"via", req.via + b", " + via if req.via else via))
+        extra.append((b"via", req.via + b", " + via if req.via else via))
     elif req.via is not None:
-        out.append((b"via", req.via))
-    if req.request_id is None or policy.request_id_header != b"x-request-id":
-        if not _has(out, policy.request_id_header):
-            out.append((policy.request_id_header, request_id))
+        extra.append((b"via", req.via))
+    rid_name = policy.request_id_header
+    if rid_name == b"x-request-id":
+        if req.request_id is None:
+            extra.append((rid_name, request_id))
+    elif req.header(rid_name) is None:
+        extra.append((rid_name, request_id))
+    line = b"%s %s HTTP/1.1" % (req.method, req.target)
     if rewriter is not None:
-        out = rewriter.apply(out)
-    return b"%s %s HTTP/1.1\r\n%s\r\n" % (req.method, req.target, _join(out))
-
-
-def _has(fields: list[tuple[bytes, bytes]], lname: bytes) -> bool:
-    for n, _ in fields:
-        if n.lower() == lname:
-            return True
-    return False
+        out = ([(b"host", host)] if host is not None else []) + parse_fields(fields) + extra
+        return _serialise(line, rewriter.apply(out))
+    parts = [line]
+    if host is not None:
+        parts.append(b"\r\nhost: ")
+        parts.append(host)
+    parts.append(fields)
+    for nv in extra:
+        parts.append(b"\r\n%s: %s" % nv)
+    parts.append(b"\r\n\r\n")
+    return b"".join(parts)
 
 
 #: How a response body travels to the client.
@@ -188,47 +198,51 @@ def client_response_head(
     extra: tuple[tuple[bytes, bytes], ...] = (),
     content_length: int | None = None,
 ) -> bytes:
-    """The response head sent to the client. ``content_length`` overrides the
-    backend's (full response buffering)."""
-    fields = resp.headers
+    """The response head sent to the client: the backend's end-to-end fields
+    as they arrived, then framing, connection, Via and request id.
+    ``content_length`` overrides the backend's (full response buffering)."""
+    fields = resp.fields
     if resp.connection_tokens:
         named = set(resp.connection_tokens) - {b"close", b"keep-alive", b"upgrade"}
         if named:
-            fields = [(n, v) for n, v in fields if n.lower() not in named]
-    out = list(fields)
+            fields = _drop_named(fields, named)
+    add: list[bytes] = []
     if content_length is not None:
-        out.append((b"content-length", b"%d" % content_length))
+        add.append(b"\r\ncontent-length: %d" % content_length)
     elif framing == FRAME_LENGTH or (framing == FRAME_NONE and resp.content_length is not None):
-        out.append((b"content-length", b"%d" % resp.content_length))  # type: ignore[str-format]
+        add.append(b"\r\ncontent-length: %d" % resp.content_length)  # type: ignore[str-format]
     elif framing == FRAME_CHUNKED:
         if resp.te is None:
-            te = b"chunked"
+            add.append(b"\r\ntransfer-encoding: chunked")
         else:  # keep other codings (e.g. gzip) and end with chunked
-            te = resp.te if resp.chunked else resp.te + b", chunked"
-        out.append((b"transfer-encoding", te))
+            add.append(b"\r\ntransfer-encoding: " + (resp.te if resp.chunked else resp.te + b", chunked"))
     if resp.status == 101:
-        out.append((b"connection", b"upgrade"))
+        add.append(b"\r\nconnection: upgrade")
         if resp.upgrade is not None:
-            out.append((b"upgrade", resp.upgrade))
+            add.append(b"\r\nupgrade: " + resp.upgrade)
     elif not keep_alive:
-        out.append((b"connection", b"close"))
+        add.append(b"\r\nconnection: close")
     elif client_version == b"1.0":
-        out.append((b"connection", b"keep-alive"))
+        add.append(b"\r\nconnection: keep-alive")
     if policy.via:
-        out.append((b"via", b"%s %s" % (resp.version, VIA_NAME)))
-    if request_id is not None and not _has(resp.headers, policy.request_id_header):
-        out.append((policy.request_id_header, request_id))
-    out.extend(extra)
-    if rewriter is not None:
-        out = rewriter.apply(out)
+        add.append(b"\r\nvia: %s %s" % (resp.version, VIA_NAME))
+    if request_id is not None:
+        rid_name = policy.request_id_header
+        if rid_name == b"x-request-id":
+            if resp.request_id is None:
+                add.append(b"\r\nx-request-id: " + request_id)
+        elif resp.header(rid_name) is None:
+            add.append(b"\r\n%s: %s" % (rid_name, request_id))
+    for nv in extra:
+        add.append(b"\r\n%s: %s" % nv)
     reason = resp.reason
-    if reason:
-        line = b"HTTP/1.1 %d %s\r\n" % (resp.status, reason)
-    else:
-        line = status_line(resp.status)
-    return line + _join(out) + b"\r\n"
+    line = b"HTTP/1.1 %d %s" % (resp.status, reason) if reason else status_line(resp.status)[:-2]
+    if rewriter is not None:
+        out = parse_fields(fields + b"".join(add))
+        return _serialise(line, rewriter.apply(out))
+    return b"".join((line, fields, *add, b"\r\n\r\n"))
 
 
 def interim_head(resp: Response) -> bytes:
     """A 1xx response relayed as is (minus hop-by-hop fields)."""
-    return (b"HTTP/1.1 %d %s\r\n" % (resp.status, resp.reason or b"Continue")) + _join(resp.headers) + b"\r\n"
+    return b"HTTP/1.1 %d %s%s\r\n\r\n" % (resp.status, resp.reason or b"Continue", resp.fields)

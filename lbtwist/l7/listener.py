@@ -63,6 +63,8 @@ class HttpProxyFactory(ServerFactory):
         self.connection_pools = connection_pools(runtime)
         self.default_connection_pool = ConnectionPoolConfig()
         self.max_connections = cfg.max_connections
+        #: Apply fastio's eager write to client connections (benchmarks turn it off).
+        self.eager = True
         self.active = 0
         self.service: ListenerService | None = None
 

@@ -16,12 +16,14 @@ from twisted.internet.interfaces import IReactorTime
 class Deadline:
     """``fire(kind)`` once the clock passes the deadline last ``set``."""
 
-    __slots__ = ("_clock", "_fire", "_call", "when", "kind")
+    __slots__ = ("_clock", "_fire", "_call", "_at", "when", "kind")
 
     def __init__(self, clock: IReactorTime, fire: Callable[[Any], None]) -> None:
         self._clock = clock
         self._fire = fire
         self._call: Any = None
+        #: When the pending call fires (saves asking the DelayedCall).
+        self._at = 0.0
         self.when: float | None = None
         self.kind: Any = None
 
@@ -31,11 +33,12 @@ class Deadline:
         when = clock.seconds() + delay
         self.when = when
         self.kind = kind
-        call = self._call
-        if call is None:
+        if self._call is None:
             self._call = clock.callLater(delay, self._expired)
-        elif call.getTime() > when:
-            call.reset(delay)
+            self._at = when
+        elif self._at > when:
+            self._call.reset(delay)
+            self._at = when
 
     def clear(self) -> None:
         """No deadline (the pending call, if any, fires harmlessly)."""
@@ -60,6 +63,7 @@ class Deadline:
         now = self._clock.seconds()
         if now < when:
             self._call = self._clock.callLater(when - now, self._expired)
+            self._at = when
             return
         self.when = None
         self._fire(self.kind)

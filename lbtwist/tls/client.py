@@ -38,6 +38,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from lbtwist.config.model import PoolTLSConfig
 from lbtwist.tls.context import TLSConfigError, session_reused, tls_version
 from lbtwist.tls.files import TLSFileError, load_ca_bundle, load_certificate_pair
 
@@ -142,7 +143,7 @@ class BackendTLS:
     """The TLS settings of one pool (L{lbtwist.config.model.PoolTLSConfig}).
     Raises L{TLSConfigError} naming the file when a CA or client cert is unusable."""
 
-    def __init__(self, config: Any, now: float | None = None) -> None:
+    def __init__(self, config: PoolTLSConfig, now: float | None = None) -> None:
         self.config = config
         self.session_reuse = bool(config.session_reuse)
         self._creators: dict[Any, BackendConnectionCreator] = {}
@@ -235,7 +236,7 @@ class BackendTLS:
             log.failure("TLS session bookkeeping")
 
 
-def client_connection_creator(pool_tls_config: Any, hostname: str) -> BackendConnectionCreator:
+def client_connection_creator(pool_tls_config: PoolTLSConfig, hostname: str) -> BackendConnectionCreator:
     """A creator for one backend, with its own pool context (prefer one
     L{BackendTLS} per pool so its backends share the context)."""
     return BackendTLS(pool_tls_config).creator_for(hostname)

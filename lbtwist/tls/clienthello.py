@@ -23,6 +23,7 @@ __all__ = [
     "NeedMore",
     "NotTLS",
     "ParseResult",
+    "bytes_needed",
     "parse_client_hello",
 ]
 
@@ -33,6 +34,8 @@ MAX_CLIENT_HELLO: Final = 16384 + 4
 _HANDSHAKE: Final = 22
 _CLIENT_HELLO: Final = 1
 _MAX_RECORD: Final = 16384
+#: Real clients use one record, two at most; more is a way to burn our CPU.
+_MAX_RECORDS: Final = 16
 
 EXT_SERVER_NAME: Final = 0
 EXT_ALPN: Final = 16
@@ -122,36 +125,14 @@ class _Malformed(Exception):
     pass
 
 
-class _Reader:
-    """Bounds-checked big-endian reads over one bytes object."""
+# Parsing works on plain offsets into one bytes object (no reader objects,
+# no copies): it runs once per connection, ahead of the handshake.
 
-    __slots__ = ("data", "pos", "end")
 
-    def __init__(self, data: bytes, pos: int = 0, end: int | None = None) -> None:
-        self.data = data
-        self.pos = pos
-        self.end = len(data) if end is None else end
-
-    def left(self) -> int:
-        return self.end - self.pos
-
-    def take(self, n: int) -> bytes:
-        if n > self.end - self.pos:
-            raise _Malformed("truncated")
-        b = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return b
-
-    def uint(self, size: int) -> int:
-        return int.from_bytes(self.take(size), "big")
-
-    def vector(self, len_size: int) -> "_Reader":
-        n = self.uint(len_size)
-        if n > self.end - self.pos:
-            raise _Malformed("truncated vector")
-        sub = _Reader(self.data, self.pos, self.pos + n)
-        self.pos += n
-        return sub
+def _u16(b: bytes, p: int, end: int) -> int:
+    if p + 2 > end:
+        raise _Malformed("truncated")
+    return (b[p] << 8) | b[p + 1]
 
 
 def _is_grease(v: int) -> bool:
@@ -160,146 +141,207 @@ def _is_grease(v: int) -> bool:
 
 def _handshake_bytes(data: bytes, max_size: int) -> tuple[bytes, int] | NotTLS | NeedMore:
     """Join the handshake records at the start of ``data`` until they hold
-    the whole first handshake message. Returns (message, bytes used)."""
-    if not data:
+    the whole first handshake message. Returns (message body, bytes used)."""
+    n = len(data)
+    if not n:
         return NEED_MORE
     if data[0] != _HANDSHAKE:
         return NotTLS(f"first byte 0x{data[0]:02x} is not a TLS handshake record")
-    if len(data) >= 2 and data[1] != 3:
+    if n >= 2 and data[1] != 3:
         return NotTLS(f"record version major {data[1]} is not 3")
-    buf = bytearray()
+    parts: list[bytes] = []
+    have = 0  # handshake bytes gathered
     pos = 0
-    need: int | None = None
+    need: int | None = None  # body length, once the 4-byte header is known
     while True:
-        if len(data) - pos < 5:
+        if len(parts) >= _MAX_RECORDS:
+            return NotTLS(f"ClientHello spread over more than {_MAX_RECORDS} records")
+        if n - pos < 5:
             return NEED_MORE
-        ctype, major = data[pos], data[pos + 1]
-        if ctype != _HANDSHAKE:
-            return NotTLS(f"record type {ctype} before the ClientHello was complete")
-        if major != 3:
-            return NotTLS(f"record version major {major} is not 3")
-        rlen = int.from_bytes(data[pos + 3:pos + 5], "big")
+        if data[pos] != _HANDSHAKE:
+            return NotTLS(f"record type {data[pos]} before the ClientHello was complete")
+        if data[pos + 1] != 3:
+            return NotTLS(f"record version major {data[pos + 1]} is not 3")
+        rlen = (data[pos + 3] << 8) | data[pos + 4]
         if rlen == 0 or rlen > _MAX_RECORD:
             return NotTLS(f"handshake record length {rlen} is out of range")
-        if len(data) - pos - 5 < rlen:
-            # Decide early what the header already tells.
-            if need is None and len(buf) + len(data) - pos - 5 >= 4:
-                head = bytes(buf + data[pos + 5:pos + 9])[:4]
-                if head[0] != _CLIENT_HELLO:
-                    return NotTLS(f"handshake message type {head[0]} is not ClientHello")
-                if int.from_bytes(head[1:4], "big") > max_size:
-                    return NotTLS("ClientHello larger than the limit")
-            return NEED_MORE
-        buf += data[pos + 5:pos + 5 + rlen]
-        pos += 5 + rlen
-        if need is None and len(buf) >= 4:
-            if buf[0] != _CLIENT_HELLO:
-                return NotTLS(f"handshake message type {buf[0]} is not ClientHello")
-            need = int.from_bytes(buf[1:4], "big")
+        avail = min(rlen, n - pos - 5)
+        if need is None and have + avail >= 4:
+            head = (b"".join(parts) + data[pos + 5:pos + 5 + avail])[:4]
+            if head[0] != _CLIENT_HELLO:
+                return NotTLS(f"handshake message type {head[0]} is not ClientHello")
+            need = int.from_bytes(head[1:4], "big")
             if need > max_size:
                 return NotTLS("ClientHello larger than the limit")
-        if need is not None and len(buf) >= 4 + need:
-            return bytes(buf[4:4 + need]), pos
+        if avail < rlen:
+            return NEED_MORE
+        parts.append(data[pos + 5:pos + 5 + rlen])
+        have += rlen
+        pos += 5 + rlen
+        if need is not None and have >= 4 + need:
+            msg = parts[0] if len(parts) == 1 else b"".join(parts)
+            return msg[4:4 + need], pos
 
 
-def _server_name(r: _Reader) -> str | None:
-    names = r.vector(2)
+def _server_name(b: bytes, p: int, end: int) -> str | None:
+    lend = p + 2 + _u16(b, p, end)
+    if lend != end:
+        raise _Malformed("bad server_name length")
+    p += 2
     host: str | None = None
-    while names.left():
-        kind = names.uint(1)
-        value = names.vector(2)
-        raw = value.take(value.left())
+    while p < lend:
+        if p + 3 > lend:
+            raise _Malformed("truncated server_name")
+        kind = b[p]
+        ln = (b[p + 1] << 8) | b[p + 2]
+        p += 3
+        if p + ln > lend:
+            raise _Malformed("truncated server_name")
+        raw = b[p:p + ln]
+        p += ln
         if kind != 0:
             continue
         if host is not None:
             raise _Malformed("two host names in server_name")
-        if not raw or len(raw) > 255 or b"\x00" in raw:
+        if not raw or b"\x00" in raw:
             raise _Malformed("invalid host name in server_name")
-        try:
-            text = raw.decode("ascii")
-        except UnicodeDecodeError:
-            raise _Malformed("non-ASCII host name in server_name") from None
-        host = text.lower().rstrip(".")
+        if not raw.isascii():
+            raise _Malformed("non-ASCII host name in server_name")
+        host = raw.decode("ascii").lower().rstrip(".")
         if not host:
             raise _Malformed("empty host name in server_name")
-    if r.left():
-        raise _Malformed("trailing bytes in server_name")
     return host
 
 
-def _alpn(r: _Reader) -> tuple[str, ...]:
-    lst = r.vector(2)
+def _alpn(b: bytes, p: int, end: int) -> tuple[str, ...]:
+    lend = p + 2 + _u16(b, p, end)
+    if lend != end:
+        raise _Malformed("bad ALPN length")
+    p += 2
     out = []
-    while lst.left():
-        p = lst.vector(1)
-        if not p.left():
+    while p < lend:
+        ln = b[p]
+        p += 1
+        if ln == 0:
             raise _Malformed("empty ALPN protocol name")
-        out.append(p.take(p.left()).decode("latin-1"))
+        if p + ln > lend:
+            raise _Malformed("truncated ALPN")
+        out.append(b[p:p + ln].decode("latin-1"))
+        p += ln
     return tuple(out)
 
 
-def _psk_identities(r: _Reader) -> tuple[bytes, ...]:
-    ids = r.vector(2)
+def _psk_identities(b: bytes, p: int, end: int) -> tuple[bytes, ...]:
+    lend = p + 2 + _u16(b, p, end)
+    if lend > end:
+        raise _Malformed("truncated pre_shared_key")
+    p += 2
     out = []
-    while ids.left():
-        ident = ids.vector(2)
-        out.append(ident.take(ident.left()))
-        ids.uint(4)  # obfuscated_ticket_age
+    while p < lend:
+        ln = _u16(b, p, lend)
+        p += 2
+        if p + ln + 4 > lend:
+            raise _Malformed("truncated PSK identity")
+        out.append(b[p:p + ln])
+        p += ln + 4  # identity, obfuscated_ticket_age
     return tuple(out)
 
 
-def _versions(r: _Reader) -> tuple[int, ...]:
-    v = r.vector(1)
-    if v.left() % 2:
+def _versions(b: bytes, p: int, end: int) -> tuple[int, ...]:
+    if p >= end:
+        raise _Malformed("truncated supported_versions")
+    ln = b[p]
+    p += 1
+    if p + ln != end:
+        raise _Malformed("bad supported_versions length")
+    if ln % 2:
         raise _Malformed("odd supported_versions length")
-    out = []
-    while v.left():
-        x = v.uint(2)
-        if not _is_grease(x):
-            out.append(x)
-    return tuple(out)
+    return tuple(
+        v for v in ((b[i] << 8) | b[i + 1] for i in range(p, end, 2)) if not _is_grease(v)
+    )
 
 
-def _hello(body: bytes, length: int) -> ClientHello:
-    r = _Reader(body)
-    legacy_version = r.uint(2)
+_WANTED = frozenset({EXT_SERVER_NAME, EXT_ALPN, EXT_SESSION_TICKET, EXT_PRE_SHARED_KEY, EXT_SUPPORTED_VERSIONS})
+
+
+def _hello(b: bytes, length: int) -> ClientHello:
+    n = len(b)
+    legacy_version = _u16(b, 0, n)
     if legacy_version >> 8 != 3:
         raise _Malformed(f"ClientHello version 0x{legacy_version:04x}")
-    r.take(32)  # random
-    sid = r.vector(1)
-    if sid.left() > 32:
+    p = 2 + 32  # random
+    if p >= n:
+        raise _Malformed("truncated")
+    sid_len = b[p]
+    p += 1
+    if sid_len > 32:
         raise _Malformed("session id longer than 32 bytes")
-    session_id = sid.take(sid.left())
-    suites = r.vector(2)
-    if suites.left() < 2 or suites.left() % 2:
+    if p + sid_len > n:
+        raise _Malformed("truncated")
+    session_id = b[p:p + sid_len]
+    p += sid_len
+    cs = _u16(b, p, n)
+    if cs < 2 or cs % 2:
         raise _Malformed("bad cipher_suites length")
-    comp = r.vector(1)
-    if comp.left() < 1:
+    p += 2 + cs
+    if p >= n:
+        raise _Malformed("truncated")
+    comp = b[p]
+    if comp < 1:
         raise _Malformed("no compression methods")
+    p += 1 + comp
+    if p > n:
+        raise _Malformed("truncated")
     fields: dict = {"legacy_version": legacy_version, "session_id": session_id, "length": length}
-    if not r.left():
+    if p == n:
         return ClientHello(**fields)  # no extensions at all (old clients)
-    exts = r.vector(2)
-    if r.left():
+    end = p + 2 + _u16(b, p, n)
+    if end > n:
+        raise _Malformed("truncated extensions")
+    if end < n:
         raise _Malformed("trailing bytes after extensions")
-    seen: set[int] = set()
-    while exts.left():
-        etype = exts.uint(2)
-        edata = exts.vector(2)
-        if etype in seen:
-            raise _Malformed(f"duplicate extension {etype}")
-        seen.add(etype)
+    p += 2
+    seen: list[int] = []
+    wanted = {}  # extension type -> (start, end), for the few we read
+    while p < end:
+        if p + 4 > end:
+            raise _Malformed("truncated extension")
+        etype = (b[p] << 8) | b[p + 1]
+        e_end = p + 4 + ((b[p + 2] << 8) | b[p + 3])
+        if e_end > end:
+            raise _Malformed("truncated extension")
+        seen.append(etype)
+        if etype in _WANTED:
+            wanted[etype] = (p + 4, e_end)
+        p = e_end
+    if len(set(seen)) != len(seen):
+        dup = next(t for t in seen if seen.count(t) > 1)
+        raise _Malformed(f"duplicate extension {dup}")
+    for etype, (start, stop) in wanted.items():
         if etype == EXT_SERVER_NAME:
-            fields["server_name"] = _server_name(edata)
+            fields["server_name"] = _server_name(b, start, stop)
         elif etype == EXT_ALPN:
-            fields["alpn"] = _alpn(edata)
+            fields["alpn"] = _alpn(b, start, stop)
         elif etype == EXT_SESSION_TICKET:
-            fields["session_ticket"] = edata.take(edata.left())
+            fields["session_ticket"] = b[start:stop]
         elif etype == EXT_PRE_SHARED_KEY:
-            fields["psk_identities"] = _psk_identities(edata)
-        elif etype == EXT_SUPPORTED_VERSIONS:
-            fields["supported_versions"] = _versions(edata)
+            fields["psk_identities"] = _psk_identities(b, start, stop)
+        else:
+            fields["supported_versions"] = _versions(b, start, stop)
     return ClientHello(**fields)
+
+
+def bytes_needed(data: bytes) -> int:
+    """After L{NEED_MORE}: the buffer length below which parsing again cannot
+    decide anything (the end of the record being received), so a reader fed
+    one byte at a time does not re-parse on every byte."""
+    pos, n = 0, len(data)
+    while n - pos >= 5:
+        end = pos + 5 + ((data[pos + 3] << 8) | data[pos + 4])
+        if end > n:
+            return end
+        pos = end
+    return pos + 5
 
 
 def parse_client_hello(data: bytes, max_size: int = MAX_CLIENT_HELLO) -> ParseResult:

@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IDelayedCall, IOpenSSLServerConnectionCr
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from lbtwist.config.model import TLS12_CIPHERS, TLS13_CIPHERSUITES
+from lbtwist.config.model import TLS12_CIPHERS, TLS13_CIPHERSUITES, ListenerConfig, ListenerTLSConfig
 from lbtwist.tls.clienthello import ClientHello
 from lbtwist.tls.files import CertificateFile, TLSFileError, load_certificate_pair
 from lbtwist.tls.sni import NameTable, check_name_pattern
@@ -125,7 +125,8 @@ class ServerTLS:
     """TLS state of one terminating listener, built from its ``tls:`` block
     (L{lbtwist.config.model.ListenerTLSConfig}).
 
-    @param clock: schedules ticket-key rotation (and handshake timeouts).
+    @param clock: schedules ticket-key rotation (handshake deadlines run on
+        the reactor given to L{lbtwist.tls.server.wrap_server_factory}).
     @param alpn: protocols to negotiate when the config does not say
         (``["http/1.1"]`` for http listeners, none for tcp).
     @param wallclock: POSIX time, for certificate validity checks.
@@ -133,7 +134,7 @@ class ServerTLS:
 
     def __init__(
         self,
-        config: Any,
+        config: ListenerTLSConfig,
         clock: IReactorTime,
         *,
         name: str = "",
@@ -148,6 +149,13 @@ class ServerTLS:
         self._timer: IDelayedCall | None = None
         self.config = config
         self._apply(config, keep_fronts=False)
+
+    @classmethod
+    def for_listener(cls, listener: ListenerConfig, clock: IReactorTime, **kw: Any) -> "ServerTLS":
+        """From a L{lbtwist.config.model.ListenerConfig} with ``tls:``; ALPN
+        defaults to ``http/1.1`` on http listeners, none on tcp."""
+        alpn = ("http/1.1",) if listener.mode == "http" else ()
+        return cls(listener.tls, clock, name=listener.name, alpn=alpn, **kw)
 
     # -- settings ---------------------------------------------------------
 
@@ -312,7 +320,7 @@ class ServerTLS:
         self.stats.rotations += 1
         log.info("tls {name}: ticket keys rotated", name=self.name)
 
-    def reload(self, config: Any = None) -> None:
+    def reload(self, config: ListenerTLSConfig | None = None) -> None:
         """Re-read certificates and keys (from ``config`` if given). Sessions
         stay resumable; established connections are untouched. Raises
         L{TLSConfigError} naming the file, and then nothing has changed."""

@@ -4,7 +4,7 @@ ClientHello, without terminating it (the backends hold the certificates).
 The L4 relay stays in charge of the connection; this module only delays the
 choice of its pool until the ClientHello has been read::
 
-    router = SNIRouter.from_routes(cfg.tls_passthrough.routes, cfg.tls_passthrough.default or cfg.pool)
+    router = router_for_listener(cfg)
     factory = passthrough_factory(router, lambda pool, addr, hello: relay.build_for_pool(pool, addr),
                                   reactor, timeout=cfg.tls_passthrough.client_hello_timeout)
 
@@ -14,7 +14,7 @@ it must forward to the backend first, unchanged).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import attrs
 from twisted.internet.interfaces import IAddress, IProtocol, IReactorTime
@@ -23,7 +23,7 @@ from lbtwist.tls.clienthello import ClientHello, NotTLS
 from lbtwist.tls.peek import ClientHelloPeekFactory
 from lbtwist.tls.sni import SNIRouter
 
-__all__ = ["PassthroughStats", "SNIRouter", "passthrough_factory"]
+__all__ = ["PassthroughStats", "SNIRouter", "passthrough_factory", "router_for_listener"]
 
 #: ``build(pool, addr, hello)``: the relay protocol for a connection routed to ``pool``.
 Build = Callable[[str, IAddress, ClientHello], IProtocol | None]
@@ -37,6 +37,13 @@ class PassthroughStats:
     unrouted: int = 0
     not_tls: int = 0
     timeouts: int = 0
+
+
+def router_for_listener(listener: Any) -> SNIRouter:
+    """The router of a ``tls_passthrough`` listener (L{lbtwist.config.model.ListenerConfig});
+    unrouted names go to ``tls_passthrough.default``, else the listener's pool."""
+    tp = listener.tls_passthrough
+    return SNIRouter.from_routes(tp.routes, tp.default if tp.default is not None else listener.pool)
 
 
 def passthrough_factory(

@@ -19,7 +19,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides
 
-from lbtwist.tls.clienthello import MAX_CLIENT_HELLO, NEED_MORE, ClientHello, NotTLS, parse_client_hello
+from lbtwist.tls.clienthello import (
+    MAX_CLIENT_HELLO,
+    NEED_MORE,
+    ClientHello,
+    NotTLS,
+    bytes_needed,
+    parse_client_hello,
+)
 
 __all__ = ["ClientHelloPeekFactory", "ClientHelloPeeker", "Decide"]
 
@@ -49,7 +56,8 @@ class ClientHelloPeeker(Protocol):
         self._timeout = timeout
         self._max = max_size
         self._on_timeout = on_timeout
-        self._buf = b""
+        self._buf = bytearray()
+        self._next = 1  # parse again once this many bytes are buffered
         self._timer: IDelayedCall | None = None
         self.inner: IProtocol | None = None
         self.result: ClientHello | NotTLS | None = None
@@ -77,12 +85,16 @@ class ClientHelloPeeker(Protocol):
             return
         if self.result is not None:
             return  # refused; closing
-        self._buf += data
-        res = parse_client_hello(self._buf, self._max)
+        buf = self._buf
+        buf += data
+        if len(buf) < self._next:
+            return
+        res = parse_client_hello(buf, self._max)
         if res is NEED_MORE:
-            if len(self._buf) > self._max + 5 * 8:
+            if len(buf) > self._max + 5 * 16:
                 res = NotTLS("ClientHello larger than the limit")
             else:
+                self._next = bytes_needed(buf)
                 return
         self._cancel()
         self.result = res  # type: ignore[assignment]
@@ -92,7 +104,7 @@ class ClientHelloPeeker(Protocol):
             log.failure("choosing a protocol from the ClientHello failed")
             inner = None
         if inner is None:
-            self._buf = b""
+            self._buf = bytearray()
             self.transport.abortConnection()
             return
         self._hand_over(inner)
@@ -101,7 +113,7 @@ class ClientHelloPeeker(Protocol):
         self.inner = inner
         if IHalfCloseableProtocol.providedBy(inner):
             directlyProvides(self, IHalfCloseableProtocol)
-        buffered, self._buf = self._buf, b""
+        buffered, self._buf = bytes(self._buf), bytearray()
         try:
             inner.makeConnection(self.transport)
         except Exception:

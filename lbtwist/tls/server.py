@@ -58,7 +58,7 @@ class TLSServerProtocol(BufferingTLSTransport):
     def makeConnection(self, transport: Any) -> None:
         st = self._lbtwist_state
         if st is not None and st.handshake_timeout > 0:
-            self._lbtwist_timer = self.factory._clock.callLater(st.handshake_timeout, self._lbtwist_timed_out)
+            self._lbtwist_timer = self.factory.lbtwist_clock.callLater(st.handshake_timeout, self._lbtwist_timed_out)
         super().makeConnection(transport)
 
     def _lbtwist_timed_out(self) -> None:
@@ -120,6 +120,10 @@ def tls_info(transport: Any) -> TLSInfo | None:
 class _ServerTLSFactory(TLSMemoryBIOFactory):
     protocol = TLSServerProtocol
 
+    def __init__(self, tls: ServerTLS, wrapped: IProtocolFactory, clock: IReactorTime) -> None:
+        super().__init__(tls, False, wrapped, clock=clock)
+        self.lbtwist_clock = clock
+
 
 def wrap_server_factory(
     factory: IProtocolFactory, tls: ServerTLS, reactor: IReactorTime | None = None
@@ -132,7 +136,7 @@ def wrap_server_factory(
         (Twisted coalesces small writes on the next reactor turn); defaults
         to the clock ``tls`` was built with."""
     clock = reactor if reactor is not None else tls.clock
-    tls_factory = _ServerTLSFactory(tls, False, factory, clock=clock)
+    tls_factory = _ServerTLSFactory(tls, factory, clock)
 
     def decide(hello: ClientHello | NotTLS, addr: IAddress) -> IProtocol | None:
         if isinstance(hello, NotTLS):

@@ -1,0 +1,76 @@
+"""A standalone HTTP reverse proxy process: ``python -m lbtwist.l7 --backend ...``.
+
+For benchmarks and process-level tests (memory under load) that need the L7
+proxy alone, without a config file and the whole service tree. Prints
+``LISTENING <port>`` once bound, then runs until SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from typing import Any
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lbtwist.l7", description=__doc__.splitlines()[0])
+    p.add_argument("--listen", default="tcp:0:interface=127.0.0.1", help="endpoint description")
+    p.add_argument("--backend", action="append", required=True, help="host:port (repeatable)")
+    p.add_argument("--algorithm", default="round_robin")
+    p.add_argument("--max-connections", type=int, default=10000)
+    p.add_argument("--max-per-backend", type=int, default=256, help="backend connection cap")
+    p.add_argument("--max-body-size", type=int, default=1 << 30, help="0: unlimited")
+    p.add_argument("--body-timeout", type=float, default=60.0)
+    p.add_argument("--request-timeout", type=float, default=60.0)
+    p.add_argument("--no-eager", action="store_true", help="disable the eager-write lever")
+    p.add_argument("--lean-reactor", action="store_true", help="use fastio's lean epoll reactor")
+    return p.parse_args(argv)
+
+
+def _main(reactor: Any, args: argparse.Namespace) -> Any:
+    from twisted.internet import defer
+
+    from lbtwist.config.model import Config, ConnectionPoolConfig, HttpConfig, ListenerConfig, PoolConfig
+    from lbtwist.l7.listener import http_listener
+    from lbtwist.pool import Backend, Pool
+    from lbtwist.registry import Registry
+    from lbtwist.runtime import Runtime
+
+    registry = Registry.default(entry_points=False)
+    rng = random.Random()
+    balancer = registry.make_balancer(args.algorithm, {}, clock=reactor, rng=rng)
+    pool = Pool("bench", [Backend(address=a) for a in args.backend], balancer, reactor, rng=rng)
+    pcfg = PoolConfig(name="bench", drain_timeout=1.0,
+                      connection_pool=ConnectionPoolConfig(max_per_backend=args.max_per_backend))
+    lcfg = ListenerConfig(
+        name="http", bind=args.listen, mode="http", pool="bench", max_connections=args.max_connections,
+        http=HttpConfig(max_body_size=args.max_body_size, body_timeout=args.body_timeout,
+                        request_timeout=args.request_timeout),
+    )
+    runtime = Runtime(reactor=reactor, registry=registry, config=Config(listeners=[lcfg], pools=[pcfg]))
+    runtime.pools["bench"] = pool
+    runtime.pool_configs["bench"] = pcfg
+    svc = http_listener(lcfg, runtime)
+    if args.no_eager:
+        svc.proxy.eager = False
+        svc.proxy.connection_pools.eager = False
+    svc.privilegedStartService()
+    svc.startService()
+    print(f"LISTENING {svc.address.port}", flush=True)
+    reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
+    return defer.Deferred()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _args(sys.argv[1:] if argv is None else argv)
+    if args.lean_reactor:
+        from lbtwist import fastio
+
+        fastio.install_lean_reactor()
+    from twisted.internet import task
+
+    task.react(_main, (args,))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Drill child processes: waits are bounded, and nothing outlives the drill."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import pytest_twisted
+
+from lbtwist.drill.procs import Child, ProcessGone, child_env, cpu_seconds, guarded
+
+IDLE = "import select; select.select([], [], [], 60)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_guarded_children_die_with_the_drill():
+    """The drill process (here a middle process) is SIGKILLed: the kernel
+    kills its guarded child too, so an interrupted drill leaves nothing."""
+    middle_code = (
+        "import subprocess, sys;"
+        f"p = subprocess.Popen({guarded([sys.executable, '-c', IDLE])!r});"
+        "print(p.pid, flush=True);"
+        "p.wait()"
+    )
+    middle = subprocess.Popen([sys.executable, "-c", middle_code], stdout=subprocess.PIPE, text=True, env=child_env())
+    try:
+        grandchild = int(middle.stdout.readline())
+        assert _alive(grandchild)
+        middle.send_signal(signal.SIGKILL)
+        middle.wait(10)
+        for _ in range(200):
+            if not _alive(grandchild):
+                break
+            subprocess.run(["true"], timeout=5)  # yield without sleeping
+        assert not _alive(grandchild)
+    finally:
+        middle.kill()
+        middle.wait(10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_child_waits_are_bounded_and_kill_is_final():
+    from twisted.internet import reactor
+
+    c = Child(reactor, "idler", [sys.executable, "-u", "-c", "print('hello', flush=True);" + IDLE])
+    try:
+        assert await c.wait_for("hello", 20) == "hello"
+        with pytest.raises(ProcessGone, match="not seen within"):
+            await c.wait_for("never printed", 0.3)
+        assert cpu_seconds(c.pid) is not None
+        await c.terminate(10)
+        assert c.ended and c.exit_signal == signal.SIGTERM
+        with pytest.raises(ProcessGone, match="already exited"):
+            await c.wait_for("anything", 1)
+    finally:
+        c.kill()

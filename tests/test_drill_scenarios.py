@@ -1,0 +1,107 @@
+"""Scenario plans and the criteria the drill grades itself with, on
+synthetic runs (no processes): each criterion passes a run that has the
+property and fails one that lacks it."""
+from __future__ import annotations
+
+import pytest
+
+from lbtwist.drill.recorder import Recorder
+from lbtwist.drill.runner import RunResult
+from lbtwist.drill.scenarios import (
+    SCENARIOS, active_bound, attempts_bounded, evaluate, failed_tries, p99_within, plan_for, recovers,
+    state_changes, success_at_least,
+)
+
+
+def run_with(latency_of, seconds=30, rate=100, fail_at=(), backend_factor=1.0, states=None) -> RunResult:
+    """A run whose requests (``rate`` per second) take ``latency_of(second)``."""
+    rec = Recorder(0.0, seconds)
+    for sec in range(seconds):
+        for k in range(rate):
+            t = sec + k / rate
+            rec.arrival(t)
+            rec.attempt(t, retry=False)
+            ok = sec not in fail_at
+            if not ok:
+                rec.attempt(t + 0.5, retry=True)
+            rec.result(t, t + latency_of(sec), ok, 1 if ok else 2, "200" if ok else "503")
+    for sec in range(seconds + 1):
+        rec.backend_sample(sec + 0.5, [{"name": "b0", "counters": {"attempts": int(sec * rate * backend_factor)}}])
+        if states:
+            rec.lb_sample(sec + 0.5, states(sec))
+    r = RunResult(scenario="x", target="lbtwist", duration=seconds, window=(10, 20))
+    r.series, r.recorder = rec.series(), rec
+    return r
+
+
+def test_every_scenario_has_a_short_plan_within_budget():
+    total = 0.0
+    for name in SCENARIOS:
+        p = plan_for(name, short=True)
+        assert p.name == name and p.criteria and p.steps
+        assert p.duration <= 45, name
+        assert all(0 < s.at < p.duration for s in p.steps), name
+        assert set(p.in_pool) <= {b for g in p.groups for b in g.backends}
+        total += p.duration
+        full = plan_for(name)
+        assert full.duration > p.duration
+    assert total <= 300
+
+
+def test_unknown_scenario():
+    with pytest.raises(ValueError, match="gray-failure"):
+        plan_for("grey")
+
+
+def test_p99_within_judges_the_window_against_the_baseline():
+    calm = run_with(lambda s: 0.004)
+    c = p99_within(15, 30, 10, "p99")
+    ok, measured, threshold = c.check(calm)
+    assert ok and "50 ms" in threshold
+    slow = run_with(lambda s: 0.004 if s < 20 else 0.9)
+    ok, measured, _ = c.check(slow)
+    assert not ok and "900 ms" in measured
+    # a whole slow second is 100 of the window's 1500 requests, more than the 1% a p99 forgives
+    blip = run_with(lambda s: 0.2 if s == 22 else 0.004)
+    ok, measured, _ = c.check(blip)
+    assert not ok and "t=22s" in measured
+
+
+def test_success_and_failed_tries():
+    r = run_with(lambda s: 0.004, fail_at={12})
+    ok, measured, _ = success_at_least(99.5, 10, 20).check(r)
+    assert not ok and "100 of 1000 failed" in measured
+    assert success_at_least(99.5, 0, 10).check(r)[0]
+    assert failed_tries(r, 0, 30) == 100 + 100  # each failed request: one retry, one final failure
+
+
+def test_attempts_bounded_catches_amplification():
+    assert attempts_bounded(1.2, 0, 30).check(run_with(lambda s: 0.004))[0]
+    ok, measured, _ = attempts_bounded(1.2, 0, 30).check(run_with(lambda s: 0.004, backend_factor=2.0))
+    assert not ok and "2.00x" in measured
+
+
+def test_recovers_needs_success_and_p99_after_the_trigger():
+    assert recovers(20, 5, 30, 10, 99.0).check(run_with(lambda s: 0.004, fail_at={21}))[0]
+    stuck = run_with(lambda s: 0.004 if s < 15 else 2.0, fail_at=set(range(15, 30)))
+    ok, measured, _ = recovers(20, 5, 30, 10, 99.0).check(stuck)
+    assert not ok and "seconds under" in measured
+
+
+def test_state_changes_count_flips_in_and_out():
+    flappy = run_with(lambda s: 0.004, states=lambda s: {"b1": "unhealthy" if (s // 3) % 2 else "healthy"})
+    assert state_changes(flappy, "b1", 0, 30) == 9
+    steady = run_with(lambda s: 0.004, states=lambda s: {"b1": "healthy"})
+    assert state_changes(steady, "b1", 0, 30) == 0
+
+
+def test_active_bound_follows_the_defaults():
+    assert active_bound() == 5.0 * 3 + 2.0
+
+
+def test_a_criterion_that_cannot_be_measured_fails():
+    p = plan_for("hard-kill", short=True)
+    r = RunResult(scenario="hard-kill", target="lbtwist", duration=p.duration, window=p.window)
+    out = evaluate(p, r)  # no series at all
+    assert out and not any(c["passed"] for c in out)
+    assert not r.passed
