@@ -4,13 +4,19 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SRC    := $(shell find lbtwist twisted plugins -name '*.py' -o -name '*.yaml' -o -name 'setup.cfg' 2>/dev/null)
 
-.PHONY: run test quick bench clean
+.PHONY: run test quick bench clean system-deps
 
 run: $(VENV)/.installed
 	$(BIN)/twistd -n --pidfile= lbtwist --config etc/lbtwist.yaml
 
-test: $(VENV)/.installed
+test: system-deps $(VENV)/.installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Tools the tests drive for real: openssl s_client (TLS), headless Chromium (dashboard).
+system-deps:
+	@command -v openssl >/dev/null && command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl chromium >/dev/null; \
+	  else echo "make test needs: sudo apt-get install -y openssl chromium" >&2; exit 1; fi; }
 
 quick: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"

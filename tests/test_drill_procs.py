@@ -65,3 +65,25 @@ async def test_child_waits_are_bounded_and_kill_is_final():
             await c.wait_for("anything", 1)
     finally:
         c.kill()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_longer_waiting_for_an_exit_does_not_kill():
+    """Regression: a start-up wait that stopped waiting for the process to
+    exit must not kill it later (the balancer died 45 s into full drills)."""
+    from twisted.internet import defer, reactor
+    from twisted.internet.task import deferLater
+
+    c = Child(reactor, "idler", [sys.executable, "-c", IDLE])
+    try:
+        d = c.when_ended()
+        d.addErrback(lambda f: f.trap(defer.CancelledError))
+        d.cancel()
+        await deferLater(reactor, 0.3, lambda: None)
+        assert not c.ended and _alive(c.pid)
+        code = await c.wait_exit(0.2)  # this one does kill at its deadline
+        assert code is None
+        await c.when_ended()
+        assert c.ended and c.exit_signal == signal.SIGKILL
+    finally:
+        c.kill()

@@ -89,7 +89,8 @@ async def drill(reactor: Any, args: argparse.Namespace) -> int:
             r = await run_target(reactor, plan, kind, out / f"work-{kind}", progress=progress, seed=args.seed, echo=echo)
             results.append(r)
         (out / "result.json").write_text(json.dumps(
-            {"scenario": plan.name, "title": plan.title, "story": plan.story,
+            {"scenario": plan.name, "title": plan.title, "story": plan.story, "short": args.short,
+             "duration": args.duration, "rate": args.rate,
              "runs": [r.as_json() for r in results]}, indent=1, default=str))
         try:
             write_report(plan, results, out)

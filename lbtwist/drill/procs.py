@@ -182,6 +182,20 @@ class Child:
         d.addTimeout(timeout, self.reactor)
         return d.addErrback(late)
 
+    def when_ended(self) -> defer.Deferred:
+        """Fires with the exit code when the process ends. Cancelling it only
+        stops waiting (unlike L{wait_exit}, which kills on its deadline)."""
+        if self.ended:
+            return defer.succeed(self.exit_code)
+
+        def forget(d: defer.Deferred) -> None:
+            if d in self._end_waiters:
+                self._end_waiters.remove(d)
+
+        d: defer.Deferred = defer.Deferred(canceller=forget)
+        self._end_waiters.append(d)
+        return d
+
     def signal(self, sig: str) -> None:
         if self.ended:
             return
@@ -229,6 +243,8 @@ def wait_port(reactor: Any, port: int, timeout: float, host: str = "127.0.0.1") 
                 p = await ep.connect(Factory.forProtocol(Protocol))
                 p.transport.loseConnection()
                 return
+            except defer.CancelledError:
+                raise
             except Exception:
                 if reactor.seconds() > deadline:
                     raise ProcessGone(f"nothing accepts on {host}:{port} after {timeout:g}s")

@@ -41,9 +41,20 @@ def _plt() -> Any:
     return plt
 
 
+#: A second in which the drill's own schedule ran this late: the box starved
+#: every process, so what the target did then says little about the target.
+STARVED = 0.100
+
+
+def starved_seconds(r: "RunResult") -> list[int]:
+    return [i for i, lag in enumerate(r.series.get("lag", [])) if lag is not None and lag > STARVED]
+
+
 def _decorate(ax: Any, r: "RunResult", ylabel: str | None) -> None:
     a, b = r.window
     ax.axvspan(a, b, color="#f59e0b", alpha=0.13, lw=0, label="_fault window")
+    for i in starved_seconds(r):
+        ax.axvspan(i, i + 1, facecolor="none", edgecolor="#64748b", hatch="////", lw=0, alpha=0.6)
     for ev in r.events:
         ax.axvline(ev["t"], color="#92400e", lw=0.7, ls=":", alpha=0.8)
     ax.set_xlim(0, r.duration)
@@ -69,7 +80,7 @@ def _figure(results: Sequence["RunResult"], title: str, draw: Callable[[Any, "Ru
         ax.set_title(f"{_title(r.target)}: {verdict}", fontsize=11,
                      color="#166534" if r.passed else "#991b1b")
         if legend and i == n - 1 and ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="best")
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if sharey and n > 1:
         lims = [ax.get_ylim() for ax in axes[0]]
         for ax in axes[0]:
@@ -244,6 +255,7 @@ def summary_rows(results: Sequence["RunResult"]) -> list[tuple[str, list[str]]]:
     add("balancer CPU (mean)", lambda r: _mean_cpu(r, "balancer"))
     add("backends CPU (mean) / load generator CPU (mean)", lambda r: f"{_mean_cpu(r, 'backends')} / {_mean_cpu(r, 'loadgen')}")
     add("load generator max lag", lambda r: f"{r.load.get('max_lag', 0) * 1000:.0f} ms ({r.load.get('late_arrivals', 0)} late)")
+    add("seconds the box starved the drill (lag > 100 ms)", lambda r: ", ".join(map(str, starved_seconds(r))) or "none")
     add("marks", lambda r: ", ".join(f"{k}={v}" for k, v in r.marks.items()) or "-")
     return rows
 
@@ -313,7 +325,9 @@ def write_report(plan: "Plan", results: Sequence["RunResult"], out: Path) -> Pat
              f"<h1>drill <code>{e(plan.name)}</code>: <span class={verdict.lower()}>{verdict}</span></h1>",
              f"<p><b>{e(plan.title)}.</b> {e(plan.story)}</p>",
              f"<p>Open-loop load: {plan.rate:g} requests/s (Poisson) for {plan.duration:g} s; clients time out after 1 s "
-             "and retry twice at once. The shaded band is the fault window; dotted lines mark the drill's actions.</p>",
+             "and retry twice at once. The shaded band is the fault window; dotted lines mark the drill's actions; "
+             f"hatched seconds are seconds in which the drill's own schedule ran more than {STARVED * 1000:.0f} ms late "
+             "(the box starved every process: read the target's behaviour there with care).</p>",
              "<h2>Verdict per criterion</h2><table><tr><th>criterion</th>"
              + "".join(f"<th>{e(_title(r.target))}</th>" for r in results) + "<th>threshold</th></tr>"]
     for i, c in enumerate(main.criteria):
@@ -347,3 +361,29 @@ def write_report(plan: "Plan", results: Sequence["RunResult"], out: Path) -> Pat
     path = out / "report.html"
     path.write_text("\n".join(parts))
     return path
+
+
+def rerender(directory: Path) -> Path:
+    """Rewrite the charts and page of a finished drill from its result.json."""
+    import json
+
+    from lbtwist.drill.runner import RunResult
+    from lbtwist.drill.scenarios import plan_for
+
+    data = json.loads((directory / "result.json").read_text())
+    plan = plan_for(data["scenario"], short=bool(data.get("short")), duration=data.get("duration"),
+                    rate=data.get("rate"))
+    results = []
+    for run in data["runs"]:
+        run = dict(run)
+        run.pop("passed", None)
+        run["window"] = tuple(run["window"])
+        results.append(RunResult(**run))
+    return write_report(plan, results, directory)
+
+
+if __name__ == "__main__":
+    import sys
+
+    for d in sys.argv[1:]:
+        print(rerender(Path(d)))

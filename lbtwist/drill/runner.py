@@ -168,6 +168,7 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
         gen = LoadGenerator(reactor, "127.0.0.1", setup.listen_port, rate=plan.rate_fn or plan.rate,
                             duration=plan.duration, sink=rec, policy=ClientPolicy(), seed=seed, start_at=t0)
         my_pid = os.getpid()
+        poll_failures = _Repeats()
 
         async def poll() -> None:
             t = reactor.seconds()
@@ -176,11 +177,11 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
                 rec.backend_sample(reactor.seconds(), rows)
                 rec.backend_gone(reactor.seconds(), gone)
             except Exception as e:  # never let the poll loop die
-                rec.notes.append(f"t={t - t0:.1f}s backend poll failed: {e}")
+                poll_failures.note(t - t0, f"backend poll failed: {e}")
             try:
                 rec.lb_sample(reactor.seconds(), await target.states())
             except Exception as e:
-                rec.notes.append(f"t={t - t0:.1f}s balancer poll failed: {e}")
+                poll_failures.note(t - t0, f"balancer poll failed: {e}")
             now = reactor.seconds()
             rec.cpu_sample(now, "balancer", target.cpu())
             rec.cpu_sample(now, "backends", fleet.cpu())
@@ -217,7 +218,7 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
             "before": rec.totals(0, a), "fault": rec.totals(a, b), "after": rec.totals(b, plan.duration),
         }
         result.events = rec.events
-        result.notes = rec.notes
+        result.notes = rec.notes + poll_failures.lines()
         result.load = attrs.asdict(stats)
         result.marks = ctx.marks
         result.recorder = rec
@@ -256,6 +257,24 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
         await fleet.shutdown()
         result.pids = [c.pid for c in fleet.all_children] + ([target.child.pid] if target.child is not None else [])
     return result
+
+
+class _Repeats:
+    """Side-channel failures, one note per distinct message (a dead balancer
+    fails every poll; one line says so)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[float]] = {}
+
+    def note(self, t: float, message: str) -> None:
+        self.seen.setdefault(message, []).append(t)
+
+    def lines(self) -> list[str]:
+        out = []
+        for msg, ts in self.seen.items():
+            when = f"t={ts[0]:.1f}s" if len(ts) == 1 else f"{len(ts)} times, t={ts[0]:.1f}s..{ts[-1]:.1f}s"
+            out.append(f"{msg} ({when})")
+        return out
 
 
 def _loadavg() -> float | None:

@@ -67,14 +67,17 @@ class _Target:
     async def _wait_listening(self, port: int) -> None:
         assert self.child is not None
         listening = wait_port(self.reactor, port, self.START_TIMEOUT)
-        exited = self.child.wait_exit(self.START_TIMEOUT + 5)
+        ended = self.child.when_ended()
         # whichever comes first: the port accepts, or the process dies (bad config)
-        await defer.DeferredList([listening, exited], fireOnOneCallback=True, fireOnOneErrback=True,
+        await defer.DeferredList([listening, ended], fireOnOneCallback=True, fireOnOneErrback=True,
                                  consumeErrors=True)
+        for d in (listening, ended):
+            if not d.called:
+                d.addErrback(lambda f: f.trap(defer.CancelledError))
+                d.cancel()
         if self.child.ended:
             raise ProcessGone(f"{self.kind} exited during start-up (code {self.child.exit_code}):\n" + self.child.tail())
-        if not listening.called:
-            listening.cancel()
+
 
     async def wait_in_rotation(self, names: set[str], timeout: float) -> dict[str, str]:
         """Until every backend in ``names`` is in rotation (fails after ``timeout``)."""

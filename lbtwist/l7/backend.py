@@ -79,6 +79,7 @@ class BackendConnection(Protocol):
         self.deadline = Deadline(clock, self._timeout)
         self.tunnel: Any = None
         self.response: Response | None = None
+        self.body_timeout = 60.0
         self._in_feed = False
         #: finish() called while parsing: release once the rest of the read is judged.
         self._release: bool | None = None
@@ -131,6 +132,10 @@ class BackendConnection(Protocol):
             rest = self.parser.take_buffer()
             if rest:
                 self.tunnel.from_backend(rest)
+        elif self.response is not None and self.user is not None and not self.read_paused:
+            # A response is in progress beyond this read: bound the next stall
+            # (once per read, not per parser event).
+            self.deadline.set(self.body_timeout, "body")
         user.flush()
 
     def connectionLost(self, reason: Failure = terror.ConnectionDone) -> None:  # type: ignore[assignment]
@@ -174,8 +179,10 @@ class BackendConnection(Protocol):
 
     # -- used by the request ---------------------------------------------------------
 
-    def start(self, user: Any, head_request: bool, timeout: float) -> None:
-        """``user`` sends a request now; its response is parsed next."""
+    def start(self, user: Any, head_request: bool, body_timeout: float) -> None:
+        """``user`` sends a request now; its response is parsed next.
+        ``body_timeout`` bounds a stall in the middle of the response body."""
+        self.body_timeout = body_timeout
         self.state = BUSY
         self.user = user
         self.requests += 1
@@ -189,6 +196,7 @@ class BackendConnection(Protocol):
     def finish(self, reusable: bool) -> None:
         """The user is done with the connection: pool it or close it."""
         self.user = None
+        self.response = None
         self.deadline.clear()
         if self.state == BUSY:
             if self._in_feed:

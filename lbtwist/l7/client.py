@@ -117,11 +117,6 @@ class HttpProxyProtocol(Protocol):
         if self.lingering or self.closed:
             return
         parser = self.parser
-        if self.exchange is None and not self._head_started and parser.state == HEAD:  # type: ignore[union-attr]
-            # First byte of a request: the header block must be complete in time
-            # (set once, so a slowloris trickle does not push it back).
-            self._head_started = True
-            self.deadline.set(self.ctx.http.header_timeout, "header")  # type: ignore[union-attr]
         self.feeding = True
         try:
             parser.feed(data)  # type: ignore[union-attr]
@@ -133,8 +128,13 @@ class HttpProxyProtocol(Protocol):
         ex = self.exchange
         if ex is not None:
             ex.flush()
-            if parser.state == DONE and parser.buffered() > PIPELINE_PAUSE:  # type: ignore[union-attr]
+            if parser._buf and parser.state == DONE and parser.buffered() > PIPELINE_PAUSE:  # type: ignore[union-attr]
                 self.pause_reading("pipeline")
+        elif not self._head_started and parser._buf and parser.state == HEAD:  # type: ignore[union-attr]
+            # A request head began but is incomplete: it must be complete in
+            # time (set once, so a slowloris trickle does not push it back).
+            self._head_started = True
+            self.deadline.set(self.ctx.http.header_timeout, "header")  # type: ignore[union-attr]
 
     def readConnectionLost(self) -> None:
         """The client half-closed: finish a fully received request, then close."""

@@ -89,6 +89,8 @@ class Exchange:
         self.head: bytes = b""
         self.tunnel: Tunnel | None = None
         self._queue_timer: Any = None
+        #: When the last attempt was reported (saves another clock read).
+        self.ended = 0.0
 
     # -- start ------------------------------------------------------------------------
 
@@ -144,7 +146,7 @@ class Exchange:
 
     def pick(self) -> Backend | None:
         pool = self.pool
-        now = self.clock.seconds()
+        now = self.clock.seconds() if self.tries else self.started
         sticky = self.ctx.sticky
         if sticky is not None:
             b = sticky.pinned(pool, self.req.cookie, now)  # type: ignore[arg-type]
@@ -194,7 +196,7 @@ class Exchange:
         att = Attempt(
             self, backend, conns,
             head=self.head, head_request=req.method == b"HEAD", timeout=plan.timeout,  # type: ignore[union-attr]
-            body=self.body, resend_ok=resend_ok, now=self.clock.seconds(),
+            body=self.body, resend_ok=resend_ok, now=self.clock.seconds() if self.tries > 1 else self.started,
         )
         self.attempt = att
         pool.on_start(backend)  # type: ignore[union-attr]
@@ -219,13 +221,16 @@ class Exchange:
         """Report the attempt to the pool exactly once."""
         if self.attempt is att:
             self.attempt = None
-        self._cancel_queue_timer()
-        self.pool.on_finish(att.backend, self.clock.seconds() - att.started, ok, outcome)  # type: ignore[union-attr]
+        if self._queue_timer is not None:
+            self._cancel_queue_timer()
+        now = self.ended = self.clock.seconds()
+        self.pool.on_finish(att.backend, now - att.started, ok, outcome)  # type: ignore[union-attr]
 
     # -- from the attempt ------------------------------------------------------------------
 
     def attempt_connected(self, att: Attempt) -> None:
-        self._cancel_queue_timer()
+        if self._queue_timer is not None:
+            self._cancel_queue_timer()
         self.client.resume_reading("body")
 
     def attempt_informational(self, att: Attempt, resp: Response) -> None:
@@ -236,7 +241,8 @@ class Exchange:
             self.out.append(interim_head(resp))
 
     def attempt_response(self, att: Attempt, resp: Response) -> None:
-        self._cancel_queue_timer()
+        if self._queue_timer is not None:
+            self._cancel_queue_timer()
         req = self.req
         if resp.status == 101:
             if req.upgrade is None:
@@ -261,7 +267,6 @@ class Exchange:
             request_id=self.request_id, policy=self.ctx.forwarding,
             rewriter=plan.response_rewriter, extra=extra,  # type: ignore[union-attr]
         ))
-        att.conn.set_timeout(self.ctx.http.body_timeout, "body")  # type: ignore[union-attr]
 
     def attempt_body(self, data: bytes) -> None:
         n = len(data)
@@ -283,9 +288,6 @@ class Exchange:
             self.out.append(b"\r\n")
         else:
             self.out.append(data)
-        att = self.attempt
-        if att is not None and att.conn is not None and not self.client.write_blocked:
-            att.conn.set_timeout(self.ctx.http.body_timeout, "body")
 
     def attempt_end(self, att: Attempt) -> None:
         resp = self.response
@@ -465,14 +467,15 @@ class Exchange:
         if self.done:
             return
         self.done = True
-        self._cancel_queue_timer()
+        if self._queue_timer is not None:
+            self._cancel_queue_timer()
         ctx = self.ctx
         hub = ctx.runtime.traffic
         if hub.subscribers:
             req = self.req
             hub.publish(TrafficRecord(
                 kind="http", listener=ctx.name, start=self.wall,
-                duration=self.clock.seconds() - self.started, client=self.client.client_ip_str,
+                duration=(self.ended or self.clock.seconds()) - self.started, client=self.client.client_ip_str,
                 pool=self.plan.pool if self.plan else None,
                 backend=self.backend.address if self.backend else None,
                 route=self.plan.name if self.plan else None,

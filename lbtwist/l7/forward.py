@@ -158,7 +158,7 @@ class Attempt:
         self.conn = conn
         self.reused = conn.requests > 0
         self.state = SENDING
-        conn.start(self, self.head_request, self.timeout)
+        conn.start(self, self.head_request, self.owner.ctx.http.body_timeout)
         if body is None:
             self._send(self.head)
             self._request_written()

@@ -22,7 +22,7 @@ import attrs
 
 from lbtwist.config.model import HeaderRewrite
 from lbtwist.l7.errors import status_line
-from lbtwist.l7.parser import Request, Response, parse_fields
+from lbtwist.l7.parser import Request, Response
 
 VIA_NAME = b"lbtwist"
 
@@ -89,13 +89,8 @@ class ForwardingPolicy:
     via: bool = True
 
 
-def _drop_named(fields: bytes, names: set[bytes]) -> bytes:
-    """Remove the fields Connection named (rare: parse, filter, re-join)."""
-    return b"".join(b"\r\n%s: %s" % nv for nv in parse_fields(fields) if nv[0].lower() not in names)
-
-
-def _serialise(first_line: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
-    return first_line + b"".join([b"\r\n%s: %s" % nv for nv in fields]) + b"\r\n\r\n"
+def _join(fields: list[tuple[bytes, bytes]]) -> bytes:
+    return b"".join([b"%s: %s\r\n" % nv for nv in fields])
 
 
 def backend_request_head(
@@ -109,66 +104,57 @@ def backend_request_head(
     upgrade: bool = False,
 ) -> bytes:
     """The request head sent to a backend (HTTP/1.1, origin-form target):
-    Host first, the client's end-to-end fields as they arrived, then the
+    Host first, the client's end-to-end fields in arrival order, then the
     framing, forwarding and request-id fields lbtwist sets."""
-    fields = req.fields
+    fields = req.headers
     if req.connection_tokens:
         named = set(req.connection_tokens) - {b"close", b"keep-alive", b"upgrade"}
         if named:
-            fields = _drop_named(fields, named)
+            fields = [(n, v) for n, v in fields if n.lower() not in named]
     host = req.host
-    extra: list[tuple[bytes, bytes]] = []
+    out: list[tuple[bytes, bytes]] = [(b"host", host)] if host is not None else []
+    out += fields
     if req.chunked:
-        extra.append((b"transfer-encoding", req.te))  # type: ignore[arg-type]
+        out.append((b"transfer-encoding", req.te))  # type: ignore[arg-type]
     elif req.content_length is not None:
-        extra.append((b"content-length", b"%d" % req.content_length))
+        out.append((b"content-length", b"%d" % req.content_length))
     if req.expect_continue:
-        extra.append((b"expect", b"100-continue"))
+        out.append((b"expect", b"100-continue"))
     if upgrade and req.upgrade is not None:
-        extra.append((b"connection", b"upgrade"))
-        extra.append((b"upgrade", req.upgrade))
+        out.append((b"connection", b"upgrade"))
+        out.append((b"upgrade", req.upgrade))
     mode = policy.mode
     proto = b"https" if tls else b"http"
     if mode == "x-forwarded" or mode == "both":
         xff = req.x_forwarded_for
-        extra.append((b"x-forwarded-for", xff + b", " + client_ip if xff else client_ip))
-        extra.append((b"x-forwarded-proto", proto))
+        out.append((b"x-forwarded-for", xff + b", " + client_ip if xff else client_ip))
+        out.append((b"x-forwarded-proto", proto))
         if host is not None:
-            extra.append((b"x-forwarded-host", host))
+            out.append((b"x-forwarded-host", host))
     elif req.x_forwarded_for is not None:
-        extra.append((b"x-forwarded-for", req.x_forwarded_for))
+        out.append((b"x-forwarded-for", req.x_forwarded_for))
     if mode == "forwarded" or mode == "both":
         node = b"for=%s;proto=%s" % (_forwarded_node(client_ip), proto)
         if host:
             node += b';host="%s"' % host
         prev = req.forwarded
-        extra.append((b"forwarded", prev + b", " + node if prev else node))
+        out.append((b"forwarded", prev + b", " + node if prev else node))
     elif req.forwarded is not None:
-        extra.append((b"forwarded", req.forwarded))
+        out.append((b"forwarded", req.forwarded))
     if policy.via:
         via = b"%s %s" % (req.version, VIA_NAME)
-        extra.append((b"via", req.via + b", " + via if req.via else via))
+        out.append((b"via", req.via + b", " + via if req.via else via))
     elif req.via is not None:
-        extra.append((b"via", req.via))
+        out.append((b"via", req.via))
     rid_name = policy.request_id_header
     if rid_name == b"x-request-id":
         if req.request_id is None:
-            extra.append((rid_name, request_id))
+            out.append((rid_name, request_id))
     elif req.header(rid_name) is None:
-        extra.append((rid_name, request_id))
-    line = b"%s %s HTTP/1.1" % (req.method, req.target)
+        out.append((rid_name, request_id))
     if rewriter is not None:
-        out = ([(b"host", host)] if host is not None else []) + parse_fields(fields) + extra
-        return _serialise(line, rewriter.apply(out))
-    parts = [line]
-    if host is not None:
-        parts.append(b"\r\nhost: ")
-        parts.append(host)
-    parts.append(fields)
-    for nv in extra:
-        parts.append(b"\r\n%s: %s" % nv)
-    parts.append(b"\r\n\r\n")
-    return b"".join(parts)
+        out = rewriter.apply(out)
+    return b"%s %s HTTP/1.1\r\n%s\r\n" % (req.method, req.target, _join(out))
 
 
 #: How a response body travels to the client.
@@ -198,51 +184,52 @@ def client_response_head(
     extra: tuple[tuple[bytes, bytes], ...] = (),
     content_length: int | None = None,
 ) -> bytes:
-    """The response head sent to the client: the backend's end-to-end fields
-    as they arrived, then framing, connection, Via and request id.
-    ``content_length`` overrides the backend's (full response buffering)."""
-    fields = resp.fields
+    """The response head sent to the client: the backend's end-to-end fields,
+    then framing, connection, Via and request id. ``content_length``
+    overrides the backend's (full response buffering)."""
+    fields = resp.headers
     if resp.connection_tokens:
         named = set(resp.connection_tokens) - {b"close", b"keep-alive", b"upgrade"}
         if named:
-            fields = _drop_named(fields, named)
-    add: list[bytes] = []
+            fields = [(n, v) for n, v in fields if n.lower() not in named]
+    out = list(fields)
     if content_length is not None:
-        add.append(b"\r\ncontent-length: %d" % content_length)
+        out.append((b"content-length", b"%d" % content_length))
     elif framing == FRAME_LENGTH or (framing == FRAME_NONE and resp.content_length is not None):
-        add.append(b"\r\ncontent-length: %d" % resp.content_length)  # type: ignore[str-format]
+        out.append((b"content-length", b"%d" % resp.content_length))  # type: ignore[str-format]
     elif framing == FRAME_CHUNKED:
         if resp.te is None:
-            add.append(b"\r\ntransfer-encoding: chunked")
+            out.append((b"transfer-encoding", b"chunked"))
         else:  # keep other codings (e.g. gzip) and end with chunked
-            add.append(b"\r\ntransfer-encoding: " + (resp.te if resp.chunked else resp.te + b", chunked"))
+            out.append((b"transfer-encoding", resp.te if resp.chunked else resp.te + b", chunked"))
     if resp.status == 101:
-        add.append(b"\r\nconnection: upgrade")
+        out.append((b"connection", b"upgrade"))
         if resp.upgrade is not None:
-            add.append(b"\r\nupgrade: " + resp.upgrade)
+            out.append((b"upgrade", resp.upgrade))
     elif not keep_alive:
-        add.append(b"\r\nconnection: close")
+        out.append((b"connection", b"close"))
     elif client_version == b"1.0":
-        add.append(b"\r\nconnection: keep-alive")
+        out.append((b"connection", b"keep-alive"))
     if policy.via:
-        add.append(b"\r\nvia: %s %s" % (resp.version, VIA_NAME))
+        out.append((b"via", b"%s %s" % (resp.version, VIA_NAME)))
     if request_id is not None:
         rid_name = policy.request_id_header
         if rid_name == b"x-request-id":
             if resp.request_id is None:
-                add.append(b"\r\nx-request-id: " + request_id)
+                out.append((rid_name, request_id))
         elif resp.header(rid_name) is None:
-            add.append(b"\r\n%s: %s" % (rid_name, request_id))
-    for nv in extra:
-        add.append(b"\r\n%s: %s" % nv)
-    reason = resp.reason
-    line = b"HTTP/1.1 %d %s" % (resp.status, reason) if reason else status_line(resp.status)[:-2]
+            out.append((rid_name, request_id))
+    out.extend(extra)
     if rewriter is not None:
-        out = parse_fields(fields + b"".join(add))
-        return _serialise(line, rewriter.apply(out))
-    return b"".join((line, fields, *add, b"\r\n\r\n"))
+        out = rewriter.apply(out)
+    reason = resp.reason
+    if reason:
+        line = b"HTTP/1.1 %d %s\r\n" % (resp.status, reason)
+    else:
+        line = status_line(resp.status)
+    return line + _join(out) + b"\r\n"
 
 
 def interim_head(resp: Response) -> bytes:
     """A 1xx response relayed as is (minus hop-by-hop fields)."""
-    return b"HTTP/1.1 %d %s%s\r\n\r\n" % (resp.status, resp.reason or b"Continue", resp.fields)
+    return (b"HTTP/1.1 %d %s\r\n" % (resp.status, resp.reason or b"Continue")) + _join(resp.headers) + b"\r\n"

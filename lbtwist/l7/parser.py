@@ -6,15 +6,11 @@ Division of labour, and why:
     Content-Length bodies or run our own strict chunked decoder. httptools
     would otherwise parse straight on into the next pipelined request while we
     are still forwarding this one.
-  - *httptools (llhttp, strict mode)* validates each header block: it rejects
-    Content-Length with Transfer-Encoding, duplicate or malformed
+  - *httptools (llhttp, strict mode)* validates and splits each header block:
+    it rejects Content-Length with Transfer-Encoding, duplicate or malformed
     Content-Length, obs-fold, bare CR/LF, control characters, whitespace before
     the colon, bad tokens, methods and targets. ``set_dangerous_leniencies`` is
-    never called. It is given no per-header callbacks: once llhttp has accepted
-    the block, its line structure is known to be clean, so the fields the
-    proxy interprets are found with one regular-expression scan of the block
-    and cut out, and the rest is forwarded as the raw bytes it arrived as
-    (per-header Python work was the largest cost of the proxy's hot path).
+    never called.
   - *We* add what llhttp leaves out: exactly one Host on HTTP/1.1, only
     HTTP/1.0 and 1.1, a single space between request-line parts, no fragment
     in the target, ``*`` only with OPTIONS, no CONNECT, a Transfer-Encoding
@@ -45,85 +41,15 @@ IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b
 # Parser states.
 HEAD, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE, DONE, CLOSED, UPGRADED = range(7)
 
-# What the proxy does with a field it interprets.
-(HOST, CONTENT_LENGTH, TRANSFER_ENCODING, CONNECTION, HOP, UPGRADE, EXPECT, XFF, FORWARDED, VIA,
- REQUEST_ID, COOKIE, DROP) = range(13)
-
-_REQUEST_SPECIAL = {
-    b"host": HOST,
-    b"content-length": CONTENT_LENGTH,
-    b"transfer-encoding": TRANSFER_ENCODING,
-    b"connection": CONNECTION,
-    b"proxy-connection": CONNECTION,
-    b"keep-alive": HOP,
-    b"te": HOP,
-    b"trailer": HOP,
-    b"upgrade": UPGRADE,
-    b"expect": EXPECT,
-    b"x-forwarded-for": XFF,
-    b"forwarded": FORWARDED,
-    b"via": VIA,
-    b"x-request-id": REQUEST_ID,
-    b"cookie": COOKIE,
-    b"x-forwarded-proto": DROP,
-    b"x-forwarded-host": DROP,
-}
-_RESPONSE_SPECIAL = {
-    b"content-length": CONTENT_LENGTH,
-    b"transfer-encoding": TRANSFER_ENCODING,
-    b"connection": CONNECTION,
-    b"proxy-connection": CONNECTION,
-    b"keep-alive": HOP,
-    b"te": HOP,
-    b"trailer": HOP,
-    b"upgrade": UPGRADE,
-    b"x-request-id": REQUEST_ID,
-}
-#: Kinds that stay in the forwarded block (read, not rewritten).
-_KEPT = (REQUEST_ID, COOKIE)
-
-
-def _special_re(names: dict[bytes, int]) -> "re.Pattern[bytes]":
-    alts = b"|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
-    return re.compile(rb"\r\n(" + alts + rb"):")
-
-
-_REQUEST_SPECIAL_RE = _special_re(_REQUEST_SPECIAL)
-_RESPONSE_SPECIAL_RE = _special_re(_RESPONSE_SPECIAL)
-
-
-def parse_fields(block: bytes) -> list[tuple[bytes, bytes]]:
-    """``b"\\r\\nName: value..."`` (a validated block) -> [(name, value)]."""
-    out = []
-    for line in block.split(b"\r\n"):
-        if line:
-            name, _, value = line.partition(b":")
-            out.append((name, value.strip(b" \t")))
-    return out
-
-
-def _cut(head: bytes, start: int, end: int, cuts: list[tuple[int, int]]) -> bytes:
-    """``head[start:end]`` without the ``cuts`` (sorted, disjoint) ranges."""
-    if not cuts:
-        return head[start:end]
-    parts = []
-    pos = start
-    for a, b in cuts:
-        parts.append(head[pos:a])
-        pos = b
-    parts.append(head[pos:end])
-    return b"".join(parts)
-
 
 class Request:
-    """A parsed request head.
+    """A parsed request head. ``headers`` holds the end-to-end fields in
+    arrival order with their original names; the fields the proxy interprets
+    or rewrites (Host, framing, Connection and its kin, Expect, forwarding and
+    request-id headers) are pulled out into attributes instead.
 
-    ``fields`` holds the end-to-end header lines exactly as received, each
-    prefixed by CRLF (``b"\\r\\nAccept: */*\\r\\nUser-Agent: x"``), ready to
-    forward; the fields the proxy interprets or rewrites (Host, framing,
-    Connection and its kin, Expect, forwarding headers) are cut out of it and
-    held in attributes. Attributes default at class level and only what a
-    request carries is set on the instance: this object is built per request."""
+    Attributes default at class level and only what a request carries is set
+    on the instance: this object is built for every request."""
 
     method = b""
     target = b""
@@ -147,24 +73,11 @@ class Request:
     cookie: bytes | None = None
     #: True when the target was in absolute form (it is rewritten to origin form).
     absolute = False
-    #: End-to-end header lines as received (see the class docstring).
-    fields = b""
-    #: The whole head as received.
-    raw = b""
-    _all: list[tuple[bytes, bytes]] | None = None
 
-    @property
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        """The forwarded end-to-end fields as (name, value) pairs."""
-        return parse_fields(self.fields)
-
-    @property
-    def all_headers(self) -> list[tuple[bytes, bytes]]:
-        """Every header field as received (routing and hash keys read these)."""
-        if self._all is None:
-            raw = self.raw
-            self._all = parse_fields(raw[raw.find(b"\r\n"):-2])
-        return self._all
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        #: Every header field as received (routing and hash keys read these).
+        self.all_headers: list[tuple[bytes, bytes]] = []
 
     @property
     def idempotent(self) -> bool:
@@ -188,7 +101,7 @@ class Request:
 
 
 class Response:
-    """A parsed response head from a backend; ``fields`` as in L{Request}."""
+    """A parsed response head from a backend; framing fields pulled out as in L{Request}."""
 
     status = 0
     reason = b""
@@ -202,19 +115,12 @@ class Response:
     #: True when this response has no body whatever its headers say
     #: (HEAD request, 1xx, 204, 304).
     no_body = False
-    #: The backend's own X-Request-Id (kept in ``fields``).
+    #: The backend sent an X-Request-Id of its own.
     request_id: bytes | None = None
-    fields = b""
-    raw = b""
 
-    @property
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        return parse_fields(self.fields)
-
-    @property
-    def all_headers(self) -> list[tuple[bytes, bytes]]:
-        raw = self.raw
-        return parse_fields(raw[raw.find(b"\r\n"):-2])
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.all_headers: list[tuple[bytes, bytes]] = []
 
     def header(self, name: bytes) -> bytes | None:
         """First value of ``name`` (lower case) among all received fields."""
@@ -241,10 +147,9 @@ class ResponseHandler(Protocol):
 
 
 def _connection_tokens(value: bytes) -> tuple[bytes, ...]:
-    value = value.lower()
     if value == b"keep-alive" or value == b"close":  # the usual case
         return (value,)
-    return tuple(t for t in (t.strip(b" \t") for t in value.split(b",")) if t)
+    return tuple(t for t in (t.strip(b" \t").lower() for t in value.split(b",")) if t)
 
 
 def _parse_te(value: bytes) -> tuple[bytes, bool]:
@@ -262,78 +167,115 @@ def _parse_te(value: bytes) -> tuple[bytes, bool]:
     return b", ".join(codings), codings[-1] == b"chunked"
 
 
-class _Fields:
-    """The interpreted fields found in one validated header block."""
+class _HeadCollector:
+    """httptools callbacks for one header block; pulls out interpreted fields.
 
-    __slots__ = ("hosts", "cl", "te", "conn", "upgrade", "expect")
+    Per-message state lives in the instance dict over class-level defaults,
+    so starting a message is one ``dict.clear()``."""
 
-    def __init__(self) -> None:
-        self.hosts = 0
-        self.cl: bytes | None = None
-        self.te: bytes | None = None
-        self.conn: tuple[bytes, ...] = ()
-        self.upgrade: bytes | None = None
-        self.expect: bytes | None = None
+    url = b""
+    count = 0
+    complete = False
+    conn: tuple[bytes, ...] = ()
+    te_values: tuple[bytes, ...] = ()
+    cl_value: bytes | None = None
+    upgrade_value: bytes | None = None
+    expect: bytes | None = None
+    status_text = b""
+    hosts = 0
 
+    def __init__(self, special: dict[bytes, int]) -> None:
+        self._special = special.get
+        self.msg: Any = None
 
-def _scan(head: bytes, msg: Any, pattern: "re.Pattern[bytes]", table: dict[bytes, int],
-          start: int) -> tuple[_Fields | None, bytes]:
-    """Find the interpreted fields of ``msg``'s validated ``head`` (the field
-    block starts at ``start``, the CRLF ending the first line); returns them
-    and the block of the remaining end-to-end fields."""
-    end = len(head) - 4  # the block ends before the CRLF of its last line
-    found = None
-    cuts: list[tuple[int, int]] = []
-    for m in pattern.finditer(head.lower(), start, end):
-        if found is None:
-            found = _Fields()
-        kind = table[m.group(1)]
-        a = m.end()
-        b = head.find(b"\r\n", a)
-        value = head[a:b].strip(b" \t")
-        if kind == HOST:
-            found.hosts += 1
+    def reset(self, msg: Any) -> None:
+        d = self.__dict__
+        special = d["_special"]
+        d.clear()
+        d["_special"] = special
+        d["msg"] = msg
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_status(self, status: bytes) -> None:
+        self.status_text += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.count += 1
+        msg = self.msg
+        msg.all_headers.append((name, value))
+        kind = self._special(name.lower())
+        if kind is None:
+            msg.headers.append((name, value))
+            return
+        if kind == 1:  # host
+            self.hosts += 1
             msg.host = value
-        elif kind == CONTENT_LENGTH:
-            found.cl = value
-        elif kind == TRANSFER_ENCODING:
-            found.te = value if found.te is None else found.te + b"," + value
-        elif kind == CONNECTION:
-            found.conn += _connection_tokens(value)
-        elif kind == UPGRADE:
-            found.upgrade = value
-        elif kind == EXPECT:
-            found.expect = value if found.expect is None else found.expect + b"," + value
-        elif kind == XFF:
+        elif kind == 2:  # content-length (llhttp rejects duplicates and junk)
+            self.cl_value = value
+        elif kind == 3:
+            self.te_values += (value,)
+        elif kind == 4:  # connection, proxy-connection
+            self.conn += _connection_tokens(value)
+        elif kind == 5:  # other hop-by-hop: keep-alive, te, trailer
+            pass
+        elif kind == 6:
+            self.upgrade_value = value
+        elif kind == 7:
+            self.expect = value if self.expect is None else self.expect + b"," + value
+        elif kind == 8:
             msg.x_forwarded_for = value if msg.x_forwarded_for is None else msg.x_forwarded_for + b", " + value
-        elif kind == FORWARDED:
+        elif kind == 9:
             msg.forwarded = value if msg.forwarded is None else msg.forwarded + b", " + value
-        elif kind == VIA:
+        elif kind == 10:
             msg.via = value if msg.via is None else msg.via + b", " + value
-        elif kind == REQUEST_ID:
+        elif kind == 11:
+            msg.headers.append((name, value))
             if msg.request_id is None:
                 msg.request_id = value
-            continue  # kept in the block
-        elif kind == COOKIE:
+        elif kind == 12:
+            msg.headers.append((name, value))
             msg.cookie = value if msg.cookie is None else msg.cookie + b"; " + value
-            continue
-        cuts.append((m.start(), b))
-    return found, _cut(head, start, end, cuts)
-
-
-class _Done:
-    """httptools callback target: only "the header block is complete"."""
-
-    __slots__ = ("complete",)
-
-    def __init__(self) -> None:
-        self.complete = False
+        elif kind == 13:  # x-forwarded-proto/host: set by us
+            pass
 
     def on_headers_complete(self) -> None:
         self.complete = True
 
 
-_NO_FIELDS = _Fields()
+_SPECIAL = {
+    b"host": 1,
+    b"content-length": 2,
+    b"transfer-encoding": 3,
+    b"connection": 4,
+    b"proxy-connection": 4,
+    b"keep-alive": 5,
+    b"te": 5,
+    b"trailer": 5,
+    b"upgrade": 6,
+    b"expect": 7,
+    b"x-forwarded-for": 8,
+    b"forwarded": 9,
+    b"via": 10,
+    b"x-request-id": 11,
+    b"cookie": 12,
+    b"x-forwarded-proto": 13,
+    b"x-forwarded-host": 13,
+}
+
+#: Response fields the proxy interprets: framing and hop-by-hop ones.
+_SPECIAL_RESPONSE = {
+    b"content-length": 2,
+    b"transfer-encoding": 3,
+    b"connection": 4,
+    b"proxy-connection": 4,
+    b"keep-alive": 5,
+    b"te": 5,
+    b"trailer": 5,
+    b"upgrade": 6,
+    b"x-request-id": 11,
+}
 
 
 class _Framer:
@@ -400,7 +342,7 @@ class RequestParser(_Framer):
                  max_header_size: int = 32768, max_headers: int = 100) -> None:
         super().__init__(max_request_line, max_header_size, max_headers)
         self.handler = handler
-        self._done = _Done()
+        self._collector = _HeadCollector(_SPECIAL)
         self._hp: Any = None
         #: 413 when a body grows past this (set per request by the handler; 0: no limit).
         self.max_body = 0
@@ -495,15 +437,14 @@ class RequestParser(_Framer):
             if version[:7] == b" HTTP/2" or version[:7] == b" HTTP/3":
                 raise ParseError(505, "HTTP version not supported (only HTTP/1.0 and 1.1)")
             raise ParseError(400, "malformed request line or unsupported HTTP version")
-        sp1 = head.find(b" ")
-        sp2 = head.find(b" ", sp1 + 1)
-        if head.find(b" ", sp2 + 1, line_end) >= 0:
+        if head.count(b" ", 0, line_end) != 2:
             raise ParseError(400, "malformed request line")
-        done = self._done
-        done.complete = False
+        req = Request()
+        col = self._collector
+        col.reset(req)
         hp = self._hp
         if hp is None:
-            hp = self._hp = httptools.HttpRequestParser(done)
+            hp = self._hp = httptools.HttpRequestParser(col)
         try:
             hp.feed_data(head)
         except httptools.HttpParserUpgrade:
@@ -517,19 +458,16 @@ class RequestParser(_Framer):
         except httptools.HttpParserError as e:
             self._hp = None
             raise ParseError(400, str(e) or "malformed request") from None
-        if not done.complete:
+        if not col.complete:
             self._hp = None
             raise ParseError(400, "malformed request head")
-        if head.count(b"\r\n") - 2 > self.max_headers:
+        if col.count > self.max_headers:
             self._hp = None
             raise ParseError(431, f"more than {self.max_headers} header fields")
-        req = Request()
-        req.raw = head
         if version != b"1.1":
             req.version = version
-        req.method = head[:sp1]
-        found, req.fields = _scan(head, req, _REQUEST_SPECIAL_RE, _REQUEST_SPECIAL, line_end)
-        self._validate(req, found or _NO_FIELDS, head[sp1 + 1:sp2])
+        req.method = hp.get_method()
+        self._validate(req, col)
         if req.has_body or req.upgrade is not None:
             # llhttp now waits for a body we frame ourselves (or paused on an
             # upgrade): start the next head on a fresh parser.
@@ -548,10 +486,11 @@ class RequestParser(_Framer):
         elif self.state == BODY_CHUNKED:
             self._chunked.limit = self.max_body  # type: ignore[union-attr]
 
-    def _validate(self, req: Request, f: _Fields, target: bytes) -> None:
+    def _validate(self, req: Request, col: _HeadCollector) -> None:
         method = req.method
         if method == b"CONNECT":
             raise ParseError(501, "CONNECT is not supported by this reverse proxy")
+        target = col.url
         if b"#" in target:
             raise ParseError(400, "fragment in request target")
         if target[:1] == b"/":
@@ -562,34 +501,34 @@ class RequestParser(_Framer):
             req.target = target
         else:
             self._absolute_target(req, target)
-        if f.hosts != 1:
-            if f.hosts > 1:
+        if col.hosts != 1:
+            if col.hosts > 1:
                 raise ParseError(400, "more than one Host header")
             if not req.absolute and req.version == b"1.1":
                 raise ParseError(400, "missing Host header")
         host = req.host
         if host is not None and _HOST_RE.fullmatch(host) is None:
             raise ParseError(400, "invalid Host header")
-        if f.te is not None:
+        if col.te_values:
             if req.version == b"1.0":
                 raise ParseError(400, "Transfer-Encoding in an HTTP/1.0 request")
-            te, chunked_last = _parse_te(f.te)
+            te, chunked_last = _parse_te(b",".join(col.te_values))
             if not chunked_last:
                 raise ParseError(400, "Transfer-Encoding whose final coding is not chunked")
-            if f.cl is not None:  # llhttp checks this too; belt and braces
+            if col.cl_value is not None:  # llhttp checks this too; belt and braces
                 raise ParseError(400, "both Content-Length and Transfer-Encoding")
             req.te = te
             req.chunked = True
             req.has_body = True
-        elif f.cl is not None:
-            cl = f.cl
+        elif col.cl_value is not None:
+            cl = col.cl_value.strip(b" \t")
             if not cl.isdigit() or len(cl) > 18:
                 raise ParseError(400, "invalid Content-Length")
             n = int(cl)
             req.content_length = n
             if n:
                 req.has_body = True
-        tokens = f.conn
+        tokens = col.conn
         if tokens:
             req.connection_tokens = tokens
             if req.version == b"1.1":
@@ -597,12 +536,12 @@ class RequestParser(_Framer):
                     req.keep_alive = False
             else:
                 req.keep_alive = b"keep-alive" in tokens and b"close" not in tokens
-            if f.upgrade is not None and b"upgrade" in tokens and req.version == b"1.1" and not req.has_body:
-                req.upgrade = f.upgrade
+            if col.upgrade_value is not None and b"upgrade" in tokens and req.version == b"1.1" and not req.has_body:
+                req.upgrade = col.upgrade_value
         elif req.version == b"1.0":
             req.keep_alive = False
-        if f.expect is not None:
-            if f.expect.lower() != b"100-continue":
+        if col.expect is not None:
+            if col.expect.strip(b" \t").lower() != b"100-continue":
                 raise ParseError(417, "only Expect: 100-continue is supported")
             req.expect_continue = req.version == b"1.1"
 
@@ -638,7 +577,7 @@ class ResponseParser(_Framer):
     def __init__(self, handler: ResponseHandler, *, max_header_size: int = 65536, max_headers: int = 200) -> None:
         super().__init__(max_header_size, max_header_size, max_headers)
         self.handler = handler
-        self._done = _Done()
+        self._collector = _HeadCollector(_SPECIAL_RESPONSE)
         self.head_request = False
         self.state = DONE  # until a request is sent
 
@@ -723,58 +662,51 @@ class ResponseParser(_Framer):
         self.handler.on_body(data)
 
     def _head(self, head: bytes) -> None:
-        v = head[:9]
-        if v == b"HTTP/1.1 ":
-            version = b"1.1"
-        elif v == b"HTTP/1.0 ":
-            version = b"1.0"
-        else:
-            raise ParseError(502, f"malformed status line or unsupported version ({head[:16]!r})")
-        done = self._done
-        done.complete = False
-        hp = httptools.HttpResponseParser(done)
+        resp = Response()
+        col = self._collector
+        col.reset(resp)
+        hp = httptools.HttpResponseParser(col)
         try:
             hp.feed_data(head)
         except httptools.HttpParserUpgrade:
             pass
         except httptools.HttpParserError as e:
             raise ParseError(502, f"malformed response head ({e})") from None
-        if not done.complete or head.count(b"\r\n") - 2 > self.max_headers:
+        if not col.complete or col.count > self.max_headers:
             raise ParseError(502, "malformed response head")
-        resp = Response()
-        resp.raw = head
-        line_end = head.find(b"\r\n")
+        v = head[:9]
+        if v == b"HTTP/1.1 ":
+            version = "1.1"
+        elif v == b"HTTP/1.0 ":
+            version = "1.0"
+            resp.version = b"1.0"
+        else:
+            raise ParseError(502, f"unsupported response version {hp.get_http_version()}")
         status = hp.get_status_code()
         resp.status = status
-        resp.reason = head[13:line_end]
-        found, resp.fields = _scan(head, resp, _RESPONSE_SPECIAL_RE, _RESPONSE_SPECIAL, line_end)
-        if version == b"1.0":
-            resp.version = version
+        resp.reason = col.status_text
+        tokens = col.conn
+        if tokens:
+            resp.connection_tokens = tokens
+            if b"close" in tokens:
+                resp.keep_alive = False
+            elif version == "1.0":
+                resp.keep_alive = b"keep-alive" in tokens
+        elif version == "1.0":
             resp.keep_alive = False
-        if found is not None:
-            tokens = found.conn
-            if tokens:
-                resp.connection_tokens = tokens
-                if b"close" in tokens:
-                    resp.keep_alive = False
-                elif version == b"1.0":
-                    resp.keep_alive = b"keep-alive" in tokens
-            if found.upgrade is not None:
-                resp.upgrade = found.upgrade
-            if found.te is not None:
-                try:
-                    te, chunked_last = _parse_te(found.te)
-                except ParseError as e:
-                    raise ParseError(502, e.reason) from None
-                if found.cl is not None:
-                    raise ParseError(502, "response with both Content-Length and Transfer-Encoding")
-                resp.te = te
-                resp.chunked = chunked_last
-            elif found.cl is not None:
-                cl = found.cl
-                if not cl.isdigit() or len(cl) > 18:
-                    raise ParseError(502, "invalid Content-Length in response")
-                resp.content_length = int(cl)
+        if col.upgrade_value is not None:
+            resp.upgrade = col.upgrade_value
+        if col.te_values:
+            te, chunked_last = _parse_te(b",".join(col.te_values))
+            if col.cl_value is not None:
+                raise ParseError(502, "response with both Content-Length and Transfer-Encoding")
+            resp.te = te
+            resp.chunked = chunked_last
+        elif col.cl_value is not None:
+            cl = col.cl_value.strip(b" \t")
+            if not cl.isdigit() or len(cl) > 18:
+                raise ParseError(502, "invalid Content-Length in response")
+            resp.content_length = int(cl)
         if status < 200:
             if status == 101:
                 resp.no_body = True
