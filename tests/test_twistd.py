@@ -139,3 +139,31 @@ def test_default_config_is_the_sample():
     """The embedded default `twistd lbtwist` serves is etc/lbtwist.yaml."""
     packaged = (REPO / "lbtwist" / "data" / "default.yaml").read_text()
     assert packaged == (REPO / "etc" / "lbtwist.yaml").read_text()
+
+
+def test_lean_reactor_plugin_runs_the_balancer(tmp_path):
+    """``twistd --reactor=lbtwist-lean`` serves the same config."""
+    web, echo, b1, e1 = (free_port() for _ in range(4))
+    cfg = tmp_path / "lean.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        listeners:
+          - {{name: web, bind: "tcp:{web}:interface=127.0.0.1", mode: http, pool: web}}
+          - {{name: echo, bind: "tcp:{echo}:interface=127.0.0.1", mode: tcp, pool: echo}}
+        pools:
+          - {{name: web, backends: [{{address: "127.0.0.1:{b1}"}}]}}
+          - {{name: echo, backends: [{{address: "127.0.0.1:{e1}"}}]}}
+        demo: {{http: ["tcp:{b1}:interface=127.0.0.1"], tcp_echo: ["tcp:{e1}:interface=127.0.0.1"]}}
+    """))
+    argv = twistd_cmd(cfg)
+    argv.insert(1, "--reactor=lbtwist-lean")
+    proc = Proc(argv, cwd=tmp_path)
+    try:
+        proc.wait_for("listener web on", timeout=30)
+        assert "LeanEPollReactor" in proc.output()
+        assert _http_get(web)[0] == 200
+        with socket.create_connection(("127.0.0.1", echo), timeout=10) as s:
+            s.sendall(b"x")
+            assert s.recv(10) == b"x"
+        assert proc.terminate(timeout=30) == 0, proc.output()
+    finally:
+        proc.kill()
