@@ -74,6 +74,8 @@ def access_fields(rec: TrafficRecord) -> dict[str, Any]:
         "tries": rec.tries,
         "request_id": rec.request_id,
         "tls_resumed": rec.tls_resumed,
+        "tls_version": rec.tls_version,
+        "tls_cipher": rec.tls_cipher,
         "outcome": rec.outcome,
         "error": rec.error,
     }
@@ -108,6 +110,7 @@ def access_line(rec: TrafficRecord) -> bytes:
         f'"path":{_str(rec.path)},"status":{_num(rec.status)},"bytes_in":{rec.bytes_in:d},'
         f'"bytes_out":{rec.bytes_out:d},"duration_ms":{_num(_ms(rec.duration))},"tries":{rec.tries:d},'
         f'"request_id":{_str(rec.request_id)},"tls_resumed":{_bool(rec.tls_resumed)},'
+        f'"tls_version":{_str(rec.tls_version)},"tls_cipher":{_str(rec.tls_cipher)},'
         f'"outcome":{_str(rec.outcome)},"error":{_str(rec.error)}}}\n'
     ).encode("ascii")
 

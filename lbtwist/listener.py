@@ -25,6 +25,9 @@ class ListenerService(Service):
         self.port: IListeningPort | None = None
         self.connections: set[Any] = set()
         self._drained: defer.Deferred | None = None
+        #: lbtwist.tls ServerTLS when the listener terminates TLS (its ticket
+        #: keys rotate while the service runs).
+        self.tls: Any = None
 
     # bound in privilegedStartService so a port < 1024 can bind before dropping privileges
     def privilegedStartService(self) -> None:
@@ -47,6 +50,8 @@ class ListenerService(Service):
         super().startService()
         if self.port is None:
             self.port = self.listen()
+        if self.tls is not None:
+            self.tls.start()
         log.info("listener {name} on {bind} ({address})", name=self.name, bind=self.bind, address=self.address)
 
     def track(self, conn: Any) -> None:
@@ -66,6 +71,8 @@ class ListenerService(Service):
         """Stop accepting, ask every connection to drain, abort what is left
         after ``drain_timeout``."""
         super().stopService()
+        if self.tls is not None:
+            self.tls.stop()
         d = self.stop_accepting()
         d.addCallback(lambda _: self.drain(drain_timeout))
         return d

@@ -39,6 +39,11 @@ class RequestHead:
     client: str = ""
     #: True when the client connection is TLS.
     tls: bool = False
+    #: Negotiated TLS version (``"TLSv1.3"``), cipher and SNI (lower-case)
+    #: of a TLS connection terminated by lbtwist; empty otherwise.
+    tls_version: str = ""
+    tls_cipher: str = ""
+    sni: str = ""
 
     def header(self, name: str) -> str | None:
         """First value of header ``name`` (case-insensitive), or None."""
@@ -233,12 +238,75 @@ class HeadersMatcher:
         return f"<headers {dict(self.required)!r}>"
 
 
+@implementer(IRouteMatcher)
+class SniMatcher:
+    """The TLS server name the client sent is one of these (exact or
+    ``*.example.com``, as for ``host``); never matches plain connections or
+    clients sending no SNI. Unlike Host, the client cannot change it per request."""
+
+    cost = 1
+
+    def __init__(self, hosts: HostMatcher) -> None:
+        self.hosts = hosts
+
+    @classmethod
+    def from_value(cls, value: Any) -> "SniMatcher":
+        try:
+            return cls(HostMatcher.from_value(value))
+        except ValueError as e:
+            raise ValueError(str(e).replace("host", "sni", 1)) from None
+
+    def matches(self, request: RequestHead) -> bool:
+        sni = request.sni
+        if not sni:
+            return False
+        h = self.hosts
+        return sni in h.exact or any(sni.endswith(s) and len(sni) > len(s) for s in h.suffixes)
+
+    def __repr__(self) -> str:
+        return f"<sni {sorted(self.hosts.exact) + ['*' + s for s in self.hosts.suffixes]}>"
+
+
+_TLS_VERSIONS = {"1.2": "TLSv1.2", "1.3": "TLSv1.3", "tlsv1.2": "TLSv1.2", "tlsv1.3": "TLSv1.3"}
+
+
+@implementer(IRouteMatcher)
+class TlsVersionMatcher:
+    """The client's TLS connection negotiated one of these versions
+    (``"1.2"``, ``"1.3"``); never matches plain connections."""
+
+    cost = 0
+
+    def __init__(self, versions: Iterable[str]) -> None:
+        self.versions = frozenset(versions)
+
+    @classmethod
+    def from_value(cls, value: Any) -> "TlsVersionMatcher":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = f"{value:.1f}"
+        out = []
+        for v in _strings("tls_version", value):
+            name = _TLS_VERSIONS.get(v.strip().lower())
+            if name is None:
+                raise ValueError(f"tls_version: {v!r} is not \"1.2\" or \"1.3\"")
+            out.append(name)
+        return cls(out)
+
+    def matches(self, request: RequestHead) -> bool:
+        return request.tls_version in self.versions
+
+    def __repr__(self) -> str:
+        return f"<tls_version {sorted(self.versions)}>"
+
+
 BUILTIN_RULES = (
     RuleSpec("host", HostMatcher.from_value, "Host is one of these names; '*.example.com' matches subdomains"),
     RuleSpec("path_prefix", PathPrefixMatcher.from_value, "path starts with this (or one of these)"),
     RuleSpec("path_regex", PathRegexMatcher.from_value, "regular expression searched in the path"),
     RuleSpec("method", MethodMatcher.from_value, "request method is this (or one of these)"),
     RuleSpec("headers", HeadersMatcher.from_value, "headers present with these values"),
+    RuleSpec("sni", SniMatcher.from_value, "TLS server name (SNI) is one of these names; '*.example.com' matches subdomains"),
+    RuleSpec("tls_version", TlsVersionMatcher.from_value, 'negotiated TLS version is this (or one of these): "1.2", "1.3"'),
 )
 
 

@@ -35,6 +35,9 @@ class Runtime:
     backend_state: dict[str, Any] = attrs.Factory(dict)
     pool_state: dict[str, Any] = attrs.Factory(dict)
     listener_state: dict[str, Any] = attrs.Factory(dict)
+    #: lbtwist.tls.wiring.RuntimeTLS: ServerTLS per terminating listener,
+    #: BackendTLS per pool with ``tls:`` (created by the first TLS user).
+    tls: Any = None
 
     def clock_seconds(self) -> float:
         return self.reactor.seconds()

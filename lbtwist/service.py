@@ -61,6 +61,17 @@ def _initial_health(cfg: PoolConfig) -> Health:
 
 
 def build_listener(cfg: ListenerConfig, runtime: Runtime) -> IService:
+    """The listener service for ``cfg``, TLS (termination or passthrough)
+    wrapped around its factory before it listens."""
+    svc = _listener_service(cfg, runtime)
+    if cfg.tls is not None or cfg.tls_passthrough is not None:
+        from lbtwist.tls.wiring import add_listener_tls
+
+        add_listener_tls(svc, cfg, runtime)
+    return svc
+
+
+def _listener_service(cfg: ListenerConfig, runtime: Runtime) -> IService:
     if cfg.mode == "tcp":
         from lbtwist.l4.tcp import tcp_listener
 
@@ -82,7 +93,13 @@ class ReloadError(Exception):
 
 def _same_socket(old: ListenerConfig | None, new: ListenerConfig) -> bool:
     """Can the running listener take ``new`` in place (same socket, same mode)?"""
-    return old is not None and (old.bind, old.mode) == (new.bind, new.mode)
+    return (
+        old is not None
+        and (old.bind, old.mode) == (new.bind, new.mode)
+        # TLS on/off or passthrough on/off changes the listening factory
+        and (old.tls is None) == (new.tls is None)
+        and (old.tls_passthrough is None) == (new.tls_passthrough is None)
+    )
 
 
 class LbtwistService(MultiService):
@@ -113,6 +130,11 @@ class LbtwistService(MultiService):
 
     def _build(self, config: Config) -> None:
         rt = self.runtime
+        if any(p.tls is not None for p in config.pools):
+            from lbtwist.tls.wiring import runtime_tls
+
+            tls_state = runtime_tls(rt)
+            tls_state.set_pools(tls_state.prepare_pools(config.pools))
         for pcfg in config.pools:
             rt.pools[pcfg.name] = build_pool(pcfg, rt)
             rt.pool_configs[pcfg.name] = pcfg
@@ -205,6 +227,20 @@ class LbtwistService(MultiService):
         then listeners; removed backends drain, removed listeners drain."""
         rt = self.runtime
         old = rt.config
+        tls_state = None
+        if rt.tls is not None or any(p.tls is not None for p in new.pools) or any(
+            l.tls is not None or l.tls_passthrough is not None for l in new.listeners
+        ):
+            from lbtwist.tls.context import TLSConfigError
+            from lbtwist.tls.wiring import runtime_tls
+
+            tls_state = runtime_tls(rt)
+            try:  # read every certificate before switching anything
+                tls_state.check_listeners(new)
+                backend_tls = tls_state.prepare_pools(new.pools)
+            except TLSConfigError as e:
+                raise ReloadError(f"TLS: {e}") from None
+            tls_state.set_pools(backend_tls)
         log.info("lbtwist: applying new configuration")
         waits: list[defer.Deferred] = []
         # pools: add, change in place, and remember which to drop
@@ -228,7 +264,14 @@ class LbtwistService(MultiService):
             lcfg = new_l.get(name)
             if lcfg is not None and _same_socket(old_l.get(name), lcfg) and hasattr(svc, "reconfigure"):
                 svc.reconfigure(lcfg)
+                if tls_state is not None:
+                    try:
+                        tls_state.reconfigure_listener(svc, lcfg)
+                    except Exception as e:  # files changed since the check: keep the old certs
+                        log.error("lbtwist: listener {name}: TLS reload failed, keeping the old certificates: {e}", name=name, e=e)
                 continue
+            if tls_state is not None:
+                tls_state.forget_listener(name, svc)
             # removed or rebound: release the socket now, drain in the background
             released.append(svc.stop_accepting())
             waits.append(defer.maybeDeferred(svc.disownServiceParent))

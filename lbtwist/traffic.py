@@ -27,6 +27,8 @@ class TrafficRecord:
     tries: int = 0  # backend attempts (1 = no retry)
     request_id: str | None = None
     tls_resumed: bool | None = None  # None when not TLS
+    tls_version: str | None = None  # "TLSv1.3" when the client connection is TLS
+    tls_cipher: str | None = None  # OpenSSL cipher name when TLS
     outcome: str = "ok"  # see lbtwist.pool.OUTCOMES, plus "rejected" (4xx by lbtwist itself)
     error: str | None = None  # short cause when lbtwist itself failed the request
 

@@ -46,7 +46,8 @@ def runtime(clock) -> Runtime:
 def record(**kw) -> TrafficRecord:
     base = dict(kind="http", listener="edge", start=1767322245.6789, duration=0.0123, client="127.0.0.1:50000",
                 pool="web", backend="127.0.0.1:9001", route="0", method="GET", path="/a?b=1", status=200,
-                bytes_in=120, bytes_out=4567, tries=2, request_id="req-1", tls_resumed=True)
+                bytes_in=120, bytes_out=4567, tries=2, request_id="req-1", tls_resumed=True,
+                tls_version="TLSv1.3", tls_cipher="TLS_AES_128_GCM_SHA256")
     base.update(kw)
     return TrafficRecord(**base)
 
@@ -73,7 +74,8 @@ def test_one_json_line_per_record_with_every_field(tmp_path):
             "time": "2026-01-02T02:50:45.678Z", "type": "access", "kind": "http", "client": "127.0.0.1:50000",
             "listener": "edge", "route": "0", "pool": "web", "backend": "127.0.0.1:9001", "method": "GET",
             "path": "/a?b=1", "status": 200, "bytes_in": 120, "bytes_out": 4567, "duration_ms": 12.3,
-            "tries": 2, "request_id": "req-1", "tls_resumed": True, "outcome": "ok", "error": None,
+            "tries": 2, "request_id": "req-1", "tls_resumed": True, "tls_version": "TLSv1.3",
+            "tls_cipher": "TLS_AES_128_GCM_SHA256", "outcome": "ok", "error": None,
         }
         assert tcp["status"] is None and tcp["tls_resumed"] is None and tcp["outcome"] == "gateway"
         assert tcp["error"].endswith("connection refused")

@@ -119,7 +119,8 @@ class Recorder:
         sec = self._sec(t)
         for name in names:
             self.backend_up[name][sec] = False
-            self.backend_rate[name].setdefault(sec, 0.0)
+            if name in self._backend_prev:  # it served before: it serves nothing now
+                self.backend_rate[name].setdefault(sec, 0.0)
             # the restarted process counts from 0
             self._backend_prev[name] = (t, 0)
 

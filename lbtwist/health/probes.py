@@ -90,9 +90,14 @@ class TcpProbe:
     def __init__(self, reactor: Any, timeout: float) -> None:
         self.reactor = reactor
         self.timeout = timeout
+        #: ``() -> BackendTLS | None``: the pool's TLS (see L{use_pool_tls}).
+        self.tls_lookup: Callable[[], Any] | None = None
 
     def probe(self, backend: Backend) -> defer.Deferred:
         start = self.reactor.seconds()
+        btls = self.tls_lookup() if self.tls_lookup is not None else None
+        if btls is not None:
+            return self._probe_tls(backend, btls, start)
         try:
             ep = client_endpoint(self.reactor, backend.host, backend.port, self.timeout)
             factory = Factory.forProtocol(Protocol)
@@ -106,6 +111,19 @@ class TcpProbe:
             return ProbeResult(True, "connected", self.reactor.seconds() - start)
 
         d.addCallback(connected)
+        return _guard(d, self.reactor, self.timeout)
+
+    def _probe_tls(self, backend: Backend, btls: Any, start: float) -> defer.Deferred:
+        """A TLS pool: pass only on a completed, verified handshake."""
+        from lbtwist.tls.client import probe_tls
+
+        try:
+            ep = client_endpoint(self.reactor, backend.host, backend.port, self.timeout)
+            creator = btls.creator_for(backend.host, key=backend.address)
+            d = probe_tls(ep, creator, self.reactor, self.timeout)
+        except Exception:
+            d = defer.fail()
+        d.addCallback(lambda _: ProbeResult(True, "TLS handshake verified", self.reactor.seconds() - start))
         return _guard(d, self.reactor, self.timeout)
 
 
@@ -194,11 +212,46 @@ class _EndpointFactory:
     def __init__(self, reactor: Any, timeout: float) -> None:
         self.reactor = reactor
         self.timeout = timeout
+        self.tls_lookup: Callable[[], Any] | None = None
 
     def endpointForURI(self, uri: Any) -> Any:
         if uri.scheme != b"http":
             raise SchemeNotSupported(f"health probes speak http, not {uri.scheme!r}")
-        return client_endpoint(self.reactor, url_host_to_ip(uri.host.decode("ascii")), uri.port, self.timeout)
+        host = url_host_to_ip(uri.host.decode("ascii"))
+        ep = client_endpoint(self.reactor, host, uri.port, self.timeout)
+        btls = self.tls_lookup() if self.tls_lookup is not None else None
+        if btls is None:
+            return ep
+        address = f"[{host}]:{uri.port}" if ":" in host else f"{host}:{uri.port}"
+        return _TLSEndpoint(ep, btls.creator_for(host, key=address), self.reactor)
+
+
+class _TLSEndpoint:
+    """An https probe's connection: the pool's TLS settings (CA, SNI, client
+    certificate) over the plain endpoint, the reactor passed in."""
+
+    def __init__(self, endpoint: Any, creator: Any, clock: Any) -> None:
+        self.endpoint = endpoint
+        self.creator = creator
+        self.clock = clock
+
+    def connect(self, factory: Any) -> defer.Deferred:
+        from lbtwist.tls.client import connect_tls
+
+        return connect_tls(self.endpoint, self.creator, factory, self.clock)
+
+
+def use_pool_tls(probe: Any, lookup: Callable[[], Any]) -> Any:
+    """Make a built-in probe speak TLS when ``lookup()`` gives the pool's
+    L{lbtwist.tls.client.BackendTLS} (looked up at each probe, so a reload
+    that changes the pool's TLS applies at once): ``tcp`` passes on a verified
+    handshake, ``http`` sends its request over TLS. Other probes are returned
+    unchanged (a plugin probe handles TLS itself)."""
+    if isinstance(probe, TcpProbe):
+        probe.tls_lookup = lookup
+    elif isinstance(probe, HttpProbe) and probe.endpoints is not None:
+        probe.endpoints.tls_lookup = lookup
+    return probe
 
 
 #: treq parses URLs with hyperlink, which cannot encode IPv6 literals, so an
@@ -255,12 +308,15 @@ class HttpProbe:
             self.body_re = re.compile(body_match.encode()) if body_match else None
         except re.error as e:
             raise ValueError(f"body_match: bad regular expression {body_match!r}: {e}") from None
+        #: The agent's endpoints (None with an injected http_client).
+        self.endpoints: _EndpointFactory | None = None
         if http_client is None:
             from treq.client import HTTPClient
 
             # persistent=False: every probe tests a new connection, see module doc
             pool = _QuietPool(reactor, persistent=False)
-            agent = Agent.usingEndpointFactory(reactor, _EndpointFactory(reactor, timeout), pool=pool)
+            self.endpoints = _EndpointFactory(reactor, timeout)
+            agent = Agent.usingEndpointFactory(reactor, self.endpoints, pool=pool)
             http_client = HTTPClient(agent)
         self.client = http_client
 

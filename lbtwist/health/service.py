@@ -177,6 +177,10 @@ class HealthService(Service):
         self.remove_pool(pool.name)
         if cfg.active is not None and probe is None:
             probe = make_probe(self.runtime.registry, cfg.active, reactor=self.reactor)
+            if getattr(self.runtime, "tls", None) is not None:  # a pool with tls: probes use it too
+                from lbtwist.health.probes import use_pool_tls
+
+                probe = use_pool_tls(probe, lambda: self.runtime.tls.backend_tls(pool.name))
         ph = PoolHealth(pool, cfg, reactor=self.reactor, probe=probe, rng=self.rng)
         self.pools[pool.name] = ph
         if self.running:

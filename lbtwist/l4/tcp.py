@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from twisted.internet import error, protocol
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -72,7 +72,7 @@ class RelayFactory(protocol.ServerFactory):
     def configure(self, cfg: ListenerConfig) -> None:
         """Take (new) settings; connections opened from now on use them (a
         reload keeps the socket and the live connections)."""
-        if cfg.pool is None:
+        if cfg.pool is None and cfg.tls_passthrough is None:
             raise ValueError(f"listener {cfg.name}: mode tcp needs a pool")
         if cfg.hash_key != "source":
             raise ValueError(
@@ -87,12 +87,20 @@ class RelayFactory(protocol.ServerFactory):
         self.send_proxy = None if pp.send == "none" else pp.send
         self.header_timeout = pp.header_timeout
 
-    def pool_config(self) -> PoolConfig:
-        cfg = self.runtime.pool_configs.get(self.pool_name)
-        return cfg if cfg is not None else PoolConfig(name=self.pool_name)
+    def pool_config(self, pool_name: str | None = None) -> PoolConfig:
+        name = pool_name if pool_name is not None else self.pool_name
+        cfg = self.runtime.pool_configs.get(name)
+        return cfg if cfg is not None else PoolConfig(name=name or "")
 
     def buildProtocol(self, addr: Any) -> "Frontend":
         p = Frontend(self)
+        return p
+
+    def build_for_pool(self, pool_name: str, addr: Any) -> "Frontend":
+        """A connection relayed to ``pool_name`` instead of the listener's
+        pool (SNI passthrough); limits stay per listener."""
+        p = Frontend(self)
+        p.pool_name = pool_name
         return p
 
     def note_refusal(self, now: float) -> None:
@@ -113,18 +121,22 @@ class _BackendConnector(protocol.ClientFactory):
 
     noisy = False
 
-    def __init__(self, frontend: "Frontend", backend: Backend) -> None:
+    def __init__(self, frontend: "Frontend", backend: Backend, tls: bool = False) -> None:
         self.frontend = frontend
         self.backend = backend
+        #: TLS to the backend: "connected" means handshake done (and verified).
+        self.tls = tls
+        self.side: BackendSide | None = None
 
     def buildProtocol(self, addr: Any) -> "BackendSide":
-        return BackendSide(self.frontend, self)
+        self.side = BackendSide(self.frontend, self)
+        return self.side
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         self.frontend._connect_failed(self, reason)
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class BackendSide(protocol.Protocol):
     """The backend leg: hands bytes to the client transport."""
 
@@ -132,9 +144,16 @@ class BackendSide(protocol.Protocol):
         self.frontend = frontend
         self.attempt = attempt
         self.peer: Any = None  # the client transport, once relaying
+        self.handshaking = attempt.tls
 
     def connectionMade(self) -> None:
-        self.frontend._backend_connected(self)
+        if not self.handshaking:
+            self.frontend._backend_connected(self)
+
+    def handshakeCompleted(self) -> None:
+        if self.handshaking:
+            self.handshaking = False
+            self.frontend._backend_connected(self)
 
     def dataReceived(self, data: bytes) -> None:
         fe = self.frontend
@@ -149,6 +168,11 @@ class BackendSide(protocol.Protocol):
         pass
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.handshaking:
+            # TLS never came up (refused or unverified certificate): a connect failure.
+            self.handshaking = False
+            self.frontend._connect_failed(self.attempt, reason)
+            return
         self.frontend._backend_lost(self, reason)
 
 
@@ -160,6 +184,8 @@ class Frontend(protocol.Protocol):
     def __init__(self, factory: RelayFactory) -> None:
         self.factory = factory
         self.seconds = factory.reactor.seconds
+        #: The pool relayed to (the listener's, or the one SNI passthrough chose).
+        self.pool_name: str | None = factory.pool_name
         self.peer: Any = None  # the backend transport, once relaying
         self.backend_side: BackendSide | None = None
         self.backend: Backend | None = None
@@ -207,7 +233,7 @@ class Frontend(protocol.Protocol):
                 traffic.publish(
                     TrafficRecord(
                         kind="tcp", listener=f.cfg.name, start=time.time(), duration=0.0,
-                        client=f"{peer.host}:{peer.port}", pool=f.pool_name,
+                        client=f"{peer.host}:{peer.port}", pool=self.pool_name,
                         outcome="rejected", error=f"at max_connections={f.max_connections}",
                     )
                 )
@@ -302,6 +328,8 @@ class Frontend(protocol.Protocol):
             # Still connecting: give up the attempt.
             attempt, self.attempt = self.attempt, None
             self._stop_connector()
+            if attempt.side is not None and attempt.side.transport is not None:
+                attempt.side.transport.abortConnection()  # mid TLS handshake
             self._report_failure(attempt.backend, "cancelled")
         self._maybe_finish()
 
@@ -319,11 +347,11 @@ class Frontend(protocol.Protocol):
 
     def _start_connecting(self) -> None:
         f = self.factory
-        pool = f.runtime.pools.get(f.pool_name)
+        pool = f.runtime.pools.get(self.pool_name)
         if pool is None:
-            self._give_up(f"pool {f.pool_name!r} does not exist")
+            self._give_up(f"pool {self.pool_name!r} does not exist")
             return
-        pcfg = f.pool_config()
+        pcfg = f.pool_config(self.pool_name)
         self.pool = pool
         self.connect_timeout = pcfg.connect_timeout
         host = self.client[0] if self.client else None
@@ -344,13 +372,20 @@ class Frontend(protocol.Protocol):
                 "no usable backend" if n == 0 else f"connect failed on {n} backend(s)"
             )
             return
-        attempt = _BackendConnector(self, backend)
+        tls_state = getattr(self.factory.runtime, "tls", None)
+        btls = tls_state.backend_tls(self.pool_name) if tls_state is not None else None
+        attempt = _BackendConnector(self, backend, tls=btls is not None)
         self.attempt = attempt
         self.attempt_started = now
         r = self.factory.reactor
         self._timer = r.callLater(self.connect_timeout, self._connect_timed_out, attempt)
+        target: Any = attempt
+        if btls is not None:
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
+            target = TLSMemoryBIOFactory(btls.creator_for(backend.host, key=backend.address), True, attempt, clock=r)
         # No Twisted timeout (one timer less per connection): ours above decides.
-        self.connector = r.connectTCP(backend.host, backend.port, attempt, timeout=None)
+        self.connector = r.connectTCP(backend.host, backend.port, target, timeout=None)
 
     def _connect_timed_out(self, attempt: _BackendConnector) -> None:
         self._timer = None
@@ -358,6 +393,9 @@ class Frontend(protocol.Protocol):
             return
         self.attempt = None
         self._stop_connector()
+        side = attempt.side
+        if side is not None and side.handshaking and side.transport is not None:
+            side.transport.abortConnection()  # TCP up, TLS handshake too slow
         self._attempt_failed(attempt.backend, f"connect timeout ({self.connect_timeout:g}s)")
 
     def _connect_failed(self, attempt: _BackendConnector, reason: Failure) -> None:
@@ -560,7 +598,7 @@ class Frontend(protocol.Protocol):
                     start=self.wall_start,
                     duration=now - self.started,
                     client=self._client_str(),
-                    pool=f.pool_name,
+                    pool=self.pool_name,
                     backend=self.backend.address if self.backend else (
                         self.attempts.tried[-1].address if self.attempts and self.attempts.tried else None
                     ),

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error as terror
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -54,8 +54,14 @@ class _WriteFlow:
         pass
 
 
+@implementer(IHandshakeListener)
 class BackendConnection(Protocol):
     """A pooled HTTP/1.1 connection to one backend."""
+
+    #: Set (by the pool) on a TLS connection until its handshake has
+    #: completed and the certificate verified: only then is it "connected".
+    handshaking = False
+    handshake_timed_out = False
 
     def __init__(self, owner: "BackendConnections") -> None:
         self.owner = owner
@@ -78,8 +84,12 @@ class BackendConnection(Protocol):
         self.retire = False
         self.deadline = Deadline(clock, self._timeout)
         self.tunnel: Any = None
+        #: The current response (set by the sink while one is in progress).
         self.response: Response | None = None
+        #: Receives the parser's events while a request is in progress.
+        self.sink: Any = None
         self.body_timeout = 60.0
+        self.idle_since = 0.0
         self._in_feed = False
         #: finish() called while parsing: release once the rest of the read is judged.
         self._release: bool | None = None
@@ -99,7 +109,16 @@ class BackendConnection(Protocol):
         except Exception:  # not a TCP transport (tests)
             pass
         t.registerProducer(_WriteFlow(self), True)
+        if self.handshaking:
+            self.deadline.set(self.owner.connect_timeout, "handshake")
+            return
         self.owner.connected(self)
+
+    def handshakeCompleted(self) -> None:  # IHandshakeListener (TLS backends)
+        if self.handshaking:
+            self.handshaking = False
+            self.deadline.cancel()
+            self.owner.connected(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self.state == TUNNEL:
@@ -136,9 +155,19 @@ class BackendConnection(Protocol):
             # A response is in progress beyond this read: bound the next stall
             # (once per read, not per parser event).
             self.deadline.set(self.body_timeout, "body")
-        user.flush()
+        sink = user.owner
+        if sink.out:
+            sink.flush()
 
     def connectionLost(self, reason: Failure = terror.ConnectionDone) -> None:  # type: ignore[assignment]
+        if self.handshaking:
+            # TLS never came up (e.g. the certificate did not verify): a connect failure.
+            self.handshaking = False
+            self.deadline.cancel()
+            if self.handshake_timed_out:
+                reason = Failure(terror.TimeoutError("TLS handshake timed out"))
+            self.connect_failed(reason)
+            return
         was = self.state
         self.state = CLOSED
         self.deadline.cancel()
@@ -151,7 +180,7 @@ class BackendConnection(Protocol):
         if user is None:
             return
         if self.parser.eof():  # a close-delimited body just ended
-            user.flush()
+            user.owner.flush()
             return
         self.user = None
         code = "closed" if reason.check(terror.ConnectionDone) else "reset"
@@ -165,30 +194,38 @@ class BackendConnection(Protocol):
             code, detail = "connect-timeout", "connect timed out"
         elif reason.check(terror.ConnectionRefusedError):
             code, detail = "connect-refused", "connection refused"
+        elif self.owner.tls is not None:
+            code, detail = "connect-failed", f"TLS handshake failed: {reason.getErrorMessage()}"
         else:
             code, detail = "connect-failed", f"connect failed: {reason.getErrorMessage()}"
         self.owner.connect_failed(self, code, detail)
 
-    def go_idle(self, idle_timeout: float) -> None:
+    def go_idle(self, now: float) -> None:
+        """Back in the pool; the pool's sweep closes it after idle_timeout."""
         self.state = IDLE
         self.user = None
         self.response = None
+        self.idle_since = now
         if self.read_paused:
             self.resume_reading()  # an idle connection must notice the backend closing
-        self.deadline.set(idle_timeout, "idle")
 
     # -- used by the request ---------------------------------------------------------
 
-    def start(self, user: Any, head_request: bool, body_timeout: float) -> None:
-        """``user`` sends a request now; its response is parsed next.
-        ``body_timeout`` bounds a stall in the middle of the response body."""
+    def start(self, user: Any, sink: Any, head_request: bool, body_timeout: float) -> None:
+        """``user`` (an Attempt) sends a request now; its response is parsed
+        next and its events (``on_response``, ``on_body``, ``on_end``...) go
+        straight to ``sink`` (the exchange relaying it). ``body_timeout``
+        bounds a stall in the middle of the response body."""
         self.body_timeout = body_timeout
         self.state = BUSY
         self.user = user
+        self.sink = sink
         self.requests += 1
         self.received = False
         self.deadline.clear()  # the response timeout starts once the request is written
-        self.parser.expect(head_request)
+        parser = self.parser
+        parser.handler = sink
+        parser.expect(head_request)
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
@@ -196,7 +233,9 @@ class BackendConnection(Protocol):
     def finish(self, reusable: bool) -> None:
         """The user is done with the connection: pool it or close it."""
         self.user = None
+        self.sink = None
         self.response = None
+        self.parser.handler = self
         self.deadline.clear()
         if self.state == BUSY:
             if self._in_feed:
@@ -235,27 +274,29 @@ class BackendConnection(Protocol):
         _unregister(self.transport)
         self.transport.abortConnection()
 
-    # -- parser callbacks ----------------------------------------------------------------
+    # -- parser callbacks while no request holds the connection -------------------------
+    # (while one does, the parser reports to the request's sink directly)
 
     def on_informational(self, resp: Response) -> None:
-        self.user.backend_informational(resp)
+        raise ParseError(502, "unsolicited response")
 
-    def on_response(self, resp: Response) -> None:
-        self.response = resp
-        self.user.backend_response(self, resp)
+    on_response = on_informational
 
     def on_body(self, data: bytes) -> None:
-        self.user.backend_body(data)
+        raise ParseError(502, "unsolicited response")
 
     def on_end(self) -> None:
-        self.user.backend_end(self)
+        raise ParseError(502, "unsolicited response")
 
     # -- internals --------------------------------------------------------------------
 
     def _timeout(self, kind: str) -> None:
-        if kind == "idle":
-            if self.state == IDLE:
-                self.owner.expire(self)
+        if kind == "handshake":
+            if self.handshaking and self.transport is not None:
+                self.handshake_timed_out = True
+                self.transport.abortConnection()  # connectionLost reports it
+            return
+        if self.state != BUSY:
             return
         if kind == "response":
             self._fail("timeout", "no response in time")

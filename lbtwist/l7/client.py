@@ -192,9 +192,8 @@ class HttpProxyProtocol(Protocol):
 
     def on_end(self) -> None:
         ex = self.exchange
-        if ex is not None:
-            if ex.req.has_body:
-                self.deadline.clear()  # type: ignore[union-attr]
+        if ex is not None and ex.body is not None:
+            self.deadline.clear()  # type: ignore[union-attr]
             ex.body_end()
 
     # -- from the exchange ----------------------------------------------------------------
@@ -225,7 +224,8 @@ class HttpProxyProtocol(Protocol):
             self.ctx.clock.callLater(0, self._next_request)
         else:
             parser.next()  # type: ignore[union-attr]
-            self.resume_reading("pipeline")
+            if self._paused:
+                self.resume_reading("pipeline")
 
     def _next_request(self) -> None:
         if self.closed or self.exchange is not None:

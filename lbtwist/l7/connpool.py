@@ -43,6 +43,11 @@ class BackendConnections:
         self.opened = 0
         self.reused = 0
         self.pools: ConnectionPools | None = None
+        self._sweeper: Any = None
+        #: The pool's name (its BackendTLS is looked up by it at each connect).
+        self.pool_name: str | None = None
+        #: lbtwist.tls BackendTLS of the latest connect, None for plain TCP.
+        self.tls: Any = None
 
     def configure(self, cfg: ConnectionPoolConfig, connect_timeout: float) -> None:
         self.max_open = max(1, cfg.max_per_backend)
@@ -64,10 +69,11 @@ class BackendConnections:
         if not fresh:
             idle = self.idle
             if idle:
-                now = self.clock.seconds()
+                now = attempt.started
                 while idle:
                     conn = idle.pop()
-                    if conn.state == IDLE and now - conn.created < self.max_age:
+                    if (conn.state == IDLE and now - conn.created < self.max_age
+                            and now - conn.idle_since < self.idle_timeout):
                         conn.state = BUSY
                         self.reused += 1
                         attempt.connection_ready(conn)
@@ -92,14 +98,23 @@ class BackendConnections:
         conn = BackendConnection(self)
         conn.pending = attempt
         b = self.backend
-        self.reactor.connectTCP(b.host, b.port, ConnectFactory(conn), timeout=self.connect_timeout)
+        pools = self.pools
+        lookup = pools.tls_lookup if pools is not None else None
+        self.tls = btls = lookup(self.pool_name) if lookup is not None and self.pool_name else None
+        factory: Any = ConnectFactory(conn)
+        if btls is not None:
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
+            conn.handshaking = True
+            factory = TLSMemoryBIOFactory(btls.creator_for(b.host, key=b.address), True, factory, clock=self.reactor)
+        self.reactor.connectTCP(b.host, b.port, factory, timeout=self.connect_timeout)
 
     # -- events from connections --------------------------------------------------------
 
     def connected(self, conn: BackendConnection) -> None:
         attempt, conn.pending = conn.pending, None
         if attempt is None or attempt.cancelled:
-            self._hand_over(conn)
+            self._hand_over(conn, self.clock.seconds())
             return
         conn.state = BUSY
         attempt.connection_ready(conn)
@@ -114,14 +129,15 @@ class BackendConnections:
     def release(self, conn: BackendConnection, reusable: bool) -> None:
         """A response ended on ``conn``; keep it if it may serve another."""
         b = self.backend
+        now = self.clock.seconds()
         if (
             reusable
             and conn.requests < self.max_requests
-            and self.clock.seconds() - conn.created < self.max_age
+            and now - conn.created < self.max_age
             and b.enabled
             and not b.draining
         ):
-            self._hand_over(conn)
+            self._hand_over(conn, now)
         else:
             conn.close()
 
@@ -133,15 +149,29 @@ class BackendConnections:
                 self.idle.remove(conn)
             except ValueError:
                 pass
+            if not self.idle and self._sweeper is not None:
+                sweeper, self._sweeper = self._sweeper, None
+                if sweeper.active():
+                    sweeper.cancel()
         self._serve_waiting()
 
-    def expire(self, conn: BackendConnection) -> None:
-        """An idle connection reached idle_timeout."""
-        try:
-            self.idle.remove(conn)
-        except ValueError:
-            pass
-        conn.close()
+    def _sweep(self) -> None:
+        """Close idle connections past idle_timeout. One timer per backend
+        instead of one per release: releases only stamp ``idle_since``."""
+        self._sweeper = None
+        idle = self.idle
+        if not idle:
+            return
+        cutoff = self.clock.seconds() - self.idle_timeout
+        keep = [c for c in idle if c.idle_since > cutoff]
+        if len(keep) != len(idle):
+            self.idle = keep
+            for c in idle:
+                if c.idle_since <= cutoff:
+                    c.close()
+        if keep:
+            oldest = min(c.idle_since for c in keep)
+            self._sweeper = self.clock.callLater(oldest + self.idle_timeout - self.clock.seconds() + 0.001, self._sweep)
 
     # -- management ----------------------------------------------------------------------
 
@@ -149,6 +179,9 @@ class BackendConnections:
         idle, self.idle = self.idle, []
         for conn in idle:
             conn.close()
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None and sweeper.active():
+            sweeper.cancel()
         return len(idle)
 
     def retire_all(self) -> None:
@@ -156,7 +189,7 @@ class BackendConnections:
         self.close_idle()
         # Busy connections check the backend state (or retire) on release.
 
-    def _hand_over(self, conn: BackendConnection) -> None:
+    def _hand_over(self, conn: BackendConnection, now: float) -> None:
         waiting = self.waiting
         while waiting:
             attempt = waiting.popleft()
@@ -166,8 +199,10 @@ class BackendConnections:
             self.reused += 1
             attempt.connection_ready(conn)
             return
-        conn.go_idle(self.idle_timeout)
+        conn.go_idle(now)
         self.idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self.clock.callLater(self.idle_timeout + 0.001, self._sweep)
 
     def _serve_waiting(self) -> None:
         waiting = self.waiting
@@ -186,12 +221,15 @@ class ConnectionPools:
         self.eager = True
         self._by_backend: dict[Backend, BackendConnections] = {}
         self._watched: set[int] = set()
+        #: pool name -> lbtwist.tls BackendTLS or None (set by the listener wiring).
+        self.tls_lookup: Any = None
 
     def get(self, pool: Pool, backend: Backend, cfg: ConnectionPoolConfig, connect_timeout: float) -> BackendConnections:
         bc = self._by_backend.get(backend)
         if bc is None:
             bc = self._by_backend[backend] = BackendConnections(backend, self.reactor, cfg, connect_timeout)
             bc.pools = self
+            bc.pool_name = pool.name
             if id(pool) not in self._watched:
                 self._watched.add(id(pool))
                 pool.subscribe(self._pool_changed)

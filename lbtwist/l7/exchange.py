@@ -20,10 +20,11 @@ from twisted.logger import Logger
 
 from lbtwist.l7.chunked import LAST_CHUNK
 from lbtwist.l7.errors import FAILURE_STATUS, error_page
-from lbtwist.l7.forward import Attempt, Failed, RequestBody
+from lbtwist.l7.forward import DONE, RESPONDING, Attempt, Failed, RequestBody
 from lbtwist.l7.headers import (
     FRAME_CHUNKED,
     FRAME_CLOSE,
+    FRAME_LENGTH,
     FRAME_NONE,
     backend_request_head,
     client_framing,
@@ -54,43 +55,49 @@ class Exchange:
     #: ``retry(exchange, attempt, failure) -> bool``: see the module docstring.
     retry: Callable[["Exchange", Attempt, Failed], bool] | None = None
 
+    # Per-request state; class-level defaults so construction only sets what
+    # every request needs (an Exchange is built per request).
+    plan: RoutePlan | None = None
+    pool: Pool | None = None
+    backend: Backend | None = None
+    attempt: Attempt | None = None
+    tries = 0
+    body: RequestBody | None = None
+    request_complete = True
+    response: Response | None = None
+    framing = FRAME_NONE
+    keep_alive = False
+    status = 0
+    bytes_out = 0
+    done = False
+    request_id = b""
+    error: str | None = None
+    outcome = "ok"
+    set_cookie: tuple[bytes, bytes] | None = None
+    resp_buffer: list[bytes] | None = None
+    resp_buffered = 0
+    waiting_body = False
+    head = b""
+    tunnel: Tunnel | None = None
+    _queue_timer: Any = None
+    #: When the last attempt was reported (saves another clock read).
+    ended = 0.0
+
     def __init__(self, client: "HttpProxyProtocol", req: Request) -> None:
         self.client = client
-        ctx = client.ctx
-        self.ctx = ctx
+        ctx = self.ctx = client.ctx
         self.req = req
         self.clock = ctx.clock
         self.started = ctx.clock.seconds()
-        self.wall = time.time()
-        self.plan: RoutePlan | None = None
-        self.pool: Pool | None = None
-        self.backend: Backend | None = None
-        self.attempt: Attempt | None = None
-        self.tries = 0
+        #: Backends tried (retries and failover avoid them).
         self.exclude: list[Backend] = []
-        self.body = RequestBody(req.chunked, 0) if req.has_body else None
-        self.request_complete = not req.has_body
-        self.response: Response | None = None
-        self.framing = FRAME_NONE
-        self.keep_alive = False
+        #: Client-bound bytes, written once per event (see flush).
         self.out: list[bytes] = []
         #: Backend-bound bytes held until the client's current read is parsed.
         self.req_out: list[bytes] = []
-        self.status = 0
-        self.bytes_out = 0
-        self.done = False
-        self.request_id = b""
-        self.error: str | None = None
-        self.outcome = "ok"
-        self.set_cookie: tuple[bytes, bytes] | None = None
-        self.resp_buffer: list[bytes] | None = None
-        self.resp_buffered = 0
-        self.waiting_body = False
-        self.head: bytes = b""
-        self.tunnel: Tunnel | None = None
-        self._queue_timer: Any = None
-        #: When the last attempt was reported (saves another clock read).
-        self.ended = 0.0
+        if req.has_body:
+            self.body = RequestBody(req.chunked, 0)
+            self.request_complete = False
 
     # -- start ------------------------------------------------------------------------
 
@@ -107,20 +114,22 @@ class Exchange:
             headers=tuple((n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in req.all_headers),
             client=self.client.client_ip_str,
             tls=self.client.tls,
+            **_tls_fields(self.client),
         )
 
     def start(self) -> None:
         ctx = self.ctx
         req = self.req
-        router = ctx.router
-        route = router.route(self.request_head() if router.needs_request else None)
+        route = ctx.fixed_route
+        if route is None:
+            route = ctx.router.route(self.request_head())
         if route is None:
             host = req.host.decode("latin-1") if req.host else ""
             self.reject(404, f"no route for {host}{req.path.decode('latin-1')}")
             return
         plan: RoutePlan = route.target
         self.plan = plan
-        if plan.max_body:
+        if plan.max_body and req.has_body:
             if req.content_length is not None and req.content_length > plan.max_body:
                 self.reject(413, f"request body of {req.content_length} bytes is larger than {plan.max_body}")
                 return
@@ -140,6 +149,15 @@ class Exchange:
                     req.expect_continue = False  # answered here; the backend gets the whole body
                     self.out.append(_CONTINUE)
                 return
+        if ctx.sticky is None:  # the common case, inline: balance, forward
+            client = self.client
+            backend = pool.select(PickContext(self.started, plan.hash_key.key(req, client.client_ip),
+                                              self.exclude, client.client_ip_str))
+            if backend is None:
+                self.reject(503, f"no backend available in pool {plan.pool!r}", outcome="gateway")
+                return
+            self.forward_to(backend)
+            return
         self.forward()
 
     # -- attempts -----------------------------------------------------------------------
@@ -172,38 +190,36 @@ class Exchange:
         plan = self.plan
         req = self.req
         pool = self.pool
-        pcfg = ctx.runtime.pool_configs.get(pool.name)  # type: ignore[union-attr]
-        if pcfg is not None:
-            conns = ctx.connection_pools.get(pool, backend, pcfg.connection_pool, pcfg.connect_timeout)
-        else:
-            conns = ctx.connection_pools.get(pool, backend, ctx.default_connection_pool, 3.0)
+        conns = ctx.connection_pools.find(backend)
+        if conns is None:
+            pcfg = ctx.runtime.pool_configs.get(pool.name)  # type: ignore[union-attr]
+            if pcfg is not None:
+                conns = ctx.connection_pools.get(pool, backend, pcfg.connection_pool, pcfg.connect_timeout)
+            else:
+                conns = ctx.connection_pools.get(pool, backend, ctx.default_connection_pool, 3.0)
         if not self.head:
-            self.head = backend_request_head(
-                req,
-                client_ip=self.client.client_ip,
-                tls=self.client.tls,
-                request_id=self.request_id,
-                policy=ctx.forwarding,
-                rewriter=plan.request_rewriter,  # type: ignore[union-attr]
-                upgrade=req.upgrade is not None,
-            )
-        resend_ok = req.method in _IDEMPOTENT or (
-            plan.idempotency_header is not None and req.header(plan.idempotency_header) is not None  # type: ignore[union-attr]
-        )
+            client = self.client
+            self.head = backend_request_head(req, client.client_ip, client.tls, self.request_id, ctx.forwarding,
+                                             plan.request_rewriter, req.upgrade is not None)  # type: ignore[union-attr]
         self.backend = backend
         self.tries += 1
         self.exclude.append(backend)
-        att = Attempt(
-            self, backend, conns,
-            head=self.head, head_request=req.method == b"HEAD", timeout=plan.timeout,  # type: ignore[union-attr]
-            body=self.body, resend_ok=resend_ok, now=self.clock.seconds() if self.tries > 1 else self.started,
-        )
+        att = Attempt(self, backend, conns, self.head, req.method == b"HEAD", plan.timeout,  # type: ignore[union-attr]
+                      self.body, self.clock.seconds() if self.tries > 1 else self.started)
         self.attempt = att
         pool.on_start(backend)  # type: ignore[union-attr]
-        if not att.start() and self.attempt is att:
+        if not conns.acquire(att) and self.attempt is att:
             # Queued behind the backend's connection cap: bound the wait.
             self._queue_timer = self.clock.callLater(plan.timeout, self._queue_expired, att)  # type: ignore[union-attr]
         return att
+
+    def resend_ok(self) -> bool:
+        """May this request be sent again (RFC 9110 9.2.2, or an idempotency key)?"""
+        req = self.req
+        if req.method in _IDEMPOTENT:
+            return True
+        name = self.plan.idempotency_header  # type: ignore[union-attr]
+        return name is not None and req.header(name) is not None
 
     def _queue_expired(self, att: Attempt) -> None:
         self._queue_timer = None
@@ -233,14 +249,19 @@ class Exchange:
             self._cancel_queue_timer()
         self.client.resume_reading("body")
 
-    def attempt_informational(self, att: Attempt, resp: Response) -> None:
+    # -- response events, straight from the backend connection's parser ----------------------
+
+    def on_informational(self, resp: Response) -> None:
         if resp.status == 100:
             if self.req.expect_continue:
                 self.out.append(_CONTINUE)
         elif self.req.version == b"1.1" and resp.status != 101:
             self.out.append(interim_head(resp))
 
-    def attempt_response(self, att: Attempt, resp: Response) -> None:
+    def on_response(self, resp: Response) -> None:
+        att = self.attempt
+        att.state = RESPONDING  # type: ignore[union-attr]
+        att.conn.response = resp  # type: ignore[union-attr]
         if self._queue_timer is not None:
             self._cancel_queue_timer()
         req = self.req
@@ -253,7 +274,15 @@ class Exchange:
             return
         self.response = resp
         self.status = resp.status
-        framing = client_framing(resp, req.version)
+        # client_framing(), inlined: this runs for every response
+        if resp.no_body:
+            framing = FRAME_NONE
+        elif resp.content_length is not None and resp.te is None:
+            framing = FRAME_LENGTH
+        elif req.version == b"1.1":
+            framing = FRAME_CHUNKED
+        else:
+            framing = FRAME_CLOSE
         self.framing = framing
         keep = req.keep_alive and framing != FRAME_CLOSE and not self.client.draining
         self.keep_alive = keep
@@ -262,13 +291,10 @@ class Exchange:
         if plan.buffer_response and not resp.no_body:  # type: ignore[union-attr]
             self.resp_buffer = []
             return
-        self.out.append(client_response_head(
-            resp, framing=framing, keep_alive=keep, client_version=req.version,
-            request_id=self.request_id, policy=self.ctx.forwarding,
-            rewriter=plan.response_rewriter, extra=extra,  # type: ignore[union-attr]
-        ))
+        self.out.append(client_response_head(resp, framing, keep, req.version, self.request_id, self.ctx.forwarding,
+                                             plan.response_rewriter, extra))  # type: ignore[union-attr]
 
-    def attempt_body(self, data: bytes) -> None:
+    def on_body(self, data: bytes) -> None:
         n = len(data)
         self.bytes_out += n
         buf = self.resp_buffer
@@ -289,7 +315,9 @@ class Exchange:
         else:
             self.out.append(data)
 
-    def attempt_end(self, att: Attempt) -> None:
+    def on_end(self) -> None:
+        att = self.attempt
+        att.state = DONE  # type: ignore[union-attr]
         resp = self.response
         if self.resp_buffer is not None:
             body = b"".join(self.resp_buffer)
@@ -303,10 +331,19 @@ class Exchange:
             self.out.append(body)
         elif self.framing == FRAME_CHUNKED:
             self.out.append(LAST_CHUNK)
-        self.flush()
-        att.finish(resp.keep_alive)  # type: ignore[union-attr]
+        out = self.out
+        if out:  # flush(), inlined
+            self.out = []
+            self.client.write(out[0] if len(out) == 1 else b"".join(out))
+        conn = att.conn  # att.finish(), inlined
+        att.conn = None
+        conn.finish(resp.keep_alive and att.body_done)  # type: ignore[union-attr]
+        self.attempt = None  # _finish_attempt(), inlined
+        if self._queue_timer is not None:
+            self._cancel_queue_timer()
+        now = self.ended = self.clock.seconds()
         status = self.status
-        self._finish_attempt(att, status < 500, "ok" if status < 500 else "5xx")
+        self.pool.on_finish(att.backend, now - att.started, status < 500, "ok" if status < 500 else "5xx")  # type: ignore[union-attr]
         self._done(self.keep_alive)
 
     def attempt_failed(self, att: Attempt, failure: Failed) -> None:
@@ -473,9 +510,10 @@ class Exchange:
         hub = ctx.runtime.traffic
         if hub.subscribers:
             req = self.req
+            now = self.ended or self.clock.seconds()
             hub.publish(TrafficRecord(
-                kind="http", listener=ctx.name, start=self.wall,
-                duration=(self.ended or self.clock.seconds()) - self.started, client=self.client.client_ip_str,
+                kind="http", listener=ctx.name, start=time.time() - (now - self.started),
+                duration=now - self.started, client=self.client.client_ip_str,
                 pool=self.plan.pool if self.plan else None,
                 backend=self.backend.address if self.backend else None,
                 route=self.plan.name if self.plan else None,
@@ -484,6 +522,7 @@ class Exchange:
                 bytes_out=self.bytes_out, tries=self.tries,
                 request_id=self.request_id.decode("latin-1") if self.request_id else None,
                 outcome=self.outcome, error=self.error,
+                **_tls_record(self.client),
             ))
         self.client.exchange_done(self, keep_alive)
 
@@ -521,6 +560,30 @@ class Exchange:
         conn.user = tunnel  # type: ignore[union-attr]
         self.tunnel = tunnel
         self.client.start_tunnel(tunnel)
+
+
+def _tls_info(client: Any) -> Any:
+    if not client.tls or client.transport is None:
+        return None
+    from lbtwist.tls.server import tls_info
+
+    return tls_info(client.transport)
+
+
+def _tls_fields(client: Any) -> dict[str, str]:
+    """RequestHead's TLS fields (version, cipher, SNI) for ``sni``/``tls_version`` routes."""
+    info = _tls_info(client)
+    if info is None:
+        return {}
+    return {"tls_version": info.version, "tls_cipher": info.cipher, "sni": info.server_name or ""}
+
+
+def _tls_record(client: Any) -> dict[str, Any]:
+    """The access log's TLS fields (absent on plain connections)."""
+    info = _tls_info(client)
+    if info is None:
+        return {}
+    return {"tls_version": info.version, "tls_cipher": info.cipher, "tls_resumed": info.resumed}
 
 
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))

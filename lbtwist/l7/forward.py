@@ -4,9 +4,12 @@ An L{Attempt} gets a connection (an idle keep-alive or a new one), sends the
 request head and the body as it arrives, and reports exactly one outcome to
 its owner (the exchange):
 
-  - ``attempt_response(attempt, response)``: the response head arrived; body
-    events and ``attempt_end`` follow. Nothing has reached the client yet, so
-    a retry policy may still discard it (``attempt.abandon()``).
+  - the response: the connection's parser reports ``on_response(response)``
+    (the head), ``on_body(data)`` and ``on_end()`` straight to the owner (one
+    call per event instead of three on the hot path); the owner marks the
+    attempt RESPONDING / DONE. Nothing has reached the client when
+    ``on_response`` is called, so a retry policy may still discard the answer
+    (``attempt.abandon()``).
   - ``attempt_failed(attempt, failure)`` with a L{Failed}: before any response
     byte (``failure.after_response`` False, ``failure.sent`` says whether any
     request byte reached a connection) or after the response started.
@@ -98,22 +101,25 @@ class RequestBody:
 class Attempt:
     """One try of one request on one backend (see the module docstring)."""
 
-    __slots__ = (
-        "owner", "backend", "conns", "head", "head_request", "timeout", "body", "resend_ok",
-        "conn", "state", "cancelled", "resent", "reused", "sent", "started", "body_done",
-    )
+    # Built per request: what varies is passed in, the rest defaults here.
+    conn: BackendConnection | None = None
+    state = WAITING
+    cancelled = False
+    resent = False
+    #: The connection had served requests before (the keep-alive race is possible).
+    reused = False
+    #: Some request bytes were written.
+    sent = False
 
     def __init__(
         self,
         owner: Any,
         backend: Backend,
         conns: BackendConnections,
-        *,
         head: bytes,
         head_request: bool,
         timeout: float,
         body: RequestBody | None,
-        resend_ok: bool,
         now: float,
     ) -> None:
         self.owner = owner
@@ -124,14 +130,6 @@ class Attempt:
         #: Response head must arrive within this after the request is sent.
         self.timeout = timeout
         self.body = body
-        #: May this request be re-sent after the keep-alive race?
-        self.resend_ok = resend_ok
-        self.conn: BackendConnection | None = None
-        self.state = WAITING
-        self.cancelled = False
-        self.resent = False
-        self.reused = False
-        self.sent = False
         self.started = now
         #: The whole request (body included) was written.
         self.body_done = body is None
@@ -148,7 +146,20 @@ class Attempt:
 
     def connection_ready(self, conn: BackendConnection) -> None:
         body = self.body
-        if self.resent and body is not None and body.replay is None:
+        if body is None:  # the common case: a request without a body
+            self.conn = conn
+            self.reused = conn.requests > 0
+            self.state = SENT
+            self.sent = True
+            owner = self.owner
+            conn.start(self, owner, self.head_request, owner.ctx.http.body_timeout)
+            if owner.client.feeding:
+                owner.req_out.append(self.head)
+            else:
+                conn.write(self.head)
+            conn.deadline.set(self.timeout, "response")
+            return
+        if self.resent and body.replay is None:
             # The body outgrew the replay copy while the fresh connection was
             # being opened: it can no longer be sent whole.
             self.conns.release(conn, True)
@@ -158,11 +169,7 @@ class Attempt:
         self.conn = conn
         self.reused = conn.requests > 0
         self.state = SENDING
-        conn.start(self, self.head_request, self.owner.ctx.http.body_timeout)
-        if body is None:
-            self._send(self.head)
-            self._request_written()
-            return
+        conn.start(self, self.owner, self.head_request, self.owner.ctx.http.body_timeout)
         if self.resent:
             pieces = body.replay or []
         else:
@@ -248,20 +255,8 @@ class Attempt:
             conn.finish(reusable and self.body_done)
 
     # -- from the connection --------------------------------------------------------------
-
-    def backend_informational(self, resp: Response) -> None:
-        self.owner.attempt_informational(self, resp)
-
-    def backend_response(self, conn: BackendConnection, resp: Response) -> None:
-        self.state = RESPONDING
-        self.owner.attempt_response(self, resp)
-
-    def backend_body(self, data: bytes) -> None:
-        self.owner.attempt_body(data)
-
-    def backend_end(self, conn: BackendConnection) -> None:
-        self.state = DONE
-        self.owner.attempt_end(self)
+    # (response events go from the connection's parser straight to the owner,
+    # which marks ``state`` RESPONDING and DONE; failures come through here)
 
     def backend_failed(self, conn: BackendConnection, code: str, detail: str) -> None:
         if self.cancelled:
@@ -275,8 +270,8 @@ class Attempt:
             code in ("closed", "reset")
             and self.reused
             and not conn.received
-            and self.resend_ok
             and not self.resent
+            and self.owner.resend_ok()
             and (self.body is None or self.body.replayable)
         ):
             # The keep-alive race: the backend closed this reused connection
@@ -297,5 +292,3 @@ class Attempt:
     def backend_write_unblocked(self) -> None:
         self.owner.backend_write_unblocked()
 
-    def flush(self) -> None:
-        self.owner.flush()

@@ -26,6 +26,7 @@ def connection_pools(runtime: Any) -> ConnectionPools:
     if pools is None:
         pools = ConnectionPools(runtime.reactor)
         runtime.connection_pools = pools
+        pools.tls_lookup = lambda name: runtime.tls.backend_tls(name) if getattr(runtime, "tls", None) is not None else None
     return pools
 
 
@@ -54,6 +55,8 @@ class HttpProxyFactory(ServerFactory):
         self.clock = runtime.reactor
         self.http = cfg.http
         self.router = router if router is not None else build_router(cfg, runtime.registry)
+        #: The route every request takes when there are no match rules (skips routing).
+        self.fixed_route = self.router.default if not self.router.routes else None
         self.forwarding = ForwardingPolicy(
             mode=cfg.http.forwarded,
             request_id_header=cfg.http.request_id_header.lower().encode(),
@@ -101,6 +104,16 @@ class HttpListenerService(ListenerService):
         self.proxy.service = self
         self.cfg = cfg
         self.runtime = runtime
+
+    def reconfigure(self, cfg: ListenerConfig) -> None:
+        """Hot reload with the same bind: new routes and settings for the
+        next requests; live connections (and their TLS sessions) stay."""
+        fresh = HttpProxyFactory(cfg, self.runtime)  # raises on a bad route before anything changes
+        keep = {"active", "service", "ids", "connection_pools", "eager"}
+        for name, value in vars(fresh).items():
+            if name not in keep:
+                setattr(self.proxy, name, value)
+        self.cfg = cfg
 
     def drain_timeout(self) -> float:
         names = {self.cfg.pool} | {r.pool for r in self.cfg.routes}

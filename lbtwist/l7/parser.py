@@ -74,10 +74,17 @@ class Request:
     #: True when the target was in absolute form (it is rewritten to origin form).
     absolute = False
 
-    def __init__(self) -> None:
-        self.headers: list[tuple[bytes, bytes]] = []
-        #: Every header field as received (routing and hash keys read these).
-        self.all_headers: list[tuple[bytes, bytes]] = []
+    # No __init__ (one Python frame less per request): the parser sets
+    # ``headers`` (end-to-end fields, in order) and ``special_fields`` (the
+    # interpreted ones, as received) on every instance it makes.
+    headers: list[tuple[bytes, bytes]]
+    special_fields: list[tuple[bytes, bytes]]
+
+    @property
+    def all_headers(self) -> list[tuple[bytes, bytes]]:
+        """Every header field received (routing and hash keys read these);
+        the interpreted ones come last."""
+        return self.headers + self.special_fields
 
     @property
     def idempotent(self) -> bool:
@@ -118,9 +125,12 @@ class Response:
     #: The backend sent an X-Request-Id of its own.
     request_id: bytes | None = None
 
-    def __init__(self) -> None:
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.all_headers: list[tuple[bytes, bytes]] = []
+    headers: list[tuple[bytes, bytes]]
+    special_fields: list[tuple[bytes, bytes]]
+
+    @property
+    def all_headers(self) -> list[tuple[bytes, bytes]]:
+        return self.headers + self.special_fields
 
     def header(self, name: bytes) -> bytes | None:
         """First value of ``name`` (lower case) among all received fields."""
@@ -174,7 +184,6 @@ class _HeadCollector:
     so starting a message is one ``dict.clear()``."""
 
     url = b""
-    count = 0
     complete = False
     conn: tuple[bytes, ...] = ()
     te_values: tuple[bytes, ...] = ()
@@ -189,11 +198,15 @@ class _HeadCollector:
         self.msg: Any = None
 
     def reset(self, msg: Any) -> None:
+        """Start collecting into ``msg`` (gives it its field lists)."""
         d = self.__dict__
         special = d["_special"]
         d.clear()
         d["_special"] = special
         d["msg"] = msg
+        headers = msg.headers = []
+        msg.special_fields = []
+        d["_append"] = headers.append
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -202,13 +215,13 @@ class _HeadCollector:
         self.status_text += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.count += 1
-        msg = self.msg
-        msg.all_headers.append((name, value))
         kind = self._special(name.lower())
         if kind is None:
-            msg.headers.append((name, value))
+            self._append((name, value))
             return
+        msg = self.msg
+        if kind < 11:  # pulled out of the forwarded fields; kept for routing
+            msg.special_fields.append((name, value))
         if kind == 1:  # host
             self.hosts += 1
             msg.host = value
@@ -356,49 +369,50 @@ class RequestParser(_Framer):
             return
         self._feeding = True
         try:
-            self._feed(data)
+            while data:
+                state = self.state
+                if state == HEAD:
+                    if data[0] in (13, 10):  # empty lines before a request-line (RFC 9112 2.2)
+                        data = data.lstrip(b"\r\n")
+                        if not data:
+                            return
+                    end = data.find(b"\n\r\n") + 3
+                    if end < 3 or end > self.max_head:
+                        end = self._find_head_end(data)
+                        if end < 0:
+                            self._buf = data
+                            return
+                    if end == len(data):
+                        self._head(data)
+                        return
+                    head = data[:end]
+                    data = data[end:]
+                    self._head(head)
+                elif state == BODY_LENGTH:
+                    left = self._left
+                    if len(data) <= left:
+                        self._left = left - len(data)
+                        self.handler.on_body(data)
+                        if self._left:
+                            return
+                        data = b""
+                    else:
+                        self._left = 0
+                        self.handler.on_body(data[:left])
+                        data = data[left:]
+                    self._end()
+                elif state == BODY_CHUNKED:
+                    rest = self._chunked.feed(data)  # type: ignore[union-attr]
+                    if rest is None:
+                        return
+                    data = rest
+                    self._end()
+                else:  # DONE (hold pipelined bytes until next()), CLOSED, UPGRADED
+                    if state == DONE:
+                        self._buf += data
+                    return
         finally:
             self._feeding = False
-
-    def _feed(self, data: bytes) -> None:
-        handler = self.handler
-        while data:
-            state = self.state
-            if state == BODY_LENGTH:
-                left = self._left
-                if len(data) <= left:
-                    self._left = left - len(data)
-                    handler.on_body(data)
-                    if self._left:
-                        return
-                    data = b""
-                else:
-                    self._left = 0
-                    handler.on_body(data[:left])
-                    data = data[left:]
-                self._end()
-            elif state == HEAD:
-                if data[0] in (13, 10):  # empty lines before a request-line (RFC 9112 2.2)
-                    data = data.lstrip(b"\r\n")
-                    if not data:
-                        return
-                end = self._find_head_end(data)
-                if end < 0:
-                    self._buf = data
-                    return
-                head = data[:end]
-                data = data[end:]
-                self._head(head)
-            elif state == BODY_CHUNKED:
-                rest = self._chunked.feed(data)  # type: ignore[union-attr]
-                if rest is None:
-                    return
-                data = rest
-                self._end()
-            else:  # DONE (hold pipelined bytes until next()), CLOSED, UPGRADED
-                if state == DONE:
-                    self._buf += data
-                return
 
     def next(self) -> None:
         """Start on the next request (processes any bytes already held)."""
@@ -461,7 +475,7 @@ class RequestParser(_Framer):
         if not col.complete:
             self._hp = None
             raise ParseError(400, "malformed request head")
-        if col.count > self.max_headers:
+        if head.count(b"\n") - 2 > self.max_headers:
             self._hp = None
             raise ParseError(431, f"more than {self.max_headers} header fields")
         if version != b"1.1":
@@ -599,51 +613,52 @@ class ResponseParser(_Framer):
             return
         self._feeding = True
         try:
-            self._feed(data)
+            while data:
+                state = self.state
+                if state == HEAD:
+                    end = data.find(b"\n\r\n") + 3
+                    if end < 3 or end > self.max_head:
+                        end = self._find_head_end(data)
+                        if end < 0:
+                            self._buf = data
+                            return
+                    if end == len(data):
+                        self._head(data)
+                        return
+                    head = data[:end]
+                    data = data[end:]
+                    self._head(head)
+                elif state == BODY_LENGTH:
+                    left = self._left
+                    if len(data) <= left:
+                        self._left = left - len(data)
+                        self.body_size += len(data)
+                        self.handler.on_body(data)
+                        if self._left:
+                            return
+                        data = b""
+                    else:
+                        self._left = 0
+                        self.body_size += left
+                        self.handler.on_body(data[:left])
+                        data = data[left:]
+                    self._end()
+                elif state == BODY_CHUNKED:
+                    rest = self._chunked.feed(data)  # type: ignore[union-attr]
+                    if rest is None:
+                        return
+                    data = rest
+                    self._end()
+                elif state == BODY_CLOSE:
+                    self.body_size += len(data)
+                    self.handler.on_body(data)
+                    return
+                else:  # DONE, UPGRADED: hold (the connection judges extra bytes); CLOSED: drop
+                    if state != CLOSED:
+                        self._buf += data
+                    return
         finally:
             self._feeding = False
-
-    def _feed(self, data: bytes) -> None:
-        handler = self.handler
-        while data:
-            state = self.state
-            if state == BODY_LENGTH:
-                left = self._left
-                if len(data) <= left:
-                    self._left = left - len(data)
-                    self.body_size += len(data)
-                    handler.on_body(data)
-                    if self._left:
-                        return
-                    data = b""
-                else:
-                    self._left = 0
-                    self.body_size += left
-                    handler.on_body(data[:left])
-                    data = data[left:]
-                self._end()
-            elif state == HEAD:
-                end = self._find_head_end(data)
-                if end < 0:
-                    self._buf = data
-                    return
-                head = data[:end]
-                data = data[end:]
-                self._head(head)
-            elif state == BODY_CHUNKED:
-                rest = self._chunked.feed(data)  # type: ignore[union-attr]
-                if rest is None:
-                    return
-                data = rest
-                self._end()
-            elif state == BODY_CLOSE:
-                self.body_size += len(data)
-                handler.on_body(data)
-                return
-            else:  # DONE, UPGRADED: hold (the connection judges extra bytes); CLOSED: drop
-                if state != CLOSED:
-                    self._buf += data
-                return
 
     def eof(self) -> bool:
         """The connection closed. Returns True if that completed a
@@ -672,7 +687,7 @@ class ResponseParser(_Framer):
             pass
         except httptools.HttpParserError as e:
             raise ParseError(502, f"malformed response head ({e})") from None
-        if not col.complete or col.count > self.max_headers:
+        if not col.complete or head.count(b"\n") - 2 > self.max_headers:
             raise ParseError(502, "malformed response head")
         v = head[:9]
         if v == b"HTTP/1.1 ":
