@@ -122,7 +122,7 @@ def _breakers(cfg: Any) -> Iterator[Finding]:
                 "no-breaker", (key_path(key_path(ppath, "circuit_breaker"), "consecutive_failures"),),
                 "circuit breakers are off: a failing backend keeps receiving its share (and the retries) "
                 "instead of getting room to recover",
-                "set circuit_breaker.consecutive_failures to 5 (the default)",
+                "set circuit_breaker.consecutive_failures to 10 (the default)",
             )
 
 
@@ -268,7 +268,7 @@ def _drain_vs_timeouts(cfg: Any) -> Iterator[Finding]:
             t = _g(route, "timeout")
             tpath = key_path(rpath, "timeout")
             if t is None:
-                t = _g(lst, "http", "request_timeout", default=60.0)
+                t = _g(lst, "http", "request_timeout", default=15.0)
                 tpath = key_path(key_path(lpath, "http"), "request_timeout")
             if longest is None or t > longest[0]:
                 longest = (t, tpath)

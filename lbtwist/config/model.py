@@ -100,7 +100,7 @@ class HealthConfig:
 class CircuitBreakerConfig:
     """Per-backend circuit breaker (lbtwist.resilience.breaker)."""
 
-    consecutive_failures: int = _f(5, "open a backend's breaker after this many failures in a row (0: breakers off)")
+    consecutive_failures: int = _f(10, "open a backend's breaker after this many failures in a row (0: breakers off); above passive outlier detection's 5 so the two do not react to the same failures")
     open_for: Duration = _f(Duration(10.0), "an open breaker keeps its backend out this long, then half-opens")
     half_open_requests: int = _f(3, "trial requests let through when half-open; all must succeed to close")
     failure_statuses: list[int] = _f(factory=lambda: [502, 503, 504], doc="response statuses counted as failures (connect failures, resets and timeouts always are)")
@@ -285,7 +285,7 @@ class HttpConfig:
     header_timeout: Duration = _f(Duration(10.0), "time to receive the whole header block (slowloris)")
     body_timeout: Duration = _f(Duration(60.0), "idle time allowed between request body reads")
     keepalive_timeout: Duration = _f(Duration(60.0), "close an idle client connection after this")
-    request_timeout: Duration = _f(Duration(60.0), "default route timeout: response head must start within it")
+    request_timeout: Duration = _f(Duration(15.0), "default route timeout: response head must start within it (below drain_timeout, so a drain never cuts a request that could still finish)")
     forwarded: Literal["x-forwarded", "forwarded", "both", "none"] = _f("x-forwarded", "which forwarding headers to set")
     request_id_header: str = _f("x-request-id", "generated when absent, passed through when present")
     sticky_cookie: str | None = _f(None, "pin clients to a backend with this cookie (set by lbtwist)")
