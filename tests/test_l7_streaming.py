@@ -1,18 +1,16 @@
 """Bodies stream through the proxy with backpressure: a large upload to a
 slow backend and a large download to a slow client keep the proxy's memory
-bounded. The proxy runs in a subprocess so its VmRSS can be sampled from
-/proc; the client and the origin run here on the real reactor, the slow side
-reading at a bounded rate (transport paused and resumed on a timer), and
-every byte is counted and checksummed end to end.
+bounded. The proxy runs in a subprocess (``python -m lbtwist.l7``) so its
+VmRSS can be sampled from /proc; the client and the origin run here on the
+real reactor, the slow side reading at a bounded rate (transport paused and
+resumed on a timer), and every byte is counted and checksummed end to end.
 
-The 1 GiB runs are marked slow (``make test`` runs them); the same tests
-with 96 MiB run every time. A proxy that buffered instead of streaming would
-blow the memory bound at either size (the slow side holds data back far
-longer than it takes the fast side to send it).
+Each 1 GiB run takes about 14 s here (the slow side reads at 80 MiB/s). A
+proxy that buffered instead of streaming blows the memory bound within the
+first second: the fast side sends far quicker than the slow side drains.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 import zlib
@@ -30,30 +28,6 @@ pytestmark = pytest.mark.integration
 MiB = 1 << 20
 #: Allowed growth of the proxy's RSS over its idle baseline.
 RSS_BOUND = 40 * MiB
-
-PROXY_SCRIPT = r"""
-import random, sys
-from twisted.internet import reactor
-from lbtwist.config.model import BackendConfig, Config, HttpConfig, ListenerConfig, PoolConfig
-from lbtwist.pool import Backend, Pool
-from lbtwist.registry import Registry
-from lbtwist.runtime import Runtime
-from lbtwist.l7.listener import http_listener
-sys.path.insert(0, sys.argv[2])
-from support.l7 import RoundRobin
-
-addr = sys.argv[1]
-pcfg = PoolConfig(name="app", backends=[BackendConfig(address=addr)])
-lcfg = ListenerConfig(name="web", bind="tcp:0:interface=127.0.0.1", mode="http", pool="app",
-                      http=HttpConfig(max_body_size=0, body_timeout=60.0, request_timeout=120.0))
-rt = Runtime(reactor=reactor, registry=Registry.default(entry_points=False), config=Config(listeners=[lcfg], pools=[pcfg]))
-rt.pools["app"] = Pool("app", [Backend(addr)], RoundRobin(), reactor)
-rt.pool_configs["app"] = pcfg
-svc = http_listener(lcfg, rt)
-svc.startService()
-print("PORT", svc.address.port, flush=True)
-reactor.run()
-"""
 
 PATTERN = bytes(range(256)) * 4096  # 1 MiB
 
@@ -286,15 +260,11 @@ class Uploader(protocol.Protocol):
 
 
 def start_proxy(origin_addr: str) -> tuple[Proc, int]:
-    here = os.path.dirname(os.path.abspath(__file__))
-    proc = Proc([sys.executable, "-c", PROXY_SCRIPT, origin_addr, here])
-    line = proc.wait_for("PORT", timeout=20)
+    """The standalone proxy process (``python -m lbtwist.l7``), unlimited body size."""
+    proc = Proc([sys.executable, "-m", "lbtwist.l7", "--backend", origin_addr, "--max-body-size", "0",
+                 "--body-timeout", "60", "--request-timeout", "120"])
+    line = proc.wait_for("LISTENING", timeout=20)
     return proc, int(line.split()[1])
-
-
-async def _warm(port: int) -> None:
-    c = await protocol.ClientCreator(reactor, protocol.Protocol).connectTCP("127.0.0.1", port)
-    c.transport.loseConnection()
 
 
 class RssSampler:
@@ -330,7 +300,6 @@ async def _upload(size: int, rate: float, timeout: float) -> None:
         assert count == size
         assert crc == client.producer.crc  # every byte arrived intact, in order
         grown = sampler.peak - sampler.baseline
-        print(f"RSS baseline {sampler.baseline / MiB:.1f} MiB, grew {grown / MiB:.1f} MiB")
         assert grown < RSS_BOUND, f"proxy RSS grew by {grown / MiB:.1f} MiB"
     finally:
         if sampler:
@@ -355,7 +324,6 @@ async def _download(size: int, rate: float, timeout: float) -> None:
         assert count == size
         assert crc == origin.producer.crc
         grown = sampler.peak - sampler.baseline
-        print(f"RSS baseline {sampler.baseline / MiB:.1f} MiB, grew {grown / MiB:.1f} MiB")
         assert grown < RSS_BOUND, f"proxy RSS grew by {grown / MiB:.1f} MiB"
     finally:
         if sampler:
@@ -367,22 +335,10 @@ async def _download(size: int, rate: float, timeout: float) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_upload_to_slow_backend_streams_with_bounded_memory():
-    await _upload(96 * MiB, rate=40 * MiB, timeout=30)
-
-
-@pytest_twisted.ensureDeferred
-async def test_download_to_slow_client_streams_with_bounded_memory():
-    await _download(96 * MiB, rate=40 * MiB, timeout=30)
-
-
-@pytest.mark.slow
-@pytest_twisted.ensureDeferred
 async def test_1gib_upload_to_slow_backend_streams_with_bounded_memory():
-    await _upload(1024 * MiB, rate=80 * MiB, timeout=120)
+    await _upload(1024 * MiB, rate=80 * MiB, timeout=60)
 
 
-@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_1gib_download_to_slow_client_streams_with_bounded_memory():
-    await _download(1024 * MiB, rate=80 * MiB, timeout=120)
+    await _download(1024 * MiB, rate=80 * MiB, timeout=60)

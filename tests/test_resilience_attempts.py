@@ -146,7 +146,8 @@ def test_post_without_key_is_sent_exactly_once_whatever_happens():
 
 def test_post_is_never_sent_twice_with_breakers_on_either():
     clock = Clock()
-    drv = Driver(clock, make_pool(clock), route_res(retry_on=["reset", "5xx"], max_attempts=3), pool_res(),
+    drv = Driver(clock, make_pool(clock), route_res(retry_on=["reset", "5xx"], max_attempts=3),
+                 pool_res(circuit_breaker=CircuitBreakerConfig(consecutive_failures=5)),
                  always("5xx", Failure.STATUS, 503))
     for _ in range(30):
         drv.request("POST")

@@ -85,7 +85,9 @@ def _figure(results: Sequence["RunResult"], title: str, draw: Callable[[Any, "Ru
         lims = [ax.get_ylim() for ax in axes[0]]
         for ax in axes[0]:
             ax.set_ylim(min(lo for lo, _ in lims), max(hi for _, hi in lims))
-    fig.suptitle(title, fontsize=12)
+    import textwrap
+
+    fig.suptitle(textwrap.fill(title, width=int(75 * n)), fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -195,7 +197,9 @@ def write_overview(plan: "Plan", results: Sequence["RunResult"], path: Path) -> 
         lims = [axes[i][j].get_ylim() for j in range(n)]
         for j in range(n):
             axes[i][j].set_ylim(min(lo for lo, _ in lims), max(hi for _, hi in lims))
-    fig.suptitle(f"drill {plan.name}: {plan.title}", fontsize=13)
+    import textwrap
+
+    fig.suptitle(textwrap.fill(f"drill {plan.name}: {plan.title}", width=int(70 * n)), fontsize=13)
     fig.tight_layout()
     fig.savefig(path, dpi=72)
     plt.close(fig)

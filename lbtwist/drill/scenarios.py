@@ -283,8 +283,14 @@ def hard_kill(short: bool = False, duration: float | None = None, rate: float | 
     bound = active_bound()
 
     async def kill(ctx: "DrillContext") -> None:
-        n = await ctx.fleet.inflight([victim])
-        ctx.mark("inflight_at_kill", n)
+        # in flight = what the balancer has outstanding on the victim, or what
+        # the victim is working on, whichever is larger (requests in transit)
+        served = await ctx.fleet.inflight([victim])
+        try:
+            outstanding = await ctx.target.inflight(victim)
+        except Exception:
+            outstanding = 0
+        ctx.mark("inflight_at_kill", max(served, outstanding))
         await ctx.kill("victim")
         ctx.mark("killed_at", round(ctx.now(), 2))
         await _watch_out(ctx, victim, "out_after", bound + 5)
@@ -326,6 +332,9 @@ def hard_kill(short: bool = False, duration: float | None = None, rate: float | 
             failures_at_most(lambda r: r.marks.get("inflight_at_kill", 0), kill_at, dur,
                              "failed client requests <= requests in flight on the victim",
                              lambda r: f"{r.marks.get('inflight_at_kill', '?')} (in flight at the kill)"),
+            failures_at_most(lambda r: r.marks.get("inflight_at_kill", 0), kill_at, dur,
+                             "failed client tries <= requests in flight on the victim (clients retried only those)",
+                             lambda r: f"{r.marks.get('inflight_at_kill', '?')} (in flight at the kill)", tries=True),
             Criterion("out of rotation within the active-check bound", out_in_time),
         ),
     )

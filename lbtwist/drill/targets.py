@@ -143,6 +143,14 @@ class LbtwistTarget(_Target):
             out[b.get("name") or b.get("address")] = word
         return out
 
+    async def inflight(self, name: str) -> int:
+        """Requests the balancer has outstanding on backend ``name``."""
+        pool = await http_call(self.reactor, "GET", self._admin("/api/pools/app?history=0"), timeout=2.0)
+        for b in pool.get("backends", []):
+            if name in (b.get("name"), b.get("address")):
+                return int(b.get("active", 0))
+        return 0
+
     async def drain(self, name: str) -> None:
         await http_call(self.reactor, "POST", self._admin(f"/api/pools/app/backends/{name}/drain"))
 
@@ -192,6 +200,22 @@ class HAProxyTarget(_Target):
         raw = await http_call(self.reactor, "GET", f"http://127.0.0.1:{self.setup.admin_port}/stats;csv",
                               timeout=2.0, raw=True)
         return haproxy_states(raw.decode("utf-8", "replace"))
+
+    async def inflight(self, name: str) -> int:
+        """Current sessions HAProxy has on server ``name`` (stats ``scur``)."""
+        assert self.setup is not None
+        raw = await http_call(self.reactor, "GET", f"http://127.0.0.1:{self.setup.admin_port}/stats;csv",
+                              timeout=2.0, raw=True)
+        lines = raw.decode("utf-8", "replace").splitlines()
+        if not lines or not lines[0].startswith("# "):
+            return 0
+        head = lines[0][2:].split(",")
+        ipx, isv, icur = head.index("pxname"), head.index("svname"), head.index("scur")
+        for ln in lines[1:]:
+            f = ln.split(",")
+            if len(f) > icur and f[ipx] == "app" and f[isv] == name:
+                return int(f[icur] or 0)
+        return 0
 
     async def command(self, line: str) -> str:
         """One command on the admin socket; returns its answer."""

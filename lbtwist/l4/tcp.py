@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from lbtwist import fastio
 from lbtwist.config.model import ListenerConfig, PoolConfig
-from lbtwist.l4.failover import ConnectAttempts
+from lbtwist.l4.failover import ConnectAttempts, connect_retry
 from lbtwist.l4.proxy_protocol import ProxyHeaderParser, ProxyProtocolError, encode
 from lbtwist.listener import ListenerService
 from lbtwist.pool import Backend
@@ -360,6 +360,7 @@ class Frontend(protocol.Protocol):
             max_attempts=max(1, pcfg.connect_attempts),
             key=host.encode() if host else None,
             client=host,
+            retry=connect_retry(f, pcfg),
         )
         self._connect_next()
 
@@ -407,6 +408,7 @@ class Frontend(protocol.Protocol):
 
     def _attempt_failed(self, backend: Backend, why: str) -> None:
         self._report_failure(backend, "gateway")
+        self.attempts.failed(backend)
         log.info(
             "listener {listener}: connect to {backend} failed: {why}",
             listener=self.factory.cfg.name, backend=backend.address, why=why,
@@ -456,6 +458,7 @@ class Frontend(protocol.Protocol):
         backend = side.attempt.backend
         self.backend = backend
         self.backend_side = side
+        self.attempts.connected(backend)
         self.connected_at = self.last_activity = self.seconds()
         self.pool.on_start(backend)
         f = self.factory
@@ -581,6 +584,8 @@ class Frontend(protocol.Protocol):
             return
         self.closed = True
         self._cancel_timer()
+        if self.attempts is not None:
+            self.attempts.finish()
         f = self.factory
         f.active -= 1
         if f.service is not None:

@@ -127,7 +127,8 @@ class HttpProxyProtocol(Protocol):
         self.feeding = False
         ex = self.exchange
         if ex is not None:
-            ex.flush()
+            if ex.req_out or ex.out:
+                ex.flush()
             if parser._buf and parser.state == DONE and parser.buffered() > PIPELINE_PAUSE:  # type: ignore[union-attr]
                 self.pause_reading("pipeline")
         elif not self._head_started and parser._buf and parser.state == HEAD:  # type: ignore[union-attr]
@@ -216,9 +217,12 @@ class HttpProxyProtocol(Protocol):
         if not keep_alive or self.draining or self.half_closed:
             self.close()
             return
-        self.deadline.set(self.ctx.http.keepalive_timeout, "keepalive")  # type: ignore[union-attr]
+        if ex.ended:
+            self.deadline.set_at(ex.ended + self.ctx.http.keepalive_timeout, "keepalive")  # type: ignore[union-attr]
+        else:
+            self.deadline.set(self.ctx.http.keepalive_timeout, "keepalive")  # type: ignore[union-attr]
         parser = self.parser
-        if parser.buffered():  # type: ignore[union-attr]
+        if parser._buf:  # type: ignore[union-attr]
             # Pipelined requests: continue from the reactor, after the backend
             # connection that served this one is back in its pool.
             self.ctx.clock.callLater(0, self._next_request)

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from lbtwist.config.model import ConnectionPoolConfig
 from lbtwist.l7.backend import BUSY, CLOSED, CONNECTING, IDLE, BackendConnection, ConnectFactory
 from lbtwist.pool import Backend, Pool
+from lbtwist.resilience.limits import Limit
 
 log = Logger(namespace="lbtwist.l7.connpool")
 
@@ -48,6 +49,9 @@ class BackendConnections:
         self.pool_name: str | None = None
         #: lbtwist.tls BackendTLS of the latest connect, None for plain TCP.
         self.tls: Any = None
+        #: The pool's lbtwist.resilience PoolLimits (max_connections across the
+        #: pool's backends, max_pending waiters), or None for no pool-wide cap.
+        self.limits: Any = None
 
     def configure(self, cfg: ConnectionPoolConfig, connect_timeout: float) -> None:
         self.max_open = max(1, cfg.max_per_backend)
@@ -79,11 +83,37 @@ class BackendConnections:
                         attempt.connection_ready(conn)
                         return True
                     conn.close()
+        limits = self.limits
         if self.open >= self.max_open:
-            self.waiting.append(attempt)
-            return False
+            return self._queue(attempt)
+        if limits is not None:
+            slot = limits.try_acquire(Limit.CONNECTIONS)
+            if slot is None:
+                return self._queue(attempt)
+            self._connect(attempt, slot)
+            return True
         self._connect(attempt)
         return True
+
+    def _queue(self, attempt: Any) -> bool:
+        """Wait for a connection, within the pool's max_pending: over it the
+        attempt fails at once (``max_pending``) instead of queueing unbounded."""
+        limits = self.limits
+        if limits is not None:
+            slot = limits.try_acquire(Limit.PENDING)
+            if slot is None:
+                attempt.connect_failed("max_pending", f"pool {self.pool_name}: {limits.in_use(Limit.PENDING)} requests already wait for a connection")
+                return True
+            attempt.pending_slot = slot
+        self.waiting.append(attempt)
+        return False
+
+    @staticmethod
+    def _dequeued(attempt: Any) -> None:
+        slot = getattr(attempt, "pending_slot", None)
+        if slot is not None:
+            attempt.pending_slot = None
+            slot.release()
 
     def cancel(self, attempt: Any) -> None:
         """``attempt`` no longer wants a connection (client left, timed out)."""
@@ -91,12 +121,15 @@ class BackendConnections:
             self.waiting.remove(attempt)
         except ValueError:
             pass
+        self._dequeued(attempt)
 
-    def _connect(self, attempt: Any) -> None:
+    def _connect(self, attempt: Any, slot: Any = None) -> None:
         self.open += 1
         self.opened += 1
         conn = BackendConnection(self)
         conn.pending = attempt
+        if slot is not None:
+            conn.limit_slot = slot  # released when the connection closes
         b = self.backend
         pools = self.pools
         lookup = pools.tls_lookup if pools is not None else None
@@ -121,6 +154,7 @@ class BackendConnections:
 
     def connect_failed(self, conn: BackendConnection, code: str, detail: str) -> None:
         self.open -= 1
+        _release_slot(conn)
         attempt, conn.pending = conn.pending, None
         if attempt is not None and not attempt.cancelled:
             attempt.connect_failed(code, detail)
@@ -144,6 +178,7 @@ class BackendConnections:
     def lost(self, conn: BackendConnection, was: int) -> None:
         """An established connection closed (any reason)."""
         self.open -= 1
+        _release_slot(conn)
         if was == IDLE:
             try:
                 self.idle.remove(conn)
@@ -193,23 +228,43 @@ class BackendConnections:
         waiting = self.waiting
         while waiting:
             attempt = waiting.popleft()
+            self._dequeued(attempt)
             if attempt.cancelled:
                 continue
             conn.state = BUSY
             self.reused += 1
             attempt.connection_ready(conn)
             return
-        conn.go_idle(now)
+        conn.state = IDLE  # conn.go_idle(now), inlined
+        conn.idle_since = now
+        if conn.read_paused:
+            conn.resume_reading()  # an idle connection must notice the backend closing
         self.idle.append(conn)
         if self._sweeper is None:
             self._sweeper = self.clock.callLater(self.idle_timeout + 0.001, self._sweep)
 
     def _serve_waiting(self) -> None:
         waiting = self.waiting
+        limits = self.limits
         while waiting and self.open < self.max_open:
+            slot = None
+            if limits is not None:
+                if not limits.available(Limit.CONNECTIONS):
+                    return  # the pool is at max_connections: keep waiting
+                slot = limits.try_acquire(Limit.CONNECTIONS)
             attempt = waiting.popleft()
+            self._dequeued(attempt)
             if not attempt.cancelled:
-                self._connect(attempt)
+                self._connect(attempt, slot)
+            elif slot is not None:
+                slot.release()
+
+
+def _release_slot(conn: BackendConnection) -> None:
+    slot = getattr(conn, "limit_slot", None)
+    if slot is not None:
+        conn.limit_slot = None
+        slot.release()
 
 
 class ConnectionPools:

@@ -35,6 +35,8 @@ from lbtwist.l7.parser import Request, Response
 from lbtwist.l7.plan import RoutePlan
 from lbtwist.l7.tunnel import Tunnel
 from lbtwist.pool import Backend, PickContext, Pool
+from lbtwist.resilience.limits import Limit, overflow_headers
+from lbtwist.resilience.retry import Failure
 from lbtwist.routing import RequestHead, host_without_port
 from lbtwist.traffic import TrafficRecord
 
@@ -80,6 +82,15 @@ class Exchange:
     head = b""
     tunnel: Tunnel | None = None
     _queue_timer: Any = None
+    #: lbtwist.resilience RequestRetryState: retry decisions, breakers, limits.
+    st: Any = None
+    _retry_timer: Any = None
+    #: The breaker/limits layer was told how the current attempt ended.
+    _reported = False
+    #: An interim (1xx) response was relayed: the client saw response bytes.
+    _interim = False
+    #: The last response held back for a retry (its status is answered if none is left).
+    _withheld: Response | None = None
     #: When the last attempt was reported (saves another clock read).
     ended = 0.0
 
@@ -140,6 +151,23 @@ class Exchange:
             return
         self.pool = pool
         self.request_id = req.request_id or ctx.ids.new()
+        rr = plan.resilience
+        if rr is not None:
+            limiter = rr.rate_limiter
+            if limiter is not None:
+                d = limiter.check_request(self.request_head(), self.started)
+                if not d.allowed:
+                    self.reject(429, f"route {plan.name!r}: rate limit exceeded",
+                                extra=((b"retry-after", d.retry_after_header().encode()),))
+                    return
+            method = req.method
+            st = self.st = rr.start_request(ctx.resilience.pool(plan.pool), self.clock, ctx.rng, method=method,
+                                            headers=() if method in _IDEMPOTENT else req.all_headers)
+            refused = st.admit()
+            if refused is not None:
+                self.reject(503, f"pool {plan.pool!r}: {refused.value} reached",
+                            extra=tuple(overflow_headers(refused)))
+                return
         body = self.body
         if body is not None:
             body.replay_limit = plan.replay_limit
@@ -151,10 +179,12 @@ class Exchange:
                 return
         if ctx.sticky is None:  # the common case, inline: balance, forward
             client = self.client
+            st = self.st
             backend = pool.select(PickContext(self.started, plan.hash_key.key(req, client.client_ip),
-                                              self.exclude, client.client_ip_str))
+                                              self.exclude if st is None else st.pick_exclude(self.started),
+                                              client.client_ip_str))
             if backend is None:
-                self.reject(503, f"no backend available in pool {plan.pool!r}", outcome="gateway")
+                self.forward()  # no backend, or all held out: pick() decides
                 return
             self.forward_to(backend)
             return
@@ -166,12 +196,18 @@ class Exchange:
         pool = self.pool
         now = self.clock.seconds() if self.tries else self.started
         sticky = self.ctx.sticky
+        st = self.st
+        exclude = self.exclude if st is None else st.pick_exclude(now)
         if sticky is not None:
             b = sticky.pinned(pool, self.req.cookie, now)  # type: ignore[arg-type]
-            if b is not None and b not in self.exclude:
+            if b is not None and b not in exclude:
                 return b
         key = self.plan.hash_key.key(self.req, self.client.client_ip)  # type: ignore[union-attr]
-        b = pool.select(PickContext(now, key, self.exclude, self.client.client_ip_str))  # type: ignore[union-attr]
+        b = pool.select(PickContext(now, key, exclude, self.client.client_ip_str))  # type: ignore[union-attr]
+        if b is None and st is not None and not self.tries and exclude:
+            # Every backend left is held out by a breaker or a Retry-After:
+            # like panic mode, rather answer from them than fail the whole pool.
+            b = pool.select(PickContext(now, key, st.exclude, self.client.client_ip_str))  # type: ignore[union-attr]
         if b is not None and sticky is not None:
             self.set_cookie = sticky.header(b)
         return b
@@ -197,6 +233,16 @@ class Exchange:
                 conns = ctx.connection_pools.get(pool, backend, pcfg.connection_pool, pcfg.connect_timeout)
             else:
                 conns = ctx.connection_pools.get(pool, backend, ctx.default_connection_pool, 3.0)
+        st = self.st
+        timeout = plan.timeout  # type: ignore[union-attr]
+        if st is not None:
+            limits = st.limits
+            if conns.limits is not limits:
+                conns.limits = limits
+            if self.tries or st.policy.per_try_timeout is not None:  # first try: the route timeout
+                t = st.try_timeout()
+                if t is not None and t < timeout:
+                    timeout = max(t, 0.001)
         if not self.head:
             client = self.client
             self.head = backend_request_head(req, client.client_ip, client.tls, self.request_id, ctx.forwarding,
@@ -204,13 +250,18 @@ class Exchange:
         self.backend = backend
         self.tries += 1
         self.exclude.append(backend)
-        att = Attempt(self, backend, conns, self.head, req.method == b"HEAD", plan.timeout,  # type: ignore[union-attr]
+        att = Attempt(self, backend, conns, self.head, req.method == b"HEAD", timeout,
                       self.body, self.clock.seconds() if self.tries > 1 else self.started)
+        if self.tries > 1:
+            att.replay = True  # a retry: the whole body again, from the replay copy
         self.attempt = att
+        self._reported = False
+        if st is not None:
+            st.on_attempt_start(backend)
         pool.on_start(backend)  # type: ignore[union-attr]
         if not conns.acquire(att) and self.attempt is att:
             # Queued behind the backend's connection cap: bound the wait.
-            self._queue_timer = self.clock.callLater(plan.timeout, self._queue_expired, att)  # type: ignore[union-attr]
+            self._queue_timer = self.clock.callLater(timeout, self._queue_expired, att)
         return att
 
     def resend_ok(self) -> bool:
@@ -241,6 +292,10 @@ class Exchange:
             self._cancel_queue_timer()
         now = self.ended = self.clock.seconds()
         self.pool.on_finish(att.backend, now - att.started, ok, outcome)  # type: ignore[union-attr]
+        st = self.st
+        if st is not None and not self._reported:
+            self._reported = True
+            st.on_attempt_finish(att.backend, outcome)
 
     # -- from the attempt ------------------------------------------------------------------
 
@@ -255,8 +310,10 @@ class Exchange:
         if resp.status == 100:
             if self.req.expect_continue:
                 self.out.append(_CONTINUE)
+            self._interim = True
         elif self.req.version == b"1.1" and resp.status != 101:
             self.out.append(interim_head(resp))
+            self._interim = True
 
     def on_response(self, resp: Response) -> None:
         att = self.attempt
@@ -271,6 +328,9 @@ class Exchange:
                 self.attempt_failed(att, Failed("garbage", "backend switched protocols without an Upgrade request", sent=True))
                 return
             self._start_tunnel(att, resp)
+            return
+        st = self.st
+        if st is not None and st.policy.statuses and resp.status in st.policy.statuses and self._withhold(att, resp):
             return
         self.response = resp
         self.status = resp.status
@@ -344,12 +404,80 @@ class Exchange:
         now = self.ended = self.clock.seconds()
         status = self.status
         self.pool.on_finish(att.backend, now - att.started, status < 500, "ok" if status < 500 else "5xx")  # type: ignore[union-attr]
+        st = self.st
+        if st is not None and not self._reported:
+            self._reported = True
+            st.on_attempt_finish(att.backend, "ok" if status < 500 else "5xx", status,
+                                 resp.header(b"retry-after") if status == 503 else None)  # type: ignore[union-attr]
         self._done(self.keep_alive)
 
     def attempt_failed(self, att: Attempt, failure: Failed) -> None:
         if self.done:
             return
+        if failure.code == "max_pending":
+            # Refused by the pool's own queue limit: not the backend's fault.
+            self._finish_attempt(att, True, "cancelled")
+            self.reject(503, failure.detail, extra=tuple(overflow_headers(Limit.PENDING)))
+            return
         self._finish_attempt(att, False, "gateway")
+        st = self.st
+        if st is not None and not failure.after_response:
+            kind = _FAILURE_KIND.get(failure.code)
+            if kind is not None and st.policy.retryable(kind) and st.attempts < st.policy.max_attempts:
+                # Where would a retry go? With nowhere left, fail now, spending no budget.
+                backend = self.pick()
+                if backend is not None:
+                    body = self.body
+                    d = st.may_retry(kind, None, self._interim, body is None or body.replayable)
+                    if d.retry:
+                        self._retry_timer = self.clock.callLater(d.delay, self._retry, backend)
+                        return
+        self._give_up(att, failure)
+
+    def _retry(self, backend: Backend) -> None:
+        self._retry_timer = None
+        if self.done:
+            return
+        t = self.st.try_timeout()
+        if t is not None and t <= 0:
+            self.reject(504, "request deadline passed before another backend could be tried", outcome="gateway")
+            return
+        self.forward_to(backend)
+        self.flush()
+
+    def _withhold(self, att: Attempt, resp: Response) -> bool:
+        """A response whose status the route retries: retry elsewhere (True,
+        the response and its connection are dropped) or relay it (False)."""
+        status = resp.status
+        st = self.st
+        self._reported = True
+        st.on_attempt_finish(att.backend, "5xx" if status >= 500 else "ok", status,
+                             resp.header(b"retry-after") if status == 503 else None)
+        if st.attempts >= st.policy.max_attempts:
+            return False
+        backend = self.pick()
+        if backend is None:
+            return False  # nowhere else to go: relay this answer as it is
+        body = self.body
+        d = st.may_retry(Failure.STATUS, status, self._interim, body is None or body.replayable)
+        if not d.retry:
+            return False
+        conn = att.conn
+        if conn is not None:
+            conn.parser.handler = _DISCARD  # the rest of this read belongs to no one
+        att.cancel()
+        if self.attempt is att:
+            self.attempt = None
+        if self._queue_timer is not None:
+            self._cancel_queue_timer()
+        now = self.ended = self.clock.seconds()
+        self.pool.on_finish(att.backend, now - att.started, status < 500, "5xx" if status >= 500 else "ok")  # type: ignore[union-attr]
+        self.backend = att.backend
+        self._withheld = resp
+        self._retry_timer = self.clock.callLater(d.delay, self._retry, backend)
+        return True
+
+    def _give_up(self, att: Attempt, failure: Failed) -> None:
         backend = att.backend.address
         if failure.after_response:
             log.warn("{method} {path}: backend {backend} failed mid-response: {detail}",
@@ -364,8 +492,20 @@ class Exchange:
         retry = self.retry
         if retry is not None and retry(self, att, failure):
             return
-        status = FAILURE_STATUS.get(failure.code, 502)
+        self._fail(backend, failure)
+
+    def _fail(self, backend: str, failure: Failed) -> None:
+        """Answer the error page for the last failure (no retry left)."""
+        withheld = self._withheld
+        status = withheld.status if withheld is not None and failure.code == "status" else FAILURE_STATUS.get(failure.code, 502)
         cause = f"backend {backend}: {failure.detail}"
+        if withheld is not None and withheld.status == 503 and failure.code == "status":
+            ra = withheld.header(b"retry-after")
+            if ra is not None:
+                log.warn("{method} {path}: {status} {cause}", method=self.req.method.decode(),
+                         path=self.req.path.decode("latin-1"), status=status, cause=cause)
+                self.reject(status, cause, outcome="gateway", extra=((b"retry-after", ra),))
+                return
         log.warn("{method} {path}: {status} {cause}", method=self.req.method.decode(),
                  path=self.req.path.decode("latin-1"), status=status, cause=cause)
         self.reject(status, cause, outcome="gateway")
@@ -487,15 +627,18 @@ class Exchange:
             self.out = []
             self.client.write(data)
 
-    def reject(self, status: int, cause: str, outcome: str = "rejected") -> None:
-        """Answer ``status`` ourselves (before any response byte was sent)."""
+    def reject(self, status: int, cause: str, outcome: str = "rejected",
+               extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        """Answer ``status`` ourselves (before any response byte was sent);
+        ``extra`` headers (Retry-After, the limit that refused...)."""
         if self.done:
             return
         self.status = status
         self.error = cause
         self.outcome = outcome
         keep = self.req.keep_alive and self.request_complete and not self.client.draining
-        extra = ((self.ctx.forwarding.request_id_header, self.request_id),) if self.request_id else ()
+        if self.request_id:
+            extra = ((self.ctx.forwarding.request_id_header, self.request_id), *extra)
         self.out.append(error_page(status, cause, close=not keep, head_only=self.req.method == b"HEAD", extra=extra))
         self.flush()
         self._done(keep)
@@ -506,6 +649,12 @@ class Exchange:
         self.done = True
         if self._queue_timer is not None:
             self._cancel_queue_timer()
+        st = self.st
+        if st is not None:
+            t, self._retry_timer = self._retry_timer, None
+            if t is not None and t.active():
+                t.cancel()
+            st.finish()
         ctx = self.ctx
         hub = ctx.runtime.traffic
         if hub.subscribers:
@@ -587,3 +736,34 @@ def _tls_record(client: Any) -> dict[str, Any]:
 
 
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
+#: Attempt failure codes (L{Failed.code}) as the retry policy names them;
+#: absent codes (a garbled response...) are never retried.
+_FAILURE_KIND = {
+    "connect-refused": Failure.CONNECT_FAILURE,
+    "connect-failed": Failure.CONNECT_FAILURE,
+    "connect-timeout": Failure.CONNECT_FAILURE,
+    "pool-full": Failure.CONNECT_FAILURE,
+    "reset": Failure.RESET,
+    "closed": Failure.RESET,
+    "timeout": Failure.TIMEOUT,
+}
+
+
+class _Discard:
+    """Parser sink for the rest of a response dropped for a retry."""
+
+    def on_informational(self, resp: Response) -> None:
+        pass
+
+    def on_response(self, resp: Response) -> None:
+        pass
+
+    def on_body(self, data: bytes) -> None:
+        pass
+
+    def on_end(self) -> None:
+        pass
+
+
+_DISCARD = _Discard()

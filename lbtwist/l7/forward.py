@@ -110,6 +110,10 @@ class Attempt:
     reused = False
     #: Some request bytes were written.
     sent = False
+    #: A retry: send the body from the replay copy (set before ``start``).
+    replay = False
+    #: The pool's max_pending slot while queued for a connection.
+    pending_slot = None
 
     def __init__(
         self,
@@ -153,13 +157,13 @@ class Attempt:
             self.sent = True
             owner = self.owner
             conn.start(self, owner, self.head_request, owner.ctx.http.body_timeout)
-            if owner.client.feeding:
-                owner.req_out.append(self.head)
-            else:
-                conn.write(self.head)
+            # No corking needed: the head was validated whole, and bytes after
+            # it (pipelined requests) wait in the parser until this exchange ends.
+            conn.transport.write(self.head)
             conn.deadline.set(self.timeout, "response")
             return
-        if self.resent and body.replay is None:
+        replaying = self.resent or self.replay
+        if replaying and body.replay is None:
             # The body outgrew the replay copy while the fresh connection was
             # being opened: it can no longer be sent whole.
             self.conns.release(conn, True)
@@ -170,7 +174,7 @@ class Attempt:
         self.reused = conn.requests > 0
         self.state = SENDING
         conn.start(self, self.owner, self.head_request, self.owner.ctx.http.body_timeout)
-        if self.resent:
+        if replaying:
             pieces = body.replay or []
         else:
             pieces = body.unsent

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import os
 import itertools
-from typing import Iterable
-
 import attrs
 
 from lbtwist.config.model import HeaderRewrite
@@ -105,6 +103,8 @@ def _drop_named(fields: list[tuple[bytes, bytes]], tokens: tuple[bytes, ...]) ->
 
 _VIA = {b"1.1": b"1.1 " + VIA_NAME, b"1.0": b"1.0 " + VIA_NAME}
 _COLON_JOIN = b": ".join
+_KEEP_ALIVE = (b"keep-alive",)
+_CLOSE = (b"close",)
 
 
 def backend_request_head(
@@ -123,8 +123,9 @@ def backend_request_head(
         return _serialise(b"%s %s HTTP/1.1" % (req.method, req.target),
                           rewriter.apply(request_fields(req, client_ip, tls, request_id, policy, upgrade)))
     fields = req.headers
-    if req.connection_tokens:
-        fields = _drop_named(fields, req.connection_tokens)
+    tokens = req.connection_tokens
+    if tokens and tokens != _KEEP_ALIVE and tokens != _CLOSE:
+        fields = _drop_named(fields, tokens)
     host = req.host
     parts = [req.method, b" ", req.target, b" HTTP/1.1"]
     if host is not None:
@@ -254,8 +255,9 @@ def client_response_head(
     then framing, connection, Via and request id. ``content_length``
     overrides the backend's (full response buffering)."""
     fields = resp.headers
-    if resp.connection_tokens:
-        fields = _drop_named(fields, resp.connection_tokens)
+    tokens = resp.connection_tokens
+    if tokens and tokens != _KEEP_ALIVE and tokens != _CLOSE:
+        fields = _drop_named(fields, tokens)
     reason = resp.reason
     parts = [b"HTTP/1.1 %d %s" % (resp.status, reason) if reason else status_line(resp.status)[:-2]]
     if fields:

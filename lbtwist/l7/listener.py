@@ -3,6 +3,7 @@ factory every client connection of the listener shares (config resolved once:
 router, forwarding policy, limits, sticky cookie, connection pools)."""
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from twisted.internet.protocol import ServerFactory
@@ -15,6 +16,7 @@ from lbtwist.l7.connpool import ConnectionPools
 from lbtwist.l7.headers import ForwardingPolicy, RequestIds
 from lbtwist.l7.plan import RoutePlan
 from lbtwist.listener import ListenerService
+from lbtwist.resilience.wiring import runtime_resilience
 from lbtwist.routing import Router
 
 log = Logger(namespace="lbtwist.l7")
@@ -64,6 +66,14 @@ class HttpProxyFactory(ServerFactory):
         self.ids = RequestIds()
         self.sticky = StickyCookie(cfg.http.sticky_cookie) if cfg.http.sticky_cookie else None
         self.connection_pools = connection_pools(runtime)
+        #: Pools' breakers/limits/budgets; this listener's routes report retries there.
+        self.resilience = runtime_resilience(runtime)
+        self.resilience.routes[cfg.name] = {
+            r.name: r.target.resilience
+            for r in (*self.router.routes, *((self.router.default,) if self.router.default else ()))
+            if getattr(r.target, "resilience", None) is not None
+        }
+        self.rng = random.Random()
         self.default_connection_pool = ConnectionPoolConfig()
         self.max_connections = cfg.max_connections
         #: Apply fastio's eager write to client connections (benchmarks turn it off).

@@ -127,6 +127,39 @@ class Response:
 
     headers: list[tuple[bytes, bytes]]
     special_fields: list[tuple[bytes, bytes]]
+    # Parse state: httptools reports straight to the Response being built
+    # (no collector to reset per response).
+    _complete = False
+    _conn: tuple[bytes, ...] = ()
+    _te: bytes | None = None
+    _cl: bytes | None = None
+    _append: Any = None
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        kind = _RESPONSE_KIND(name.lower())
+        if kind is None:
+            self._append((name, value))
+            return
+        if kind == 11:  # x-request-id: kept in the forwarded fields
+            self._append((name, value))
+            if self.request_id is None:
+                self.request_id = value
+            return
+        self.special_fields.append((name, value))
+        if kind == 2:
+            self._cl = value
+        elif kind == 3:
+            self._te = value if self._te is None else self._te + b"," + value
+        elif kind == 4:
+            self._conn += _connection_tokens(value)
+        elif kind == 6:
+            self.upgrade = value
+
+    def on_headers_complete(self) -> None:
+        self._complete = True
 
     @property
     def all_headers(self) -> list[tuple[bytes, bytes]]:
@@ -289,6 +322,7 @@ _SPECIAL_RESPONSE = {
     b"upgrade": 6,
     b"x-request-id": 11,
 }
+_RESPONSE_KIND = _SPECIAL_RESPONSE.get
 
 
 class _Framer:
@@ -591,7 +625,6 @@ class ResponseParser(_Framer):
     def __init__(self, handler: ResponseHandler, *, max_header_size: int = 65536, max_headers: int = 200) -> None:
         super().__init__(max_header_size, max_header_size, max_headers)
         self.handler = handler
-        self._collector = _HeadCollector(_SPECIAL_RESPONSE)
         self.head_request = False
         self.state = DONE  # until a request is sent
 
@@ -678,47 +711,43 @@ class ResponseParser(_Framer):
 
     def _head(self, head: bytes) -> None:
         resp = Response()
-        col = self._collector
-        col.reset(resp)
-        hp = httptools.HttpResponseParser(col)
+        headers = resp.headers = []
+        resp._append = headers.append
+        resp.special_fields = []
+        hp = httptools.HttpResponseParser(resp)
         try:
             hp.feed_data(head)
         except httptools.HttpParserUpgrade:
             pass
         except httptools.HttpParserError as e:
             raise ParseError(502, f"malformed response head ({e})") from None
-        if not col.complete or head.count(b"\n") - 2 > self.max_headers:
+        if not resp._complete or head.count(b"\n") - 2 > self.max_headers:
             raise ParseError(502, "malformed response head")
         v = head[:9]
         if v == b"HTTP/1.1 ":
-            version = "1.1"
+            v10 = False
         elif v == b"HTTP/1.0 ":
-            version = "1.0"
+            v10 = True
             resp.version = b"1.0"
+            resp.keep_alive = False
         else:
             raise ParseError(502, f"unsupported response version {hp.get_http_version()}")
-        status = hp.get_status_code()
-        resp.status = status
-        resp.reason = col.status_text
-        tokens = col.conn
+        status = resp.status = hp.get_status_code()
+        tokens = resp._conn
         if tokens:
             resp.connection_tokens = tokens
             if b"close" in tokens:
                 resp.keep_alive = False
-            elif version == "1.0":
+            elif v10:
                 resp.keep_alive = b"keep-alive" in tokens
-        elif version == "1.0":
-            resp.keep_alive = False
-        if col.upgrade_value is not None:
-            resp.upgrade = col.upgrade_value
-        if col.te_values:
-            te, chunked_last = _parse_te(b",".join(col.te_values))
-            if col.cl_value is not None:
+        if resp._te is not None:
+            te, chunked_last = _parse_te(resp._te)
+            if resp._cl is not None:
                 raise ParseError(502, "response with both Content-Length and Transfer-Encoding")
             resp.te = te
             resp.chunked = chunked_last
-        elif col.cl_value is not None:
-            cl = col.cl_value.strip(b" \t")
+        elif resp._cl is not None:
+            cl = resp._cl.strip(b" \t")
             if not cl.isdigit() or len(cl) > 18:
                 raise ParseError(502, "invalid Content-Length in response")
             resp.content_length = int(cl)

@@ -8,6 +8,7 @@ import attrs
 from lbtwist.config.model import HttpConfig, RouteConfig
 from lbtwist.l7.headers import Rewriter
 from lbtwist.l7.parser import Request
+from lbtwist.resilience.build import RouteResilience
 
 #: Default bytes of a request body kept to re-send it after the keep-alive race.
 DEFAULT_REPLAY = 64 * 1024
@@ -68,6 +69,8 @@ class RoutePlan:
     idempotency_header: bytes | None
     #: The route's config (retry policies and plugins read it).
     config: RouteConfig | None = None
+    #: Retry policy and budget, rate limiter, whole-request deadline (per route).
+    resilience: RouteResilience | None = None
 
     @classmethod
     def build(cls, rcfg: RouteConfig | None, name: str, pool: str, http: HttpConfig) -> "RoutePlan":
@@ -77,6 +80,7 @@ class RoutePlan:
                 buffer_request=False, buffer_response=False, request_rewriter=None,
                 response_rewriter=None, hash_key=HashKey(), replay_limit=DEFAULT_REPLAY,
                 idempotency_header=b"idempotency-key",
+                resilience=RouteResilience.from_config(None, default_timeout=http.request_timeout, name=name),
             )
         retry = getattr(rcfg, "retry", None)
         replay = getattr(retry, "max_replay_body", DEFAULT_REPLAY) if retry is not None else DEFAULT_REPLAY
@@ -99,4 +103,5 @@ class RoutePlan:
             replay_limit=replay,
             idempotency_header=idem.lower().encode() if idem else None,
             config=rcfg,
+            resilience=RouteResilience.from_config(rcfg, default_timeout=http.request_timeout, name=name),
         )
