@@ -7,7 +7,7 @@ SRC    := $(shell find lbtwist twisted plugins -name '*.py' -o -name '*.yaml' -o
 .PHONY: run test quick bench clean system-deps
 
 run: $(VENV)/.installed
-	$(BIN)/twistd -n --pidfile= lbtwist --config etc/lbtwist.yaml
+	$(BIN)/twistd -n --pidfile= --reactor=lbtwist-lean lbtwist --config etc/lbtwist.yaml
 
 test: system-deps $(VENV)/.installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider
