@@ -137,6 +137,7 @@ class LbtwistService(MultiService):
             tls_state.set_pools(tls_state.prepare_pools(config.pools))
         for pcfg in config.pools:
             rt.pools[pcfg.name] = build_pool(pcfg, rt)
+            rt.pools[pcfg.name].subscribe(self._on_pool_state)
             rt.pool_configs[pcfg.name] = pcfg
         if config.demo is not None:
             from lbtwist.demo import demo_service
@@ -171,6 +172,19 @@ class LbtwistService(MultiService):
         except ImportError:
             return None
         return admin_service(config.admin, self.runtime, reload=self.reload)
+
+    def _on_pool_state(self, pool: Pool, backend: Backend | None, state: str, reason: str) -> None:
+        """A drain that ran out of time: L4 relays still on that backend are
+        cut (L7 connection pools cut their own connections)."""
+        if state != "drain-expired" or backend is None:
+            return
+        for svc in self.listeners:
+            cut = getattr(svc, "cut_backend", None)
+            if cut is not None:
+                n = cut(backend)
+                if n:
+                    log.warn("listener {name}: cut {n} connections to {backend} ({reason})",
+                             name=svc.name, n=n, backend=backend.address, reason=reason)
 
     # -- signals -------------------------------------------------------------
 
@@ -250,6 +264,7 @@ class LbtwistService(MultiService):
                 waits += self._reconfigure_pool(rt.pools[name], rt.pool_configs[name], pcfg)
             else:
                 rt.pools[name] = build_pool(pcfg, rt)
+                rt.pools[name].subscribe(self._on_pool_state)
                 rt.pool_configs[name] = pcfg
                 if self.health is not None and hasattr(self.health, "add_pool"):
                     self.health.add_pool(rt.pools[name], pcfg.health)

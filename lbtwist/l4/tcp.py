@@ -634,6 +634,14 @@ class TCPListenerService(ListenerService):
         """Hot reload with the same bind: new settings for new connections."""
         self.relay.configure(cfg)
 
+    def cut_backend(self, backend: Backend) -> int:
+        """The backend's drain_timeout passed: abort relays still using it."""
+        cut = [c for c in list(self.connections) if getattr(c, "backend", None) is backend]
+        for conn in cut:
+            conn.error = conn.error or f"backend {backend.address}: drain timeout"
+            conn.abort()
+        return len(cut)
+
     def stopService(self, drain_timeout: float | None = None) -> Any:
         if drain_timeout is None:
             drain_timeout = self.relay.pool_config().drain_timeout

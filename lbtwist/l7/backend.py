@@ -274,6 +274,13 @@ class BackendConnection(Protocol):
         _unregister(self.transport)
         self.transport.abortConnection()
 
+    def cut(self) -> None:
+        """Drop the connection at once but let the request on it find out
+        (as a reset): the backend's drain_timeout ran out."""
+        if self.state == CLOSED or self.transport is None:
+            return
+        self.transport.abortConnection()
+
     # -- parser callbacks while no request holds the connection -------------------------
     # (while one does, the parser reports to the request's sink directly)
 

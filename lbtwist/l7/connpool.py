@@ -37,6 +37,8 @@ class BackendConnections:
         self.clock = reactor
         self.configure(cfg, connect_timeout)
         self.idle: list[BackendConnection] = []
+        #: Established connections (idle or busy), so a drain that expires can cut them.
+        self.live: set[BackendConnection] = set()
         #: Connections open or being opened.
         self.open = 0
         self.waiting: deque[Any] = deque()
@@ -145,6 +147,7 @@ class BackendConnections:
     # -- events from connections --------------------------------------------------------
 
     def connected(self, conn: BackendConnection) -> None:
+        self.live.add(conn)
         attempt, conn.pending = conn.pending, None
         if attempt is None or attempt.cancelled:
             self._hand_over(conn, self.clock.seconds())
@@ -177,6 +180,7 @@ class BackendConnections:
 
     def lost(self, conn: BackendConnection, was: int) -> None:
         """An established connection closed (any reason)."""
+        self.live.discard(conn)
         self.open -= 1
         _release_slot(conn)
         if was == IDLE:
@@ -218,6 +222,14 @@ class BackendConnections:
         if sweeper is not None and sweeper.active():
             sweeper.cancel()
         return len(idle)
+
+    def abort_all(self) -> int:
+        """Cut every connection, busy ones included: the backend's
+        drain_timeout passed with work still in flight."""
+        live = list(self.live)
+        for conn in live:
+            conn.cut()
+        return len(live)
 
     def retire_all(self) -> None:
         """Close idle connections now and busy ones when their response ends."""
@@ -304,7 +316,16 @@ class ConnectionPools:
         return sum(bc.close_idle() for bc in self._by_backend.values())
 
     def _pool_changed(self, pool: Pool, backend: Backend | None, state: str, reason: str) -> None:
-        if backend is None or state not in _CLOSE_IDLE_ON:
+        if backend is None:
+            return
+        if state == "drain-expired":
+            bc = self._by_backend.get(backend)
+            if bc is not None:
+                n = bc.abort_all()
+                log.warn("pool {pool} backend {backend}: {reason}; cut {n} connections",
+                         pool=pool.name, backend=backend.address, reason=reason, n=n)
+            return
+        if state not in _CLOSE_IDLE_ON:
             return
         bc = self._by_backend.get(backend)
         if bc is None:
