@@ -154,3 +154,28 @@ def test_sighup_reload_keeps_inflight_request_and_tcp_stream(tmp_path):
         assert proc.terminate(timeout=30) == 0, proc.output()
     finally:
         proc.kill()
+
+
+def test_sigterm_drains_inflight_request_then_exits_zero(tmp_path):
+    web, echo, h1, e1 = (free_port() for _ in range(4))
+    text = _cfg(web, echo, backends=_backends((f"127.0.0.1:{h1}", 1))).replace(
+        '"127.0.0.1:9"', f'"127.0.0.1:{e1}"')
+    text += f'\ndemo: {{http: ["tcp:{h1}:interface=127.0.0.1"], tcp_echo: ["tcp:{e1}:interface=127.0.0.1"]}}\n'
+    path = tmp_path / "lb.yaml"
+    path.write_text(text)
+    proc = Proc(twistd_cmd(path), cwd=tmp_path)
+    try:
+        proc.wait_for("listener web on", timeout=30)
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.update(r=_get(web, "/slow?delay=1.5")))
+        t.start()
+        proc.wait_for("delaying response", timeout=15)
+        proc.p.send_signal(signal.SIGTERM)
+        proc.wait_for("SIGTERM received", timeout=10)
+        # no new connections once it stops accepting
+        proc.wait_for("stopping; draining listeners", timeout=10)
+        t.join(20)
+        assert result["r"][0] == 200  # the in-flight request finished
+        assert proc.finish(timeout=30) == 0, proc.output()
+    finally:
+        proc.kill()
