@@ -185,6 +185,8 @@ class Pool:
         return self._candidates
 
     def _expiry_passed(self, now: float) -> bool:
+        if not self._ejected:  # the common case, checked on every pick: no generator
+            return False
         return any(
             b.ejected_until is not None and b.ejected_until <= now for b in self._ejected
         )

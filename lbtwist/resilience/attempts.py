@@ -59,6 +59,12 @@ REASONS = (
 )
 
 
+#: Methods that are idempotent under any policy (RFC 9110 9.2.2), as the
+#: parsers hand them over: a dict hit instead of a decode per request.
+_IDEMPOTENT = {m: True for m in ("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE")}
+_IDEMPOTENT.update({m.encode(): True for m in list(_IDEMPOTENT)})
+
+
 class RetryStats:
     """Counters of retry decisions, by reason; one per route (for metrics)."""
 
@@ -79,11 +85,23 @@ class RequestRetryState:
     (one in flight at a time), which is what the data plane does.
     """
 
-    __slots__ = (
-        "policy", "budgets", "breakers", "limits", "clock", "rng", "stats", "method",
-        "eligible", "started", "deadline", "attempts", "retries", "tried", "_tried_set",
-        "_gen", "_request_slot", "_retry_slot", "_retry_slot_bound", "finished",
-    )
+    # Class-level defaults (no __slots__): one of these is built per request,
+    # so construction only sets what differs per request.
+    stats: RetryStats | None = None
+    #: Tries started so far.
+    attempts = 0
+    #: Retries granted so far.
+    retries = 0
+    #: Backends tried, in order (a list once the first try started).
+    tried: "list[object] | tuple" = ()
+    _tried_set: frozenset = frozenset()
+    #: Breaker generation of the try in flight (see L{BreakerSet.on_start}).
+    _gen: int | None = None
+    _request_slot: Slot | None = None
+    _retry_slot: Slot | None = None
+    #: The retry slot belongs to a try that has started (so that try's end frees it).
+    _retry_slot_bound = False
+    finished = False
 
     def __init__(
         self,
@@ -102,33 +120,26 @@ class RequestRetryState:
         if clock is None:
             raise TypeError("RequestRetryState needs a clock (IReactorTime)")
         self.policy = policy
-        self.budgets: tuple[RetryBudget, ...] = (
-            (budgets,) if isinstance(budgets, RetryBudget) else tuple(budgets)
-        )
+        # One of these is built per request: the common shapes take the short path.
+        if type(budgets) is tuple:
+            self.budgets: tuple[RetryBudget, ...] = budgets
+        elif isinstance(budgets, RetryBudget):
+            self.budgets = (budgets,)
+        else:
+            self.budgets = tuple(budgets)
         self.breakers = breakers
         self.limits = limits
         self.clock = clock
         self.rng = rng or random.Random()
-        self.stats = stats
+        if stats is not None:
+            self.stats = stats
         self.method = method
-        self.eligible = policy.eligible(method) or policy.has_key(headers)
+        self.eligible = (method is None or _IDEMPOTENT.get(method, False)
+                         or policy.eligible(method) or policy.has_key(headers))
         now = clock.seconds()
         self.started = now
         #: Absolute time the whole request must be answered by (route timeout).
         self.deadline = None if timeout is None else now + timeout
-        #: Tries started so far.
-        self.attempts = 0
-        #: Retries granted so far.
-        self.retries = 0
-        self.tried: list[object] = []
-        self._tried_set: frozenset = frozenset()
-        #: Breaker generation of the try in flight (see L{BreakerSet.on_start}).
-        self._gen: int | None = None
-        self._request_slot: Slot | None = None
-        self._retry_slot: Slot | None = None
-        #: The retry slot belongs to a try that has started (so that try's end frees it).
-        self._retry_slot_bound = False
-        self.finished = False
         for budget in self.budgets:
             budget.record_request(now)
 
@@ -177,8 +188,11 @@ class RequestRetryState:
         if self._retry_slot is not None:
             self._retry_slot_bound = True
         if backend not in self._tried_set:
-            self.tried.append(backend)
-            self._tried_set = frozenset(self.tried)
+            tried = self.tried
+            if type(tried) is tuple:
+                tried = self.tried = list(tried)
+            tried.append(backend)
+            self._tried_set = frozenset(tried)
         if self.breakers is not None:
             self._gen = self.breakers.on_start(backend, self.clock.seconds())
 

@@ -30,6 +30,8 @@ class BreakerState(enum.Enum):
     HALF_OPEN = "half-open"
 
 
+_CLOSED = BreakerState.CLOSED
+
 #: ``listener(backend, old_state, new_state, reason)`` on every transition.
 TransitionListener = Callable[[object, BreakerState, BreakerState, str], None]
 
@@ -265,7 +267,11 @@ class BreakerSet:
 
     def on_start(self, backend: object, now: float) -> int:
         """An attempt was sent to ``backend``; keep the returned generation."""
-        b = self.breaker(backend)
+        b = self._breakers.get(backend)
+        if b is None:
+            b = self._breakers[backend] = CircuitBreaker(self.settings)
+        if b.state is _CLOSED:  # the common case: nothing to advance or count
+            return b.generation
         before = b.state
         gen = b.on_start(now)
         if b.state is not before:
@@ -278,8 +284,10 @@ class BreakerSet:
     ) -> None:
         """The attempt ended. ``outcome`` as in L{lbtwist.pool.OUTCOMES};
         ``generation`` from L{on_start} (None: assume the current one)."""
-        b = self.breaker(backend)
-        if outcome == "ok" and b.state is BreakerState.CLOSED and generation in (None, b.generation):
+        b = self._breakers.get(backend)
+        if b is None:
+            b = self._breakers[backend] = CircuitBreaker(self.settings)
+        if outcome == "ok" and b.state is _CLOSED and (generation is None or generation == b.generation):
             b.failures = 0  # the common case, kept cheap
             return
         failed = self.settings.is_failure(outcome, status)
