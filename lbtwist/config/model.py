@@ -71,7 +71,7 @@ class LatencyOutlierConfig:
     enabled: bool = _f(True, "evaluate the latency rule")
     factor: float = _f(5.0, "eject when the backend's recent mean latency exceeds this many times the median of the others")
     min_latency: Duration = _f(Duration(0.1), "never eject for latency below this (fast pools are noisy in ratio)")
-    min_requests: int = _f(5, "recent requests (decayed over window) a backend needs before it is judged")
+    min_requests: int = _f(3, "recent requests (decayed over window) a backend needs before it is judged; low, because the algorithm starves a slow backend of evidence")
     window: Duration = _f(Duration(10.0), "time constant of the decaying latency mean")
 
 
