@@ -1,5 +1,5 @@
 """The ``lbtwist`` command: ``run`` (twistd in the foreground), ``check``
-(validate a config), and later ``drill``."""
+(validate and review a config) and ``drill`` (chaos drills)."""
 from __future__ import annotations
 
 import argparse
