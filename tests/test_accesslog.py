@@ -23,17 +23,7 @@ from lbtwist.runtime import Runtime
 from lbtwist.traffic import TrafficRecord
 
 from support.procs import REPO
-
-
-class FirstBalancer:
-    def pick(self, candidates, ctx):
-        return candidates[0] if candidates else None
-
-    def on_start(self, backend, now):
-        pass
-
-    def on_finish(self, backend, now, latency, ok):
-        pass
+from support.fakes import FirstBalancer
 
 
 def runtime(clock) -> Runtime:

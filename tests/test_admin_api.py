@@ -21,20 +21,10 @@ from lbtwist.pool import Backend, Health, Pool
 from lbtwist.registry import Registry
 from lbtwist.runtime import Runtime
 from lbtwist.traffic import TrafficRecord
+from support.fakes import FirstBalancer
 
 BASE = "http://127.0.0.1:9900"
 TOKEN = "s3cret-token-0123456789"
-
-
-class FirstBalancer:
-    def pick(self, candidates, ctx):
-        return candidates[0] if candidates else None
-
-    def on_start(self, backend, now):
-        pass
-
-    def on_finish(self, backend, now, latency, ok):
-        pass
 
 
 class Env:

@@ -10,17 +10,7 @@ from twisted.logger import globalLogPublisher
 from lbtwist.config.model import LatencyOutlierConfig, PassiveHealthConfig
 from lbtwist.health.outlier import OutlierDetector
 from lbtwist.pool import Backend, PickContext, Pool
-
-
-class FirstBalancer:
-    def pick(self, candidates, ctx):
-        return candidates[0] if candidates else None
-
-    def on_start(self, backend, now):
-        pass
-
-    def on_finish(self, backend, now, latency, ok):
-        pass
+from support.fakes import FirstBalancer
 
 
 def setup(n=3, slow_start=0.0, **cfg):

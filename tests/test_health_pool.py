@@ -13,17 +13,7 @@ import lbtwist.balancers.builtin
 from lbtwist.health.drain import DRAINED, EXPIRED, UNDRAINED, drain_backend
 from lbtwist.pool import Backend, Health, PickContext, Pool
 from lbtwist.registry import Registry
-
-
-class FirstBalancer:
-    def pick(self, candidates, ctx):
-        return candidates[0] if candidates else None
-
-    def on_start(self, backend, now):
-        pass
-
-    def on_finish(self, backend, now, latency, ok):
-        pass
+from support.fakes import FirstBalancer
 
 
 def make(n=4, **kw):

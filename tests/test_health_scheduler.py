@@ -13,17 +13,7 @@ from lbtwist.health import ProbeResult
 from lbtwist.health.scheduler import ProbeLoop, ProbeScheduler, Thresholds, summarize
 from lbtwist.interfaces import IHealthProbe
 from lbtwist.pool import Backend, Health, PickContext, Pool
-
-
-class FirstBalancer:
-    def pick(self, candidates, ctx):
-        return candidates[0] if candidates else None
-
-    def on_start(self, backend, now):
-        pass
-
-    def on_finish(self, backend, now, latency, ok):
-        pass
+from support.fakes import FirstBalancer
 
 
 @implementer(IHealthProbe)

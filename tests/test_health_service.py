@@ -19,6 +19,7 @@ from lbtwist.interfaces import IHealthProbe
 from lbtwist.pool import Backend, Health, PickContext, Pool
 from lbtwist.registry import ProbeSpec, Registry
 from lbtwist.runtime import Runtime
+from support.fakes import FirstBalancer
 
 
 @implementer(IHealthProbe)
@@ -40,17 +41,6 @@ class ScriptedPlugin:
     @hookimpl
     def lbtwist_health_probes(self):
         return [ProbeSpec("scripted", lambda options, *, reactor: Scripted(options, reactor))]
-
-
-class FirstBalancer:
-    def pick(self, candidates, ctx):
-        return candidates[0] if candidates else None
-
-    def on_start(self, backend, now):
-        pass
-
-    def on_finish(self, backend, now, latency, ok):
-        pass
 
 
 def runtime(**active):

@@ -17,17 +17,7 @@ from lbtwist.pool import Backend, Health, PickContext, Pool
 from lbtwist.registry import Registry
 from lbtwist.runtime import Runtime
 from lbtwist.traffic import TrafficRecord
-
-
-class FirstBalancer:
-    def pick(self, candidates, ctx):
-        return candidates[0] if candidates else None
-
-    def on_start(self, backend, now):
-        pass
-
-    def on_finish(self, backend, now, latency, ok):
-        pass
+from support.fakes import FirstBalancer
 
 
 def make_runtime(clock: Clock, n: int = 3, listeners=("web",)) -> Runtime:
