@@ -125,7 +125,7 @@ class LbtwistService(MultiService):
         self.runtime = Runtime(reactor=reactor, registry=registry, config=config)
         self.listeners: MultiService = MultiService()
         self.listeners.setName("listeners")
-        self.health: IService | None = None
+        self.health: Any = None  # HealthService, set in _build
         self._build(config)
 
     def _build(self, config: Config) -> None:
@@ -148,8 +148,7 @@ class LbtwistService(MultiService):
 
             access_log_service(config.access_log, rt).setServiceParent(self)
         self.health = self._health_service()
-        if self.health is not None:
-            self.health.setServiceParent(self)
+        self.health.setServiceParent(self)
         admin = self._admin_service(config)
         if admin is not None:
             admin.setServiceParent(self)
@@ -157,20 +156,16 @@ class LbtwistService(MultiService):
             build_listener(lcfg, rt).setServiceParent(self.listeners)
         self.listeners.setServiceParent(self)
 
-    def _health_service(self) -> IService | None:
-        try:
-            from lbtwist.health.service import HealthService
-        except ImportError:
-            return None
+    def _health_service(self) -> IService:
+        from lbtwist.health.service import HealthService
+
         return HealthService(self.runtime)
 
     def _admin_service(self, config: Config) -> IService | None:
         if config.admin is None:
             return None
-        try:
-            from lbtwist.admin import admin_service
-        except ImportError:
-            return None
+        from lbtwist.admin import admin_service
+
         return admin_service(config.admin, self.runtime, reload=self.reload)
 
     def _on_pool_state(self, pool: Pool, backend: Backend | None, state: str, reason: str) -> None:
@@ -266,8 +261,7 @@ class LbtwistService(MultiService):
                 rt.pools[name] = build_pool(pcfg, rt)
                 rt.pools[name].subscribe(self._on_pool_state)
                 rt.pool_configs[name] = pcfg
-                if self.health is not None and hasattr(self.health, "add_pool"):
-                    self.health.add_pool(rt.pools[name], pcfg.health)
+                self.health.add_pool(rt.pools[name], pcfg.health)
                 log.info("lbtwist: pool {pool} added", pool=name)
         rt.config = new
         # listeners
@@ -303,8 +297,7 @@ class LbtwistService(MultiService):
         bound = defer.gatherResults(released, consumeErrors=True).addCallback(add_listeners)
         # pools no longer named anywhere: stop health, keep objects for in-flight work
         for name in [n for n in rt.pools if n not in new_pools]:
-            if self.health is not None and hasattr(self.health, "remove_pool"):
-                self.health.remove_pool(name)
+            self.health.remove_pool(name)
             del rt.pools[name]
             del rt.pool_configs[name]
             log.info("lbtwist: pool {pool} removed", pool=name)
@@ -330,10 +323,8 @@ class LbtwistService(MultiService):
             b.slow_start = new.slow_start
             bc = wanted.get(b.address)
             if bc is None:
-                if self.health is not None and hasattr(self.health, "remove_backend"):
-                    waits.append(self.health.remove_backend(pool.name, b.address, "removed from config"))
-                else:
-                    pool.remove_backend(b, "removed from config")
+                # drain first: in-flight work gets up to drain_timeout, then removal
+                waits.append(self.health.remove_backend(pool.name, b.address, "removed from config"))
             elif bc.weight != b.weight:
                 pool.set_weight(b, bc.weight, "weight changed in config")
         initial = _initial_health(new)
@@ -343,7 +334,7 @@ class LbtwistService(MultiService):
                 b.health = initial
                 b.joined_at = rt.reactor.seconds()
                 pool.add_backend(b, "added by reload")
-        if old.health != new.health and self.health is not None and hasattr(self.health, "add_pool"):
+        if old.health != new.health:
             self.health.add_pool(pool, new.health)
         rt.pool_configs[pool.name] = new
         pool.version += 1
