@@ -23,6 +23,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from lbtwist.config.binds import parse_udp_bind
 from lbtwist.config.model import ListenerConfig
 from lbtwist.l4.flows import Flow, FlowTable
 from lbtwist.pool import PickContext
@@ -37,46 +38,6 @@ MAX_DATAGRAM = 65535
 DROP_LOG_INTERVAL = 10.0
 #: Datagrams read from one flow's socket per reactor event (fairness between flows).
 READS_PER_EVENT = 64
-
-
-def parse_udp_bind(bind: str) -> tuple[int, str]:
-    """``udp:PORT[:interface=ADDR]`` (or ``port=PORT``) -> (port, interface).
-
-    Colons inside values are escaped as in Twisted endpoint strings
-    (``interface=\\:\\:1``). Raises ValueError with a readable message."""
-    parts: list[str] = []
-    cur = []
-    it = iter(bind)
-    for ch in it:
-        if ch == "\\":
-            cur.append(next(it, ""))
-        elif ch == ":":
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    if parts[0] != "udp" or len(parts) < 2:
-        raise ValueError(f"udp bind {bind!r}: expected udp:PORT[:interface=ADDR]")
-    port: int | None = None
-    interface = ""
-    for i, p in enumerate(parts[1:]):
-        key, eq, value = p.partition("=")
-        if not eq:
-            if i != 0:
-                raise ValueError(f"udp bind {bind!r}: unexpected {p!r}")
-            key, value = "port", p
-        if key == "port":
-            if not value.isdigit() or int(value) > 65535:
-                raise ValueError(f"udp bind {bind!r}: bad port {value!r}")
-            port = int(value)
-        elif key == "interface":
-            interface = value
-        else:
-            raise ValueError(f"udp bind {bind!r}: unknown option {key!r} (port, interface)")
-    if port is None:
-        raise ValueError(f"udp bind {bind!r}: no port")
-    return port, interface
 
 
 @implementer(IReadDescriptor)
