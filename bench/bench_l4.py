@@ -30,19 +30,14 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-PROXY_CPU = "0"
-LOAD_CPU = "1"
+from benchlib import LOAD_CPU, PROXY_CPU, PY, REPO, Procs, check_tools, cpu_seconds, free_port, wait_port
 
 VARIANTS = {
     "tuned": [],
@@ -51,70 +46,11 @@ VARIANTS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"{what}: nothing listening on 127.0.0.1:{port} after {timeout}s")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (from /proc), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"(\d+)\s*([kmg]?)(i?b?)", text.strip().lower())
     if not m:
         raise argparse.ArgumentTypeError(f"bad size {text!r}")
     return int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2)]
-
-
-def check_tools() -> None:
-    missing = [t for t in ("haproxy", "nginx", "wrk", "taskset") if shutil.which(t) is None]
-    if missing:
-        pkgs = {"haproxy": "haproxy", "nginx": "nginx-light", "wrk": "wrk", "taskset": "util-linux"}
-        raise SystemExit(
-            f"missing: {', '.join(missing)}; install with: "
-            f"apt-get install {' '.join(pkgs[m] for m in missing)}"
-        )
-    if (os.cpu_count() or 1) < 2:
-        raise SystemExit("needs 2 CPUs (proxy on CPU 0, load and origin on CPU 1)")
-
-
-class Procs:
-    """Background processes, all stopped at exit."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], cpu: str, **kw) -> subprocess.Popen:
-        p = subprocess.Popen(["taskset", "-c", cpu, *argv], **kw)
-        self.procs.append(p)
-        return p
-
-    def stop_all(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(self.procs):
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
 
 
 # -- bulk source and sink (run as subprocesses on the load CPU) -----------------

@@ -31,31 +31,20 @@ import collections
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-PROXY_CPU = "0"
-LOAD_CPU = "1"
+from benchlib import LOAD_CPU, PROXY_CPU, PY, REPO, Procs, check_tools, cpu_seconds, free_port
 
 VARIANTS = {
     "tuned": [],
     "lean": ["--lean-reactor"],
     "stock": ["--no-eager"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(port: int, what: str, timeout: float = 15.0) -> None:
@@ -81,12 +70,6 @@ def wait_http(port: int, what: str, timeout: float = 15.0) -> None:
     raise SystemExit(f"{what}: no 200 from 127.0.0.1:{port} after {timeout}s ({last})")
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def children_cpu(pid: int) -> float:
     """CPU of ``pid`` plus its direct children (nginx master + worker)."""
     total = cpu_seconds(pid)
@@ -100,37 +83,6 @@ def children_cpu(pid: int) -> float:
         except OSError:
             pass
     return total
-
-
-def check_tools() -> None:
-    missing = [t for t in ("haproxy", "nginx", "wrk", "taskset") if shutil.which(t) is None]
-    if missing:
-        pkgs = {"haproxy": "haproxy", "nginx": "nginx-light", "wrk": "wrk", "taskset": "util-linux"}
-        raise SystemExit(f"missing: {', '.join(missing)}; install with: "
-                         f"apt-get install {' '.join(pkgs[m] for m in missing)}")
-    if (os.cpu_count() or 1) < 2:
-        raise SystemExit("needs 2 CPUs (proxies on CPU 0, wrk and the origin on CPU 1)")
-
-
-class Procs:
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], cpu: str, **kw) -> subprocess.Popen:
-        p = subprocess.Popen(["taskset", "-c", cpu, *argv], **kw)
-        self.procs.append(p)
-        return p
-
-    def stop_all(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(self.procs):
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
 
 
 def _nginx_common(tmp: Path, name: str) -> str:

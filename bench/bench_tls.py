@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,27 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-SERVER_CPU = "0"
-LOAD_CPU = "1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"{what}: nothing listening on 127.0.0.1:{port} after {timeout}s")
+from benchlib import LOAD_CPU, PY, REPO, cpu_seconds, free_port, wait_port
+from benchlib import PROXY_CPU as SERVER_CPU
 
 
 # -- the lbtwist side (run as a subprocess with --serve) ---------------------------------
@@ -170,13 +150,6 @@ frontend fe
             self.p.wait(10)
         except subprocess.TimeoutExpired:
             self.p.kill()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def s_time(port: int, mode: str, version: str, duration: int, clients: int) -> tuple[float, int, int]:
