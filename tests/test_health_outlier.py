@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import attrs
 from twisted.internet import task
-from twisted.logger import globalLogPublisher
 
 from lbtwist.config.model import LatencyOutlierConfig, PassiveHealthConfig
 from lbtwist.health.outlier import OutlierDetector
 from lbtwist.pool import Backend, PickContext, Pool
-from support.fakes import FirstBalancer
+from support.fakes import FirstBalancer, Logged
 
 
 def setup(n=3, slow_start=0.0, **cfg):
@@ -40,22 +39,6 @@ def run_until_returned(clock, det, b):
         if b.ejected_until is None:
             return
         clock.advance(nxt - clock.seconds())
-
-
-class Logged:
-    def __init__(self):
-        self.events = []
-
-    def __enter__(self):
-        globalLogPublisher.addObserver(self.events.append)
-        return self
-
-    def __exit__(self, *a):
-        globalLogPublisher.removeObserver(self.events.append)
-
-    def texts(self):
-        from twisted.logger import formatEvent
-        return [formatEvent(e) for e in self.events]
 
 
 class TestConsecutive:

@@ -7,13 +7,12 @@ import random
 
 import pytest
 from twisted.internet import task
-from twisted.logger import formatEvent, globalLogPublisher
 
 import lbtwist.balancers.builtin
 from lbtwist.health.drain import DRAINED, EXPIRED, UNDRAINED, drain_backend
 from lbtwist.pool import Backend, Health, PickContext, Pool
 from lbtwist.registry import Registry
-from support.fakes import FirstBalancer
+from support.fakes import FirstBalancer, Logged
 
 
 def make(n=4, **kw):
@@ -22,21 +21,6 @@ def make(n=4, **kw):
     events = []
     pool.subscribe(lambda p, b, state, reason: events.append((b.address if b else None, state, reason)))
     return clock, pool, events
-
-
-class Logged:
-    def __init__(self):
-        self.events = []
-
-    def __enter__(self):
-        globalLogPublisher.addObserver(self.events.append)
-        return self
-
-    def __exit__(self, *a):
-        globalLogPublisher.removeObserver(self.events.append)
-
-    def texts(self):
-        return [formatEvent(e) for e in self.events]
 
 
 class TestPanic:

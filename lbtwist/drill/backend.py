@@ -39,7 +39,19 @@ from lbtwist.drill.faults import HANG, HEALTH, REAL, RESET, RESPOND, ServerModel
 _REASONS = {200: b"OK", 500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout", 429: b"Too Many Requests"}
 
 
-class DrillHTTP(Protocol):
+class _Served:
+    """What both backend protocols do when a client goes: forget the
+    connection and give back the job it held (so capacity is not leaked)."""
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed = True
+        self.backend.connections.discard(self)
+        if self.job is not None:
+            self.model.abandon(self.job)
+            self.job = None
+
+
+class DrillHTTP(_Served, Protocol):
     """HTTP/1.1 with keep-alive; requests on one connection are answered in order."""
 
     def __init__(self, backend: "DrillBackend") -> None:
@@ -111,15 +123,8 @@ class DrillHTTP(Protocol):
         self.transport.write(head + b"\r\n" + body)
         self._next()
 
-    def connectionLost(self, reason: Any = None) -> None:
-        self.closed = True
-        self.backend.connections.discard(self)
-        if self.job is not None:
-            self.model.abandon(self.job)
-            self.job = None
 
-
-class DrillLine(LineOnlyReceiver):
+class DrillLine(_Served, LineOnlyReceiver):
     """TCP backend: each request line is answered with ``NAME <line>``."""
 
     delimiter = b"\n"
@@ -165,13 +170,6 @@ class DrillLine(LineOnlyReceiver):
         word = b"OK" if status < 500 else b"ERR%d" % status
         self.transport.write(b"%s %s %s\n" % (word, self.backend.name_bytes, line))
         self._next()
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.closed = True
-        self.backend.connections.discard(self)
-        if self.job is not None:
-            self.model.abandon(self.job)
-            self.job = None
 
 
 class DrillBackend(Factory):

@@ -14,3 +14,26 @@ class FirstBalancer:
 
     def on_finish(self, backend, now, latency, ok):
         pass
+
+
+class Logged:
+    """Collects twisted.logger events while the ``with`` block runs."""
+
+    def __init__(self):
+        self.events = []
+
+    def __enter__(self):
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(self.events.append)
+        return self
+
+    def __exit__(self, *a):
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.removeObserver(self.events.append)
+
+    def texts(self):
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events]
