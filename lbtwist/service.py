@@ -87,6 +87,22 @@ def _listener_service(cfg: ListenerConfig, runtime: Runtime) -> IService:
     raise ValueError(f"listener {cfg.name}: unknown mode {cfg.mode!r}")
 
 
+def serve_one_listener(reactor: Any, lcfg: ListenerConfig, pcfg: PoolConfig, registry: Registry) -> tuple[IService, defer.Deferred]:
+    """One listener over one pool, without a config file or the service tree:
+    for the standalone ``python -m lbtwist.l4`` / ``lbtwist.l7`` processes that
+    benchmarks and process-level tests run. Prints ``LISTENING <port>`` once
+    bound; the Deferred never fires (the process runs until a signal)."""
+    rt = Runtime(reactor=reactor, registry=registry, config=Config(listeners=[lcfg], pools=[pcfg]))
+    rt.pools[pcfg.name] = build_pool(pcfg, rt)
+    rt.pool_configs[pcfg.name] = pcfg
+    svc = _listener_service(lcfg, rt)
+    svc.privilegedStartService()
+    svc.startService()
+    print(f"LISTENING {svc.address.port}", flush=True)
+    reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
+    return svc, defer.Deferred()
+
+
 class ReloadError(Exception):
     """The new config was refused; the message lists its problems."""
 

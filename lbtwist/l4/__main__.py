@@ -7,7 +7,6 @@ alone, without the config file and the whole service tree. Prints
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from typing import Any
 
@@ -31,19 +30,14 @@ def _args(argv: list[str]) -> argparse.Namespace:
 
 
 def _main(reactor: Any, args: argparse.Namespace) -> Any:
-    from twisted.internet import defer
-
-    from lbtwist.config.model import Config, ListenerConfig, PoolConfig, ProxyProtocolConfig
-    from lbtwist.pool import Backend, Pool
+    from lbtwist.config.model import BackendConfig, ListenerConfig, PoolConfig, ProxyProtocolConfig
     from lbtwist.registry import Registry
-    from lbtwist.runtime import Runtime
+    from lbtwist.service import serve_one_listener
 
-    registry = Registry.default(entry_points=False)
-    rng = random.Random()
-    balancer = registry.make_balancer(args.algorithm, {}, clock=reactor, rng=rng)
-    pool = Pool("bench", [Backend(address=a) for a in args.backend], balancer, reactor, rng=rng)
     pcfg = PoolConfig(
         name="bench",
+        algorithm=args.algorithm,
+        backends=[BackendConfig(address=a) for a in args.backend],
         connect_timeout=args.connect_timeout,
         connect_attempts=args.connect_attempts,
         drain_timeout=1.0,
@@ -57,27 +51,14 @@ def _main(reactor: Any, args: argparse.Namespace) -> Any:
         idle_timeout=args.idle_timeout,
         proxy_protocol=ProxyProtocolConfig(accept=args.proxy_accept, send=args.proxy_send),
     )
-    runtime = Runtime(reactor=reactor, registry=registry, config=Config(listeners=[lcfg], pools=[pcfg]))
-    runtime.pools["bench"] = pool
-    runtime.pool_configs["bench"] = pcfg
+    svc, forever = serve_one_listener(reactor, lcfg, pcfg, Registry.default(entry_points=False))
     if args.mode == "tcp":
-        from lbtwist.l4.tcp import tcp_listener
-
-        svc = tcp_listener(lcfg, runtime)
+        # levers apply to connections accepted from now on
         if args.no_eager:
             svc.relay.eager = False
         if args.read_size is not None:
             svc.relay.read_size = args.read_size or None
-    else:
-        from lbtwist.l4.udp import udp_listener
-
-        svc = udp_listener(lcfg, runtime)
-    svc.privilegedStartService()
-    svc.startService()
-    print(f"LISTENING {svc.address.port}", flush=True)
-    reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
-    # Runs until a signal stops the reactor (react then exits with status 0).
-    return defer.Deferred()
+    return forever
 
 
 def main(argv: list[str] | None = None) -> None:

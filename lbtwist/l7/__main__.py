@@ -7,7 +7,6 @@ proxy alone, without a config file and the whole service tree. Prints
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from typing import Any
 
@@ -28,37 +27,23 @@ def _args(argv: list[str]) -> argparse.Namespace:
 
 
 def _main(reactor: Any, args: argparse.Namespace) -> Any:
-    from twisted.internet import defer
-
-    from lbtwist.config.model import Config, ConnectionPoolConfig, HttpConfig, ListenerConfig, PoolConfig
-    from lbtwist.l7.listener import http_listener
-    from lbtwist.pool import Backend, Pool
+    from lbtwist.config.model import BackendConfig, ConnectionPoolConfig, HttpConfig, ListenerConfig, PoolConfig
     from lbtwist.registry import Registry
-    from lbtwist.runtime import Runtime
+    from lbtwist.service import serve_one_listener
 
-    registry = Registry.default(entry_points=False)
-    rng = random.Random()
-    balancer = registry.make_balancer(args.algorithm, {}, clock=reactor, rng=rng)
-    pool = Pool("bench", [Backend(address=a) for a in args.backend], balancer, reactor, rng=rng)
-    pcfg = PoolConfig(name="bench", drain_timeout=1.0,
+    pcfg = PoolConfig(name="bench", algorithm=args.algorithm, drain_timeout=1.0,
+                      backends=[BackendConfig(address=a) for a in args.backend],
                       connection_pool=ConnectionPoolConfig(max_per_backend=args.max_per_backend))
     lcfg = ListenerConfig(
         name="http", bind=args.listen, mode="http", pool="bench", max_connections=args.max_connections,
         http=HttpConfig(max_body_size=args.max_body_size, body_timeout=args.body_timeout,
                         request_timeout=args.request_timeout),
     )
-    runtime = Runtime(reactor=reactor, registry=registry, config=Config(listeners=[lcfg], pools=[pcfg]))
-    runtime.pools["bench"] = pool
-    runtime.pool_configs["bench"] = pcfg
-    svc = http_listener(lcfg, runtime)
+    svc, forever = serve_one_listener(reactor, lcfg, pcfg, Registry.default(entry_points=False))
     if args.no_eager:
         svc.proxy.eager = False
         svc.proxy.connection_pools.eager = False
-    svc.privilegedStartService()
-    svc.startService()
-    print(f"LISTENING {svc.address.port}", flush=True)
-    reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
-    return defer.Deferred()
+    return forever
 
 
 def main(argv: list[str] | None = None) -> None:
