@@ -638,9 +638,9 @@ class ResponseParser(_Framer):
             self.feed(data)
 
     def feed(self, data: bytes) -> None:
-        # The same framing loop as the request parser's feed(), kept inline on
-        # purpose: it runs for every read on every connection, and a shared
-        # helper with per-direction hooks cost measurably more per request.
+        # The request parser's framing loop, kept inline on purpose (it runs on
+        # every read of every connection). Differences: no skipping of empty
+        # lines before the head, and body bytes are counted in body_size.
         if self._buf:
             data = self._buf + data
             self._buf = b""
