@@ -217,24 +217,44 @@ class Pool:
         self._cached_version = self.version
 
     def select(self, ctx: PickContext) -> Backend | None:
-        cands = self.candidates(ctx.now)
+        now = ctx.now
+        # candidates(), inlined: this runs for every request
+        if self._cached_version != self.version or (self._ejected and self._expiry_passed(now)):
+            self._rebuild(now)
+        cands = self._candidates
         if not cands:
             return None
-        return self.balancer.pick(cands, ctx)
+        return self._balancer.pick(cands, ctx)
 
     # -- accounting ----------------------------------------------------------
 
-    def on_start(self, backend: Backend) -> None:
+    @property
+    def balancer(self) -> IBalancer:
+        return self._balancer
+
+    @balancer.setter
+    def balancer(self, balancer: IBalancer) -> None:
+        self._balancer = balancer
+        #: Algorithms that declare ``wants_outcomes = False`` (NoFeedback) are
+        #: not told of starts and finishes: two calls saved per request.
+        self._feedback = getattr(balancer, "wants_outcomes", True)
+
+    def on_start(self, backend: Backend, now: float | None = None) -> None:
         backend.active += 1
         backend.total += 1
-        self.balancer.on_start(backend, self.clock.seconds())
+        if self._feedback:
+            self._balancer.on_start(backend, self.clock.seconds() if now is None else now)
 
-    def on_finish(self, backend: Backend, latency: float, ok: bool, outcome: str | None = None) -> None:
+    def on_finish(self, backend: Backend, latency: float, ok: bool, outcome: str | None = None,
+                  now: float | None = None) -> None:
         """Work on ``backend`` ended. ``outcome`` refines ``ok`` for passive
-        health checking and metrics (see L{OUTCOMES}); defaults from ``ok``."""
+        health checking and metrics (see L{OUTCOMES}); defaults from ``ok``.
+        ``now``: the caller's clock reading, if it has one."""
         backend.active -= 1
-        now = self.clock.seconds()
-        self.balancer.on_finish(backend, now, latency, ok)
+        if now is None:
+            now = self.clock.seconds()
+        if self._feedback:
+            self._balancer.on_finish(backend, now, latency, ok)
         if backend.draining and backend.active <= 0:
             self._notify(backend, "drained", "no work left in flight")
         if self._outcome_observers:

@@ -55,7 +55,10 @@ def admits(backend: Backend, now: float, rng: random.Random) -> bool:
 
 
 class NoFeedback:
-    """Algorithms that do not learn from outcomes ignore start/finish events."""
+    """Algorithms that do not learn from outcomes ignore start/finish events
+    (and say so, so the pool does not call them at all)."""
+
+    wants_outcomes = False
 
     def on_start(self, backend: Backend, now: float) -> None:
         pass

@@ -146,7 +146,7 @@ class BackendConnection(Protocol):
             # such a connection is never reused.
             self._release = None
             if self.state == BUSY:
-                self.owner.release(self, release and not self.retire and self.parser.buffered() == 0)
+                self.owner.release(self, release and not self.retire and not self.parser._buf)
         elif self.state == TUNNEL:
             rest = self.parser.take_buffer()
             if rest:
@@ -222,7 +222,7 @@ class BackendConnection(Protocol):
         self.sink = sink
         self.requests += 1
         self.received = False
-        self.deadline.clear()  # the response timeout starts once the request is written
+        self.deadline.when = None  # clear(): the response timeout starts once the request is written
         parser = self.parser
         parser.handler = sink
         parser.expect(head_request)
@@ -236,7 +236,7 @@ class BackendConnection(Protocol):
         self.sink = None
         self.response = None
         self.parser.handler = self
-        self.deadline.clear()
+        self.deadline.when = None  # Deadline.clear(), inlined
         if self.state == BUSY:
             if self._in_feed:
                 self._release = reusable

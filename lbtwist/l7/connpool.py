@@ -174,7 +174,12 @@ class BackendConnections:
             and b.enabled
             and not b.draining
         ):
-            self._hand_over(conn, now)
+            if self.waiting or conn.read_paused or self._sweeper is None:
+                self._hand_over(conn, now)
+                return
+            conn.state = IDLE  # _hand_over()'s common case, inlined
+            conn.idle_since = now
+            self.idle.append(conn)
         else:
             conn.close()
 
@@ -287,6 +292,8 @@ class ConnectionPools:
         #: Apply fastio's eager write to backend connections.
         self.eager = True
         self._by_backend: dict[Backend, BackendConnections] = {}
+        #: The same dict, read directly by the exchange once per request.
+        self.by_backend = self._by_backend
         self._watched: set[int] = set()
         #: pool name -> lbtwist.tls BackendTLS or None (set by the listener wiring).
         self.tls_lookup: Any = None

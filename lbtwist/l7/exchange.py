@@ -94,18 +94,20 @@ class Exchange:
     #: When the last attempt was reported (saves another clock read).
     ended = 0.0
 
+    #: Backends tried without a retry state (with one, ``st.tried`` is the list).
+    exclude: "list[Backend] | tuple" = ()
+    #: Backend-bound bytes held until the client's current read is parsed
+    #: (a list once there are some).
+    req_out: "list[bytes] | tuple" = ()
+
     def __init__(self, client: "HttpProxyProtocol", req: Request) -> None:
         self.client = client
         ctx = self.ctx = client.ctx
         self.req = req
-        self.clock = ctx.clock
-        self.started = ctx.clock.seconds()
-        #: Backends tried (retries and failover avoid them).
-        self.exclude: list[Backend] = []
+        clock = self.clock = ctx.clock
+        self.started = clock.seconds()
         #: Client-bound bytes, written once per event (see flush).
         self.out: list[bytes] = []
-        #: Backend-bound bytes held until the client's current read is parsed.
-        self.req_out: list[bytes] = []
         if req.has_body:
             self.body = RequestBody(req.chunked, 0)
             self.request_complete = False
@@ -150,8 +152,13 @@ class Exchange:
             self.reject(503, f"pool {plan.pool!r} does not exist", outcome="gateway")
             return
         self.pool = pool
-        self.request_id = req.request_id or ctx.ids.new()
+        rid = req.request_id
+        if rid is None:
+            ids = ctx.ids  # RequestIds.new(), inlined: once per request
+            rid = b"%s-%x" % (ids.prefix, next(ids.count))
+        self.request_id = rid
         rr = plan.resilience
+        st = None
         if rr is not None:
             limiter = rr.rate_limiter
             if limiter is not None:
@@ -162,7 +169,8 @@ class Exchange:
                     return
             method = req.method
             st = self.st = rr.start_request(ctx.resilience.pool(plan.pool), self.clock, ctx.rng, method=method,
-                                            headers=() if method in _IDEMPOTENT else req.all_headers)
+                                            headers=() if method in _IDEMPOTENT else req.all_headers,
+                                            now=self.started)
             refused = st.admit()
             if refused is not None:
                 self.reject(503, f"pool {plan.pool!r}: {refused.value} reached",
@@ -179,10 +187,10 @@ class Exchange:
                 return
         if ctx.sticky is None:  # the common case, inline: balance, forward
             client = self.client
-            st = self.st
-            backend = pool.select(PickContext(self.started, plan.hash_key.key(req, client.client_ip),
-                                              self.exclude if st is None else st.pick_exclude(self.started),
-                                              client.client_ip_str))
+            hk = plan.hash_key
+            backend = pool.select(PickContext(
+                self.started, client.client_ip if hk.kind == "source" else hk.key(req, client.client_ip),
+                self.exclude if st is None else st.pick_exclude(self.started), client.client_ip_str))
             if backend is None:
                 self.forward()  # no backend, or all held out: pick() decides
                 return
@@ -226,7 +234,7 @@ class Exchange:
         plan = self.plan
         req = self.req
         pool = self.pool
-        conns = ctx.connection_pools.find(backend)
+        conns = ctx.connection_pools.by_backend.get(backend)  # find(), without the call
         if conns is None:
             pcfg = ctx.runtime.pool_configs.get(pool.name)  # type: ignore[union-attr]
             if pcfg is not None:
@@ -248,17 +256,21 @@ class Exchange:
             self.head = backend_request_head(req, client.client_ip, client.tls, self.request_id, ctx.forwarding,
                                              plan.request_rewriter, req.upgrade is not None)  # type: ignore[union-attr]
         self.backend = backend
-        self.tries += 1
-        self.exclude.append(backend)
-        att = Attempt(self, backend, conns, self.head, req.method == b"HEAD", timeout,
-                      self.body, self.clock.seconds() if self.tries > 1 else self.started)
-        if self.tries > 1:
+        tries = self.tries = self.tries + 1
+        if st is None:
+            if self.exclude:
+                self.exclude.append(backend)  # type: ignore[union-attr]
+            else:
+                self.exclude = [backend]
+        now = self.started if tries == 1 else self.clock.seconds()
+        att = Attempt(self, backend, conns, self.head, req.method == b"HEAD", timeout, self.body, now)
+        if tries > 1:
             att.replay = True  # a retry: the whole body again, from the replay copy
         self.attempt = att
         self._reported = False
         if st is not None:
-            st.on_attempt_start(backend)
-        pool.on_start(backend)  # type: ignore[union-attr]
+            st.on_attempt_start(backend, now)
+        pool.on_start(backend, now)  # type: ignore[union-attr]
         if not conns.acquire(att) and self.attempt is att:
             # Queued behind the backend's connection cap: bound the wait.
             self._queue_timer = self.clock.callLater(timeout, self._queue_expired, att)
@@ -392,9 +404,11 @@ class Exchange:
         elif self.framing == FRAME_CHUNKED:
             self.out.append(LAST_CHUNK)
         out = self.out
-        if out:  # flush(), inlined
+        if out:  # flush() and client.write(), inlined
             self.out = []
-            self.client.write(out[0] if len(out) == 1 else b"".join(out))
+            client = self.client
+            if not client.closed:
+                client.transport.write(out[0] if len(out) == 1 else b"".join(out))
         conn = att.conn  # att.finish(), inlined
         att.conn = None
         conn.finish(resp.keep_alive and att.body_done)  # type: ignore[union-attr]
@@ -403,12 +417,13 @@ class Exchange:
             self._cancel_queue_timer()
         now = self.ended = self.clock.seconds()
         status = self.status
-        self.pool.on_finish(att.backend, now - att.started, status < 500, "ok" if status < 500 else "5xx")  # type: ignore[union-attr]
+        outcome = "ok" if status < 500 else "5xx"
+        self.pool.on_finish(att.backend, now - att.started, status < 500, outcome, now)  # type: ignore[union-attr]
         st = self.st
         if st is not None and not self._reported:
             self._reported = True
-            st.on_attempt_finish(att.backend, "ok" if status < 500 else "5xx", status,
-                                 resp.header(b"retry-after") if status == 503 else None)  # type: ignore[union-attr]
+            st.on_attempt_finish(att.backend, outcome, status,
+                                 resp.header(b"retry-after") if status == 503 else None, now)  # type: ignore[union-attr]
         self._done(self.keep_alive)
 
     def attempt_failed(self, att: Attempt, failure: Failed) -> None:
@@ -597,7 +612,7 @@ class Exchange:
         """The client sent a bad request body (e.g. malformed chunk, too large)."""
         if self.done:
             return
-        self.req_out = []  # never forward any part of a bad request
+        self.req_out = ()  # never forward any part of a bad request
         att = self.attempt
         if att is not None:
             att.cancel()
@@ -617,7 +632,7 @@ class Exchange:
     def flush(self) -> None:
         rq = self.req_out
         if rq:
-            self.req_out = []
+            self.req_out = ()
             att = self.attempt
             if att is not None and att.conn is not None:
                 att.conn.write(rq[0] if len(rq) == 1 else b"".join(rq))

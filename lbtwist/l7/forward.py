@@ -212,7 +212,10 @@ class Attempt:
         in the same read then never reaches the backend at all."""
         owner = self.owner
         if owner.client.feeding:
-            owner.req_out.append(data)
+            if owner.req_out:
+                owner.req_out.append(data)
+            else:
+                owner.req_out = [data]
         else:
             self.conn.write(data)  # type: ignore[union-attr]
 

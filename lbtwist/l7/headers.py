@@ -65,11 +65,12 @@ class RequestIds:
     per request costs more than the rest of the header work)."""
 
     def __init__(self) -> None:
-        self._prefix = os.urandom(6).hex().encode()
-        self._count = itertools.count(1)
+        self.prefix = os.urandom(6).hex().encode()
+        #: The exchange reads ``prefix`` and ``count`` itself (one call less per request).
+        self.count = itertools.count(1)
 
     def new(self) -> bytes:
-        return b"%s-%x" % (self._prefix, next(self._count))
+        return b"%s-%x" % (self.prefix, next(self.count))
 
 
 def _forwarded_node(ip: bytes) -> bytes:

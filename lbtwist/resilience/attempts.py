@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from lbtwist.resilience.breaker import BreakerSet
+from lbtwist.resilience.breaker import BreakerSet, BreakerState
 from lbtwist.resilience.budget import RetryBudget
 from lbtwist.resilience.limits import Limit, PoolLimits, Slot
 from lbtwist.resilience.retry import Failure, RetryPolicy, parse_retry_after
@@ -63,6 +63,10 @@ REASONS = (
 #: parsers hand them over: a dict hit instead of a decode per request.
 _IDEMPOTENT = {m: True for m in ("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE")}
 _IDEMPOTENT.update({m.encode(): True for m in list(_IDEMPOTENT)})
+_REQUESTS = Limit.REQUESTS
+_CLOSED = BreakerState.CLOSED
+#: Shared jitter source for states built without one (never seeded: not a test path).
+_RNG = random.Random()
 
 
 class RetryStats:
@@ -83,21 +87,30 @@ class RequestRetryState:
     Creating it records the request against the retry ``budgets`` (route, and
     pool-wide if any): that is what earns retry credit. Tries are sequential
     (one in flight at a time), which is what the data plane does.
+
+    One of these is built per request, so its per-request path is kept to a
+    handful of calls: attributes default at class level, the ``max_requests``
+    unit is a counter (not a L{Slot} object), and the set of backends tried
+    is built only when a retry asks for it.
     """
 
-    # Class-level defaults (no __slots__): one of these is built per request,
-    # so construction only sets what differs per request.
     stats: RetryStats | None = None
+    budgets: tuple[RetryBudget, ...] = ()
+    breakers: BreakerSet | None = None
+    limits: PoolLimits | None = None
+    deadline: float | None = None
+    method: str | bytes | None = None
+    eligible = True
     #: Tries started so far.
     attempts = 0
     #: Retries granted so far.
     retries = 0
     #: Backends tried, in order (a list once the first try started).
     tried: "list[object] | tuple" = ()
-    _tried_set: frozenset = frozenset()
     #: Breaker generation of the try in flight (see L{BreakerSet.on_start}).
     _gen: int | None = None
-    _request_slot: Slot | None = None
+    #: This request holds one unit of the pool's ``max_requests``.
+    _holds_request = False
     _retry_slot: Slot | None = None
     #: The retry slot belongs to a try that has started (so that try's end frees it).
     _retry_slot_bound = False
@@ -116,44 +129,52 @@ class RequestRetryState:
         headers: Iterable[tuple[str, str]] | Iterable[tuple[bytes, bytes]] = (),
         timeout: float | None = None,
         stats: RetryStats | None = None,
+        now: float | None = None,
     ) -> None:
         if clock is None:
             raise TypeError("RequestRetryState needs a clock (IReactorTime)")
         self.policy = policy
-        # One of these is built per request: the common shapes take the short path.
         if type(budgets) is tuple:
-            self.budgets: tuple[RetryBudget, ...] = budgets
+            self.budgets = budgets
         elif isinstance(budgets, RetryBudget):
             self.budgets = (budgets,)
         else:
             self.budgets = tuple(budgets)
-        self.breakers = breakers
-        self.limits = limits
+        if breakers is not None:
+            self.breakers = breakers
+        if limits is not None:
+            self.limits = limits
         self.clock = clock
-        self.rng = rng or random.Random()
+        self.rng = rng or _RNG
         if stats is not None:
             self.stats = stats
-        self.method = method
-        self.eligible = (method is None or _IDEMPOTENT.get(method, False)
-                         or policy.eligible(method) or policy.has_key(headers))
-        now = clock.seconds()
+        if method is not None:
+            self.method = method
+            if not _IDEMPOTENT.get(method, False):
+                self.eligible = policy.eligible(method) or policy.has_key(headers)
+        if now is None:
+            now = clock.seconds()
         self.started = now
-        #: Absolute time the whole request must be answered by (route timeout).
-        self.deadline = None if timeout is None else now + timeout
+        if timeout is not None:
+            #: Absolute time the whole request must be answered by (route timeout).
+            self.deadline = now + timeout
         for budget in self.budgets:
             budget.record_request(now)
 
     # -- admission ---------------------------------------------------------------
 
     def admit(self) -> Limit | None:
-        """Take a ``max_requests`` slot for the whole request. Returns the limit
+        """Take a ``max_requests`` unit for the whole request. Returns the limit
         that refused (answer 503 naming it), or None when admitted."""
-        if self.limits is None or self._request_slot is not None:
+        limits = self.limits
+        if limits is None or self._holds_request:
             return None
-        slot = self.limits.try_acquire(Limit.REQUESTS)
-        if slot is None:
-            return Limit.REQUESTS
-        self._request_slot = slot
+        in_use = limits._in_use  # PoolLimits.take(), inlined: once per request
+        if in_use[_REQUESTS] >= limits._max[_REQUESTS]:
+            limits.refused[_REQUESTS] += 1
+            return _REQUESTS
+        in_use[_REQUESTS] += 1
+        self._holds_request = True
         return None
 
     # -- picking -----------------------------------------------------------------
@@ -161,15 +182,16 @@ class RequestRetryState:
     @property
     def exclude(self) -> frozenset:
         """Backends already tried: a retry goes elsewhere."""
-        return self._tried_set
+        return frozenset(self.tried)
 
-    def pick_exclude(self, now: float | None = None) -> frozenset:
+    def pick_exclude(self, now: float | None = None) -> "frozenset | list | tuple":
         """What to put in L{lbtwist.pool.PickContext.exclude}: backends tried,
         plus those whose breaker is open (or held by Retry-After)."""
-        if self.breakers is None:
-            return self._tried_set
-        blocked = self.breakers.blocked(self.clock.seconds() if now is None else now)
-        return self._tried_set | blocked if blocked else self._tried_set
+        breakers = self.breakers
+        if breakers is None or not breakers.watching:
+            return self.tried
+        blocked = breakers.blocked(self.clock.seconds() if now is None else now)
+        return blocked.union(self.tried) if blocked else self.tried
 
     def try_timeout(self, now: float | None = None) -> float | None:
         """Timeout for the next try: the per-try timeout cut to what is left of
@@ -182,35 +204,45 @@ class RequestRetryState:
 
     # -- attempt lifecycle --------------------------------------------------------
 
-    def on_attempt_start(self, backend: object) -> None:
+    def on_attempt_start(self, backend: object, now: float | None = None) -> None:
         """A try is being sent to ``backend``."""
         self.attempts += 1
         if self._retry_slot is not None:
             self._retry_slot_bound = True
-        if backend not in self._tried_set:
-            tried = self.tried
-            if type(tried) is tuple:
-                tried = self.tried = list(tried)
-            tried.append(backend)
-            self._tried_set = frozenset(tried)
-        if self.breakers is not None:
-            self._gen = self.breakers.on_start(backend, self.clock.seconds())
+        tried = self.tried
+        if not tried:
+            self.tried = [backend]
+        elif backend not in tried:
+            tried.append(backend)  # type: ignore[union-attr]
+        breakers = self.breakers
+        if breakers is not None:
+            b = breakers._breakers.get(backend)
+            if b is not None and b.state is _CLOSED:  # BreakerSet.on_start's common case, inlined
+                self._gen = b.generation
+            else:
+                self._gen = breakers.on_start(backend, self.clock.seconds() if now is None else now)
 
     def on_attempt_finish(
         self, backend: object, outcome: str, status: int | None = None,
-        retry_after: str | bytes | None = None,
+        retry_after: str | bytes | None = None, now: float | None = None,
     ) -> None:
         """The try on ``backend`` ended. ``outcome`` as in L{lbtwist.pool.OUTCOMES}
         ("ok", "5xx", "gateway", "cancelled"); ``retry_after`` is the raw
         ``Retry-After`` header of a 503, which holds the backend out that long."""
-        now = self.clock.seconds()
-        if self.breakers is not None:
+        breakers = self.breakers
+        if breakers is not None:
             gen, self._gen = self._gen, None
-            self.breakers.on_finish(backend, now, outcome, status, gen)
+            b = breakers._breakers.get(backend)
+            if outcome == "ok" and b is not None and b.state is _CLOSED and gen == b.generation:
+                b.failures = 0  # BreakerSet.on_finish's common case, inlined
+            else:
+                if now is None:
+                    now = self.clock.seconds()
+                breakers.on_finish(backend, now, outcome, status, gen)
             if status == 503 and retry_after is not None:
                 seconds = parse_retry_after(retry_after, now)
                 if seconds:
-                    self.breakers.hold(backend, now, seconds)
+                    breakers.hold(backend, now, seconds)
         if self._retry_slot is not None and self._retry_slot_bound:
             self._retry_slot.release()
             self._retry_slot = None
@@ -287,6 +319,6 @@ class RequestRetryState:
         if self._retry_slot is not None:
             self._retry_slot.release()
             self._retry_slot = None
-        if self._request_slot is not None:
-            self._request_slot.release()
-            self._request_slot = None
+        if self._holds_request:
+            self._holds_request = False
+            self.limits._in_use[_REQUESTS] -= 1  # type: ignore[union-attr]  # PoolLimits.give()

@@ -191,6 +191,9 @@ class BreakerSet:
         #: Backends whose breaker is not plainly closed-and-unheld: the only
         #: ones L{blocked} has to look at, so the common case is O(1).
         self._watch: set[object] = set()
+        #: The same set under a public name: empty means L{blocked} is empty
+        #: (the data plane checks it before calling L{blocked} per request).
+        self.watching = self._watch
         self._listeners: list[TransitionListener] = []
         #: Times a breaker opened, pool-wide (a counter for metrics).
         self.opened_total = 0

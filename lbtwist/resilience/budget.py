@@ -84,7 +84,15 @@ class RetryBudget:
 
     def record_request(self, now: float) -> None:
         """A client request (its first try) was seen: it earns retry credit."""
-        self._requests[self._slot(now)] += 1
+        # _slot(), inlined: this runs for every request.
+        epoch = int(now // self._width)
+        i = epoch % self.slots
+        if self._epochs[i] != epoch:
+            self._epochs[i] = epoch
+            self._requests[i] = 1
+            self._retries[i] = 0
+        else:
+            self._requests[i] += 1
         self.requests_total += 1
 
     def allowance(self, now: float) -> float:

@@ -80,21 +80,18 @@ class RouteResilience:
         clock: IReactorTime,
         rng: random.Random,
         *,
-        method: str | None,
+        method: str | bytes | None,
         headers: Any = (),
+        now: float | None = None,
     ) -> RequestRetryState:
         """The planner for one request; counts it against the route budget and
         the pool-wide budget. ``headers``: (lower-case name, value) pairs."""
-        budgets = (self.budget,) if pool is None or pool.budget is None else (self.budget, pool.budget)
+        if pool is None:
+            return RequestRetryState(self.policy, (self.budget,), None, None, clock, rng, method=method,
+                                     headers=headers, timeout=self.timeout, stats=self.stats, now=now)
         return RequestRetryState(
             self.policy,
-            budgets,
-            None if pool is None else pool.breakers,
-            None if pool is None else pool.limits,
-            clock,
-            rng,
-            method=method,
-            headers=headers,
-            timeout=self.timeout,
-            stats=self.stats,
+            (self.budget,) if pool.budget is None else (self.budget, pool.budget),
+            pool.breakers, pool.limits, clock, rng, method=method, headers=headers,
+            timeout=self.timeout, stats=self.stats, now=now,
         )

@@ -33,11 +33,17 @@ class RuntimeResilience:
         pcfg = self.runtime.pool_configs.get(name)
         if pcfg is None:
             return None
-        keys = _keys(pcfg)
         got = self._pools.get(name)
         if got is not None:
             old_keys, pres = got
+            # the per-request case, without building a key tuple: same config objects
+            if (old_keys[0] is pcfg.circuit_breaker and old_keys[1] is pcfg.limits
+                    and old_keys[2] is pcfg.retry_budget):
+                return pres
+        keys = _keys(pcfg)
+        if got is not None:
             if old_keys == keys:
+                self._pools[name] = (keys, pres)
                 return pres
             if old_keys[1] != keys[1] and old_keys[0] == keys[0] and old_keys[2] == keys[2]:
                 # only the limits changed: keep the slots held, new maxima
