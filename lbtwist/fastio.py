@@ -16,9 +16,15 @@ Why each lever exists (measured, see the performance notes):
     ``log.callWithLogger`` (a log-context push per event); a reactor that
     dispatches directly, still catching and logging errors, spends that time
     on the relay instead. Opt-in, installed by the process entry point.
+  - **Inline read.** A plain read event then still runs three Twisted frames
+    (``_doReadOrWrite``, ``doRead``, ``_dataReceived``) before the protocol
+    sees the bytes, twice per proxied request. The lean reactor runs their
+    code in its poll loop for accelerated transports whose read path is
+    Twisted's own.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import twisted
@@ -31,6 +37,10 @@ CHECKED_TWISTED_MAJOR = (26,)
 L4_READ_SIZE = 1 << 20
 
 _eager_classes: dict[type, type] = {}
+
+#: Eager classes whose read path is exactly Twisted's ``tcp.Connection`` one,
+#: so the lean reactor may run it inline (checked once, when the class is made).
+_inline_read_classes: set[type] = set()
 
 
 class _EagerWriteMixin:
@@ -85,6 +95,11 @@ def _eager_class(cls: type) -> type:
     if eager is None:
         eager = type(f"Eager{cls.__name__}", (_EagerWriteMixin, cls), {})
         _eager_classes[cls] = eager
+        if (
+            eager.doRead is tcp.Connection.doRead  # type: ignore[attr-defined]
+            and eager._dataReceived is tcp.Connection._dataReceived  # type: ignore[attr-defined]
+        ):
+            _inline_read_classes.add(eager)
     return eager
 
 
@@ -115,8 +130,22 @@ def lean_reactor_class() -> type:
 
     ``_doReadOrWrite`` already catches and logs every exception from a
     selectable and disconnects it; the only thing skipped is the per-event
-    log-context push (so errors are logged without the selectable's prefix)."""
-    from twisted.internet import epollreactor
+    log-context push (so errors are logged without the selectable's prefix).
+
+    A plain read event (``EPOLLIN`` alone) on an accelerated transport whose
+    read path is Twisted's own runs that path inline: ``_doReadOrWrite`` with
+    ``tcp.Connection.doRead`` and ``_dataReceived`` folded in, statement for
+    statement (pinned in tests/test_l4_fastio.py). Everything else goes
+    through ``_doReadOrWrite``."""
+    from select import EPOLLIN
+
+    from twisted.internet import epollreactor, posixbase
+    from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+    from twisted.python import log
+
+    inline_read = _inline_read_classes
+    no_filedesc = posixbase._NO_FILEDESC
+    would_block = tcp.EWOULDBLOCK
 
     class LeanEPollReactor(epollreactor.EPollReactor):
         def doPoll(self, timeout: float | None) -> None:
@@ -130,8 +159,35 @@ def lean_reactor_class() -> type:
             dispatch = self._doReadOrWrite
             for fd, event in events:
                 selectable = selectables.get(fd)
-                if selectable is not None:
+                if selectable is None:
+                    continue
+                if event != EPOLLIN or type(selectable) not in inline_read or selectable.TLS:
                     dispatch(selectable, fd, event)
+                    continue
+                inRead = False
+                try:
+                    if selectable.fileno() == -1:
+                        # Closed earlier in this pass: never read it.
+                        why = no_filedesc
+                    else:
+                        try:
+                            data = selectable.socket.recv(selectable.bufferSize)
+                        except OSError as se:
+                            if se.args[0] == would_block:
+                                continue
+                            why = CONNECTION_LOST
+                        else:
+                            if data:
+                                # Outside the OSError handler, as in Twisted.
+                                selectable.protocol.dataReceived(data)
+                                continue
+                            why = CONNECTION_DONE
+                        inRead = True
+                except BaseException:
+                    why = sys.exc_info()[1]
+                    log.err()
+                if why:
+                    self._disconnectSelectable(selectable, why, inRead)
 
         doIteration = doPoll
 

@@ -1,12 +1,15 @@
 """Pins the Twisted internals lbtwist.fastio relies on, and the levers' behaviour
 on real sockets. A Twisted upgrade that breaks an assumption fails here first."""
+import errno
 import inspect
+import re
+import select
 import socket
 
 import pytest
 import pytest_twisted
 import twisted
-from twisted.internet import abstract, defer, epollreactor, posixbase, protocol, reactor, tcp
+from twisted.internet import _newtls, abstract, defer, epollreactor, error, posixbase, protocol, reactor, tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
@@ -33,6 +36,42 @@ def test_twisted_internals_still_as_assumed():
     assert "log.callWithLogger" in inspect.getsource(epollreactor.EPollReactor.doPoll)
     init = inspect.getsource(epollreactor.EPollReactor.__init__)
     assert "self._poller" in init and "self._selectables" in init
+    # Inline read: the lean poll loop folds these three in, statement for statement.
+    assert (
+        "why = None inRead = False if event & self._POLL_DISCONNECTED and not (event & self._POLL_IN):"
+        in _flat(posixbase._PollLikeMixin._doReadOrWrite)
+    )
+    assert (
+        "else: try: if selectable.fileno() == -1: why = _NO_FILEDESC else: if event & self._POLL_IN: "
+        "why = selectable.doRead() inRead = True if not why and event & self._POLL_OUT: "
+        "why = selectable.doWrite() inRead = False except BaseException: why = sys.exc_info()[1] log.err() "
+        "if why: self._disconnectSelectable(selectable, why, inRead)"
+    ) in _flat(posixbase._PollLikeMixin._doReadOrWrite)
+    assert (
+        "try: data = self.socket.recv(self.bufferSize) except OSError as se: if se.args[0] == EWOULDBLOCK: "
+        "return None else: return main.CONNECTION_LOST return self._dataReceived(data)"
+    ) in _flat(tcp.Connection.doRead)
+    assert (
+        "if not data: return main.CONNECTION_DONE self.protocol.dataReceived(data) return None"
+    ) in _flat(tcp.Connection._dataReceived)
+    er = epollreactor.EPollReactor
+    assert er._POLL_IN == select.EPOLLIN and not er._POLL_DISCONNECTED & select.EPOLLIN
+    assert er._disconnectSelectable is posixbase._DisconnectSelectableMixin._disconnectSelectable
+    assert isinstance(posixbase._NO_FILEDESC, error.ConnectionFdescWentAway)
+    assert tcp.EWOULDBLOCK == errno.EAGAIN
+    # fileno() is the socket's until connectionLost deletes it; then FileDescriptor's -1.
+    assert "self.fileno: Callable[[], int] = skt.fileno" in inspect.getsource(tcp.Connection.__init__)
+    assert "del self.fileno" in inspect.getsource(tcp.Connection.connectionLost)
+    assert "return -1" in inspect.getsource(fd.fileno)
+    # startTLS keeps the transport's class and marks it with TLS.
+    assert "transport.TLS = True" in inspect.getsource(_newtls.startTLS)
+    for cls in (tcp.Server, tcp.Client):
+        assert fastio._eager_class(cls) in fastio._inline_read_classes, cls
+
+
+def _flat(fn) -> str:
+    """Source without comments, whitespace collapsed."""
+    return " ".join(re.sub(r"#[^\n]*", "", inspect.getsource(fn)).split())
 
 
 def test_accelerate_ignores_other_transports():

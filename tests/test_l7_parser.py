@@ -1,6 +1,7 @@
 """The sans-IO parsers, the chunked coding and header serialisation."""
 from __future__ import annotations
 
+import httptools
 import pytest
 
 from lbtwist.config.model import HeaderRewrite
@@ -17,7 +18,7 @@ from lbtwist.l7.headers import (
     client_framing,
     client_response_head,
 )
-from lbtwist.l7.parser import RequestParser, ResponseParser
+from lbtwist.l7.parser import _SPECIAL, RequestParser, ResponseParser, _learn_kind
 
 
 class Rec:
@@ -225,3 +226,152 @@ def test_error_page_is_small_and_names_the_cause():
     assert b"content-length: %d" % len(body) in head
     assert body == b"502 Bad Gateway: backend 10.0.0.1:80: connection refused\n"
     assert error_page(503, "x", head_only=True).endswith(b"\r\n\r\n")
+
+
+# -- the hot path's shortcuts: each one agrees with what llhttp saw ----------------------------
+
+
+class _Spans:
+    """httptools callbacks recording what llhttp itself reports."""
+
+    def __init__(self):
+        self.url = self.status = b""
+
+    def on_url(self, url):
+        self.url += url
+
+    def on_status(self, status):
+        self.status += status
+
+
+@pytest.mark.parametrize("target", [
+    b"/", b"/a/b?c=d&e=%41", b"*", b"//x", b"/a;b:c@d", b"/?", b"/a\"<>{}|\\^`", b"/" + b"p" * 300,
+])
+def test_target_is_sliced_exactly_as_llhttp_reports_it(target):
+    """No on_url callback: the target is cut from the request line."""
+    raw = b"OPTIONS " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n"
+    spans = _Spans()
+    httptools.HttpRequestParser(spans).feed_data(raw)
+    assert _req(raw).target == spans.url == target
+
+
+@pytest.mark.parametrize("target", [b"/a\x01b", b"/a\x7f", b"/caf\xc3\xa9", b"/a\tb", b"", b"/a b", b"index.html"])
+def test_bad_targets_are_still_rejected_by_llhttp(target):
+    with pytest.raises(ParseError) as e:
+        RequestParser(Rec()).feed(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert e.value.status == 400
+
+
+@pytest.mark.parametrize("line", [
+    b"HTTP/1.1 200 OK", b"HTTP/1.1 200", b"HTTP/1.1 200 ", b"HTTP/1.1 404  Not  Found ", b"HTTP/1.0 503 a\tb",
+    b"HTTP/1.1 200 \xe9t\xe9",
+])
+def test_reason_is_sliced_exactly_as_llhttp_reports_it(line):
+    """No on_status callback: the reason is cut from the status line."""
+    raw = line + b"\r\nContent-Length: 0\r\n\r\n"
+    spans = _Spans()
+    httptools.HttpResponseParser(spans).feed_data(raw)
+    rec = Rec()
+    p = ResponseParser(rec)
+    p.expect(False)
+    p.feed(raw)
+    assert rec.ev[0][1].reason == spans.status
+
+
+def test_head_that_llhttp_leaves_unfinished_is_rejected():
+    """The end of the head is signalled by llhttp (through list.clear); a head
+    it has not finished is refused. Framing never hands over such a head, so
+    call _head directly."""
+    with pytest.raises(ParseError) as e:
+        RequestParser(Rec())._head(b"GET / HTTP/1.1\r\nHost: h\r\n")
+    assert e.value.status == 400
+    p = ResponseParser(Rec())
+    p.expect(False)
+    with pytest.raises(ParseError) as e:
+        p._head(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n")
+    assert e.value.status == 502
+
+
+def test_header_count_limit_holds_for_the_shortest_field_lines():
+    """Short heads skip counting (a field line is at least 4 bytes): the
+    limit must still bite exactly at max_headers + 1 of the shortest lines."""
+    for n, status in ((3, None), (4, 431)):
+        p = RequestParser(Rec(), max_headers=3)
+        raw = b"GET / HTTP/1.0\r\n" + b"a:\r\n" * n + b"\r\n"
+        if status is None:
+            p.feed(raw)
+        else:
+            with pytest.raises(ParseError) as e:
+                p.feed(raw)
+            assert e.value.status == status
+    for n, status in ((3, None), (4, 502)):
+        p = ResponseParser(Rec(), max_headers=3)
+        p.expect(False)
+        raw = b"HTTP/1.1 200 OK\r\n" + b"a:\r\n" * n + b"\r\n"
+        if status is None:
+            p.feed(raw)
+        else:
+            with pytest.raises(ParseError) as e:
+                p.feed(raw)
+            assert e.value.status == status
+
+
+def test_every_host_is_checked_on_a_keep_alive_connection():
+    """Host validity is remembered for the last value only."""
+    rec = Rec()
+    p = RequestParser(rec)
+    for _ in range(2):
+        p.feed(b"GET / HTTP/1.1\r\nHost: a.test:80\r\n\r\n")
+        p.next()
+    with pytest.raises(ParseError) as e:
+        p.feed(b"GET / HTTP/1.1\r\nHost: a.test/evil\r\n\r\n")
+    assert e.value.status == 400
+    assert [e[1].host for e in rec.ev if e[0] == "req"] == [b"a.test:80"] * 2
+
+
+def test_field_names_in_any_case_every_time():
+    """Names are looked up as received once learned; every spelling keeps
+    its meaning on later messages."""
+    rec = Rec()
+    p = RequestParser(rec)
+    for name in (b"cOnTeNt-LeNgTh", b"cOnTeNt-LeNgTh", b"CONTENT-LENGTH"):
+        p.feed(b"POST / HTTP/1.1\r\nhOsT: h\r\n" + name + b": 2\r\n\r\nab")
+        p.next()
+    reqs = [e[1] for e in rec.ev if e[0] == "req"]
+    assert [(r.host, r.content_length, r.headers) for r in reqs] == [(b"h", 2, [])] * 3
+    for _ in range(2):
+        with pytest.raises(ParseError) as e:
+            RequestParser(Rec()).feed(b"GET / HTTP/1.1\r\nHOST: a\r\nhost: b\r\n\r\n")
+        assert e.value.status == 400
+    rec = Rec()
+    p = ResponseParser(rec)
+    for _ in range(2):
+        p.expect(False)
+        p.feed(b"HTTP/1.1 200 OK\r\nCONNECTION: close\r\ncontent-length: 1\r\nX-Other: y\r\n\r\nz")
+    resps = [e[1] for e in rec.ev if e[0] == "resp"]
+    assert [(r.keep_alive, r.content_length, r.headers) for r in resps] == [(False, 1, [(b"X-Other", b"y")])] * 2
+
+
+def test_learned_field_names_are_bounded():
+    kinds = {b"x-%d" % i: 0 for i in range(1000)}
+    assert _learn_kind(kinds, _SPECIAL, b"Content-Length") == 2
+    assert _learn_kind({}, _SPECIAL, b"X-" + b"n" * 100) == 0
+    assert len(kinds) == 1000 and b"Content-Length" not in kinds
+
+
+@pytest.mark.parametrize("raw,expected", [
+    # (keep_alive, connection_tokens, upgrade, expect_continue, has_body)
+    (b"GET / HTTP/1.0\r\n\r\n", (False, (), None, False, False)),
+    (b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", (True, (b"keep-alive",), None, False, False)),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nProxy-Connection: close\r\n\r\n", (False, (b"close",), None, False, False)),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: ws\r\n\r\n",
+     (True, (b"upgrade",), b"ws", False, False)),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: ws\r\n\r\n", (True, (), None, False, False)),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: ws\r\nContent-Length: 1\r\n\r\nx",
+     (True, (b"upgrade",), None, False, True)),
+    (b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx", (False, (), None, False, True)),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-Continue\r\nContent-Length: 0\r\n\r\n", (True, (), None, True, False)),
+])
+def test_connection_upgrade_and_expect(raw, expected):
+    r = _req(raw)
+    assert (r.keep_alive, r.connection_tokens, r.upgrade, r.expect_continue, r.has_body) == expected

@@ -170,8 +170,8 @@ class Exchange:
             method = req.method
             st = self.st = rr.start_request(ctx.resilience.pool(plan.pool), self.clock, ctx.rng, method=method,
                                             headers=() if method in _IDEMPOTENT else req.all_headers,
-                                            now=self.started)
-            refused = st.admit()
+                                            now=self.started, admit=True)
+            refused = st.refused
             if refused is not None:
                 self.reject(503, f"pool {plan.pool!r}: {refused.value} reached",
                             extra=tuple(overflow_headers(refused)))
@@ -190,7 +190,8 @@ class Exchange:
             hk = plan.hash_key
             backend = pool.select(PickContext(
                 self.started, client.client_ip if hk.kind == "source" else hk.key(req, client.client_ip),
-                self.exclude if st is None else st.pick_exclude(self.started), client.client_ip_str))
+                self.exclude if st is None else st.pick_exclude(self.started) if st.watching else st.tried,
+                client.client_ip_str))
             if backend is None:
                 self.forward()  # no backend, or all held out: pick() decides
                 return
@@ -666,9 +667,11 @@ class Exchange:
             self._cancel_queue_timer()
         st = self.st
         if st is not None:
-            t, self._retry_timer = self._retry_timer, None
-            if t is not None and t.active():
-                t.cancel()
+            t = self._retry_timer
+            if t is not None:
+                self._retry_timer = None
+                if t.active():
+                    t.cancel()
             st.finish()
         ctx = self.ctx
         hub = ctx.runtime.traffic

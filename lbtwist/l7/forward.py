@@ -160,7 +160,8 @@ class Attempt:
             # No corking needed: the head was validated whole, and bytes after
             # it (pipelined requests) wait in the parser until this exchange ends.
             conn.transport.write(self.head)
-            conn.deadline.set(self.timeout, "response")
+            # set_at() with the attempt's start: no clock read unless the timer must move
+            conn.deadline.set_at(self.started + self.timeout, "response")
             return
         replaying = self.resent or self.replay
         if replaying and body.replay is None:

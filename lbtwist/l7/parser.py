@@ -10,7 +10,8 @@ Division of labour, and why:
     it rejects Content-Length with Transfer-Encoding, duplicate or malformed
     Content-Length, obs-fold, bare CR/LF, control characters, whitespace before
     the colon, bad tokens, methods and targets. ``set_dangerous_leniencies`` is
-    never called.
+    never called. It calls back only per header field and at the end of the
+    head; method, target and reason are sliced from the first line it accepted.
   - *We* add what llhttp leaves out: exactly one Host on HTTP/1.1, only
     HTTP/1.0 and 1.1, a single space between request-line parts, no fragment
     in the target, ``*`` only with OPTIONS, no CONNECT, a Transfer-Encoding
@@ -33,6 +34,7 @@ from lbtwist.l7.chunked import ChunkedDecoder
 from lbtwist.l7.errors import ParseError
 
 _HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]{0,5})?")
+_HOST_MATCH = _HOST_RE.fullmatch
 _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 #: Methods safe to send twice (RFC 9110 9.2.2).
@@ -79,6 +81,15 @@ class Request:
     # interpreted ones, as received) on every instance it makes.
     headers: list[tuple[bytes, bytes]]
     special_fields: list[tuple[bytes, bytes]]
+    # Parse state set by the header callback. ``_rare`` says a field needing
+    # the slower checks arrived (framing, Connection, Upgrade, Expect, a
+    # second Host), so a plain GET reads none of the others.
+    _rare = False
+    _more_hosts = False
+    _cl: bytes | None = None
+    _te: tuple[bytes, ...] = ()
+    _upgrade: bytes | None = None
+    _expect: bytes | None = None
 
     @property
     def all_headers(self) -> list[tuple[bytes, bytes]]:
@@ -128,19 +139,18 @@ class Response:
     headers: list[tuple[bytes, bytes]]
     special_fields: list[tuple[bytes, bytes]]
     # Parse state: httptools reports straight to the Response being built
-    # (no collector to reset per response).
-    _complete = False
-    _conn: tuple[bytes, ...] = ()
+    # (no collector to reset per response). The parser sets
+    # ``on_headers_complete`` per instance (see L{ResponseParser._head}).
     _te: bytes | None = None
     _cl: bytes | None = None
     _append: Any = None
-
-    def on_status(self, status: bytes) -> None:
-        self.reason += status
+    on_headers_complete: Any
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        kind = _RESPONSE_KIND(name.lower())
+        kind = _RESPONSE_KIND(name)
         if kind is None:
+            kind = _learn_kind(_RESPONSE_KINDS, _SPECIAL_RESPONSE, name)
+        if not kind:
             self._append((name, value))
             return
         if kind == 11:  # x-request-id: kept in the forwarded fields
@@ -151,15 +161,13 @@ class Response:
         self.special_fields.append((name, value))
         if kind == 2:
             self._cl = value
+        elif kind == 4:
+            tokens = _COMMON_TOKENS(value)
+            self.connection_tokens += _connection_tokens(value) if tokens is None else tokens
         elif kind == 3:
             self._te = value if self._te is None else self._te + b"," + value
-        elif kind == 4:
-            self._conn += _connection_tokens(value)
         elif kind == 6:
             self.upgrade = value
-
-    def on_headers_complete(self) -> None:
-        self._complete = True
 
     @property
     def all_headers(self) -> list[tuple[bytes, bytes]]:
@@ -190,9 +198,11 @@ class ResponseHandler(Protocol):
 
 
 def _connection_tokens(value: bytes) -> tuple[bytes, ...]:
-    if value == b"keep-alive" or value == b"close":  # the usual case
-        return (value,)
     return tuple(t for t in (t.strip(b" \t").lower() for t in value.split(b",")) if t)
+
+
+#: The usual Connection values, looked up without a call.
+_COMMON_TOKENS = {b"keep-alive": (b"keep-alive",), b"close": (b"close",)}.get
 
 
 def _parse_te(value: bytes) -> tuple[bytes, bool]:
@@ -211,83 +221,61 @@ def _parse_te(value: bytes) -> tuple[bytes, bool]:
 
 
 class _HeadCollector:
-    """httptools callbacks for one header block; pulls out interpreted fields.
+    """httptools callbacks for the request parser, which is reused across a
+    connection's requests: sorts each field into the current L{Request}."""
 
-    Per-message state lives in the instance dict over class-level defaults,
-    so starting a message is one ``dict.clear()``."""
-
-    url = b""
-    complete = False
-    conn: tuple[bytes, ...] = ()
-    te_values: tuple[bytes, ...] = ()
-    cl_value: bytes | None = None
-    upgrade_value: bytes | None = None
-    expect: bytes | None = None
-    status_text = b""
-    hosts = 0
-
-    def __init__(self, special: dict[bytes, int]) -> None:
-        self._special = special.get
+    def __init__(self) -> None:
         self.msg: Any = None
-
-    def reset(self, msg: Any) -> None:
-        """Start collecting into ``msg`` (gives it its field lists)."""
-        d = self.__dict__
-        special = d["_special"]
-        d.clear()
-        d["_special"] = special
-        d["msg"] = msg
-        headers = msg.headers = []
-        msg.special_fields = []
-        d["_append"] = headers.append
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_status(self, status: bytes) -> None:
-        self.status_text += status
+        self.append: Any = None
+        #: Non-empty while a head is parsed: llhttp empties it at the end of
+        #: the head through the C-level ``list.clear``, not a Python frame.
+        self.pending: list[bool] = []
+        self.on_headers_complete = self.pending.clear
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        kind = self._special(name.lower())
+        kind = _REQUEST_KIND(name)
         if kind is None:
-            self._append((name, value))
+            kind = _learn_kind(_REQUEST_KINDS, _SPECIAL, name)
+        if not kind:
+            self.append((name, value))
             return
         msg = self.msg
-        if kind < 11:  # pulled out of the forwarded fields; kept for routing
-            msg.special_fields.append((name, value))
         if kind == 1:  # host
-            self.hosts += 1
+            msg.special_fields.append((name, value))
+            if msg.host is not None:
+                msg._more_hosts = msg._rare = True
             msg.host = value
-        elif kind == 2:  # content-length (llhttp rejects duplicates and junk)
-            self.cl_value = value
-        elif kind == 3:
-            self.te_values += (value,)
-        elif kind == 4:  # connection, proxy-connection
-            self.conn += _connection_tokens(value)
-        elif kind == 5:  # other hop-by-hop: keep-alive, te, trailer
-            pass
-        elif kind == 6:
-            self.upgrade_value = value
-        elif kind == 7:
-            self.expect = value if self.expect is None else self.expect + b"," + value
-        elif kind == 8:
-            msg.x_forwarded_for = value if msg.x_forwarded_for is None else msg.x_forwarded_for + b", " + value
-        elif kind == 9:
-            msg.forwarded = value if msg.forwarded is None else msg.forwarded + b", " + value
-        elif kind == 10:
-            msg.via = value if msg.via is None else msg.via + b", " + value
+        elif kind < 8:  # framing and hop-by-hop fields; checked by _rare_fields
+            msg.special_fields.append((name, value))
+            msg._rare = True
+            if kind == 2:  # content-length (llhttp rejects duplicates and junk)
+                msg._cl = value
+            elif kind == 3:
+                msg._te += (value,)
+            elif kind == 4:  # connection, proxy-connection
+                tokens = _COMMON_TOKENS(value)
+                msg.connection_tokens += _connection_tokens(value) if tokens is None else tokens
+            elif kind == 6:
+                msg._upgrade = value
+            elif kind == 7:
+                msg._expect = value if msg._expect is None else msg._expect + b"," + value
+            # kind 5, other hop-by-hop (keep-alive, te, trailer): not forwarded
+        elif kind < 11:  # pulled out of the forwarded fields; kept for routing
+            msg.special_fields.append((name, value))
+            if kind == 8:
+                msg.x_forwarded_for = value if msg.x_forwarded_for is None else msg.x_forwarded_for + b", " + value
+            elif kind == 9:
+                msg.forwarded = value if msg.forwarded is None else msg.forwarded + b", " + value
+            else:
+                msg.via = value if msg.via is None else msg.via + b", " + value
         elif kind == 11:
-            msg.headers.append((name, value))
+            self.append((name, value))
             if msg.request_id is None:
                 msg.request_id = value
         elif kind == 12:
-            msg.headers.append((name, value))
+            self.append((name, value))
             msg.cookie = value if msg.cookie is None else msg.cookie + b"; " + value
-        elif kind == 13:  # x-forwarded-proto/host: set by us
-            pass
-
-    def on_headers_complete(self) -> None:
-        self.complete = True
+        # kind 13, x-forwarded-proto/host: set by us
 
 
 _SPECIAL = {
@@ -322,7 +310,21 @@ _SPECIAL_RESPONSE = {
     b"upgrade": 6,
     b"x-request-id": 11,
 }
-_RESPONSE_KIND = _SPECIAL_RESPONSE.get
+
+#: Field name as received -> its kind above, 0 for a forwarded field: learned
+#: as names arrive, so the usual spellings skip ``lower()``. Bounded, since
+#: peers choose the names.
+_REQUEST_KINDS: dict[bytes, int] = {}
+_RESPONSE_KINDS: dict[bytes, int] = {}
+_REQUEST_KIND = _REQUEST_KINDS.get
+_RESPONSE_KIND = _RESPONSE_KINDS.get
+
+
+def _learn_kind(kinds: dict[bytes, int], table: dict[bytes, int], name: bytes) -> int:
+    kind = table.get(name.lower(), 0)
+    if len(kinds) < 1000 and len(name) <= 64:
+        kinds[name] = kind
+    return kind
 
 
 class _Framer:
@@ -332,6 +334,10 @@ class _Framer:
         self.max_line = max_line
         self.max_head = max_head
         self.max_headers = max_headers
+        # A field line llhttp accepts takes at least 4 bytes ("n:\r\n"), so a
+        # head with fewer bytes than this after its first line cannot hold
+        # more than max_headers fields and need not be counted.
+        self._short_head = 4 * max_headers + 8
         self.state = HEAD
         self._buf = b""
         self._left = 0
@@ -389,8 +395,10 @@ class RequestParser(_Framer):
                  max_header_size: int = 32768, max_headers: int = 100) -> None:
         super().__init__(max_request_line, max_header_size, max_headers)
         self.handler = handler
-        self._collector = _HeadCollector(_SPECIAL)
+        self._collector = _HeadCollector()
         self._hp: Any = None
+        #: The last Host value found valid.
+        self._good_host: bytes | None = None
         #: 413 when a body grows past this (set per request by the handler; 0: no limit).
         self.max_body = 0
 
@@ -424,17 +432,20 @@ class RequestParser(_Framer):
                     self._head(head)
                 elif state == BODY_LENGTH:
                     left = self._left
-                    if len(data) <= left:
-                        self._left = left - len(data)
+                    n = len(data)
+                    if n < left:
+                        self._left = left - n
                         self.handler.on_body(data)
-                        if self._left:
-                            return
+                        return
+                    self._left = 0
+                    if n == left:
+                        self.handler.on_body(data)
                         data = b""
                     else:
-                        self._left = 0
                         self.handler.on_body(data[:left])
                         data = data[left:]
-                    self._end()
+                    self.state = DONE  # _end() inline: a frame less per message
+                    self.handler.on_end()
                 elif state == BODY_CHUNKED:
                     rest = self._chunked.feed(data)  # type: ignore[union-attr]
                     if rest is None:
@@ -471,6 +482,8 @@ class RequestParser(_Framer):
         self.handler.on_body(data)
 
     def _head(self, head: bytes) -> None:
+        # One frame for the whole head: the request line is split here, and
+        # llhttp only calls back per header field (see _HeadCollector).
         line_end = head.find(b"\r\n")
         if line_end > self.max_line:
             raise ParseError(414, "request line too long")
@@ -485,15 +498,27 @@ class RequestParser(_Framer):
             if version[:7] == b" HTTP/2" or version[:7] == b" HTTP/3":
                 raise ParseError(505, "HTTP version not supported (only HTTP/1.0 and 1.1)")
             raise ParseError(400, "malformed request line or unsupported HTTP version")
-        if head.count(b" ", 0, line_end) != 2:
+        # Exactly two spaces: the first after the method, the second starting
+        # " HTTP/1.x" (bytes.find and count parse their arguments slowly; an
+        # int needle with ``in`` is a plain memchr).
+        sp = head.find(b" ")
+        target = head[sp + 1:line_end - 9]
+        if sp == line_end - 9 or 32 in target:
             raise ParseError(400, "malformed request line")
         req = Request()
+        headers = req.headers = []
+        req.special_fields = []
         col = self._collector
-        col.reset(req)
+        col.msg = req
+        col.append = headers.append
+        pending = col.pending
+        pending.append(True)
         hp = self._hp
         if hp is None:
             hp = self._hp = httptools.HttpRequestParser(col)
         try:
+            # llhttp validates the method and target without an on_url
+            # callback; they are sliced from the request line below.
             hp.feed_data(head)
         except httptools.HttpParserUpgrade:
             self._hp = None
@@ -506,16 +531,48 @@ class RequestParser(_Framer):
         except httptools.HttpParserError as e:
             self._hp = None
             raise ParseError(400, str(e) or "malformed request") from None
-        if not col.complete:
+        if pending:
+            pending.clear()
             self._hp = None
             raise ParseError(400, "malformed request head")
-        if head.count(b"\n") - 2 > self.max_headers:
+        if len(head) - line_end >= self._short_head and head.count(b"\n") - 2 > self.max_headers:
             self._hp = None
             raise ParseError(431, f"more than {self.max_headers} header fields")
         if version != b"1.1":
             req.version = version
-        req.method = hp.get_method()
-        self._validate(req, col)
+        method = req.method = head[:sp]
+        if method == b"CONNECT":
+            raise ParseError(501, "CONNECT is not supported by this reverse proxy")
+        if 35 in target:  # b"#"
+            raise ParseError(400, "fragment in request target")
+        if target[:1] == b"/":
+            req.target = target
+        elif target == b"*":
+            if method != b"OPTIONS":
+                raise ParseError(400, "asterisk-form target is only valid with OPTIONS")
+            req.target = target
+        else:
+            self._absolute_target(req, target)  # its authority replaces Host
+        rare = req._rare
+        if rare and req._more_hosts:
+            raise ParseError(400, "more than one Host header")
+        host = req.host
+        if host is None:
+            if version == b"1.1":
+                raise ParseError(400, "missing Host header")
+        elif host != self._good_host:  # a keep-alive connection repeats its Host
+            if _HOST_MATCH(host) is None:
+                raise ParseError(400, "invalid Host header")
+            self._good_host = host
+        if not rare:  # no body, no upgrade
+            if version == b"1.0":
+                req.keep_alive = False
+            self.state = DONE
+            self.handler.on_request(req)
+            if self.state == DONE:
+                self.handler.on_end()
+            return
+        self._rare_fields(req, version)
         if req.has_body or req.upgrade is not None:
             # llhttp now waits for a body we frame ourselves (or paused on an
             # upgrade): start the next head on a fresh parser.
@@ -534,64 +591,44 @@ class RequestParser(_Framer):
         elif self.state == BODY_CHUNKED:
             self._chunked.limit = self.max_body  # type: ignore[union-attr]
 
-    def _validate(self, req: Request, col: _HeadCollector) -> None:
-        method = req.method
-        if method == b"CONNECT":
-            raise ParseError(501, "CONNECT is not supported by this reverse proxy")
-        target = col.url
-        if b"#" in target:
-            raise ParseError(400, "fragment in request target")
-        if target[:1] == b"/":
-            req.target = target
-        elif target == b"*":
-            if method != b"OPTIONS":
-                raise ParseError(400, "asterisk-form target is only valid with OPTIONS")
-            req.target = target
-        else:
-            self._absolute_target(req, target)
-        if col.hosts != 1:
-            if col.hosts > 1:
-                raise ParseError(400, "more than one Host header")
-            if not req.absolute and req.version == b"1.1":
-                raise ParseError(400, "missing Host header")
-        host = req.host
-        if host is not None and _HOST_RE.fullmatch(host) is None:
-            raise ParseError(400, "invalid Host header")
-        if col.te_values:
-            if req.version == b"1.0":
+    @staticmethod
+    def _rare_fields(req: Request, version: bytes) -> None:
+        """Framing, Connection, Upgrade and Expect checks."""
+        if req._te:
+            if version == b"1.0":
                 raise ParseError(400, "Transfer-Encoding in an HTTP/1.0 request")
-            te, chunked_last = _parse_te(b",".join(col.te_values))
+            te, chunked_last = _parse_te(b",".join(req._te))
             if not chunked_last:
                 raise ParseError(400, "Transfer-Encoding whose final coding is not chunked")
-            if col.cl_value is not None:  # llhttp checks this too; belt and braces
+            if req._cl is not None:  # llhttp checks this too; belt and braces
                 raise ParseError(400, "both Content-Length and Transfer-Encoding")
             req.te = te
             req.chunked = True
             req.has_body = True
-        elif col.cl_value is not None:
-            cl = col.cl_value.strip(b" \t")
+        elif req._cl is not None:
+            cl = req._cl.strip(b" \t")
             if not cl.isdigit() or len(cl) > 18:
                 raise ParseError(400, "invalid Content-Length")
             n = int(cl)
             req.content_length = n
             if n:
                 req.has_body = True
-        tokens = col.conn
+        tokens = req.connection_tokens
         if tokens:
-            req.connection_tokens = tokens
-            if req.version == b"1.1":
+            if version == b"1.1":
                 if b"close" in tokens:
                     req.keep_alive = False
             else:
                 req.keep_alive = b"keep-alive" in tokens and b"close" not in tokens
-            if col.upgrade_value is not None and b"upgrade" in tokens and req.version == b"1.1" and not req.has_body:
-                req.upgrade = col.upgrade_value
-        elif req.version == b"1.0":
+            if req._upgrade is not None and b"upgrade" in tokens and version == b"1.1" and not req.has_body:
+                req.upgrade = req._upgrade
+        elif version == b"1.0":
             req.keep_alive = False
-        if col.expect is not None:
-            if col.expect.strip(b" \t").lower() != b"100-continue":
+        expect = req._expect
+        if expect is not None:
+            if expect.strip(b" \t").lower() != b"100-continue":
                 raise ParseError(417, "only Expect: 100-continue is supported")
-            req.expect_continue = req.version == b"1.1"
+            req.expect_continue = version == b"1.1"
 
     @staticmethod
     def _absolute_target(req: Request, target: bytes) -> None:
@@ -627,6 +664,8 @@ class ResponseParser(_Framer):
         self.handler = handler
         self.head_request = False
         self.state = DONE  # until a request is sent
+        self._pending: list[bool] = []
+        self._head_done = self._pending.clear
 
     def expect(self, head_request: bool) -> None:
         """A request was sent: parse its response (processes held bytes)."""
@@ -666,19 +705,22 @@ class ResponseParser(_Framer):
                     self._head(head)
                 elif state == BODY_LENGTH:
                     left = self._left
-                    if len(data) <= left:
-                        self._left = left - len(data)
-                        self.body_size += len(data)
+                    n = len(data)
+                    if n < left:
+                        self._left = left - n
+                        self.body_size += n
                         self.handler.on_body(data)
-                        if self._left:
-                            return
+                        return
+                    self._left = 0
+                    self.body_size += left
+                    if n == left:
+                        self.handler.on_body(data)
                         data = b""
                     else:
-                        self._left = 0
-                        self.body_size += left
                         self.handler.on_body(data[:left])
                         data = data[left:]
-                    self._end()
+                    self.state = DONE  # _end() inline: a frame less per message
+                    self.handler.on_end()
                 elif state == BODY_CHUNKED:
                     rest = self._chunked.feed(data)  # type: ignore[union-attr]
                     if rest is None:
@@ -717,6 +759,10 @@ class ResponseParser(_Framer):
         headers = resp.headers = []
         resp._append = headers.append
         resp.special_fields = []
+        # End of head reported through the C-level list.clear, as for requests.
+        pending = self._pending
+        pending.append(True)
+        resp.on_headers_complete = self._head_done
         hp = httptools.HttpResponseParser(resp)
         try:
             hp.feed_data(head)
@@ -724,7 +770,9 @@ class ResponseParser(_Framer):
             pass
         except httptools.HttpParserError as e:
             raise ParseError(502, f"malformed response head ({e})") from None
-        if not resp._complete or head.count(b"\n") - 2 > self.max_headers:
+        line_end = head.find(b"\r\n")
+        if pending or len(head) - line_end >= self._short_head and head.count(b"\n") - 2 > self.max_headers:
+            pending.clear()
             raise ParseError(502, "malformed response head")
         v = head[:9]
         if v == b"HTTP/1.1 ":
@@ -736,24 +784,33 @@ class ResponseParser(_Framer):
         else:
             raise ParseError(502, f"unsupported response version {hp.get_http_version()}")
         status = resp.status = hp.get_status_code()
-        tokens = resp._conn
+        # llhttp took "HTTP/1.x NNN" and, after one more space, the reason
+        # (no on_status callback needed).
+        reason = head[13:line_end]
+        if reason:
+            resp.reason = reason
+        tokens = resp.connection_tokens
         if tokens:
-            resp.connection_tokens = tokens
             if b"close" in tokens:
                 resp.keep_alive = False
             elif v10:
                 resp.keep_alive = b"keep-alive" in tokens
-        if resp._te is not None:
-            te, chunked_last = _parse_te(resp._te)
-            if resp._cl is not None:
+        cl = resp._cl
+        te = resp._te
+        chunked = False
+        length = None
+        if te is not None:
+            te, chunked = _parse_te(te)
+            if cl is not None:
                 raise ParseError(502, "response with both Content-Length and Transfer-Encoding")
             resp.te = te
-            resp.chunked = chunked_last
-        elif resp._cl is not None:
-            cl = resp._cl.strip(b" \t")
+            if chunked:
+                resp.chunked = True
+        elif cl is not None:
+            cl = cl.strip(b" \t")
             if not cl.isdigit() or len(cl) > 18:
                 raise ParseError(502, "invalid Content-Length in response")
-            resp.content_length = int(cl)
+            length = resp.content_length = int(cl)
         if status < 200:
             if status == 101:
                 resp.no_body = True
@@ -770,16 +827,16 @@ class ResponseParser(_Framer):
             if self.state == DONE:
                 self.handler.on_end()
             return
-        if resp.chunked:
+        if chunked:
             self.state = BODY_CHUNKED
             self._chunked = ChunkedDecoder(self._chunk_data, max_trailer=self.max_head, status=502)
-        elif resp.te is not None:
+        elif te is not None:
             self.state = BODY_CLOSE  # a transfer coding we do not decode: until close
             resp.keep_alive = False
-        elif resp.content_length is not None:
-            if resp.content_length:
+        elif length is not None:
+            if length:
                 self.state = BODY_LENGTH
-                self._left = resp.content_length
+                self._left = length
             else:
                 self.state = DONE
         else:

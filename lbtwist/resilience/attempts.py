@@ -97,7 +97,12 @@ class RequestRetryState:
     stats: RetryStats | None = None
     budgets: tuple[RetryBudget, ...] = ()
     breakers: BreakerSet | None = None
+    #: ``breakers.watching`` (empty: no backend is held out, pick_exclude is ``tried``).
+    watching: "set[object] | tuple" = ()
     limits: PoolLimits | None = None
+    #: The limit that refused the request when admitted at creation (see
+    #: L{lbtwist.resilience.build.RouteResilience.start_request}).
+    refused: Limit | None = None
     deadline: float | None = None
     method: str | bytes | None = None
     eligible = True
@@ -142,6 +147,7 @@ class RequestRetryState:
             self.budgets = tuple(budgets)
         if breakers is not None:
             self.breakers = breakers
+            self.watching = breakers.watching
         if limits is not None:
             self.limits = limits
         self.clock = clock
@@ -188,7 +194,7 @@ class RequestRetryState:
         """What to put in L{lbtwist.pool.PickContext.exclude}: backends tried,
         plus those whose breaker is open (or held by Retry-After)."""
         breakers = self.breakers
-        if breakers is None or not breakers.watching:
+        if breakers is None or not self.watching:
             return self.tried
         blocked = breakers.blocked(self.clock.seconds() if now is None else now)
         return blocked.union(self.tried) if blocked else self.tried
@@ -310,6 +316,11 @@ class RequestRetryState:
         if self.stats is not None:
             self.stats.count("retry")
         return RetryDecision(True, delay, "retry")
+
+    @property
+    def holds_slots(self) -> bool:
+        """Does L{finish} have anything to release?"""
+        return self._holds_request or self._retry_slot is not None
 
     def finish(self) -> None:
         """The request is over, however it ended: release its slots. Idempotent."""
