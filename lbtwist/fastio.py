@@ -16,6 +16,16 @@ Why each lever exists (measured, see the performance notes):
     ``log.callWithLogger`` (a log-context push per event); a reactor that
     dispatches directly, still catching and logging errors, spends that time
     on the relay instead. Opt-in, installed by the process entry point.
+  - **Batched sends.** Under the lean reactor, small writes made while one
+    poll pass's events are dispatched are held per transport and sent at the
+    end of the pass (still one ``send()`` per transport, in order). The peers
+    then get their data in one burst instead of one send per event, so a
+    sleeping peer is woken once per pass rather than once per message: the
+    kernel's wake-up work is most of a small message's send cost (measured:
+    about 30% less system time per proxied HTTP request). Anything that
+    depends on the transport's buffer (close, half-close, writeSequence, a
+    large write) sends what is held first; an abort drops it, as Twisted
+    drops its own buffer.
   - **Inline read.** A plain read event then still runs three Twisted frames
     (``_doReadOrWrite``, ``doRead``, ``_dataReceived``) before the protocol
     sees the bytes, twice per proxied request. The lean reactor runs their
@@ -43,14 +53,90 @@ _eager_classes: dict[type, type] = {}
 _inline_read_classes: set[type] = set()
 
 
+#: Writes up to this size are held for the end of a poll pass (larger ones
+#: are sent at once, so a batch holds at most this much per transport).
+BATCH_MAX = 64 * 1024
+
+
+class _WriteBatch:
+    """Transports holding small writes until the lean reactor's poll pass ends."""
+
+    __slots__ = ("active", "held")
+
+    def __init__(self) -> None:
+        #: True while a lean reactor dispatches one poll pass's events.
+        self.active = False
+        self.held: list[Any] = []
+
+    def flush(self) -> None:
+        """Send everything held, transport by transport (called at the end of a pass)."""
+        self.active = False
+        held = self.held
+        while held:
+            batch = held[:]
+            del held[:]
+            for t in batch:
+                try:
+                    t._send_held()
+                except Exception:
+                    from twisted.python import log
+
+                    log.err(None, "lbtwist.fastio: sending held data failed")
+
+
+_batch = _WriteBatch()
+
+
 class _EagerWriteMixin:
-    """``write`` that calls ``send()`` at once when nothing is queued.
+    """``write`` that calls ``send()`` at once when nothing is queued (or,
+    under the lean reactor, at the end of the poll pass: see the module
+    docstring).
 
     Falls back to Twisted's buffered path for the unsent tail, while anything
     is buffered (ordering), during TLS, and once a close or half-close was
     requested (so Twisted's own shutdown sequencing stays in charge)."""
 
+    #: Small writes held for the end of the poll pass (a list while some are).
+    _held: list[bytes] | None = None
+
     def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            if type(data) is bytes and len(data) <= BATCH_MAX:
+                held.append(data)
+                return
+            self._send_held()
+        elif (
+            _batch.active
+            and type(data) is bytes
+            and len(data) <= BATCH_MAX
+            and not (self._tempDataLen or self.dataBuffer or not self.connected or self.disconnecting
+                     or self._writeDisconnecting or self._writeDisconnected or self.TLS)
+        ):
+            self._held = [data]
+            _batch.held.append(self)
+            return
+        self._send(data)
+
+    def _send_held(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._send(held[0] if len(held) == 1 else b"".join(held))
+
+    def writeSequence(self, iovec: Any) -> None:
+        self._send_held()  # keep the order of held data
+        super().writeSequence(iovec)  # type: ignore[misc]
+
+    def loseConnection(self) -> None:
+        self._send_held()
+        super().loseConnection()  # type: ignore[misc]
+
+    def abortConnection(self) -> None:
+        self._held = None  # dropped, like Twisted's own buffer
+        super().abortConnection()  # type: ignore[misc]
+
+    def _send(self, data: bytes) -> None:
         if (
             self._tempDataLen
             or self.dataBuffer
@@ -75,6 +161,7 @@ class _EagerWriteMixin:
         """Half-close at once when nothing is buffered, instead of waiting a
         loop pass for a writability event only to call shutdown() then. Runs
         exactly what ``doWrite`` would have run at that point."""
+        self._send_held()
         if (
             self._tempDataLen
             or self.dataBuffer
@@ -155,6 +242,14 @@ def lean_reactor_class() -> type:
                 events = self._poller.poll(timeout, len(self._selectables))
             except InterruptedError:
                 return
+            batch = _batch
+            batch.active = True
+            try:
+                self._dispatch(events)
+            finally:
+                batch.flush()
+
+        def _dispatch(self, events: list[tuple[int, int]]) -> None:
             selectables = self._selectables
             dispatch = self._doReadOrWrite
             for fd, event in events:
