@@ -11,6 +11,8 @@ import textwrap
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from zope.interface.verify import verifyObject
 
 from support.procs import BIN, REPO, Proc, free_port, source_env, twistd_cmd
@@ -141,8 +143,14 @@ def test_default_config_is_the_sample():
     assert packaged == (REPO / "etc" / "lbtwist.yaml").read_text()
 
 
-def test_lean_reactor_plugin_runs_the_balancer(tmp_path):
-    """``twistd --reactor=lbtwist-lean`` serves the same config."""
+@pytest.mark.parametrize("reactor_arg, reactor_class", [
+    (None, "LeanEPollReactor"),  # what plain ``twistd lbtwist`` picks
+    ("--reactor=lbtwist-lean", "LeanEPollReactor"),
+    ("--reactor=epoll", "twisted.internet.epollreactor.EPollReactor"),  # Twisted's own, still served
+])
+def test_reactor_choice_runs_the_balancer(tmp_path, reactor_arg, reactor_class):
+    """Without ``--reactor`` twistd lbtwist runs fastio's lean reactor; an
+    explicit choice is kept, and serves the same config."""
     web, echo, b1, e1 = (free_port() for _ in range(4))
     cfg = tmp_path / "lean.yaml"
     cfg.write_text(textwrap.dedent(f"""\
@@ -155,11 +163,13 @@ def test_lean_reactor_plugin_runs_the_balancer(tmp_path):
         demo: {{http: ["tcp:{b1}:interface=127.0.0.1"], tcp_echo: ["tcp:{e1}:interface=127.0.0.1"]}}
     """))
     argv = twistd_cmd(cfg)
-    argv.insert(1, "--reactor=lbtwist-lean")
+    if reactor_arg:
+        argv.insert(1, reactor_arg)
     proc = Proc(argv, cwd=tmp_path)
     try:
         proc.wait_for("listener web on", timeout=30)
-        assert "LeanEPollReactor" in proc.output()
+        line = next(x for x in proc.output().splitlines() if "reactor class:" in x)
+        assert reactor_class in line, line
         assert _http_get(web)[0] == 200
         with socket.create_connection(("127.0.0.1", echo), timeout=10) as s:
             s.sendall(b"x")
