@@ -106,13 +106,10 @@ class _EagerWriteMixin:
                 held.append(data)
                 return
             self._send_held()
-        elif (
-            _batch.active
-            and type(data) is bytes
-            and len(data) <= BATCH_MAX
-            and not (self._tempDataLen or self.dataBuffer or not self.connected or self.disconnecting
-                     or self._writeDisconnecting or self._writeDisconnected or self.TLS)
-        ):
+        elif _batch.active and type(data) is bytes and len(data) <= BATCH_MAX:
+            # The transport's state (buffered data, closing, TLS) is judged when
+            # the held data is sent: _send() takes Twisted's path when it must,
+            # and close/half-close send what is held first.
             self._held = [data]
             _batch.held.append(self)
             return
