@@ -103,6 +103,9 @@ def _drop_named(fields: list[tuple[bytes, bytes]], tokens: tuple[bytes, ...]) ->
 
 
 _VIA = {b"1.1": b"1.1 " + VIA_NAME, b"1.0": b"1.0 " + VIA_NAME}
+_COMMON_REQUEST = (b"%s %s HTTP/1.1\r\nhost: %s%s\r\nx-forwarded-for: %s\r\nx-forwarded-proto: %s"
+                   b"\r\nx-forwarded-host: %s\r\nvia: %s\r\nx-request-id: %s\r\n\r\n")
+_COMMON_RESPONSE = b"HTTP/1.1 %d %s\r\n%s\r\ncontent-length: %d\r\nvia: %s\r\nx-request-id: %s\r\n\r\n"
 _COLON_JOIN = b": ".join
 _KEEP_ALIVE = (b"keep-alive",)
 _CLOSE = (b"close",)
@@ -128,6 +131,17 @@ def backend_request_head(
     if tokens and tokens != _KEEP_ALIVE and tokens != _CLOSE:
         fields = _drop_named(fields, tokens)
     host = req.host
+    if (
+        host is not None and req.content_length is None and not req.chunked and not req.expect_continue
+        and not (upgrade and req.upgrade is not None) and policy.mode == "x-forwarded"
+        and req.x_forwarded_for is None and req.forwarded is None and req.via is None and policy.via
+        and req.request_id is None and policy.request_id_header == b"x-request-id"
+    ):
+        # The common request (no body, no forwarding fields of its own, default
+        # policy), in one formatting call: what the general path below builds.
+        return _COMMON_REQUEST % (
+            req.method, req.target, host, b"\r\n" + b"\r\n".join(map(_COLON_JOIN, fields)) if fields else b"",
+            client_ip, b"https" if tls else b"http", host, _VIA[req.version], request_id)
     parts = [req.method, b" ", req.target, b" HTTP/1.1"]
     if host is not None:
         parts += (b"\r\nhost: ", host)
@@ -260,6 +274,15 @@ def client_response_head(
     if tokens and tokens != _KEEP_ALIVE and tokens != _CLOSE:
         fields = _drop_named(fields, tokens)
     reason = resp.reason
+    if (
+        framing == FRAME_LENGTH and keep_alive and client_version == b"1.1" and reason and fields
+        and rewriter is None and not extra and content_length is None and request_id is not None
+        and resp.request_id is None and policy.via and policy.request_id_header == b"x-request-id"
+    ):
+        # The common answer (length-framed, keep-alive, HTTP/1.1 client, no
+        # rewrites), in one formatting call: what the general path below builds.
+        return _COMMON_RESPONSE % (resp.status, reason, b"\r\n".join(map(_COLON_JOIN, fields)),
+                                   resp.content_length, _VIA[resp.version], request_id)
     parts = [b"HTTP/1.1 %d %s" % (resp.status, reason) if reason else status_line(resp.status)[:-2]]
     if fields:
         parts += (b"\r\n", b"\r\n".join(map(_COLON_JOIN, fields)))  # _lines(), inlined

@@ -1,0 +1,76 @@
+"""The one-format fast paths of backend_request_head / client_response_head
+produce exactly what the general path builds (forced here with a rewriter
+that changes nothing)."""
+import pytest
+
+from lbtwist.l7.headers import (
+    FRAME_LENGTH,
+    ForwardingPolicy,
+    Rewriter,
+    backend_request_head,
+    client_response_head,
+)
+from lbtwist.l7.parser import RequestParser, ResponseParser
+
+NOOP = Rewriter()
+
+
+class _Sink:
+    def __init__(self):
+        self.msgs = []
+
+    def on_request(self, r):
+        self.msgs.append(r)
+
+    on_response = on_informational = on_request
+
+    def on_body(self, d):
+        pass
+
+    def on_end(self):
+        pass
+
+
+def _request(raw: bytes):
+    sink = _Sink()
+    RequestParser(sink).feed(raw)
+    return sink.msgs[0]
+
+
+def _response(raw: bytes):
+    sink = _Sink()
+    p = ResponseParser(sink)
+    p.expect(False)
+    p.feed(raw)
+    return sink.msgs[0]
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET / HTTP/1.1\r\nHost: a.example:8080\r\n\r\n",
+    b"GET /x?y=1 HTTP/1.1\r\nHost: a\r\nAccept: */*\r\nCookie: s=1\r\nConnection: keep-alive\r\n\r\n",
+    b"HEAD /h HTTP/1.0\r\nHost: a\r\nUser-Agent: t\r\n\r\n",
+    b"DELETE /d HTTP/1.1\r\nhost: a\r\nX-Custom: v\r\nX-Custom: w\r\n\r\n",
+])
+@pytest.mark.parametrize("tls", [False, True])
+def test_request_fast_path_equals_general_path(raw, tls):
+    req = _request(raw)
+    pol = ForwardingPolicy()
+    fast = backend_request_head(req, b"10.0.0.9", tls, b"rid-1", pol)
+    general = backend_request_head(req, b"10.0.0.9", tls, b"rid-1", pol, NOOP)
+    assert fast == general
+    assert fast.startswith(req.method + b" " + req.target + b" HTTP/1.1\r\nhost: ")
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
+    b"Connection: keep-alive\r\n\r\nok",
+    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\nConnection: keep-alive\r\nX-A: 1\r\n\r\nx",
+])
+def test_response_fast_path_equals_general_path(raw):
+    resp = _response(raw)
+    pol = ForwardingPolicy()
+    fast = client_response_head(resp, FRAME_LENGTH, True, b"1.1", b"rid-1", pol)
+    general = client_response_head(resp, FRAME_LENGTH, True, b"1.1", b"rid-1", pol, NOOP)
+    assert fast == general
+    assert b"\r\nvia: " in fast and fast.endswith(b"\r\nx-request-id: rid-1\r\n\r\n")
