@@ -38,11 +38,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import LOAD_CPU, PROXY_CPU, PY, REPO, Procs, check_tools, cpu_seconds, free_port
+from benchlib import LOAD_CPU, PROXY_CPU, PY, REPO, Procs, check_tools, cpu_split, free_port
 
 VARIANTS = {
     "tuned": [],
     "lean": ["--lean-reactor"],
+    "lean-nobatch": ["--lean-reactor", "--no-batch"],
     "stock": ["--no-eager"],
 }
 
@@ -70,19 +71,21 @@ def wait_http(port: int, what: str, timeout: float = 15.0) -> None:
     raise SystemExit(f"{what}: no 200 from 127.0.0.1:{port} after {timeout}s ({last})")
 
 
-def children_cpu(pid: int) -> float:
-    """CPU of ``pid`` plus its direct children (nginx master + worker)."""
-    total = cpu_seconds(pid)
+def children_cpu(pid: int) -> tuple[float, float]:
+    """(user, kernel) CPU of ``pid`` plus its direct children (nginx master + worker)."""
+    user, kernel = cpu_split(pid)
     try:
         kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         kids = []
     for k in kids:
         try:
-            total += cpu_seconds(int(k))
+            u, k_ = cpu_split(int(k))
         except OSError:
-            pass
-    return total
+            continue
+        user += u
+        kernel += k_
+    return user, kernel
 
 
 def _nginx_common(tmp: Path, name: str) -> str:
@@ -192,16 +195,17 @@ def start_lbtwist(procs: Procs, origin: int, extra: list[str]) -> tuple[int, int
 _UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 
-def run_wrk(port: int, pid: int, duration: int, connections: int, nginx: bool) -> tuple[float, float, float]:
-    """(requests/s, p99 ms, proxy CPU us per request)."""
-    cpu = children_cpu if nginx else cpu_seconds
-    c0 = cpu(pid)
+def run_wrk(port: int, pid: int, duration: int, connections: int,
+            nginx: bool) -> tuple[float, float, float, float]:
+    """(requests/s, p99 ms, proxy CPU us per request, of which kernel us)."""
+    cpu = children_cpu if nginx else cpu_split
+    u0, k0 = cpu(pid)
     out = subprocess.run(
         ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
          f"http://127.0.0.1:{port}/"],
         capture_output=True, text=True, timeout=duration + 30,
     ).stdout
-    used = cpu(pid) - c0
+    u1, k1 = cpu(pid)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     n = re.search(r"(\d+) requests in", out)
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s|m)\b", out)
@@ -210,7 +214,9 @@ def run_wrk(port: int, pid: int, duration: int, connections: int, nginx: bool) -
     bad = re.search(r"Socket errors:.*|Non-2xx.*", out)
     if bad:
         print(f"      (wrk: {bad.group(0).strip()})")
-    return float(rps.group(1)), float(p99.group(1)) * _UNIT[p99.group(2)], used / int(n.group(1)) * 1e6
+    per = 1e6 / int(n.group(1))
+    return (float(rps.group(1)), float(p99.group(1)) * _UNIT[p99.group(2)],
+            (u1 - u0 + k1 - k0) * per, (k1 - k0) * per)
 
 
 def profile(pid: int, port: int, seconds: int, connections: int) -> None:
@@ -233,8 +239,8 @@ def profile(pid: int, port: int, seconds: int, connections: int) -> None:
 
 #: Profile buckets, first match wins (substring of a frame "func (file:line)").
 BUCKETS = [
-    ("socket send (eager write)", ("_EagerWriteMixin.write", "writeSomeData")),
-    ("socket recv", ("Connection.doRead",)),
+    ("socket send (eager, batched per poll pass)", ("_EagerWriteMixin", "_WriteBatch", "writeSomeData")),
+    ("socket recv (inline read in the poll loop)", ("LeanEPollReactor._dispatch", "Connection.doRead")),
     ("request parsing (httptools + checks)", ("RequestParser.", "_HeadCollector", "httptools")),
     ("response parsing (httptools + checks)", ("ResponseParser.",)),
     ("header serialisation", ("l7/headers.py",)),
@@ -243,7 +249,8 @@ BUCKETS = [
     ("access log / metrics subscribers", ("accesslog.py", "metrics")),
     ("exchange / attempt / pool glue", ("l7/exchange.py", "l7/forward.py", "l7/connpool.py", "l7/backend.py",
                                         "l7/client.py", "l7/timers.py")),
-    ("reactor dispatch + epoll", ("epollreactor.py", "posixbase.py", "log.py", "context.py", "base.py")),
+    ("reactor dispatch + epoll", ("LeanEPollReactor.doPoll", "epollreactor.py", "posixbase.py", "log.py",
+                                  "context.py", "base.py")),
 ]
 
 
@@ -280,7 +287,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     ap.add_argument("--connections", type=int, default=50, help="wrk concurrent connections")
-    ap.add_argument("--variants", default="tuned,lean", help=f"lbtwist variants: {','.join(VARIANTS)}")
+    ap.add_argument("--variants", default="lean,tuned", help=f"lbtwist variants: {','.join(VARIANTS)}")
     ap.add_argument("--profile", type=int, default=0, metavar="SECONDS", help="py-spy the first lbtwist variant")
     args = ap.parse_args()
 
@@ -305,27 +312,31 @@ def main() -> None:
         rps: dict[str, list[float]] = {n: [] for n in names}
         p99: dict[str, list[float]] = {n: [] for n in names}
         cpu: dict[str, list[float]] = {n: [] for n in names}
+        ker: dict[str, list[float]] = {n: [] for n in names}
         print(f"load avg before: {os.getloadavg()[0]:.2f}; rounds={args.rounds} duration={args.duration}s "
               f"wrk -t1 -c{args.connections}")
         for r in range(1, args.rounds + 1):
             order = names if r % 2 else list(reversed(names))
             for n in order:
                 port, pid, is_nginx = targets[n]
-                a, b, c = run_wrk(port, pid, args.duration, args.connections, is_nginx)
+                a, b, c, k = run_wrk(port, pid, args.duration, args.connections, is_nginx)
                 rps[n].append(a)
                 p99[n].append(b)
                 cpu[n].append(c)
-                print(f"  round {r} {n:15s} {a:9.0f} req/s   p99 {b:7.2f} ms   proxy CPU {c:6.1f} us/req", flush=True)
+                ker[n].append(k)
+                print(f"  round {r} {n:20s} {a:9.0f} req/s   p99 {b:7.2f} ms   proxy CPU {c:6.1f} us/req "
+                      f"({k:.1f} kernel)", flush=True)
         print(f"load avg after: {os.getloadavg()[0]:.2f}")
         base_rps = statistics.median(rps["haproxy"])
         base_cpu = statistics.median(cpu["haproxy"])
         print("\nmedians (ratio to HAProxy; CPU ratio = haproxy_us / proxy_us, higher is better):")
-        print(f"  {'contender':15s} {'req/s':>9s} {'ratio':>6s} {'p99 ms':>8s} {'us/req':>7s} {'cpu ratio':>9s}")
+        print(f"  {'contender':20s} {'req/s':>9s} {'ratio':>6s} {'p99 ms':>8s} {'us/req':>7s} {'kernel':>7s} "
+              f"{'cpu ratio':>9s}")
         for n in names:
             m_rps = statistics.median(rps[n])
             m_cpu = statistics.median(cpu[n])
-            print(f"  {n:15s} {m_rps:9.0f} {m_rps / base_rps:6.2f} {statistics.median(p99[n]):8.2f} "
-                  f"{m_cpu:7.1f} {base_cpu / m_cpu:9.2f}")
+            print(f"  {n:20s} {m_rps:9.0f} {m_rps / base_rps:6.2f} {statistics.median(p99[n]):8.2f} "
+                  f"{m_cpu:7.1f} {statistics.median(ker[n]):7.1f} {base_cpu / m_cpu:9.2f}")
         if args.profile:
             first = next(n for n in names if n.startswith("lbtwist"))
             port, pid, _ = targets[first]

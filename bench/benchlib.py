@@ -40,11 +40,17 @@ def wait_port(port: int, what: str, timeout: float = 15.0) -> None:
     raise SystemExit(f"{what}: nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process so far (from /proc), in seconds."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process so far (from /proc), in seconds: user and kernel."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far (from /proc), in seconds."""
+    return sum(cpu_split(pid))
 
 
 def check_tools(tools: tuple[str, ...] = ("haproxy", "nginx", "wrk", "taskset")) -> None:

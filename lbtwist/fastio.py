@@ -55,6 +55,7 @@ _inline_read_classes: set[type] = set()
 
 #: Writes up to this size are held for the end of a poll pass (larger ones
 #: are sent at once, so a batch holds at most this much per transport).
+#: 0 turns batching off (benchmarks compare both).
 BATCH_MAX = 64 * 1024
 
 

@@ -23,6 +23,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=60.0)
     p.add_argument("--no-eager", action="store_true", help="disable the eager-write lever")
     p.add_argument("--lean-reactor", action="store_true", help="use fastio's lean epoll reactor")
+    p.add_argument("--no-batch", action="store_true",
+                   help="lean reactor: send each write at once instead of at the end of the poll pass")
     return p.parse_args(argv)
 
 
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         from lbtwist import fastio
 
         fastio.install_lean_reactor()
+        if args.no_batch:
+            fastio.BATCH_MAX = 0
     from twisted.internet import task
 
     task.react(_main, (args,))
