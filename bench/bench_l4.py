@@ -212,7 +212,7 @@ def measure_conns(port: int, pid: int, duration: int, connections: int, keepaliv
     return float(m.group(1)), cpu / int(n.group(1)) * 1e6
 
 
-def measure_bulk(port: int, pid: int, total: int) -> tuple[float, float]:
+def measure_bulk(port: int, pid: int, total: int, name: str) -> tuple[float, float]:
     """(MB/s, proxy CPU seconds per GiB)."""
     c0 = cpu_seconds(pid)
     out = subprocess.run(
@@ -220,7 +220,7 @@ def measure_bulk(port: int, pid: int, total: int) -> tuple[float, float]:
         capture_output=True, text=True, timeout=300,
     )
     if out.returncode != 0:
-        raise SystemExit(f"bulk source failed: {out.stderr}")
+        raise SystemExit(f"bulk source through {name} failed: {out.stderr}")
     cpu = cpu_seconds(pid) - c0
     return float(out.stdout.strip()), cpu / (total / 2**30)
 
@@ -277,7 +277,7 @@ def main() -> None:
                     conns_cpu[n].append(cu)
                     print(f"  round {r} {n:16s} {rate_label} {c:10.0f}   proxy CPU {cu:6.0f} {cost_label}", flush=True)
                 if not args.skip_bulk:
-                    b, bu = measure_bulk(*ports[n][1], args.bulk)
+                    b, bu = measure_bulk(*ports[n][1], args.bulk, n)
                     bulk[n].append(b)
                     bulk_cpu[n].append(bu)
                     print(f"  round {r} {n:16s} bulk MB/s {b:8.1f}   proxy CPU {bu:6.2f} s/GiB", flush=True)
