@@ -27,7 +27,6 @@ from lbtwist.l7.headers import (
     FRAME_LENGTH,
     FRAME_NONE,
     backend_request_head,
-    client_framing,
     client_response_head,
     interim_head,
 )

@@ -31,7 +31,6 @@ from twisted.logger import Logger
 from lbtwist.l7.backend import BackendConnection
 from lbtwist.l7.chunked import LAST_CHUNK
 from lbtwist.l7.connpool import BackendConnections
-from lbtwist.l7.parser import Response
 from lbtwist.pool import Backend
 
 log = Logger(namespace="lbtwist.l7.forward")
@@ -160,8 +159,7 @@ class Attempt:
             # No corking needed: the head was validated whole, and bytes after
             # it (pipelined requests) wait in the parser until this exchange ends.
             conn.transport.write(self.head)
-            # set_at() with the attempt's start: no clock read unless the timer must move
-            conn.deadline.set_at(self.started + self.timeout, "response")
+            conn.deadline.set(self.timeout, "response")  # counted from the send, not from a wait for a connection
             return
         replaying = self.resent or self.replay
         if replaying and body.replay is None:

@@ -175,7 +175,7 @@ class RequestRetryState:
         limits = self.limits
         if limits is None or self._holds_request:
             return None
-        in_use = limits._in_use  # PoolLimits.take(), inlined: once per request
+        in_use = limits._in_use  # PoolLimits.try_acquire() without a Slot: once per request
         if in_use[_REQUESTS] >= limits._max[_REQUESTS]:
             limits.refused[_REQUESTS] += 1
             return _REQUESTS
@@ -317,11 +317,6 @@ class RequestRetryState:
             self.stats.count("retry")
         return RetryDecision(True, delay, "retry")
 
-    @property
-    def holds_slots(self) -> bool:
-        """Does L{finish} have anything to release?"""
-        return self._holds_request or self._retry_slot is not None
-
     def finish(self) -> None:
         """The request is over, however it ended: release its slots. Idempotent."""
         if self.finished:
@@ -332,4 +327,4 @@ class RequestRetryState:
             self._retry_slot = None
         if self._holds_request:
             self._holds_request = False
-            self.limits._in_use[_REQUESTS] -= 1  # type: ignore[union-attr]  # PoolLimits.give()
+            self.limits._in_use[_REQUESTS] -= 1  # type: ignore[union-attr]  # what Slot.release() does

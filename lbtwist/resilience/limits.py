@@ -97,21 +97,6 @@ class PoolLimits:
         self._in_use[kind] += 1
         return Slot(self, kind)
 
-    def take(self, kind: Limit) -> bool:
-        """Count one unit of ``kind`` without a L{Slot} (the caller gives it
-        back with L{give}, exactly once): for per-request holders that already
-        track whether they hold one. False (counted in L{refused}) at the limit."""
-        in_use = self._in_use
-        if in_use[kind] >= self._max[kind]:
-            self.refused[kind] += 1
-            return False
-        in_use[kind] += 1
-        return True
-
-    def give(self, kind: Limit) -> None:
-        """Give back a unit taken with L{take}."""
-        self._in_use[kind] -= 1
-
     def reconfigure(self, settings: LimitSettings) -> None:
         """New limits on reload; slots held keep counting against them."""
         self.settings = settings
