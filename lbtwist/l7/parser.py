@@ -360,6 +360,80 @@ class _Framer:
         self.state = CLOSED
         self._buf = b""
 
+    #: Skip empty lines before a head (RFC 9112 2.2: requests only).
+    _skip_blank = False
+    #: States in which further bytes are held for later (pipelining, or for
+    #: the connection to judge); in the others (CLOSED...) they are dropped.
+    _hold_in: frozenset[int] = frozenset((DONE,))
+
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``, calling the handler; raises L{ParseError}."""
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
+        if self._feeding:  # re-entered from a handler callback: queue
+            self._buf = data
+            return
+        self._feeding = True
+        try:
+            while data:
+                state = self.state
+                if state == HEAD:
+                    if self._skip_blank and data[0] in (13, 10):
+                        data = data.lstrip(b"\r\n")
+                        if not data:
+                            return
+                    end = data.find(b"\n\r\n") + 3
+                    if end < 3 or end > self.max_head:
+                        end = self._find_head_end(data)
+                        if end < 0:
+                            self._buf = data
+                            return
+                    if end == len(data):
+                        self._head(data)
+                        return
+                    head = data[:end]
+                    data = data[end:]
+                    self._head(head)
+                elif state == BODY_LENGTH:
+                    left = self._left
+                    n = len(data)
+                    if n < left:
+                        self._left = left - n
+                        self.body_size += n
+                        self.handler.on_body(data)
+                        return
+                    self._left = 0
+                    self.body_size += left
+                    if n == left:
+                        self.handler.on_body(data)
+                        data = b""
+                    else:
+                        self.handler.on_body(data[:left])
+                        data = data[left:]
+                    self.state = DONE  # _end() inline: a frame less per message
+                    self.handler.on_end()
+                elif state == BODY_CHUNKED:
+                    rest = self._chunked.feed(data)  # type: ignore[union-attr]
+                    if rest is None:
+                        return
+                    data = rest
+                    self._end()
+                elif state == BODY_CLOSE:  # responses only
+                    self.body_size += len(data)
+                    self.handler.on_body(data)
+                    return
+                else:
+                    if state in self._hold_in:
+                        self._buf += data
+                    return
+        finally:
+            self._feeding = False
+
+    def _end(self) -> None:
+        self.state = DONE
+        self.handler.on_end()  # type: ignore[attr-defined]
+
     def _find_head_end(self, data: bytes) -> int:
         """Index just past the header block, or -1 if incomplete. Raises on limits."""
         end = data.find(b"\n\r\n")
@@ -391,6 +465,8 @@ class _Framer:
 class RequestParser(_Framer):
     """Client side: bytes in, L{Request}s and body data out."""
 
+    _skip_blank = True
+
     def __init__(self, handler: RequestHandler, *, max_request_line: int = 8192,
                  max_header_size: int = 32768, max_headers: int = 100) -> None:
         super().__init__(max_request_line, max_header_size, max_headers)
@@ -402,63 +478,6 @@ class RequestParser(_Framer):
         #: 413 when a body grows past this (set per request by the handler; 0: no limit).
         self.max_body = 0
 
-    def feed(self, data: bytes) -> None:
-        if self._buf:
-            data = self._buf + data
-            self._buf = b""
-        if self._feeding:  # re-entered from a handler callback: queue
-            self._buf = data
-            return
-        self._feeding = True
-        try:
-            while data:
-                state = self.state
-                if state == HEAD:
-                    if data[0] in (13, 10):  # empty lines before a request-line (RFC 9112 2.2)
-                        data = data.lstrip(b"\r\n")
-                        if not data:
-                            return
-                    end = data.find(b"\n\r\n") + 3
-                    if end < 3 or end > self.max_head:
-                        end = self._find_head_end(data)
-                        if end < 0:
-                            self._buf = data
-                            return
-                    if end == len(data):
-                        self._head(data)
-                        return
-                    head = data[:end]
-                    data = data[end:]
-                    self._head(head)
-                elif state == BODY_LENGTH:
-                    left = self._left
-                    n = len(data)
-                    if n < left:
-                        self._left = left - n
-                        self.handler.on_body(data)
-                        return
-                    self._left = 0
-                    if n == left:
-                        self.handler.on_body(data)
-                        data = b""
-                    else:
-                        self.handler.on_body(data[:left])
-                        data = data[left:]
-                    self.state = DONE  # _end() inline: a frame less per message
-                    self.handler.on_end()
-                elif state == BODY_CHUNKED:
-                    rest = self._chunked.feed(data)  # type: ignore[union-attr]
-                    if rest is None:
-                        return
-                    data = rest
-                    self._end()
-                else:  # DONE (hold pipelined bytes until next()), CLOSED, UPGRADED
-                    if state == DONE:
-                        self._buf += data
-                    return
-        finally:
-            self._feeding = False
-
     def next(self) -> None:
         """Start on the next request (processes any bytes already held)."""
         if self.state != DONE:
@@ -469,10 +488,6 @@ class RequestParser(_Framer):
         if self._buf and not self._feeding:
             data, self._buf = self._buf, b""
             self.feed(data)
-
-    def _end(self) -> None:
-        self.state = DONE
-        self.handler.on_end()
 
     def _body_data(self, data: bytes) -> None:
         size = self.body_size + len(data)
@@ -658,6 +673,8 @@ class ResponseParser(_Framer):
     httptools cannot be told. Errors are ParseError(502)."""
 
     line_status = 502
+    # After a response: held for the connection to judge; after a 101: the tunnel's.
+    _hold_in = frozenset((DONE, UPGRADED))
 
     def __init__(self, handler: ResponseHandler, *, max_header_size: int = 65536, max_headers: int = 200) -> None:
         super().__init__(max_header_size, max_header_size, max_headers)
@@ -676,68 +693,6 @@ class ResponseParser(_Framer):
             data, self._buf = self._buf, b""
             self.feed(data)
 
-    def feed(self, data: bytes) -> None:
-        # The request parser's framing loop, kept inline on purpose (it runs on
-        # every read of every connection). Differences: no skipping of empty
-        # lines before the head, and body bytes are counted in body_size.
-        if self._buf:
-            data = self._buf + data
-            self._buf = b""
-        if self._feeding:
-            self._buf = data
-            return
-        self._feeding = True
-        try:
-            while data:
-                state = self.state
-                if state == HEAD:
-                    end = data.find(b"\n\r\n") + 3
-                    if end < 3 or end > self.max_head:
-                        end = self._find_head_end(data)
-                        if end < 0:
-                            self._buf = data
-                            return
-                    if end == len(data):
-                        self._head(data)
-                        return
-                    head = data[:end]
-                    data = data[end:]
-                    self._head(head)
-                elif state == BODY_LENGTH:
-                    left = self._left
-                    n = len(data)
-                    if n < left:
-                        self._left = left - n
-                        self.body_size += n
-                        self.handler.on_body(data)
-                        return
-                    self._left = 0
-                    self.body_size += left
-                    if n == left:
-                        self.handler.on_body(data)
-                        data = b""
-                    else:
-                        self.handler.on_body(data[:left])
-                        data = data[left:]
-                    self.state = DONE  # _end() inline: a frame less per message
-                    self.handler.on_end()
-                elif state == BODY_CHUNKED:
-                    rest = self._chunked.feed(data)  # type: ignore[union-attr]
-                    if rest is None:
-                        return
-                    data = rest
-                    self._end()
-                elif state == BODY_CLOSE:
-                    self.body_size += len(data)
-                    self.handler.on_body(data)
-                    return
-                else:  # DONE, UPGRADED: hold (the connection judges extra bytes); CLOSED: drop
-                    if state != CLOSED:
-                        self._buf += data
-                    return
-        finally:
-            self._feeding = False
-
     def eof(self) -> bool:
         """The connection closed. Returns True if that completed a
         close-delimited body (the response is whole), False otherwise."""
@@ -745,10 +700,6 @@ class ResponseParser(_Framer):
             self._end()
             return True
         return False
-
-    def _end(self) -> None:
-        self.state = DONE
-        self.handler.on_end()
 
     def _chunk_data(self, data: bytes) -> None:
         self.body_size += len(data)
