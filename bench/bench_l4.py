@@ -37,7 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import LOAD_CPU, PROXY_CPU, PY, REPO, Procs, check_tools, cpu_seconds, free_port, wait_port
+from benchlib import (
+    LOAD_CPU, PROXY_CPU, PY, REPO, Procs, check_tools, cpu_seconds, free_port, start_origin, wait_port,
+)
 
 VARIANTS = {
     "tuned": [],
@@ -101,36 +103,6 @@ def run_source(port: int, total: int) -> None:
 
 
 # -- contenders ------------------------------------------------------------------
-
-
-def start_nginx(procs: Procs, tmp: Path) -> int:
-    port = free_port()
-    conf = tmp / "nginx.conf"
-    conf.write_text(
-        f"""
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/nginx-body;
-    proxy_temp_path {tmp}/nginx-proxy;
-    fastcgi_temp_path {tmp}/nginx-fastcgi;
-    uwsgi_temp_path {tmp}/nginx-uwsgi;
-    scgi_temp_path {tmp}/nginx-scgi;
-    keepalive_requests 1000000;
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{ return 200 "ok"; }}
-    }}
-}}
-"""
-    )
-    procs.start(["nginx", "-p", str(tmp), "-c", str(conf)], LOAD_CPU, stderr=open(tmp / "nginx.stderr", "w"))
-    wait_port(port, f"nginx (see {tmp}/nginx.stderr)")
-    return port
 
 
 def start_sink(procs: Procs, tmp: Path) -> int:
@@ -252,7 +224,7 @@ def main() -> None:
     procs = Procs()
     tmp = Path(tempfile.mkdtemp(prefix="bench_l4_"))
     try:
-        http_port = start_nginx(procs, tmp)
+        http_port = start_origin(procs, tmp)
         sink_port = start_sink(procs, tmp)
         ports = {"haproxy": start_haproxy(procs, tmp, http_port, sink_port)}
         for v in variants:

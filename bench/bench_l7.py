@@ -38,7 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import LOAD_CPU, PROXY_CPU, PY, REPO, Procs, check_tools, cpu_split, free_port
+from benchlib import (
+    LOAD_CPU, PROXY_CPU, PY, REPO, Procs, check_tools, cpu_split, free_port, nginx_common, nginx_temp,
+    start_origin,
+)
 
 VARIANTS = {
     "tuned": [],
@@ -88,41 +91,6 @@ def children_cpu(pid: int) -> tuple[float, float]:
     return user, kernel
 
 
-def _nginx_common(tmp: Path, name: str) -> str:
-    return f"""
-worker_processes 1;
-daemon off;
-pid {tmp}/{name}.pid;
-error_log {tmp}/{name}-error.log warn;
-events {{ worker_connections 8192; }}
-"""
-
-
-def _nginx_temp(tmp: Path, name: str) -> str:
-    return "".join(f"    {k}_temp_path {tmp}/{name}-{k};\n"
-                   for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-
-
-def start_origin(procs: Procs, tmp: Path) -> int:
-    port = free_port()
-    conf = tmp / "origin.conf"
-    conf.write_text(_nginx_common(tmp, "origin") + f"""
-http {{
-    access_log off;
-{_nginx_temp(tmp, "origin")}
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{ return 200 "ok"; }}
-    }}
-}}
-""")
-    procs.start(["nginx", "-p", str(tmp), "-c", str(conf)], LOAD_CPU, stderr=open(tmp / "origin.stderr", "w"))
-    wait_http(port, f"origin nginx (see {tmp}/origin.stderr)")
-    return port
-
-
 def start_haproxy(procs: Procs, tmp: Path, origin: int) -> tuple[int, int]:
     port = free_port()
     cfg = tmp / "haproxy.cfg"
@@ -153,10 +121,10 @@ backend be
 def start_nginx_proxy(procs: Procs, tmp: Path, origin: int) -> tuple[int, int]:
     port = free_port()
     conf = tmp / "proxy.conf"
-    conf.write_text(_nginx_common(tmp, "proxy") + f"""
+    conf.write_text(nginx_common(tmp, "proxy") + f"""
 http {{
     access_log off;
-{_nginx_temp(tmp, "proxy")}
+{nginx_temp(tmp, "proxy")}
     keepalive_requests 1000000;
     keepalive_timeout 300s;
     upstream origin {{

@@ -84,3 +84,45 @@ class Procs:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
+
+
+# -- the shared origin: one nginx worker answering 200 "ok" ------------------------
+
+
+def nginx_common(tmp: Path, name: str) -> str:
+    """The top of an nginx config: one worker in the foreground, files under ``tmp``."""
+    return f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}-error.log warn;
+events {{ worker_connections 8192; }}
+"""
+
+
+def nginx_temp(tmp: Path, name: str) -> str:
+    """nginx's temp paths under ``tmp`` (an unprivileged run cannot use the defaults)."""
+    return "".join(f"    {k}_temp_path {tmp}/{name}-{k};\n"
+                   for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+
+
+def start_origin(procs: Procs, tmp: Path) -> int:
+    """One nginx worker on the load CPU answering ``200 "ok"`` with unlimited
+    keep-alive: the origin every proxy under test forwards to."""
+    port = free_port()
+    conf = tmp / "origin.conf"
+    conf.write_text(nginx_common(tmp, "origin") + f"""
+http {{
+    access_log off;
+{nginx_temp(tmp, "origin")}
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{ return 200 "ok"; }}
+    }}
+}}
+""")
+    procs.start(["nginx", "-p", str(tmp), "-c", str(conf)], LOAD_CPU, stderr=open(tmp / "origin.stderr", "w"))
+    wait_port(port, f"origin nginx (see {tmp}/origin.stderr)")
+    return port

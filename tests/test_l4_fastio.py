@@ -1,12 +1,12 @@
 """Pins the Twisted internals lbtwist.fastio relies on, and the levers' behaviour
 on real sockets. A Twisted upgrade that breaks an assumption fails here first."""
+import contextlib
 import errno
 import inspect
 import re
 import select
 import socket
 
-import pytest
 import pytest_twisted
 import twisted
 from twisted.internet import _newtls, abstract, defer, epollreactor, error, posixbase, protocol, reactor, task, tcp
@@ -86,24 +86,34 @@ class _Recorder(protocol.Protocol):
         self.factory.made.callback(self)
 
 
-@pytest_twisted.ensureDeferred
-async def test_eager_write_sends_before_the_reactor_turns():
-    """With an empty buffer, write() reaches the peer socket synchronously; with
-    data already queued it takes Twisted's buffered path (order preserved)."""
+@contextlib.asynccontextmanager
+async def _connected(proto_class):
+    """A reactor client connection of ``proto_class`` and the accepted peer
+    socket; continues from a timed call, outside any poll pass (the lean
+    reactor, the suite's, holds writes made during a pass until its end)."""
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(1)
     f = protocol.ClientFactory()
-    f.protocol = _Recorder
+    f.protocol = proto_class
     f.made = defer.Deferred()
     connector = reactor.connectTCP("127.0.0.1", lsock.getsockname()[1], f, timeout=5)
     try:
         proto = await f.made.addTimeout(5, reactor)
-        # Continue from a timed call, outside any poll pass: the lean reactor
-        # (the suite's) holds writes made during a pass until its end.
         await task.deferLater(reactor, 0, lambda: None)
         peer, _ = lsock.accept()
         peer.settimeout(5)
+        yield proto, peer
+    finally:
+        connector.disconnect()
+        lsock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_eager_write_sends_before_the_reactor_turns():
+    """With an empty buffer, write() reaches the peer socket synchronously; with
+    data already queued it takes Twisted's buffered path (order preserved)."""
+    async with _connected(_Recorder) as (proto, peer):
         t = proto.transport
         assert fastio.accelerate(t, read_size=1 << 20)
         assert fastio.is_accelerated(t) and isinstance(t, tcp.Client)
@@ -132,9 +142,6 @@ async def test_eager_write_sends_before_the_reactor_turns():
         t.write(b"late")
         assert t._tempDataLen == 4
         peer.close()
-    finally:
-        connector.disconnect()
-        lsock.close()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -154,20 +161,7 @@ class _HalfCloser(protocol.Protocol):
 
 @pytest_twisted.ensureDeferred
 async def test_eager_half_close_shuts_down_at_once_when_nothing_is_buffered():
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(1)
-    f = protocol.ClientFactory()
-    f.protocol = _HalfCloser
-    f.made = defer.Deferred()
-    connector = reactor.connectTCP("127.0.0.1", lsock.getsockname()[1], f, timeout=5)
-    try:
-        proto = await f.made.addTimeout(5, reactor)
-        # Continue from a timed call, outside any poll pass: the lean reactor
-        # (the suite's) holds writes made during a pass until its end.
-        await task.deferLater(reactor, 0, lambda: None)
-        peer, _ = lsock.accept()
-        peer.settimeout(5)
+    async with _connected(_HalfCloser) as (proto, peer):
         t = proto.transport
         fastio.accelerate(t)
         t.write(b"last words")
@@ -182,9 +176,6 @@ async def test_eager_half_close_shuts_down_at_once_when_nothing_is_buffered():
         got = await _read_some(proto)
         assert got == b"reply"
         peer.close()
-    finally:
-        connector.disconnect()
-        lsock.close()
 
 
 async def _read_some(proto):

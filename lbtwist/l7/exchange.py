@@ -587,15 +587,8 @@ class Exchange:
 
     def client_lost(self) -> None:
         """The client went away: abandon the backend side (not its fault)."""
-        if self.done:
-            return
-        att = self.attempt
-        if att is not None:
-            att.cancel()
-            self._finish_attempt(att, True, "cancelled")
-        self.outcome = "cancelled"
-        self.out = []
-        self._done(False)
+        self.out = []  # nowhere to send it
+        self.abort()
 
     def abort(self) -> None:
         """Drop everything now (drain timeout, protocol error mid-request)."""
