@@ -11,7 +11,7 @@ Rules common to all built-ins (IBalancer's contract):
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import Callable, Sequence
 
 from lbtwist.pool import Backend, PickContext
 
@@ -42,6 +42,30 @@ class EligibleCache:
             self._candidates = candidates
             self._eligible = [b for b in candidates if b.weight > 0]
         return self._eligible
+
+
+def least_loaded(
+    candidates: Sequence[Backend], ctx: PickContext, load: Callable[[Backend, float], float], rng: random.Random,
+) -> Backend | None:
+    """The eligible candidate with the lowest ``load(backend, now)``; ties are
+    broken uniformly at random (reservoir sampling: each of k tied backends
+    wins with probability 1/k), so equal backends share work."""
+    exclude = ctx.exclude
+    now = ctx.now
+    best: Backend | None = None
+    best_load = 0.0
+    ties = 0
+    for b in candidates:
+        if b.weight <= 0 or (exclude and b in exclude):
+            continue
+        x = load(b, now)
+        if best is None or x < best_load:
+            best, best_load, ties = b, x, 1
+        elif x == best_load:
+            ties += 1
+            if rng.random() * ties < 1.0:
+                best = b
+    return best
 
 
 def admits(backend: Backend, now: float, rng: random.Random) -> bool:

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from zope.interface import implementer
 
+from lbtwist.balancers.base import least_loaded
 from lbtwist.balancers.options import check_known, duration
 from lbtwist.interfaces import IBalancer
 from lbtwist.pool import Backend, PickContext
@@ -150,23 +151,7 @@ class PeakEwmaBalancer:
         if candidates is not self._candidates:
             self._candidates = candidates
             self.load.retain(candidates)
-        exclude = ctx.exclude
-        now = ctx.now
-        load = self.load.load
-        best: Backend | None = None
-        best_load = 0.0
-        ties = 0
-        for b in candidates:
-            if b.weight <= 0 or (exclude and b in exclude):
-                continue
-            x = load(b, now)
-            if best is None or x < best_load:
-                best, best_load, ties = b, x, 1
-            elif x == best_load:
-                ties += 1
-                if self._rng.random() * ties < 1.0:
-                    best = b
-        return best
+        return least_loaded(candidates, ctx, self.load.load, self._rng)
 
     def on_start(self, backend: Backend, now: float) -> None:
         pass  # outstanding work is read from backend.active, kept by the pool

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from zope.interface import implementer
 
-from lbtwist.balancers.base import NoFeedback
+from lbtwist.balancers.base import NoFeedback, least_loaded
 from lbtwist.balancers.options import check_known
 from lbtwist.interfaces import IBalancer
 from lbtwist.pool import Backend, PickContext
@@ -35,23 +35,7 @@ class LeastConnections(NoFeedback):
         self._rng = rng
 
     def pick(self, candidates: Sequence[Backend], ctx: PickContext) -> Backend | None:
-        exclude = ctx.exclude
-        now = ctx.now
-        best: Backend | None = None
-        best_load = 0.0
-        ties = 0
-        for b in candidates:
-            if b.weight <= 0 or (exclude and b in exclude):
-                continue
-            load = (b.active + 1) / b.effective_weight(now)
-            if best is None or load < best_load:
-                best, best_load, ties = b, load, 1
-            elif load == best_load:
-                # Reservoir sampling: each of k tied backends wins with probability 1/k.
-                ties += 1
-                if self._rng.random() * ties < 1.0:
-                    best = b
-        return best
+        return least_loaded(candidates, ctx, connection_load, self._rng)
 
 
 def make_least_connections(options: dict[str, Any], *, clock: Any = None, rng: random.Random) -> LeastConnections:
