@@ -168,12 +168,7 @@ class ServerModel:
 
     def restarted(self) -> None:
         """The process came back: empty queue, cold-start clock reset."""
-        for job in list(self._pending):
-            if job.delay is not None and job.delay.active():
-                job.delay.cancel()
-        self._pending.clear()
-        self.queue.clear()
-        self.busy = 0
+        self.stop()
         self.started_at = self.clock.seconds()
         self.warming_from = None
 
