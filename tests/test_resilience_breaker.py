@@ -139,14 +139,14 @@ def test_retry_after_hold_skips_backend_without_changing_state(setup):
 def test_blocked_is_cheap_when_all_closed_and_forgets_recovered(setup):
     bs, a, b, _ = setup
     ok(bs, a, 0)
-    assert bs.blocked(0) == frozenset() and not bs._watch
+    assert bs.blocked(0) == frozenset() and not bs.watching
     for _ in range(3):
         fail(bs, b, 0)
     assert bs.blocked(1) == {b}
     for now in (10.0, 10.0):
         bs.on_finish(b, now, "ok", 200, bs.on_start(b, now))
     assert bs.blocked(11) == frozenset()
-    assert not bs._watch
+    assert not bs.watching
 
 
 def test_forget_drops_state(setup):

@@ -291,17 +291,16 @@ class ConnectionPools:
         self.reactor = reactor
         #: Apply fastio's eager write to backend connections.
         self.eager = True
-        self._by_backend: dict[Backend, BackendConnections] = {}
-        #: The same dict, read directly by the exchange once per request.
-        self.by_backend = self._by_backend
+        #: Backend -> its connections (the exchange reads it directly, once per request).
+        self.by_backend: dict[Backend, BackendConnections] = {}
         self._watched: set[int] = set()
         #: pool name -> lbtwist.tls BackendTLS or None (set by the listener wiring).
         self.tls_lookup: Any = None
 
     def get(self, pool: Pool, backend: Backend, cfg: ConnectionPoolConfig, connect_timeout: float) -> BackendConnections:
-        bc = self._by_backend.get(backend)
+        bc = self.by_backend.get(backend)
         if bc is None:
-            bc = self._by_backend[backend] = BackendConnections(backend, self.reactor, cfg, connect_timeout)
+            bc = self.by_backend[backend] = BackendConnections(backend, self.reactor, cfg, connect_timeout)
             bc.pools = self
             bc.pool_name = pool.name
             if id(pool) not in self._watched:
@@ -310,23 +309,23 @@ class ConnectionPools:
         return bc
 
     def find(self, backend: Backend) -> BackendConnections | None:
-        return self._by_backend.get(backend)
+        return self.by_backend.get(backend)
 
     def all(self) -> list[BackendConnections]:
-        return list(self._by_backend.values())
+        return list(self.by_backend.values())
 
     def close_idle(self, backend: Backend | None = None) -> int:
         """Close idle keep-alives (of one backend, or all). Returns how many."""
         if backend is not None:
-            bc = self._by_backend.get(backend)
+            bc = self.by_backend.get(backend)
             return bc.close_idle() if bc is not None else 0
-        return sum(bc.close_idle() for bc in self._by_backend.values())
+        return sum(bc.close_idle() for bc in self.by_backend.values())
 
     def _pool_changed(self, pool: Pool, backend: Backend | None, state: str, reason: str) -> None:
         if backend is None:
             return
         if state == "drain-expired":
-            bc = self._by_backend.get(backend)
+            bc = self.by_backend.get(backend)
             if bc is not None:
                 n = bc.abort_all()
                 log.warn("pool {pool} backend {backend}: {reason}; cut {n} connections",
@@ -334,12 +333,12 @@ class ConnectionPools:
             return
         if state not in _CLOSE_IDLE_ON:
             return
-        bc = self._by_backend.get(backend)
+        bc = self.by_backend.get(backend)
         if bc is None:
             return
         n = bc.close_idle()
         if state == "removed":
-            del self._by_backend[backend]
+            del self.by_backend[backend]
         if n:
             log.debug("pool {pool} backend {backend}: closed {n} idle connections ({state})",
                       pool=pool.name, backend=backend.address, n=n, state=state)

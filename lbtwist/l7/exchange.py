@@ -189,7 +189,7 @@ class Exchange:
             hk = plan.hash_key
             backend = pool.select(PickContext(
                 self.started, client.client_ip if hk.kind == "source" else hk.key(req, client.client_ip),
-                self.exclude if st is None else st.pick_exclude(self.started) if st.watching else st.tried,
+                self.exclude if st is None else st.pick_exclude(self.started),
                 client.client_ip_str))
             if backend is None:
                 self.forward()  # no backend, or all held out: pick() decides

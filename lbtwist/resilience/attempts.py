@@ -97,8 +97,6 @@ class RequestRetryState:
     stats: RetryStats | None = None
     budgets: tuple[RetryBudget, ...] = ()
     breakers: BreakerSet | None = None
-    #: ``breakers.watching`` (empty: no backend is held out, pick_exclude is ``tried``).
-    watching: "set[object] | tuple" = ()
     limits: PoolLimits | None = None
     #: The limit that refused the request when admitted at creation (see
     #: L{lbtwist.resilience.build.RouteResilience.start_request}).
@@ -147,7 +145,6 @@ class RequestRetryState:
             self.budgets = tuple(budgets)
         if breakers is not None:
             self.breakers = breakers
-            self.watching = breakers.watching
         if limits is not None:
             self.limits = limits
         self.clock = clock
@@ -194,7 +191,7 @@ class RequestRetryState:
         """What to put in L{lbtwist.pool.PickContext.exclude}: backends tried,
         plus those whose breaker is open (or held by Retry-After)."""
         breakers = self.breakers
-        if breakers is None or not self.watching:
+        if breakers is None or not breakers.watching:
             return self.tried
         blocked = breakers.blocked(self.clock.seconds() if now is None else now)
         return blocked.union(self.tried) if blocked else self.tried

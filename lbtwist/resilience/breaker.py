@@ -189,11 +189,9 @@ class BreakerSet:
         self.name = name
         self._breakers: dict[object, CircuitBreaker] = {}
         #: Backends whose breaker is not plainly closed-and-unheld: the only
-        #: ones L{blocked} has to look at, so the common case is O(1).
-        self._watch: set[object] = set()
-        #: The same set under a public name: empty means L{blocked} is empty
-        #: (the data plane checks it before calling L{blocked} per request).
-        self.watching = self._watch
+        #: ones L{blocked} has to look at. Empty means L{blocked} is empty, which
+        #: the data plane checks before calling it per request.
+        self.watching: set[object] = set()
         self._listeners: list[TransitionListener] = []
         #: Times a breaker opened, pool-wide (a counter for metrics).
         self.opened_total = 0
@@ -226,7 +224,7 @@ class BreakerSet:
         old, new, reason = t
         if new is BreakerState.OPEN:
             self.opened_total += 1
-            self._watch.add(backend)
+            self.watching.add(backend)
             log.warn(
                 "pool {pool} backend {backend}: circuit breaker opened ({reason})",
                 pool=self.name, backend=getattr(backend, "address", backend), reason=reason,
@@ -255,15 +253,15 @@ class BreakerSet:
     def blocked(self, now: float) -> frozenset:
         """Backends new work must not go to now (open, half-open with its trials
         taken, or held by Retry-After): add them to L{lbtwist.pool.PickContext.exclude}."""
-        if not self._watch:
+        if not self.watching:
             return frozenset()
         out = []
-        for backend in list(self._watch):
+        for backend in list(self.watching):
             b = self._breakers[backend]
             if not self.allows(backend, now):
                 out.append(backend)
             elif b.state is BreakerState.CLOSED and now >= b.held_until:
-                self._watch.discard(backend)
+                self.watching.discard(backend)
         return frozenset(out)
 
     # -- attempt lifecycle ------------------------------------------------------
@@ -297,7 +295,7 @@ class BreakerSet:
         gen = b.generation if generation is None else generation
         t = b.on_finish(now, failed, gen)
         if t is not None and t[1] is not BreakerState.CLOSED:
-            self._watch.add(backend)
+            self.watching.add(backend)
         self._transition(backend, t)
 
     def hold(self, backend: object, now: float, seconds: float) -> float:
@@ -307,7 +305,7 @@ class BreakerSet:
         if seconds <= 0:
             return 0.0
         self.breaker(backend).hold(now + seconds)
-        self._watch.add(backend)
+        self.watching.add(backend)
         self.holds_total += 1
         return seconds
 
@@ -315,4 +313,4 @@ class BreakerSet:
         """Drop the state of removed backends."""
         for backend in backends:
             self._breakers.pop(backend, None)
-            self._watch.discard(backend)
+            self.watching.discard(backend)

@@ -112,8 +112,7 @@ class RouteResilience:
         if pool is None:
             st.budgets = (budget,)
             return st  # no limits: nothing to admit
-        breakers = st.breakers = pool.breakers
-        st.watching = breakers.watching
+        st.breakers = pool.breakers
         st.limits = pool.limits
         if pool.budget is None:
             st.budgets = (budget,)
