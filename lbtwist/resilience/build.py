@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from lbtwist.resilience.attempts import _IDEMPOTENT, RequestRetryState, RetryStats
+from lbtwist.resilience.attempts import RequestRetryState, RetryStats
 from lbtwist.resilience.breaker import BreakerSet, BreakerSettings
 from lbtwist.resilience.budget import RetryBudget
 from lbtwist.resilience.limits import LimitSettings, PoolLimits
@@ -88,40 +88,12 @@ class RouteResilience:
         """The planner for one request; counts it against the route budget and
         the pool-wide budget. ``headers``: (lower-case name, value) pairs.
         ``admit``: also take the ``max_requests`` unit now; the state's
-        ``refused`` is then the limit that said no (None when admitted).
-
-        Once per request: builds the state without the general constructor's
-        argument handling (what it sets is what ``RequestRetryState.__init__``
-        sets for these arguments)."""
-        st = _new_state(RequestRetryState)
-        policy = st.policy = self.policy
-        st.clock = clock
-        st.rng = rng
-        st.stats = self.stats
-        if now is None:
-            now = clock.seconds()
-        st.started = now
-        if self.timeout is not None:
-            st.deadline = now + self.timeout
-        if method is not None:
-            st.method = method
-            if not _IDEMPOTENT.get(method, False):
-                st.eligible = policy.eligible(method) or policy.has_key(headers)
-        budget = self.budget
-        budget.record_request(now)
-        if pool is None:
-            st.budgets = (budget,)
-            return st  # no limits: nothing to admit
-        st.breakers = pool.breakers
-        st.limits = pool.limits
-        if pool.budget is None:
-            st.budgets = (budget,)
-        else:
-            st.budgets = (budget, pool.budget)
-            pool.budget.record_request(now)
+        ``refused`` is then the limit that said no (None when admitted)."""
+        budgets = (self.budget,) if pool is None or pool.budget is None else (self.budget, pool.budget)
+        st = RequestRetryState(
+            self.policy, budgets, None if pool is None else pool.breakers, None if pool is None else pool.limits,
+            clock, rng, method=method, headers=headers, timeout=self.timeout, stats=self.stats, now=now,
+        )
         if admit:
             st.refused = st.admit()
         return st
-
-
-_new_state = object.__new__
