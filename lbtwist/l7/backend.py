@@ -222,7 +222,7 @@ class BackendConnection(Protocol):
         self.sink = sink
         self.requests += 1
         self.received = False
-        self.deadline.when = None  # clear(): the response timeout starts once the request is written
+        self.deadline.clear()  # the response timeout starts once the request is written
         parser = self.parser
         parser.handler = sink
         parser.expect(head_request)
@@ -236,7 +236,7 @@ class BackendConnection(Protocol):
         self.sink = None
         self.response = None
         self.parser.handler = self
-        self.deadline.when = None  # Deadline.clear(), inlined
+        self.deadline.clear()
         if self.state == BUSY:
             if self._in_feed:
                 self._release = reusable

@@ -178,7 +178,7 @@ class HttpProxyProtocol(Protocol):
         if req.has_body:
             self.deadline.set(self.ctx.http.body_timeout, "body")  # type: ignore[union-attr]
         else:
-            self.deadline.when = None  # type: ignore[union-attr]  # Deadline.clear(), inlined
+            self.deadline.clear()  # type: ignore[union-attr]
         ex = Exchange(self, req)
         self.exchange = ex
         ex.start()
@@ -217,13 +217,7 @@ class HttpProxyProtocol(Protocol):
             self.close()
             return
         if ex.ended:
-            when = ex.ended + self.ctx.http.keepalive_timeout
-            d = self.deadline
-            if d._call is not None and d._at <= when:  # type: ignore[union-attr]
-                d.when = when  # type: ignore[union-attr]  # Deadline.set_at()'s common case, inlined
-                d.kind = "keepalive"  # type: ignore[union-attr]
-            else:
-                d.set_at(when, "keepalive")  # type: ignore[union-attr]
+            self.deadline.set_at(ex.ended + self.ctx.http.keepalive_timeout, "keepalive")  # type: ignore[union-attr]
         else:
             self.deadline.set(self.ctx.http.keepalive_timeout, "keepalive")  # type: ignore[union-attr]
         parser = self.parser

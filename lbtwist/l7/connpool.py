@@ -174,12 +174,7 @@ class BackendConnections:
             and b.enabled
             and not b.draining
         ):
-            if self.waiting or conn.read_paused or self._sweeper is None:
-                self._hand_over(conn, now)
-                return
-            conn.state = IDLE  # _hand_over()'s common case, inlined
-            conn.idle_since = now
-            self.idle.append(conn)
+            self._hand_over(conn, now)
         else:
             conn.close()
 
