@@ -39,10 +39,7 @@ class RoundRobin(NoFeedback):
         exclude = ctx.exclude
         b = candidates[start % n]
         if b.weight > 0 and b.slow_start <= 0 and not (exclude and b in exclude):
-            # the common case (first in turn is eligible, no slow start), without a loop
-            self._next = (start + 1) % n
-            self._last = b
-            return b
+            return self._take(candidates, start)  # the common case: the first in turn, no loop
         first = -1
         for i in range(n):
             b = candidates[(start + i) % n]
