@@ -77,12 +77,8 @@ class _WriteBatch:
             batch = held[:]
             del held[:]
             for t in batch:
-                data = t._held  # t._send_held(), inlined: once per transport per pass
-                if data is None:
-                    continue
-                t._held = None
                 try:
-                    t._send(data[0] if len(data) == 1 else b"".join(data))
+                    t._send_held()
                 except Exception:
                     from twisted.python import log
 
