@@ -179,3 +179,30 @@ def test_sigterm_drains_inflight_request_then_exits_zero(tmp_path):
         assert proc.finish(timeout=30) == 0, proc.output()
     finally:
         proc.kill()
+
+
+def test_reload_keeps_the_latency_rule_off_for_l4_pools():
+    """A tcp listener's pool never gets the latency outlier rule, whether the
+    reload changed the pool's health section or only started using the pool
+    from a tcp listener."""
+    reactor = MemoryReactorClock()
+    reg = Registry.default()
+    a = load_config(_cfg(8001, 8002, backends=_backends(("127.0.0.1:9001", 1))), reg)
+    svc = LbtwistService(a.config, reactor, reg)
+    svc.startService()
+    latency_on = lambda name: svc.health.pools[name].cfg.passive.latency.enabled
+    assert not latency_on("echo") and latency_on("web")
+    text = _cfg(8001, 8002, backends=_backends(("127.0.0.1:9001", 1)))
+    text = text.replace('    backends: [{address: "127.0.0.1:9"}]',
+                        '    backends: [{address: "127.0.0.1:9"}]\n    health: {passive: {consecutive_5xx: 3}}')
+    b = load_config(text, reg)
+    assert b.config.pools[1].health.passive.consecutive_5xx == 3
+    svc.apply(b.config)
+    assert svc.health.pools["echo"].cfg.passive.consecutive_5xx == 3
+    assert not latency_on("echo")
+    # the web pool, unchanged, becomes the pool of a tcp listener too
+    extra = '  - name: raw\n    bind: "tcp:8005:interface=127.0.0.1"\n    mode: tcp\n    pool: web'
+    c = load_config(_cfg(8001, 8002, extra_listener=extra, backends=_backends(("127.0.0.1:9001", 1))), reg)
+    svc.apply(c.config)
+    assert not latency_on("web")
+    svc.stopService()
