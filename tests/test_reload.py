@@ -206,3 +206,61 @@ def test_reload_keeps_the_latency_rule_off_for_l4_pools():
     svc.apply(c.config)
     assert not latency_on("web")
     svc.stopService()
+
+
+def _limited(rate_burst: str = "{rate: 1, burst: 2}", retry_budget: str = "5") -> str:
+    return f"""
+listeners:
+  - name: web
+    bind: "tcp:8001:interface=127.0.0.1"
+    mode: http
+    pool: web
+    routes:
+      - match: {{path_prefix: /api}}
+        pool: web
+        rate_limit: {rate_burst}
+        retry: {{budget_percent: {retry_budget}}}
+pools:
+  - name: web
+    backends: [{{address: "127.0.0.1:9001"}}]
+"""
+
+
+def _route(svc, name="0"):
+    router = svc.listeners.getServiceNamed("web").proxy.router
+    routes = (*router.routes, router.default)
+    return next(r.target.resilience for r in routes if r.name == name)
+
+
+def test_reload_keeps_rate_limit_buckets_and_retry_budgets_of_unchanged_routes():
+    """A reload of an unchanged file (or one that changes other things) must
+    not lift limits: the route's buckets and budget history carry over. A
+    route whose settings changed starts afresh."""
+    reactor = MemoryReactorClock()
+    reactor.advance(100)
+    reg = Registry.default()
+    svc = LbtwistService(load_config(_limited(), reg).config, reactor, reg)
+    svc.startService()
+    rr = _route(svc)
+    now = reactor.seconds()
+    assert rr.rate_limiter.check("10.0.0.1", now).allowed and rr.rate_limiter.check("10.0.0.1", now).allowed
+    assert not rr.rate_limiter.check("10.0.0.1", now).allowed  # burst spent
+    for _ in range(40):
+        rr.budget.record_request(now)
+    default_budget = _route(svc, "default").budget
+    # the same file again (new, equal config objects), with another backend added
+    text = _limited().replace('[{address: "127.0.0.1:9001"}]', '[{address: "127.0.0.1:9001"}, {address: "127.0.0.1:9002"}]')
+    svc.apply(load_config(text, reg).config)
+    kept = _route(svc)
+    assert kept is rr
+    assert not kept.rate_limiter.check("10.0.0.1", now).allowed  # still limited
+    assert kept.budget.requests_total == 40
+    assert _route(svc, "default").budget is default_budget
+    # the admin API's retry counters follow the running routes
+    assert svc.runtime.resilience.routes["web"]["0"] is kept
+    # the route's rate limit changed: new buckets
+    svc.apply(load_config(_limited("{rate: 5, burst: 5}"), reg).config)
+    fresh = _route(svc)
+    assert fresh is not rr and fresh.rate_limiter.check("10.0.0.1", now).allowed
+    assert svc.runtime.resilience.routes["web"]["0"] is fresh
+    svc.stopService()
