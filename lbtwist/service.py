@@ -289,7 +289,8 @@ class LbtwistService(MultiService):
                 raise
             if not isinstance(e, (ValueError, KeyError, CannotListenError)):
                 log.failure("lbtwist: preparing the new configuration failed")
-            raise ReloadError(str(e) or type(e).__name__) from None
+            text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # KeyError's str() quotes
+            raise ReloadError(str(text) or type(e).__name__) from None
         # -- switch: nothing below is expected to fail -------------------------
         log.info("lbtwist: applying new configuration")
         if tls_state is not None:
