@@ -484,3 +484,56 @@ def test_a_refused_reload_changes_no_pool_either():
     assert {s.name for s in svc.listeners} == {"web", "echo"}
     assert [p for p, *_ in reactor.tcpServers] == [8001, 8002]
     svc.stopService()
+
+
+class _UDPEcho(protocol.DatagramProtocol):
+    def datagramReceived(self, data, addr):
+        self.transport.write(data, addr)
+
+
+class _UDPClient(protocol.DatagramProtocol):
+    def __init__(self):
+        self.got = []
+
+    def datagramReceived(self, data, addr):
+        self.got.append(data)
+
+
+async def _udp_roundtrip(client: _UDPClient, port: int, payload: bytes) -> None:
+    started = real_reactor.seconds()
+    while payload not in client.got:
+        assert real_reactor.seconds() - started < 20, client.got
+        client.transport.write(payload, ("127.0.0.1", port))
+        await task.deferLater(real_reactor, 0.05, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_udp_listener_renamed_on_the_same_bind_keeps_its_socket(tmp_path):
+    echo = real_reactor.listenUDP(0, _UDPEcho(), interface="127.0.0.1")
+    client_port = real_reactor.listenUDP(0, client := _UDPClient(), interface="127.0.0.1")
+    blocker = real_reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
+    u, admin = free_port(), free_port()
+    bind = f"udp:{u}:interface=127.0.0.1"
+    backends = {"dns": echo.getHost().port}
+    path = tmp_path / "lb.yaml"
+    svc = _start(path, _live_config([("u1", bind, "udp", "dns")], backends, admin))
+    try:
+        await _udp_roundtrip(client, u, b"one")
+        sock = svc.listeners.getServiceNamed("u1").port
+        # a new udp listener on a busy port: refused, u1 untouched
+        busy = f"udp:{blocker.getHost().port}:interface=127.0.0.1"
+        path.write_text(_live_config([("u1", bind, "udp", "dns"), ("u9", busy, "udp", "dns")], backends, admin))
+        with pytest.raises(ReloadError, match="listener u9: cannot bind"):
+            await svc.reload()
+        assert svc.listeners.getServiceNamed("u1").port is sock
+        await _udp_roundtrip(client, u, b"two")
+        # renamed, same bind text: the socket is handed over
+        path.write_text(_live_config([("u2", bind, "udp", "dns")], backends, admin))
+        await svc.reload()
+        assert [s.name for s in svc.listeners] == ["u2"]
+        assert svc.listeners.getServiceNamed("u2").port is sock
+        await _udp_roundtrip(client, u, b"three")
+    finally:
+        await svc.stopService()
+        for p in (echo, client_port, blocker):
+            await p.stopListening()
