@@ -121,6 +121,12 @@ def _same_socket(old: ListenerConfig | None, new: ListenerConfig) -> bool:
     )
 
 
+def _about(listener: str, e: Exception) -> str:
+    """``listener NAME: problem``, once (most messages name it already)."""
+    text = str(e)
+    return text if text.startswith(f"listener {listener}") else f"listener {listener}: {text}"
+
+
 @attrs.define
 class _ListenerPlan:
     """A reload's listeners, ready to switch (L{LbtwistService._prepare_listeners})."""
@@ -422,7 +428,7 @@ class LbtwistService(MultiService):
                 try:
                     plan.kept.append((svc, lcfg, svc.prepare_reconfigure(lcfg)))
                 except ValueError as e:
-                    raise ReloadError(f"listener {svc.name}: {e}") from None
+                    raise ReloadError(_about(svc.name, e)) from None
             else:
                 plan.retired.append(svc)
         donors = {
@@ -436,7 +442,7 @@ class LbtwistService(MultiService):
             try:
                 svc = build_listener(lcfg, rt)
             except ValueError as e:
-                raise ReloadError(f"listener {lcfg.name}: {e}") from None
+                raise ReloadError(_about(lcfg.name, e)) from None
             donor = donors.get(lcfg.bind)
             if donor is not None and getattr(donor, "port_kind", None) == getattr(svc, "port_kind", None):
                 del donors[lcfg.bind]

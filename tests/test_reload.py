@@ -537,3 +537,47 @@ async def test_udp_listener_renamed_on_the_same_bind_keeps_its_socket(tmp_path):
         await svc.stopService()
         for p in (echo, client_port, blocker):
             await p.stopListening()
+
+
+def _https_body(port: int, ca_file: str) -> bytes:
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=ca_file)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="a.example.com") as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a.example.com\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_turning_tls_on_keeps_the_listening_socket(tmp_path):
+    """tls on a running http listener (same bind): the listener is rebuilt
+    on the socket it had, which then speaks TLS."""
+    from twisted.internet import threads
+
+    from lbtwist.tls.testing import TestCA
+
+    ca = TestCA()
+    ca_file = ca.write_ca(tmp_path / "ca.pem")
+    cert, key = ca.issue("a.example.com").write(tmp_path, "a")
+    origins = _Origins()
+    web, admin = free_port(), free_port()
+    path = tmp_path / "lb.yaml"
+    plain = _live_config([("web", _bind(web), "http", "app")], {"app": origins.a}, admin)
+    svc = _start(path, plain)
+    try:
+        assert (await _http(web)).endswith(b"\r\n\r\nA")
+        sock = svc.listeners.getServiceNamed("web").port
+        tls = plain.replace("mode: http,", f'mode: http, tls: {{certificates: [{{cert: "{cert}", key: "{key}"}}]}},')
+        assert "tls:" in tls
+        path.write_text(tls)
+        await svc.reload()
+        assert svc.listeners.getServiceNamed("web").port is sock
+        body = await threads.deferToThread(_https_body, web, str(ca_file)).addTimeout(20, real_reactor)
+        assert body.startswith(b"HTTP/1.1 200") and body.endswith(b"\r\n\r\nA")
+    finally:
+        await svc.stopService()
+        await origins.stop()
