@@ -32,7 +32,7 @@ class ListenerService(Service):
     # bound in privilegedStartService so a port < 1024 can bind before dropping privileges
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self.port = self.listen()
+        self.bind_port()
 
     def listen(self) -> IListeningPort:
         """Bind synchronously; CannotListenError propagates so twistd exits non-zero."""
@@ -45,6 +45,36 @@ class ListenerService(Service):
         if isinstance(result[0], Exception) or hasattr(result[0], "raiseException"):
             result[0].raiseException()
         return result[0]
+
+    #: Which listening sockets this service can take over from another
+    #: (L{adopt_port}): stream sockets (tcp, http) here, datagram for udp.
+    port_kind = "stream"
+
+    def bind_port(self) -> None:
+        """Bind now, unless bound already. A reload binds every new port this
+        way before it changes anything (CannotListenError propagates)."""
+        if self.port is None:
+            self.port = self.listen()
+
+    def hand_over_port(self) -> IListeningPort | None:
+        """Give up the listening socket without closing it (L{adopt_port});
+        established connections stay with this service."""
+        port, self.port = self.port, None
+        return port
+
+    def adopt_port(self, other: Any) -> None:
+        """Accept on ``other``'s listening socket from now on: a reload that
+        rebuilds a listener but keeps its bind text neither closes nor
+        reopens the port, so no connection is refused in between."""
+        port = other.hand_over_port()
+        if port is None:
+            self.bind_port()
+            return
+        # the port tells its factory when it starts/stops; keep that balanced
+        self.factory.doStart()
+        port.factory = self.factory
+        other.factory.doStop()
+        self.port = port
 
     def startService(self) -> None:
         super().startService()

@@ -7,8 +7,11 @@ import random
 import signal
 from typing import Any, Callable
 
+import attrs
+
 from twisted.application.service import IService, MultiService
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from lbtwist.config.model import Config, ListenerConfig, PoolConfig
@@ -116,6 +119,24 @@ def _same_socket(old: ListenerConfig | None, new: ListenerConfig) -> bool:
         and (old.tls is None) == (new.tls is None)
         and (old.tls_passthrough is None) == (new.tls_passthrough is None)
     )
+
+
+def _about(listener: str, e: Exception) -> str:
+    """``listener NAME: problem``, once (most messages name it already)."""
+    text = str(e)
+    return text if text.startswith(f"listener {listener}") else f"listener {listener}: {text}"
+
+
+@attrs.define
+class _ListenerPlan:
+    """A reload's listeners, ready to switch (L{LbtwistService._prepare_listeners})."""
+
+    #: (running service, its new config, the callable that applies it)
+    kept: list[tuple[Any, ListenerConfig, Callable[[], None]]] = attrs.Factory(list)
+    #: running services that stop accepting and drain
+    retired: list[Any] = attrs.Factory(list)
+    #: (new service, retired service whose socket it takes over, or None: bound already)
+    fresh: list[tuple[Any, Any]] = attrs.Factory(list)
 
 
 class LbtwistService(MultiService):
@@ -248,88 +269,124 @@ class LbtwistService(MultiService):
         return defer.maybeDeferred(self.apply, loaded.config)
 
     def apply(self, new: Config) -> defer.Deferred:
-        """Apply a validated config: pools first (so listeners find them),
-        then listeners; removed backends drain, removed listeners drain."""
+        """Apply a validated config as a diff, all or nothing.
+
+        Everything that can fail comes first and changes nothing that runs:
+        certificates, balancer and probe plugins, routes, and binding every
+        new port. Only when all of it succeeded are pools and listeners
+        switched (and ``runtime.config`` replaced). A refused reload raises
+        L{ReloadError} naming the problem; the running listeners, pools and
+        ``/api/config`` stay exactly as they were. Removed backends and
+        retired listeners drain in the background."""
         rt = self.runtime
         old = rt.config
-        tls_state = None
-        if rt.tls is not None or any(p.tls is not None for p in new.pools) or any(
+        tls_state, backend_tls = self._prepare_tls(new)
+        tls_saved = tls_state.listener_snapshot() if tls_state is not None else None
+        bound: list[Any] = []  # ports this attempt opened: closed again if it is refused
+        try:
+            pools = self._prepare_pools(new)
+            listeners = self._prepare_listeners(old, new, bound)
+        except Exception as e:
+            for svc in bound:
+                svc.stop_accepting().addErrback(lambda f: log.failure("lbtwist: closing a port of a refused reload", f))
+            if tls_state is not None and tls_saved is not None:
+                tls_state.restore_listeners(tls_saved)
+            if isinstance(e, ReloadError):
+                raise
+            if not isinstance(e, (ValueError, KeyError, CannotListenError)):
+                log.failure("lbtwist: preparing the new configuration failed")
+            text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # KeyError's str() quotes
+            raise ReloadError(str(text) or type(e).__name__) from None
+        # -- switch: nothing below is expected to fail -------------------------
+        log.info("lbtwist: applying new configuration")
+        if tls_state is not None:
+            tls_state.set_pools(backend_tls)
+        waits = self._commit_pools(new, pools)
+        rt.config = new
+        waits += self._commit_listeners(new, listeners, tls_state)
+        # drains finish in the background; the reload is done: every port is bound
+        for w in waits:
+            w.addErrback(lambda f: log.failure("lbtwist: drain after reload", f))
+        log.info("lbtwist: configuration applied")
+        return defer.succeed(None)
+
+    def _prepare_tls(self, new: Config) -> tuple[Any, Any]:
+        """Read every certificate of ``new`` (listeners and pools) before
+        anything switches: (RuntimeTLS or None, the pools' BackendTLS)."""
+        rt = self.runtime
+        if rt.tls is None and not any(p.tls is not None for p in new.pools) and not any(
             l.tls is not None or l.tls_passthrough is not None for l in new.listeners
         ):
-            from lbtwist.tls.context import TLSConfigError
-            from lbtwist.tls.wiring import runtime_tls
+            return None, None
+        from lbtwist.tls.context import TLSConfigError
+        from lbtwist.tls.wiring import runtime_tls
 
-            tls_state = runtime_tls(rt)
-            try:  # read every certificate before switching anything
-                tls_state.check_listeners(new)
-                backend_tls = tls_state.prepare_pools(new.pools)
-            except TLSConfigError as e:
-                raise ReloadError(f"TLS: {e}") from None
-            tls_state.set_pools(backend_tls)
-        log.info("lbtwist: applying new configuration")
-        waits: list[defer.Deferred] = []
-        # pools: add, change in place, and remember which to drop
-        new_pools = {p.name: p for p in new.pools}
-        for name, pcfg in new_pools.items():
-            if name in rt.pools:
-                waits += self._reconfigure_pool(rt.pools[name], rt.pool_configs[name], pcfg)
-            else:
-                rt.pools[name] = build_pool(pcfg, rt)
-                rt.pools[name].subscribe(self._on_pool_state)
-                rt.pool_configs[name] = pcfg
-                self.health.add_pool(rt.pools[name], pcfg.health)
-                log.info("lbtwist: pool {pool} added", pool=name)
-        rt.config = new
-        # listeners
-        old_l = {l.name: l for l in old.listeners}
-        new_l = {l.name: l for l in new.listeners}
-        current = {svc.name: svc for svc in self.listeners}
-        released: list[defer.Deferred] = []
-        for name, svc in current.items():
-            lcfg = new_l.get(name)
-            if lcfg is not None and _same_socket(old_l.get(name), lcfg) and hasattr(svc, "reconfigure"):
-                svc.reconfigure(lcfg)
-                if tls_state is not None:
-                    try:
-                        tls_state.reconfigure_listener(svc, lcfg)
-                    except Exception as e:  # files changed since the check: keep the old certs
-                        log.error("lbtwist: listener {name}: TLS reload failed, keeping the old certificates: {e}", name=name, e=e)
+        tls_state = runtime_tls(rt)
+        try:
+            tls_state.check_listeners(new)
+            return tls_state, tls_state.prepare_pools(new.pools)
+        except TLSConfigError as e:
+            raise ReloadError(f"TLS: {e}") from None
+
+    def _prepare_pools(self, new: Config) -> dict[str, tuple[Any, Any]]:
+        """Per pool of ``new``: (Pool to add, or the new balancer of a kept
+        pool whose algorithm changed, or None; its new PoolHealth or None
+        when its health settings are unchanged). Builds plugins (balancers,
+        probes), which may raise; registers nothing."""
+        rt = self.runtime
+        from lbtwist.health.service import pool_health_config
+
+        out: dict[str, tuple[Any, Any]] = {}
+        for pcfg in new.pools:
+            name = pcfg.name
+            health = pool_health_config(new, name, pcfg.health)
+            pool = rt.pools.get(name)
+            if pool is None:
+                pool = build_pool(pcfg, rt)
+                out[name] = (pool, self.health.prepare_pool(pool, health))
                 continue
-            if tls_state is not None:
-                tls_state.forget_listener(name, svc)
-            # removed or rebound: release the socket now, drain in the background
-            released.append(svc.stop_accepting())
-            waits.append(defer.maybeDeferred(svc.disownServiceParent))
-            log.info("lbtwist: listener {name} retired", name=name)
+            oldc = rt.pool_configs[name]
+            balancer = None
+            if (oldc.algorithm, oldc.algorithm_options) != (pcfg.algorithm, pcfg.algorithm_options):
+                balancer = rt.registry.make_balancer(
+                    pcfg.algorithm, pcfg.algorithm_options, clock=rt.reactor, rng=pool.rng
+                )
+            ph = None
+            if self.health.running_config(name) != health:
+                ph = self.health.prepare_pool(pool, health)
+            out[name] = (balancer, ph)
+        return out
 
-        def add_listeners(_: object) -> None:
-            for name, lcfg in new_l.items():
-                svc = current.get(name)
-                if svc is not None and svc.parent is self.listeners:
-                    continue
-                build_listener(lcfg, rt).setServiceParent(self.listeners)
-                log.info("lbtwist: listener {name} added", name=name)
-
-        bound = defer.gatherResults(released, consumeErrors=True).addCallback(add_listeners)
+    def _commit_pools(self, new: Config, prepared: dict[str, tuple[Any, Any]]) -> list[defer.Deferred]:
+        rt = self.runtime
+        waits: list[defer.Deferred] = []
+        for pcfg in new.pools:
+            name = pcfg.name
+            first, ph = prepared[name]
+            if name not in rt.pools:
+                rt.pools[name] = first
+                first.subscribe(self._on_pool_state)
+                rt.pool_configs[name] = pcfg
+                self.health.install(ph)
+                log.info("lbtwist: pool {pool} added", pool=name)
+            else:
+                waits += self._reconfigure_pool(rt.pools[name], pcfg, first, ph)
         # pools no longer named anywhere: stop health, keep objects for in-flight work
-        for name in [n for n in rt.pools if n not in new_pools]:
+        names = {p.name for p in new.pools}
+        for name in [n for n in rt.pools if n not in names]:
             self.health.remove_pool(name)
             del rt.pools[name]
             del rt.pool_configs[name]
             log.info("lbtwist: pool {pool} removed", pool=name)
-        # drains finish in the background; the reload is done once new listeners are bound
-        for w in waits:
-            w.addErrback(lambda f: log.failure("lbtwist: drain after reload", f))
-        bound.addCallback(lambda _: log.info("lbtwist: configuration applied"))
-        return bound
+        return waits
 
-    def _reconfigure_pool(self, pool: Pool, old: PoolConfig, new: PoolConfig) -> list[defer.Deferred]:
+    def _reconfigure_pool(self, pool: Pool, new: PoolConfig, balancer: Any, health: Any) -> list[defer.Deferred]:
+        """Change a kept pool in place (its backends keep their state);
+        ``balancer`` and ``health`` come from L{_prepare_pools}."""
         rt = self.runtime
         waits: list[defer.Deferred] = []
-        if (old.algorithm, old.algorithm_options) != (new.algorithm, new.algorithm_options):
-            pool.balancer = rt.registry.make_balancer(
-                new.algorithm, new.algorithm_options, clock=rt.reactor, rng=pool.rng
-            )
+        if balancer is not None:
+            pool.balancer = balancer
             pool.version += 1
         pool.slow_start = new.slow_start
         pool.drain_timeout = new.drain_timeout
@@ -350,10 +407,98 @@ class LbtwistService(MultiService):
                 b.health = initial
                 b.joined_at = rt.reactor.seconds()
                 pool.add_backend(b, "added by reload")
-        if old.health != new.health:
-            self.health.add_pool(pool, new.health)
+        if health is not None:
+            self.health.install(health)
         rt.pool_configs[pool.name] = new
         pool.version += 1
+        return waits
+
+    def _prepare_listeners(self, old: Config, new: Config, bound: list[Any]) -> "_ListenerPlan":
+        """Sort the running listeners into kept (same socket: reconfigured in
+        place) and retired; build the new ones and give each a socket: the
+        one of a retired listener with the same bind text (handed over, never
+        closed), else a freshly bound port (appended to ``bound``)."""
+        rt = self.runtime
+        old_l = {l.name: l for l in old.listeners}
+        new_l = {l.name: l for l in new.listeners}
+        plan = _ListenerPlan()
+        for svc in list(self.listeners):
+            lcfg = new_l.get(svc.name)
+            if lcfg is not None and _same_socket(old_l.get(svc.name), lcfg) and hasattr(svc, "prepare_reconfigure"):
+                try:
+                    plan.kept.append((svc, lcfg, svc.prepare_reconfigure(lcfg)))
+                except ValueError as e:
+                    raise ReloadError(_about(svc.name, e)) from None
+            else:
+                plan.retired.append(svc)
+        donors = {
+            old_l[svc.name].bind: svc for svc in plan.retired
+            if svc.name in old_l and svc.address is not None
+        }
+        kept = {svc.name for svc, _, _ in plan.kept}
+        for lcfg in new.listeners:
+            if lcfg.name in kept:
+                continue
+            try:
+                svc = build_listener(lcfg, rt)
+            except ValueError as e:
+                raise ReloadError(_about(lcfg.name, e)) from None
+            donor = donors.get(lcfg.bind)
+            if donor is not None and getattr(donor, "port_kind", None) == getattr(svc, "port_kind", None):
+                del donors[lcfg.bind]
+                plan.fresh.append((svc, donor))
+                continue
+            try:
+                svc.bind_port()
+            except CannotListenError as e:
+                raise ReloadError(self._bind_problem(lcfg, e)) from None
+            bound.append(svc)
+            plan.fresh.append((svc, None))
+        return plan
+
+    def _bind_problem(self, lcfg: ListenerConfig, e: CannotListenError) -> str:
+        msg = f"listener {lcfg.name}: cannot bind {lcfg.bind!r}: {e.socketError}"
+        holder = next(
+            (s.name for s in self.listeners
+             if getattr(s.address, "port", None) == e.port and s.name != lcfg.name),
+            None,
+        )
+        if holder is not None:
+            msg += (f" (listener {holder!r} of the running config holds port {e.port}; a listener "
+                    "takes over another's socket only with the same bind text; else move them "
+                    "in two reloads)")
+        return msg + "; nothing was changed"
+
+    def _commit_listeners(self, new: Config, plan: "_ListenerPlan", tls_state: Any) -> list[defer.Deferred]:
+        waits: list[defer.Deferred] = []
+        for svc, lcfg, commit in plan.kept:
+            commit()
+            if tls_state is not None:
+                try:
+                    tls_state.reconfigure_listener(svc, lcfg)
+                except Exception as e:  # files changed since the check: keep the old certs
+                    log.error("lbtwist: listener {name}: TLS reload failed, keeping the old certificates: {e}",
+                              name=svc.name, e=e)
+        # hand-overs first: the socket passes to the new service, never closed
+        for svc, donor in plan.fresh:
+            if donor is not None:
+                svc.adopt_port(donor)
+                log.info("lbtwist: listener {name} takes over the socket of {old} ({bind})",
+                         name=svc.name, old=donor.name, bind=svc.address)
+        names = {l.name for l in new.listeners}
+        resilience = self.runtime.resilience
+        for svc in plan.retired:
+            if tls_state is not None:
+                tls_state.forget_listener(svc.name, svc)
+            if svc.name not in names and resilience is not None:
+                resilience.forget_listener(svc.name)
+            # released now (unless handed over); its connections drain in the background
+            svc.stop_accepting().addErrback(lambda f: log.failure("lbtwist: closing a retired port", f))
+            waits.append(defer.maybeDeferred(svc.disownServiceParent))
+            log.info("lbtwist: listener {name} retired", name=svc.name)
+        for svc, _ in plan.fresh:
+            svc.setServiceParent(self.listeners)
+            log.info("lbtwist: listener {name} added", name=svc.name)
         return waits
 
     def stopService(self) -> defer.Deferred:

@@ -290,3 +290,31 @@ def test_non_loopback_bind_needs_a_token(tmp_path):
     assert problem[0] == "admin.token_file" and "cannot read" in problem[1]
     (problem,) = admin_config_problems(AdminConfig(bind="tcp:9900", token="short"))
     assert problem[0] == "admin.token" and "16 characters" in problem[1]
+
+
+def test_admin_drain_enforces_the_pool_drain_timeout():
+    """An admin drain gets the same timer as config removal: at the pool's
+    drain_timeout the data plane is told to cut the work left; undrain first
+    stops the timer; a second drain does not restart it."""
+    env = Env()
+    env.pool.drain_timeout = 2.0
+    a, b = env.pool.backends()
+    seen = []
+    env.pool.subscribe(lambda pool, backend, state, reason: seen.append((backend, state)))
+    env.pool.on_start(a)  # a request in flight on a
+    assert env.post(backend_path(a.address, "drain"))[0] == 200
+    env.clock.advance(1.0)
+    assert env.post(backend_path(a.address, "drain"))[0] == 200  # again: same deadline
+    env.clock.advance(0.9)
+    assert (a, "drain-expired") not in seen
+    env.clock.advance(0.2)
+    assert seen.count((a, "drain-expired")) == 1
+    env.clock.advance(5)
+    assert seen.count((a, "drain-expired")) == 1
+
+    env.pool.on_start(b)
+    assert env.post(backend_path(b.address, "drain"))[0] == 200
+    env.clock.advance(1.0)
+    assert env.post(backend_path(b.address, "undrain"))[0] == 200
+    env.clock.advance(5)
+    assert (b, "drain-expired") not in seen and not b.draining

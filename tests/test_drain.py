@@ -116,3 +116,62 @@ pools:
         await svc.stopService()
         for p in (web_a, web_b, echo):
             await p.stopListening()
+
+
+async def _admin_post(port: int, path: str) -> bytes:
+    c = await _connect(port)
+    c.transport.write(
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
+    )
+    return await c.closed.addTimeout(10, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_api_drain_cuts_at_drain_timeout_l7_and_l4():
+    """POST .../drain through the admin listener: a hung request and a TCP
+    relay on the drained backends are cut at drain_timeout, not left running."""
+    site = server.Site(_Hang())
+    site.noisy = False
+    web_a = reactor.listenTCP(0, site, interface="127.0.0.1")
+    echo = reactor.listenTCP(0, protocol.Factory.forProtocol(_Echo), interface="127.0.0.1")
+    a, e = web_a.getHost().port, echo.getHost().port
+    text = f"""
+listeners:
+  - {{name: web, bind: "tcp:0:interface=127.0.0.1", mode: http, pool: web}}
+  - {{name: tcp, bind: "tcp:0:interface=127.0.0.1", mode: tcp, pool: tcp}}
+admin: {{bind: "tcp:0:interface=127.0.0.1"}}
+pools:
+  - {{name: web, drain_timeout: 500ms, backends: [{{address: "127.0.0.1:{a}"}}]}}
+  - {{name: tcp, drain_timeout: 500ms, backends: [{{address: "127.0.0.1:{e}"}}]}}
+"""
+    registry = Registry.default()
+    svc = LbtwistService(load_config(text, registry).config, reactor, registry)
+    svc.startService()
+    try:
+        web = svc.listeners.getServiceNamed("web").address.port
+        tcp = svc.listeners.getServiceNamed("tcp").address.port
+        admin = svc.getServiceNamed("admin").address.port
+        rt = svc.runtime
+        hung = await _connect(web)
+        hung.transport.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        relay = await _connect(tcp)
+        relay.transport.write(b"ping")
+        while rt.pools["web"].get(f"127.0.0.1:{a}").active == 0 or relay.data != b"ping":
+            await task.deferLater(reactor, 0.01, lambda: None)
+
+        started = reactor.seconds()
+        for pool, port in (("web", a), ("tcp", e)):
+            answer = await _admin_post(admin, f"/api/pools/{pool}/backends/127.0.0.1:{port}/drain")
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+        await relay.closed.addTimeout(10, reactor)
+        while not hung.data and reactor.seconds() - started < 10:
+            await task.deferLater(reactor, 0.01, lambda: None)
+        elapsed = reactor.seconds() - started
+        assert hung.data.startswith(b"HTTP/1.1 502"), hung.data
+        # cut at the 0.5 s drain_timeout (a loaded box may add some), not left hanging
+        assert 0.5 <= elapsed < 5.0, elapsed
+        hung.transport.loseConnection()
+    finally:
+        await svc.stopService()
+        for p in (web_a, echo):
+            await p.stopListening()

@@ -8,12 +8,17 @@ import socket
 import threading
 import urllib.request
 
+import attrs
+import pytest
+import pytest_twisted
+from twisted.internet import defer, error, protocol, reactor as real_reactor, task
 from twisted.internet.testing import MemoryReactorClock
+from twisted.web import resource, server
 
 from lbtwist.config import load_config
 from lbtwist.pool import Health
 from lbtwist.registry import Registry
-from lbtwist.service import LbtwistService
+from lbtwist.service import LbtwistService, ReloadError
 from support.procs import Proc, free_port, twistd_cmd
 
 
@@ -179,3 +184,400 @@ def test_sigterm_drains_inflight_request_then_exits_zero(tmp_path):
         assert proc.finish(timeout=30) == 0, proc.output()
     finally:
         proc.kill()
+
+
+def test_reload_keeps_the_latency_rule_off_for_l4_pools():
+    """A tcp listener's pool never gets the latency outlier rule, whether the
+    reload changed the pool's health section or only started using the pool
+    from a tcp listener."""
+    reactor = MemoryReactorClock()
+    reg = Registry.default()
+    a = load_config(_cfg(8001, 8002, backends=_backends(("127.0.0.1:9001", 1))), reg)
+    svc = LbtwistService(a.config, reactor, reg)
+    svc.startService()
+    latency_on = lambda name: svc.health.pools[name].cfg.passive.latency.enabled
+    assert not latency_on("echo") and latency_on("web")
+    text = _cfg(8001, 8002, backends=_backends(("127.0.0.1:9001", 1)))
+    text = text.replace('    backends: [{address: "127.0.0.1:9"}]',
+                        '    backends: [{address: "127.0.0.1:9"}]\n    health: {passive: {consecutive_5xx: 3}}')
+    b = load_config(text, reg)
+    assert b.config.pools[1].health.passive.consecutive_5xx == 3
+    svc.apply(b.config)
+    assert svc.health.pools["echo"].cfg.passive.consecutive_5xx == 3
+    assert not latency_on("echo")
+    # the web pool, unchanged, becomes the pool of a tcp listener too
+    extra = '  - name: raw\n    bind: "tcp:8005:interface=127.0.0.1"\n    mode: tcp\n    pool: web'
+    c = load_config(_cfg(8001, 8002, extra_listener=extra, backends=_backends(("127.0.0.1:9001", 1))), reg)
+    svc.apply(c.config)
+    assert not latency_on("web")
+    svc.stopService()
+
+
+def _limited(rate_burst: str = "{rate: 1, burst: 2}", retry_budget: str = "5") -> str:
+    return f"""
+listeners:
+  - name: web
+    bind: "tcp:8001:interface=127.0.0.1"
+    mode: http
+    pool: web
+    routes:
+      - match: {{path_prefix: /api}}
+        pool: web
+        rate_limit: {rate_burst}
+        retry: {{budget_percent: {retry_budget}}}
+pools:
+  - name: web
+    backends: [{{address: "127.0.0.1:9001"}}]
+"""
+
+
+def _route(svc, name="0"):
+    router = svc.listeners.getServiceNamed("web").proxy.router
+    routes = (*router.routes, router.default)
+    return next(r.target.resilience for r in routes if r.name == name)
+
+
+def test_reload_keeps_rate_limit_buckets_and_retry_budgets_of_unchanged_routes():
+    """A reload of an unchanged file (or one that changes other things) must
+    not lift limits: the route's buckets and budget history carry over. A
+    route whose settings changed starts afresh."""
+    reactor = MemoryReactorClock()
+    reactor.advance(100)
+    reg = Registry.default()
+    svc = LbtwistService(load_config(_limited(), reg).config, reactor, reg)
+    svc.startService()
+    rr = _route(svc)
+    now = reactor.seconds()
+    assert rr.rate_limiter.check("10.0.0.1", now).allowed and rr.rate_limiter.check("10.0.0.1", now).allowed
+    assert not rr.rate_limiter.check("10.0.0.1", now).allowed  # burst spent
+    for _ in range(40):
+        rr.budget.record_request(now)
+    default_budget = _route(svc, "default").budget
+    # the same file again (new, equal config objects), with another backend added
+    text = _limited().replace('[{address: "127.0.0.1:9001"}]', '[{address: "127.0.0.1:9001"}, {address: "127.0.0.1:9002"}]')
+    svc.apply(load_config(text, reg).config)
+    kept = _route(svc)
+    assert kept is rr
+    assert not kept.rate_limiter.check("10.0.0.1", now).allowed  # still limited
+    assert kept.budget.requests_total == 40
+    assert _route(svc, "default").budget is default_budget
+    # the admin API's retry counters follow the running routes
+    assert svc.runtime.resilience.routes["web"]["0"] is kept
+    # the route's rate limit changed: new buckets
+    svc.apply(load_config(_limited("{rate: 5, burst: 5}"), reg).config)
+    fresh = _route(svc)
+    assert fresh is not rr and fresh.rate_limiter.check("10.0.0.1", now).allowed
+    assert svc.runtime.resilience.routes["web"]["0"] is fresh
+    svc.stopService()
+
+
+# -- bind first: real sockets ------------------------------------------------------------
+
+
+
+class _Named(resource.Resource):
+    """Answers every request with its name."""
+
+    isLeaf = True
+
+    def __init__(self, name: bytes):
+        super().__init__()
+        self.name = name
+
+    def render(self, request):
+        return self.name
+
+
+class _Echo(protocol.Protocol):
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+
+class _Client(protocol.Protocol):
+    def __init__(self):
+        self.data = b""
+        self.closed = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        self.closed.callback(self.data)
+
+
+async def _open(port: int) -> _Client:
+    c = _Client()
+    await protocol.ClientCreator(real_reactor, lambda: c).connectTCP("127.0.0.1", port, timeout=10)
+    return c
+
+
+async def _http(port: int, method: str = "GET", path: str = "/") -> bytes:
+    c = await _open(port)
+    c.transport.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n"
+                      "Connection: close\r\n\r\n".encode())
+    return await c.closed.addTimeout(20, real_reactor)
+
+
+async def _refused(port: int) -> bool:
+    try:
+        c = await _open(port)
+    except error.ConnectionRefusedError:
+        return True
+    c.transport.loseConnection()
+    return False
+
+
+def _bind(port: int) -> str:
+    return f"tcp:{port}:interface=127.0.0.1"
+
+
+def _live_config(listeners, backends: dict, admin: int) -> str:
+    lines = ["listeners:"]
+    for name, bind, mode, pool in listeners:
+        lines.append(f'  - {{name: {name}, bind: "{bind}", mode: {mode}, pool: {pool}}}')
+    lines.append("pools:")
+    for pool, port in backends.items():
+        lines.append(f'  - {{name: {pool}, drain_timeout: 1s, backends: [{{address: "127.0.0.1:{port}"}}]}}')
+    lines.append(f'admin: {{bind: "{_bind(admin)}"}}')
+    return "\n".join(lines) + "\n"
+
+
+class _Origins:
+    """Two HTTP backends answering "A" / "B" and a TCP echo, on ephemeral ports."""
+
+    def __init__(self):
+        self.ports = []
+        for name in (b"A", b"B"):
+            site = server.Site(_Named(name))
+            site.noisy = False
+            self.ports.append(real_reactor.listenTCP(0, site, interface="127.0.0.1"))
+        self.ports.append(real_reactor.listenTCP(0, protocol.Factory.forProtocol(_Echo), interface="127.0.0.1"))
+        self.a, self.b, self.echo = (p.getHost().port for p in self.ports)
+
+    async def stop(self):
+        for p in self.ports:
+            await p.stopListening()
+
+
+def _start(path, text: str) -> LbtwistService:
+    path.write_text(text)
+    reg = Registry.default()
+    svc = LbtwistService(load_config(str(path), reg).config, real_reactor, reg, config_path=str(path))
+    svc.privilegedStartService()
+    svc.startService()
+    return svc
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_that_cannot_bind_leaves_the_running_listeners_and_config(tmp_path):
+    """A listener moved to a busy port, and a new listener on a busy port:
+    the reload is refused (422), the old port keeps serving every request,
+    nothing else was switched or left bound; once the port is free the same
+    file applies."""
+    origins = _Origins()
+    blocker = real_reactor.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol), interface="127.0.0.1")
+    busy = blocker.getHost().port
+    web, extra, admin = free_port(), free_port(), free_port()
+    path = tmp_path / "lb.yaml"
+    svc = _start(path, _live_config([("web", _bind(web), "http", "app")], {"app": origins.a}, admin))
+    try:
+        assert (await _http(web)).endswith(b"\r\n\r\nA")
+        running = svc.runtime.config
+        port_before = svc.listeners.getServiceNamed("web").port
+        # 1. web moves to the busy port; a new listener and another backend come too
+        path.write_text(_live_config([("web", _bind(busy), "http", "app"), ("extra", _bind(extra), "http", "app")],
+                                     {"app": origins.b}, admin))
+        answer = await _http(admin, "POST", "/api/reload")
+        assert answer.startswith(b"HTTP/1.1 422"), answer
+        answers = [await _http(web) for _ in range(30)]
+        assert all(a.startswith(b"HTTP/1.1 200") and a.endswith(b"\r\n\r\nA") for a in answers)
+        assert svc.runtime.config is running
+        assert svc.listeners.getServiceNamed("web").port is port_before
+        assert b'"reloaded":false' in answer and f"{busy}".encode() in answer and b"nothing was changed" in answer
+        assert await _refused(extra)  # bound for the attempt, closed again
+        config = await _http(admin, "GET", "/api/config")
+        assert f'"bind":"{_bind(web)}"'.encode() in config and b'"extra"' not in config
+        assert not svc.runtime.pools["app"].get(f"127.0.0.1:{origins.a}").draining
+        assert svc.runtime.pools["app"].get(f"127.0.0.1:{origins.b}") is None
+        # 2. the same through reload() (SIGHUP's path), with only a new listener on the busy port
+        path.write_text(_live_config([("web", _bind(web), "http", "app"), ("extra", _bind(busy), "http", "app")],
+                                     {"app": origins.a}, admin))
+        with pytest.raises(ReloadError, match=f"listener extra: cannot bind '{_bind(busy)}'"):
+            await svc.reload()
+        assert svc.runtime.config is running and [s.name for s in svc.listeners] == ["web"]
+        assert b'"extra"' not in await _http(admin, "GET", "/api/config")
+        assert (await _http(web)).endswith(b"\r\n\r\nA")
+        # 3. the port is free again: the move applies
+        await blocker.stopListening()
+        path.write_text(_live_config([("web", _bind(busy), "http", "app")], {"app": origins.b}, admin))
+        assert (await _http(admin, "POST", "/api/reload")).startswith(b"HTTP/1.1 200")
+        assert (await _http(busy)).endswith(b"\r\n\r\nB")
+        assert await _refused(web)
+    finally:
+        await svc.stopService()
+        await origins.stop()
+        if blocker.connected:
+            await blocker.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_hands_sockets_over_for_the_same_bind_text(tmp_path):
+    """Two listeners swapping their binds, and a listener rebuilt on the same
+    bind (http -> tcp): each new listener takes over the running socket
+    (never closed), so the swap works and no connection is refused. A swap
+    with other bind texts for the same ports is refused, naming the holder."""
+    origins = _Origins()
+    x, y, z, admin = free_port(), free_port(), free_port(), free_port()
+    backends = {"pa": origins.a, "pb": origins.b, "echo": origins.echo}
+    path = tmp_path / "lb.yaml"
+    svc = _start(path, _live_config(
+        [("a", _bind(x), "http", "pa"), ("b", _bind(y), "http", "pb"), ("c", _bind(z), "http", "pa")], backends, admin))
+    try:
+        assert (await _http(x)).endswith(b"A") and (await _http(y)).endswith(b"B") and (await _http(z)).endswith(b"A")
+        sockets = {name: svc.listeners.getServiceNamed(name).port for name in ("a", "b", "c")}
+        path.write_text(_live_config(
+            [("a", _bind(y), "http", "pa"), ("b", _bind(x), "http", "pb"), ("c", _bind(z), "tcp", "echo")],
+            backends, admin))
+        await svc.reload()
+        got = {name: svc.listeners.getServiceNamed(name) for name in ("a", "b", "c")}
+        assert got["a"].port is sockets["b"] and got["b"].port is sockets["a"] and got["c"].port is sockets["c"]
+        assert (await _http(x)).endswith(b"\r\n\r\nB") and (await _http(y)).endswith(b"\r\n\r\nA")
+        relay = await _open(z)  # now a TCP relay to the echo backend
+        relay.transport.write(b"ping")
+        while relay.data != b"ping":
+            await task.deferLater(real_reactor, 0.01, lambda: None)
+        relay.transport.loseConnection()
+        # the same ports, other texts: cannot be handed over, and each is held
+        running = svc.runtime.config
+        path.write_text(_live_config(
+            [("a", f"tcp:port={x}:interface=127.0.0.1", "http", "pa"),
+             ("b", f"tcp:port={y}:interface=127.0.0.1", "http", "pb"),
+             ("c", _bind(z), "tcp", "echo")], backends, admin))
+        with pytest.raises(ReloadError, match="of the running config holds port"):
+            await svc.reload()
+        assert svc.runtime.config is running
+        assert (await _http(x)).endswith(b"\r\n\r\nB") and (await _http(y)).endswith(b"\r\n\r\nA")
+    finally:
+        await svc.stopService()
+        await origins.stop()
+
+
+def test_a_refused_reload_changes_no_pool_either():
+    """A plugin that cannot be built (here an unknown algorithm on the second
+    pool) refuses the reload before the first pool's backends are touched."""
+    reactor = MemoryReactorClock()
+    reg = Registry.default()
+    a = load_config(_cfg(8001, 8002, backends=_backends(("127.0.0.1:9001", 1), ("127.0.0.1:9002", 1))), reg)
+    svc = LbtwistService(a.config, reactor, reg)
+    svc.startService()
+    web = svc.runtime.pools["web"]
+    balancer = web.balancer
+    b = load_config(_cfg(8001, 8004, extra_listener=_listener("web2", 8003),
+                         backends=_backends(("127.0.0.1:9002", 5))), reg).config
+    pools = [b.pools[0], attrs.evolve(b.pools[1], algorithm="no_such_algorithm")]
+    with pytest.raises(ReloadError, match="unknown algorithm 'no_such_algorithm'"):
+        svc.apply(attrs.evolve(b, pools=pools))
+    assert svc.runtime.config is a.config
+    assert [(x.address, x.weight, x.draining) for x in web.backends()] == [
+        ("127.0.0.1:9001", 1, False), ("127.0.0.1:9002", 1, False)]
+    assert web.balancer is balancer
+    assert {s.name for s in svc.listeners} == {"web", "echo"}
+    assert [p for p, *_ in reactor.tcpServers] == [8001, 8002]
+    svc.stopService()
+
+
+class _UDPEcho(protocol.DatagramProtocol):
+    def datagramReceived(self, data, addr):
+        self.transport.write(data, addr)
+
+
+class _UDPClient(protocol.DatagramProtocol):
+    def __init__(self):
+        self.got = []
+
+    def datagramReceived(self, data, addr):
+        self.got.append(data)
+
+
+async def _udp_roundtrip(client: _UDPClient, port: int, payload: bytes) -> None:
+    started = real_reactor.seconds()
+    while payload not in client.got:
+        assert real_reactor.seconds() - started < 20, client.got
+        client.transport.write(payload, ("127.0.0.1", port))
+        await task.deferLater(real_reactor, 0.05, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_udp_listener_renamed_on_the_same_bind_keeps_its_socket(tmp_path):
+    echo = real_reactor.listenUDP(0, _UDPEcho(), interface="127.0.0.1")
+    client_port = real_reactor.listenUDP(0, client := _UDPClient(), interface="127.0.0.1")
+    blocker = real_reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
+    u, admin = free_port(), free_port()
+    bind = f"udp:{u}:interface=127.0.0.1"
+    backends = {"dns": echo.getHost().port}
+    path = tmp_path / "lb.yaml"
+    svc = _start(path, _live_config([("u1", bind, "udp", "dns")], backends, admin))
+    try:
+        await _udp_roundtrip(client, u, b"one")
+        sock = svc.listeners.getServiceNamed("u1").port
+        # a new udp listener on a busy port: refused, u1 untouched
+        busy = f"udp:{blocker.getHost().port}:interface=127.0.0.1"
+        path.write_text(_live_config([("u1", bind, "udp", "dns"), ("u9", busy, "udp", "dns")], backends, admin))
+        with pytest.raises(ReloadError, match="listener u9: cannot bind"):
+            await svc.reload()
+        assert svc.listeners.getServiceNamed("u1").port is sock
+        await _udp_roundtrip(client, u, b"two")
+        # renamed, same bind text: the socket is handed over
+        path.write_text(_live_config([("u2", bind, "udp", "dns")], backends, admin))
+        await svc.reload()
+        assert [s.name for s in svc.listeners] == ["u2"]
+        assert svc.listeners.getServiceNamed("u2").port is sock
+        await _udp_roundtrip(client, u, b"three")
+    finally:
+        await svc.stopService()
+        for p in (echo, client_port, blocker):
+            await p.stopListening()
+
+
+def _https_body(port: int, ca_file: str) -> bytes:
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=ca_file)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="a.example.com") as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a.example.com\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_turning_tls_on_keeps_the_listening_socket(tmp_path):
+    """tls on a running http listener (same bind): the listener is rebuilt
+    on the socket it had, which then speaks TLS."""
+    from twisted.internet import threads
+
+    from lbtwist.tls.testing import TestCA
+
+    ca = TestCA()
+    ca_file = ca.write_ca(tmp_path / "ca.pem")
+    cert, key = ca.issue("a.example.com").write(tmp_path, "a")
+    origins = _Origins()
+    web, admin = free_port(), free_port()
+    path = tmp_path / "lb.yaml"
+    plain = _live_config([("web", _bind(web), "http", "app")], {"app": origins.a}, admin)
+    svc = _start(path, plain)
+    try:
+        assert (await _http(web)).endswith(b"\r\n\r\nA")
+        sock = svc.listeners.getServiceNamed("web").port
+        tls = plain.replace("mode: http,", f'mode: http, tls: {{certificates: [{{cert: "{cert}", key: "{key}"}}]}},')
+        assert "tls:" in tls
+        path.write_text(tls)
+        await svc.reload()
+        assert svc.listeners.getServiceNamed("web").port is sock
+        body = await threads.deferToThread(_https_body, web, str(ca_file)).addTimeout(20, real_reactor)
+        assert body.startswith(b"HTTP/1.1 200") and body.endswith(b"\r\n\r\nA")
+    finally:
+        await svc.stopService()
+        await origins.stop()

@@ -22,6 +22,7 @@ from twisted.web import resource, server
 from lbtwist.admin.auth import Guard
 from lbtwist.admin.metrics import exposition
 from lbtwist.admin.state import StateView, config_json
+from lbtwist.health.drain import drain_backend
 
 log = Logger(namespace="lbtwist.admin")
 
@@ -214,7 +215,10 @@ class AdminResource(resource.Resource):
             self._allow(method, "POST")
             self._body(request, required=False)  # malformed JSON is refused even when unused
             fn, value = _ACTIONS[action]
-            getattr(pool, fn)(backend, value, f"admin API ({who})")
+            if action == "drain":
+                self._drain(pool, backend, f"admin API ({who})")
+            else:
+                getattr(pool, fn)(backend, value, f"admin API ({who})")
             return self._backend_json(request, pool, backend)
         if action == "weight":
             self._allow(method, "PUT", "POST")
@@ -229,6 +233,16 @@ class AdminResource(resource.Resource):
             pool.set_weight(backend, float(w), f"admin API ({who})")
             return self._backend_json(request, pool, backend)
         raise ApiError(404, f"unknown action {action!r}; actions: drain, undrain, enable, disable, weight")
+
+    def _drain(self, pool: Any, backend: Any, reason: str) -> None:
+        """Drain the way config removal and shutdown do (L{drain_backend}):
+        at the pool's ``drain_timeout`` the work left is cut. Already
+        draining: the running timer stands (a repeated click does not
+        extend it); undrain stops it."""
+        if backend.draining:
+            return
+        d = drain_backend(pool, backend, self.runtime.reactor, reason)
+        d.addErrback(lambda f: log.failure("admin API: drain of {backend}", f, backend=backend.address))
 
     def _body(self, request: server.Request, required: bool) -> Any:
         raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""

@@ -142,6 +142,15 @@ def without_latency_rule(cfg: HealthConfig, pool_name: str) -> HealthConfig:
     return attrs.evolve(cfg, passive=attrs.evolve(cfg.passive, latency=latency))
 
 
+def pool_health_config(config: Any, pool_name: str, cfg: HealthConfig) -> HealthConfig:
+    """The health settings a pool runs with under ``config``: its own, with
+    the latency rule off when a tcp/udp listener uses it (start and reload
+    both come here)."""
+    if pool_name in l4_pools(config):
+        return without_latency_rule(cfg, pool_name)
+    return cfg
+
+
 class HealthService(Service):
     """Health checking for all pools of ``runtime``. Probes come from the
     registry (``runtime.registry``) by the kind named in each pool's config."""
@@ -156,13 +165,10 @@ class HealthService(Service):
 
     def startService(self) -> None:
         super().startService()
-        l4 = l4_pools(self.runtime.config)
         for name, pool in self.runtime.pools.items():
             pcfg = self.runtime.pool_configs.get(name)
             cfg = pcfg.health if pcfg is not None else HealthConfig()
-            if name in l4:
-                cfg = without_latency_rule(cfg, name)
-            self.add_pool(pool, cfg)
+            self.add_pool(pool, pool_health_config(self.runtime.config, name, cfg))
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
@@ -174,18 +180,31 @@ class HealthService(Service):
     def add_pool(self, pool: Pool, cfg: HealthConfig, probe: IHealthProbe | None = None) -> PoolHealth:
         """Start health for ``pool`` (a new pool on reload). ``probe`` overrides
         the one the registry would build (tests inject fakes here)."""
-        self.remove_pool(pool.name)
+        return self.install(self.prepare_pool(pool, cfg, probe))
+
+    def prepare_pool(self, pool: Pool, cfg: HealthConfig, probe: IHealthProbe | None = None) -> PoolHealth:
+        """Build health for ``pool`` (probe plugins included, which may raise)
+        without starting it or replacing the running one: L{install} does."""
         if cfg.active is not None and probe is None:
             probe = make_probe(self.runtime.registry, cfg.active, reactor=self.reactor)
             if getattr(self.runtime, "tls", None) is not None:  # a pool with tls: probes use it too
                 from lbtwist.health.probes import use_pool_tls
 
                 probe = use_pool_tls(probe, lambda: self.runtime.tls.backend_tls(pool.name))
-        ph = PoolHealth(pool, cfg, reactor=self.reactor, probe=probe, rng=self.rng)
-        self.pools[pool.name] = ph
+        return PoolHealth(pool, cfg, reactor=self.reactor, probe=probe, rng=self.rng)
+
+    def install(self, ph: PoolHealth) -> PoolHealth:
+        """Replace the pool's running health with ``ph`` (from L{prepare_pool})."""
+        self.remove_pool(ph.pool.name)
+        self.pools[ph.pool.name] = ph
         if self.running:
             ph.start()
         return ph
+
+    def running_config(self, name: str) -> HealthConfig | None:
+        """The health settings pool ``name`` runs with now (None: no health)."""
+        ph = self.pools.get(name)
+        return ph.cfg if ph is not None else None
 
     def remove_pool(self, name: str) -> None:
         ph = self.pools.pop(name, None)

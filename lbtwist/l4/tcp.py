@@ -630,6 +630,12 @@ class TCPListenerService(ListenerService):
         super().__init__(cfg.name, cfg.bind, self.relay, runtime.reactor)
         self.relay.service = self
 
+    def prepare_reconfigure(self, cfg: ListenerConfig) -> Any:
+        """Check ``cfg`` (ValueError names what is wrong) without changing
+        the running listener; the callable returned applies it."""
+        RelayFactory(cfg, self.relay.runtime)  # configure() checks before it sets anything
+        return lambda: self.reconfigure(cfg)
+
     def reconfigure(self, cfg: ListenerConfig) -> None:
         """Hot reload with the same bind: new settings for new connections."""
         self.relay.configure(cfg)

@@ -298,13 +298,42 @@ class UDPListenerService(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self._listen()
+        self.bind_port()
 
     def startService(self) -> None:
         super().startService()
         if self.port is None:
             self._listen()
         log.info("listener {name} on {bind} ({address})", name=self.name, bind=self.cfg.bind, address=self.address)
+
+    #: See L{lbtwist.listener.ListenerService.port_kind}.
+    port_kind = "datagram"
+
+    def bind_port(self) -> None:
+        """Bind now, unless bound already (a reload binds before it swaps)."""
+        if self.port is None:
+            self._listen()
+
+    def hand_over_port(self) -> Any:
+        """Give up the socket without closing it; the flows end here (their
+        replies would leave through a port this relay no longer reads)."""
+        port, self.port = self.port, None
+        self.relay.close_all()
+        return port
+
+    def adopt_port(self, other: Any) -> None:
+        """Read ``other``'s socket from now on (same bind text across a
+        reload): the port is never closed and reopened."""
+        port = other.hand_over_port()
+        if port is None:
+            self.bind_port()
+            return
+        old = port.protocol
+        if old is not None and old.numPorts > 0:
+            old.doStop()
+        port.protocol = self.relay
+        self.relay.makeConnection(port)
+        self.port = port
 
     def _listen(self) -> None:
         self.port = self.reactor.listenUDP(
@@ -314,6 +343,12 @@ class UDPListenerService(Service):
     @property
     def address(self) -> Any:
         return self.port.getHost() if self.port is not None else None
+
+    def prepare_reconfigure(self, cfg: ListenerConfig) -> Any:
+        """Check ``cfg`` (ValueError names what is wrong) without changing
+        the running listener; the callable returned applies it."""
+        UDPRelay(cfg, self.relay.runtime)  # configure() checks before it sets anything
+        return lambda: self.reconfigure(cfg)
 
     def reconfigure(self, cfg: ListenerConfig) -> None:
         """Hot reload with the same bind."""

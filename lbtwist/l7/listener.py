@@ -4,7 +4,7 @@ router, forwarding policy, limits, sticky cookie, connection pools)."""
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
@@ -32,14 +32,22 @@ def connection_pools(runtime: Any) -> ConnectionPools:
     return pools
 
 
-def build_router(cfg: ListenerConfig, registry: Any) -> Router:
-    """Routes of ``cfg`` with their plans; ValueError names a bad route."""
+def build_router(cfg: ListenerConfig, registry: Any, resilience: Any = None) -> Router:
+    """Routes of ``cfg`` with their plans; ValueError names a bad route.
+    ``resilience`` (a RuntimeResilience): routes whose settings did not
+    change keep their retry budget and rate-limit buckets from it."""
     http = cfg.http
-    default = RoutePlan.build(None, "default", cfg.pool, http) if cfg.pool else None
+
+    def kept(rcfg: Any, name: str) -> Any:
+        if resilience is None:
+            return None
+        return resilience.route(cfg.name, name, rcfg, http.request_timeout)
+
+    default = RoutePlan.build(None, "default", cfg.pool, http, kept(None, "default")) if cfg.pool else None
     return Router.build(
         cfg.routes,
         registry.rules,
-        make_target=lambda rcfg, name: RoutePlan.build(rcfg, name, rcfg.pool, http),
+        make_target=lambda rcfg, name: RoutePlan.build(rcfg, name, rcfg.pool, http, kept(rcfg, name)),
         default=default,
         where=f"listener {cfg.name}: routes",
     )
@@ -50,13 +58,19 @@ class HttpProxyFactory(ServerFactory):
 
     noisy = False
 
-    def __init__(self, cfg: ListenerConfig, runtime: Any, router: Router | None = None) -> None:
+    def __init__(self, cfg: ListenerConfig, runtime: Any, router: Router | None = None,
+                 register: bool = True) -> None:
+        """``register``: publish the routes' retry state now (the listener
+        service passes False and publishes once it runs, so a reload that is
+        refused leaves the running routes published)."""
         self.listener = cfg
         self.name = cfg.name
         self.runtime = runtime
         self.clock = runtime.reactor
         self.http = cfg.http
-        self.router = router if router is not None else build_router(cfg, runtime.registry)
+        #: Pools' breakers/limits/budgets; this listener's routes report retries there.
+        self.resilience = runtime_resilience(runtime)
+        self.router = router if router is not None else build_router(cfg, runtime.registry, self.resilience)
         #: The route every request takes when there are no match rules (skips routing).
         self.fixed_route = self.router.default if not self.router.routes else None
         self.forwarding = ForwardingPolicy(
@@ -66,13 +80,8 @@ class HttpProxyFactory(ServerFactory):
         self.ids = RequestIds()
         self.sticky = StickyCookie(cfg.http.sticky_cookie) if cfg.http.sticky_cookie else None
         self.connection_pools = connection_pools(runtime)
-        #: Pools' breakers/limits/budgets; this listener's routes report retries there.
-        self.resilience = runtime_resilience(runtime)
-        self.resilience.routes[cfg.name] = {
-            r.name: r.target.resilience
-            for r in (*self.router.routes, *((self.router.default,) if self.router.default else ()))
-            if getattr(r.target, "resilience", None) is not None
-        }
+        if register:
+            self.register_routes()
         self.rng = random.Random()
         self.default_connection_pool = ConnectionPoolConfig()
         self.max_connections = cfg.max_connections
@@ -80,6 +89,15 @@ class HttpProxyFactory(ServerFactory):
         self.eager = True
         self.active = 0
         self.service: ListenerService | None = None
+
+    def register_routes(self) -> None:
+        """Publish this listener's routes (retry counters for the admin API,
+        and the state a later reload keeps for unchanged routes)."""
+        self.resilience.set_routes(self.name, {
+            r.name: r.target.resilience
+            for r in (*self.router.routes, *((self.router.default,) if self.router.default else ()))
+            if getattr(r.target, "resilience", None) is not None
+        })
 
     def buildProtocol(self, addr: Any) -> HttpProxyProtocol:
         p = HttpProxyProtocol(self)
@@ -109,21 +127,36 @@ class HttpListenerService(ListenerService):
     """A ListenerService whose drain waits as long as its pools' drain_timeout."""
 
     def __init__(self, cfg: ListenerConfig, runtime: Any) -> None:
-        self.proxy = HttpProxyFactory(cfg, runtime)
+        self.proxy = HttpProxyFactory(cfg, runtime, register=False)
         super().__init__(cfg.name, cfg.bind, self.proxy, runtime.reactor)
         self.proxy.service = self
         self.cfg = cfg
         self.runtime = runtime
 
+    def startService(self) -> None:
+        self.proxy.register_routes()
+        super().startService()
+
+    def prepare_reconfigure(self, cfg: ListenerConfig) -> Callable[[], None]:
+        """Build everything ``cfg`` needs (raises ValueError on a bad route)
+        without changing the running listener; the callable returned
+        switches to it (a reload calls it once every part is ready)."""
+        fresh = HttpProxyFactory(cfg, self.runtime, register=False)
+        keep = {"active", "service", "ids", "connection_pools", "eager"}
+
+        def commit() -> None:
+            for name, value in vars(fresh).items():
+                if name not in keep:
+                    setattr(self.proxy, name, value)
+            self.cfg = cfg
+            self.proxy.register_routes()
+
+        return commit
+
     def reconfigure(self, cfg: ListenerConfig) -> None:
         """Hot reload with the same bind: new routes and settings for the
         next requests; live connections (and their TLS sessions) stay."""
-        fresh = HttpProxyFactory(cfg, self.runtime)  # raises on a bad route before anything changes
-        keep = {"active", "service", "ids", "connection_pools", "eager"}
-        for name, value in vars(fresh).items():
-            if name not in keep:
-                setattr(self.proxy, name, value)
-        self.cfg = cfg
+        self.prepare_reconfigure(cfg)()
 
     def drain_timeout(self) -> float:
         names = {self.cfg.pool} | {r.pool for r in self.cfg.routes}

@@ -73,14 +73,19 @@ class RoutePlan:
     resilience: RouteResilience | None = None
 
     @classmethod
-    def build(cls, rcfg: RouteConfig | None, name: str, pool: str, http: HttpConfig) -> "RoutePlan":
+    def build(cls, rcfg: RouteConfig | None, name: str, pool: str, http: HttpConfig,
+              resilience: RouteResilience | None = None) -> "RoutePlan":
+        """``resilience``: the route's retry budget and rate limiter when the
+        caller keeps them across reloads; else built fresh from ``rcfg``."""
+        if resilience is None:
+            resilience = RouteResilience.from_config(rcfg, default_timeout=http.request_timeout, name=name)
         if rcfg is None:
             return cls(
                 name=name, pool=pool, timeout=http.request_timeout, max_body=http.max_body_size,
                 buffer_request=False, buffer_response=False, request_rewriter=None,
                 response_rewriter=None, hash_key=HashKey(), replay_limit=DEFAULT_REPLAY,
                 idempotency_header=b"idempotency-key",
-                resilience=RouteResilience.from_config(None, default_timeout=http.request_timeout, name=name),
+                resilience=resilience,
             )
         retry = getattr(rcfg, "retry", None)
         replay = getattr(retry, "max_replay_body", DEFAULT_REPLAY) if retry is not None else DEFAULT_REPLAY
@@ -103,5 +108,5 @@ class RoutePlan:
             replay_limit=replay,
             idempotency_header=idem.lower().encode() if idem else None,
             config=rcfg,
-            resilience=RouteResilience.from_config(rcfg, default_timeout=http.request_timeout, name=name),
+            resilience=resilience,
         )

@@ -39,6 +39,13 @@ class PoolResilience:
         )
 
 
+def settings_of(route: Any | None, default_timeout: float | None) -> tuple:
+    """The settings a route's resilience depends on: the whole route block
+    (a route whose match or pool changed is another route) and the
+    listener's default timeout."""
+    return (route, default_timeout)
+
+
 @attrs.define(eq=False)
 class RouteResilience:
     """A route's retry policy, its own retry budget, rate limiter and counters."""
@@ -50,6 +57,9 @@ class RouteResilience:
     timeout: float | None = None
     stats: RetryStats = attrs.Factory(RetryStats)
     name: str = ""
+    #: What it was built from (L{settings_of}): a reload keeps this object,
+    #: with its budget history and rate-limit buckets, while they are equal.
+    settings: Any = None
 
     @classmethod
     def from_config(
@@ -64,6 +74,7 @@ class RouteResilience:
         else:
             retry, rate_limit, timeout = route.retry, route.rate_limit, route.timeout
         return cls(
+            settings=settings_of(route, default_timeout),
             policy=RetryPolicy.from_config(retry),
             budget=RetryBudget(
                 retry.budget_percent, retry.min_retries_per_second, retry.budget_window,

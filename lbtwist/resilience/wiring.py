@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lbtwist.resilience.build import PoolResilience, RouteResilience
+from lbtwist.resilience.build import PoolResilience, RouteResilience, settings_of
 from lbtwist.resilience.limits import Limit
 
 
@@ -55,6 +55,26 @@ class RuntimeResilience:
         pres = PoolResilience.from_config(pcfg)
         self._pools[name] = (keys, pres)
         return pres
+
+    # -- routes ---------------------------------------------------------------------------
+
+    def route(self, listener: str, name: str, rcfg: Any | None, default_timeout: float | None) -> RouteResilience:
+        """Route ``name`` of ``listener``: the running one when its settings
+        are unchanged (retry budget history and rate-limit buckets carry over
+        a reload, so reloading does not lift limits), else a new one. Changes
+        nothing: the listener publishes its routes with L{set_routes}."""
+        old = self.routes.get(listener, {}).get(name)
+        if old is not None and old.settings == settings_of(rcfg, default_timeout):
+            return old
+        return RouteResilience.from_config(rcfg, default_timeout=default_timeout, name=name)
+
+    def set_routes(self, listener: str, routes: dict[str, RouteResilience]) -> None:
+        """The routes ``listener`` now serves with."""
+        self.routes[listener] = dict(routes)
+
+    def forget_listener(self, listener: str) -> None:
+        """A reload removed ``listener``: a later one of that name starts afresh."""
+        self.routes.pop(listener, None)
 
     def known(self) -> dict[str, PoolResilience]:
         return {n: p for n, (_, p) in self._pools.items()}

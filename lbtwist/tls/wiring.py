@@ -101,6 +101,14 @@ class RuntimeTLS:
         if router is not None and lcfg.tls_passthrough is not None:
             router.current = router_for_listener(lcfg)
 
+    def listener_snapshot(self) -> tuple[dict, dict]:
+        """The listeners' TLS state as it is (a reload that builds new
+        listeners and is then refused puts it back with L{restore_listeners})."""
+        return dict(self.servers), dict(self.passthrough)
+
+    def restore_listeners(self, snapshot: tuple[dict, dict]) -> None:
+        self.servers, self.passthrough = dict(snapshot[0]), dict(snapshot[1])
+
     def forget_listener(self, name: str, svc: Any) -> None:
         if self.servers.get(name) is getattr(svc, "tls", None):
             self.servers.pop(name, None)
