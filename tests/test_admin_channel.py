@@ -293,3 +293,27 @@ def test_limits_load_from_yaml_and_bad_ones_are_errors_on_their_line():
         load_config(text.replace("max_connections: 32", "max_connections: 0"), Registry(), source_name="t.yaml")
     [p] = e.value.problems
     assert p.path == "admin.max_connections" and p.line == 5 and "at least 1" in p.message
+
+
+def test_a_trickling_body_is_bounded_by_the_same_deadline():
+    env = Env(header_timeout=5.0)
+    proto, t = env.connect()
+    proto.dataReceived(DRAIN + AUTH + b"Content-Length: 100\r\n\r\n")  # the head at once
+    for _ in range(4):
+        proto.dataReceived(b" ")
+        env.clock.advance(1.0)
+    assert t.value() == b""
+    env.clock.advance(1.01)
+    assert status_of(t) == 408 and not env.pool.backends()[0].draining
+
+
+def test_after_twisted_webs_own_400_the_deadline_adds_nothing():
+    env = Env(header_timeout=5.0)
+    proto, t = env.connect()
+    proto.dataReceived(b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n")
+    answered = t.value()
+    assert answered.startswith(b"HTTP/1.1 400 ") and t.disconnecting
+    env.clock.advance(5.1)
+    assert t.value() == answered and len(env.svc.gate) == 0
+    env.clock.advance(2.1)
+    assert t.disconnected  # a peer that does not let go is cut

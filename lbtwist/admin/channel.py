@@ -18,6 +18,7 @@ drain every backend is not itself an attack surface:
 """
 from __future__ import annotations
 
+from io import BytesIO
 from typing import Any, Iterator
 
 import attrs
@@ -134,8 +135,6 @@ class AdminRequest(server.Request):
     chunked body is refused as soon as it grows past it."""
 
     def gotLength(self, length: int | None) -> None:
-        from io import BytesIO
-
         self.content = BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -244,6 +243,9 @@ class AdminChannel(http.HTTPChannel):
         self.closing = True
         self._stop_deadline()
         self.factory.service.gate.leave(self)
+        self._cut = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
+        if self.transport.disconnecting:  # already answered (twisted.web's own 400)
+            return
         body = error_json(status, message)
         lines = [b"HTTP/1.1 %d %s" % (status, http.RESPONSES.get(status, b"Error")),
                  b"content-type: application/json",
@@ -254,7 +256,6 @@ class AdminChannel(http.HTTPChannel):
         lines += [name + b": " + value for name, value in refusal_headers(status) + (headers or [])]
         self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + (body if with_body else b""))
         self.loseConnection()
-        self._cut = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     def evict(self) -> None:
         """Close at once to make room (the gate already forgot it)."""
