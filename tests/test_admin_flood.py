@@ -172,3 +172,50 @@ async def test_slowloris_flood_does_not_stop_metrics_or_a_drain():
         flood.running = False
         sampler.stop()
         await svc.stopService()
+
+
+class Raw(protocol.Protocol):
+    """Sends a request head only, and records what comes back."""
+
+    def __init__(self, head):
+        self.head, self.got = head, b""
+        self.answered, self.gone = defer.Deferred(), defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.head)
+
+    def dataReceived(self, data):
+        self.got += data
+        if b"\r\n\r\n" in self.got and not self.answered.called:
+            self.answered.callback(self.got)
+
+    def connectionLost(self, reason):
+        self.gone.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_ten_gigabyte_unauthenticated_post_is_answered_before_any_body(monkeypatch):
+    from twisted.internet import endpoints
+    from twisted.web import http
+
+    spooled = []
+    monkeypatch.setattr(http.tempfile, "TemporaryFile", lambda *a, **kw: spooled.append(a) or open("/dev/null", "w+b"))
+    cfg = AdminConfig(bind="tcp:0:interface=127.0.0.1", token=TOKEN)
+    rt = Runtime(reactor=reactor, registry=Registry(), config=Config(admin=cfg))
+    svc = AdminService(cfg, rt, process_metrics=False)
+    svc.startService()
+    try:
+        ep = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", svc.address.port, timeout=5)
+        for head, status in [
+            (b"POST /api/reload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10000000000\r\n\r\n", b"401"),
+            (b"POST /api/reload HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + TOKEN.encode()
+             + b"\r\nContent-Length: 10000000000\r\n\r\n", b"413"),
+        ]:
+            client = Raw(head)
+            await endpoints.connectProtocol(ep, client).addTimeout(DEADLINE, reactor)
+            got = await client.answered.addTimeout(DEADLINE, reactor)  # no body byte was sent
+            assert got.startswith(b"HTTP/1.1 " + status + b" "), got
+            await client.gone.addTimeout(DEADLINE, reactor)  # and the server closed
+        assert spooled == [] and len(svc.gate) == 0
+    finally:
+        await svc.stopService()
