@@ -157,14 +157,19 @@ class AdminChannel(http.HTTPChannel):
     #: Has this connection been answered for good (refused, timed out, evicted)?
     closing = False
 
-    def connectionMade(self) -> None:
-        super().connectionMade()
+    def __init__(self) -> None:
+        super().__init__()
+        #: The request deadline (admin.header_timeout), while one is being read.
         self._deadline: Any = None
+        #: Cuts a refused connection whose peer does not let go.
         self._cut: Any = None
         #: A request has been read whole and is being answered.
         self._busy = False
         #: Method of the request whose head is being read (the first word of its request line).
         self._method: bytes | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
         svc = self.factory.service
         svc.track(self)
         if not svc.gate.admit(self, client_of(self.transport)):
