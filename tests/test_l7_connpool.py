@@ -230,3 +230,62 @@ def test_outcomes_reported_to_pool():
     assert seen == ["ok", "5xx", "gateway", "cancelled"]
     assert pool.backends()[0].active == 0 and pool.backends()[0].total == 4
     assert b2.transport.disconnecting
+
+
+class _StrictClock:
+    """A task.Clock whose callLater refuses a negative delay, as the real
+    reactor does (ReactorBase.callLater asserts ``delay >= 0``)."""
+
+    def __init__(self):
+        from twisted.internet.task import Clock
+
+        self.clock = Clock()
+        self.delays = []
+
+    def seconds(self):
+        return self.clock.seconds()
+
+    def callLater(self, delay, f, *a, **kw):
+        assert delay >= 0, f"{delay} is not greater than or equal to 0 seconds"
+        self.delays.append(delay)
+        return self.clock.callLater(delay, f, *a, **kw)
+
+
+class _SlowCloseConn:
+    """An idle pooled connection whose close takes real time (5000 closes
+    under load): the clock moves on while the sweeper closes it."""
+
+    def __init__(self, clock, cost):
+        from lbtwist.l7.connpool import BUSY
+
+        self.clock, self.cost = clock, cost
+        self.state = BUSY
+        self.requests = 1
+        self.created = clock.seconds()
+        self.idle_since = 0.0
+        self.read_paused = False
+        self.closed_at = None
+
+    def close(self):
+        self.closed_at = self.clock.seconds()
+        self.clock.clock.rightNow += self.cost  # time passes while closing
+
+
+def test_sweeper_never_schedules_a_negative_delay_when_closing_takes_time():
+    from lbtwist.l7.connpool import BackendConnections
+    from lbtwist.pool import Backend
+
+    clock = _StrictClock()
+    bc = BackendConnections(Backend(address="10.0.0.1:80"), clock, ConnectionPoolConfig(idle_timeout=4.0), 1.0)
+    old, young = _SlowCloseConn(clock, 1.5), _SlowCloseConn(clock, 0.0)
+    bc.release(old, reusable=True)  # idle since 0
+    clock.clock.advance(1.0)
+    bc.release(young, reusable=True)  # idle since 1: due at 5
+    clock.clock.advance(3.002)  # the sweep (due at 4.001) closes `old`, which takes 1.5 s: past young's expiry
+    assert old.closed_at == 4.002
+    assert all(d >= 0 for d in clock.delays)
+    # the sweeper is still running: young is closed once due (late by at most
+    # the time the previous sweep spent closing), not left open forever
+    clock.clock.advance(1.0)
+    assert young.closed_at is not None and 5.0 < young.closed_at <= 5.0 + 1.5 + 0.01
+    assert bc.idle == []

@@ -12,10 +12,11 @@ from typing import Any, Callable
 from twisted.application.service import IService
 from twisted.internet import defer, task
 from twisted.logger import Logger
-from twisted.web import http, server
+from twisted.web import server
 
 from lbtwist.admin.api import AdminResource
 from lbtwist.admin.auth import Guard, admin_config_problems, bind_is_loopback, read_token
+from lbtwist.admin.channel import AdminChannel, AdminRequest, ConnectionGate, limit_problems
 from lbtwist.admin.live import Live
 from lbtwist.admin.metrics import make_registry
 from lbtwist.admin.state import StateView
@@ -26,36 +27,13 @@ __all__ = ["admin_service", "AdminService", "admin_config_problems"]
 log = Logger(namespace="lbtwist.admin")
 
 
-class _AdminChannel(http.HTTPChannel):
-    """An HTTP/1.1 connection the admin service tracks, so that stopping it
-    (a reload that rebuilds it) also closes the dashboard's keep-alive
-    connections instead of leaving them served by a detached, stale view."""
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        svc = getattr(self.factory, "service", None)
-        if svc is not None:
-            svc.track(self)
-
-    def connectionLost(self, reason: Any) -> None:
-        svc = getattr(self.factory, "service", None)
-        if svc is not None:
-            svc.untrack(self)
-        super().connectionLost(reason)
-
-    def drain(self) -> None:
-        self.transport.loseConnection()
-
-    def abort(self) -> None:
-        self.transport.abortConnection()
-
-
 class _QuietSite(server.Site):
     """The dashboard polls every second: per-request lines would drown the log.
     Operator actions are logged where they happen (Pool state changes)."""
 
     noisy = False
-    protocol = _AdminChannel
+    protocol = AdminChannel
+    requestFactory = AdminRequest
     service: "AdminService | None" = None
 
     def log(self, request: Any) -> None:
@@ -78,7 +56,9 @@ class AdminService(ListenerService):
         self.admin_cfg = admin_cfg
         self.guard = Guard(read_token(admin_cfg), bind_is_loopback(admin_cfg.bind))
         self.resource = AdminResource(runtime, self.view, self.registry, self.guard, reload)
-        site = _QuietSite(self.resource, reactor=runtime.reactor)
+        #: Who may keep an admin connection open (admin.max_connections...).
+        self.gate = ConnectionGate(admin_cfg.max_connections, admin_cfg.max_connections_per_client, clock)
+        site = _QuietSite(self.resource, reactor=runtime.reactor, timeout=admin_cfg.idle_timeout)
         super().__init__("admin", admin_cfg.bind, site, runtime.reactor)
         site.service = self
         self._sync = task.LoopingCall(self._safe_sync)
@@ -98,7 +78,12 @@ class AdminService(ListenerService):
         new = getattr(getattr(self.runtime, "config", None), "admin", None)
         if new is None or new == self.admin_cfg:
             return
+        if any(limit_problems(new)):
+            return  # a reload validates first: this config never gets here
         old, self.admin_cfg = self.admin_cfg, new
+        # the connection limits and timeouts apply at once (idle_timeout to new connections)
+        self.gate.configure(new.max_connections, new.max_connections_per_client)
+        self.factory.timeOut = new.idle_timeout
         if new.bind != old.bind:
             log.warn("admin: admin.bind changed to {bind!r}; still listening on {old!r} until restart",
                      bind=new.bind, old=old.bind)

@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
+from twisted.web.http_headers import Headers
 
 from lbtwist.admin.auth import Guard
 from lbtwist.admin.metrics import exposition
@@ -79,20 +80,28 @@ class AdminResource(resource.Resource):
 
     # -- plumbing -------------------------------------------------------------
 
+    def refuse_head(self, method: bytes, headers: Headers, length: int | None) -> tuple[int, str] | None:
+        """The checks a request head alone decides, made before any body is
+        read: who is calling (401/403, by L{Guard}) and the declared body size
+        (413). ``length`` is the Content-Length, None for a chunked body (its
+        size is checked as it streams). Returns None or ``(status, message)``."""
+        refused = self.guard.check(method, _last(headers, b"host"), _last(headers, b"origin"), _last(headers, b"authorization"))
+        if refused is not None:
+            return refused
+        if length is not None and length > MAX_BODY:
+            return 413, f"request body of {length} bytes is larger than {MAX_BODY} bytes"
+        return None
+
     def render(self, request: server.Request) -> Any:
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-content-type-options", b"nosniff")
-        refused = self.guard.check(
-            request.method,
-            request.getHeader(b"host"),
-            request.getHeader(b"origin"),
-            request.getHeader(b"authorization"),
-        )
+        # the admin listener's channel made these checks before reading the
+        # body; made again here for any other Site (tests serve this resource alone)
+        refused = self.refuse_head(request.method, request.requestHeaders, None)
         if refused is not None:
             status, message = refused
-            if status == 401:
-                request.setHeader(b"www-authenticate", b'Bearer realm="lbtwist"')
-                request.responseHeaders.addRawHeader(b"www-authenticate", b'Basic realm="lbtwist admin (password: the token)"')
+            for name, value in refusal_headers(status):
+                request.responseHeaders.addRawHeader(name, value)
             return self._error(request, status, message)
         segments = [unquote(s.decode("utf-8", "replace")) for s in request.postpath]
         if segments and segments[-1] == "" and len(segments) > 1:
@@ -132,7 +141,9 @@ class AdminResource(resource.Resource):
         return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n"
 
     def _error(self, request: server.Request, status: int, message: str) -> bytes:
-        return self._json(request, {"error": message, "status": status}, status)
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        return error_json(status, message)
 
     # -- routing --------------------------------------------------------------
 
@@ -274,6 +285,27 @@ class AdminResource(resource.Resource):
             return self._json(request, {"reloaded": False, "error": f.getErrorMessage() or f.type.__name__, "status": 422}, 422)
 
         return d.addCallbacks(ok, failed)
+
+
+def error_json(status: int, message: str) -> bytes:
+    """The body of every admin error: ``{"error": ..., "status": ...}``."""
+    return json.dumps({"error": message, "status": status}, separators=(",", ":")).encode() + b"\n"
+
+
+def refusal_headers(status: int) -> list[tuple[bytes, bytes]]:
+    """Headers a refusal with ``status`` carries besides the JSON body: a 401
+    says how to authenticate (a browser then prompts: any user, the token as
+    password)."""
+    if status == 401:
+        return [(b"www-authenticate", b'Bearer realm="lbtwist"'),
+                (b"www-authenticate", b'Basic realm="lbtwist admin (password: the token)"')]
+    return []
+
+
+def _last(headers: Headers, name: bytes) -> bytes | None:
+    """The last value of header ``name`` (what Request.getHeader answers)."""
+    values = headers.getRawHeaders(name)
+    return values[-1] if values else None
 
 
 def _flag(request: server.Request, name: bytes, default: bool) -> bool:

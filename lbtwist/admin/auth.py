@@ -62,12 +62,14 @@ def read_token(admin_cfg: Any) -> str | None:
 def admin_config_problems(admin_cfg: Any) -> list[tuple[str, str]]:
     """``(key path, message)`` errors for an admin block; for the config
     validator and ``lbtwist check``."""
-    out: list[tuple[str, str]] = []
+    from lbtwist.admin.channel import limit_problems
+
+    out: list[tuple[str, str]] = list(limit_problems(admin_cfg))
     try:
         token = read_token(admin_cfg)
     except ValueError as e:
         key, _, msg = str(e).partition(": ")
-        return [(key, msg)]
+        return out + [(key, msg)]
     if token is None and not bind_is_loopback(admin_cfg.bind):
         out.append((
             "admin.bind",

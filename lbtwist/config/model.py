@@ -321,6 +321,10 @@ class AdminConfig:
     bind: str = _f("tcp:9900:interface=127.0.0.1", "admin API endpoint")
     token: str | None = _f(None, "bearer token required on every admin request (prefer token_file); mandatory when bind is not loopback")
     token_file: str | None = _f(None, "file holding the bearer token (first line); read at start and reload")
+    header_timeout: Duration = _f(Duration(5.0), "a request (head and its at most 64 KiB body) must arrive within this of a new connection or of its first byte: a trickling client is closed (408)")
+    idle_timeout: Duration = _f(Duration(60.0), "close a keep-alive admin connection idle this long between requests")
+    max_connections: int = _f(64, "admin connections open at once; above it a connection that has not yet sent an authorized request is closed to make room, else the new one is refused (503)")
+    max_connections_per_client: int = _f(8, "admin connections open at once from one client address, with the same rule as max_connections")
 
 
 @attrs.frozen(kw_only=True)

@@ -201,16 +201,20 @@ class BackendConnections:
         idle = self.idle
         if not idle:
             return
-        cutoff = self.clock.seconds() - self.idle_timeout
+        # One reading of the clock: closing many connections takes time, and a
+        # second reading after it could put the next sweep in the past (a
+        # negative delay, which the reactor refuses: the sweeper would stop).
+        now = self.clock.seconds()
+        cutoff = now - self.idle_timeout
         keep = [c for c in idle if c.idle_since > cutoff]
         if len(keep) != len(idle):
             self.idle = keep
             for c in idle:
                 if c.idle_since <= cutoff:
                     c.close()
-        if keep:
+        if keep and self._sweeper is None:
             oldest = min(c.idle_since for c in keep)
-            self._sweeper = self.clock.callLater(oldest + self.idle_timeout - self.clock.seconds() + 0.001, self._sweep)
+            self._sweeper = self.clock.callLater(max(0.0, oldest - cutoff) + 0.001, self._sweep)
 
     # -- management ----------------------------------------------------------------------
 
