@@ -269,5 +269,7 @@ def test_config_defaults_survive_the_gray_failure_untuned():
         "enabled": True, "consecutive_5xx": 5, "consecutive_gateway_failures": 5,
         "base_ejection_time": 30.0, "max_ejection_time": 300.0, "max_ejection_percent": 50.0,
         "interval": 1.0,
-        "latency": {"enabled": True, "factor": 5.0, "min_latency": 0.1, "min_requests": 3, "window": 10.0},
+        "latency": {"enabled": True, "factor": 5.0, "min_latency": 0.1, "min_requests": 3, "window": 10.0,
+                    "balancer_estimate": True},
+        "failure_rate": {"enabled": True, "threshold": 50.0, "min_requests": 3, "window": 30.0},
     }

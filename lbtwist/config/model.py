@@ -73,6 +73,17 @@ class LatencyOutlierConfig:
     min_latency: Duration = _f(Duration(0.1), "never eject for latency below this (fast pools are noisy in ratio)")
     min_requests: int = _f(3, "recent requests (decayed over window) a backend needs before it is judged; low, because the algorithm starves a slow backend of evidence")
     window: Duration = _f(Duration(10.0), "time constant of the decaying latency mean")
+    balancer_estimate: bool = _f(True, "judge a backend with fewer than min_requests of recent evidence (the algorithm stopped sending it work) by the algorithm's own latency estimate (peak EWMA), instead of waiting for samples that never come")
+
+
+@attrs.frozen(kw_only=True)
+class FailureRateOutlierConfig:
+    """Eject a backend whose recent tries fail far more often than its peers' (Envoy's failure percentage)."""
+
+    enabled: bool = _f(True, "evaluate the failure-rate rule")
+    threshold: float = _f(50.0, "eject when at least this percentage of the backend's recent tries failed (5xx or gateway) ...")
+    min_requests: int = _f(3, "... over at least this many recent tries (decayed over window); low, because a load-aware algorithm stops sending work to a failing backend after its first failures")
+    window: Duration = _f(Duration(30.0), "time constant of the decaying try and failure counts; the clock stops while the backend is ejected, so a returning backend is judged on its record")
 
 
 @attrs.frozen(kw_only=True)
@@ -87,6 +98,7 @@ class PassiveHealthConfig:
     max_ejection_percent: float = _f(50.0, "never eject more than this share of a pool at once (at least one backend of two or more)")
     interval: Duration = _f(Duration(1.0), "how often the latency rule is evaluated and ejection multipliers decay")
     latency: LatencyOutlierConfig = _f(factory=LatencyOutlierConfig, doc="the latency outlier rule")
+    failure_rate: FailureRateOutlierConfig = _f(factory=FailureRateOutlierConfig, doc="the failure-rate outlier rule")
 
 
 @attrs.frozen(kw_only=True)

@@ -2,15 +2,29 @@
 """Passive outlier detection, sans-IO: fed live outcomes and times, it ejects
 and returns backends through the L{Pool}.
 
-Three rules, all judged on real traffic because a probe can lie:
+Four rules, all judged on real traffic because a probe can lie:
   - ``consecutive_5xx`` answers 5xx in a row;
   - ``consecutive_gateway_failures`` connect failures/resets/timeouts in a row
     (an "ok" resets both runs; "cancelled" says nothing about the backend);
+  - failure rate (Envoy's failure-percentage ejection, for little traffic): a
+    backend at least ``threshold`` percent of whose recent tries failed (5xx
+    or gateway), over at least ``min_requests`` tries decayed over ``window``,
+    while the backends still in rotation fail under half that rate (a
+    pool-wide failure is not an outlier). Judged when a try fails, and at
+    each tick while its last try was a failure; so a backend that fails fast
+    is caught even when the algorithm, repelled by its failure penalty,
+    sends it a try only now and then. The decay stops while the backend is
+    ejected: it returns with its record, and one more failure sends it back
+    out, while successes dilute the record;
   - latency: a backend whose recent mean latency is over ``factor`` times the
     median of the others (and over ``min_latency``). The mean is decayed over
     ``window`` seconds and needs ``min_requests`` of recent evidence, so one
     slow request does not eject a backend but a 900 ms node among 3 ms ones
-    does.
+    does. A backend with less evidence than that, typically because the
+    load-aware algorithm stopped choosing it, is judged by the algorithm's
+    own latency estimate (L{Pool.latency_estimate}: peak EWMA) instead of
+    waiting for samples that never come (``balancer_estimate``); a backend
+    still in slow start is not (a cold node gets few requests by design).
 
 An ejection lasts ``base_ejection_time`` times the backend's ejection count
 (30 s, 60 s, 90 s ... up to ``max_ejection_time``); the count drops by one for
@@ -50,11 +64,21 @@ class _Track:
     decay_from: float | None = None
     #: The max_ejection_percent refusal was already logged for this run.
     capped: bool = False
+    #: Decayed tries and failed tries for the failure-rate rule, and the time
+    #: they were decayed to (set to the ejection's end while ejected).
+    fr_tries: float = 0.0
+    fr_failed: float = 0.0
+    fr_at: float = 0.0
+    #: The last try failed (the failure-rate rule re-judges at each tick).
+    last_failed: bool = False
 
     def reset_counts(self) -> None:
+        """Ejected or returned: runs and latency start over. The failure-rate
+        record is kept (its clock stops while the backend is out)."""
         self.c5xx = self.cgw = 0
         self.lat_sum = self.lat_n = 0.0
         self.capped = False
+        self.last_failed = False
 
 
 def _ms(seconds: float) -> str:
@@ -93,17 +117,68 @@ class OutlierDetector:
             self._decay(t, now)
             t.lat_sum += latency
             t.lat_n += 1.0
+        fr = self.cfg.failure_rate
+        if fr.enabled:
+            self._decay_failures(t, now)
+            t.fr_tries += 1.0
+            if outcome != "ok":
+                t.fr_failed += 1.0
+        t.last_failed = outcome != "ok"
         if outcome == "ok":
             t.c5xx = t.cgw = 0
             return
         if outcome == "5xx":
             t.c5xx += 1
             if 0 < self.cfg.consecutive_5xx <= t.c5xx:
-                self.eject(backend, now, f"{t.c5xx} consecutive 5xx")
+                if self.eject(backend, now, f"{t.c5xx} consecutive 5xx"):
+                    return
         elif outcome == "gateway":
             t.cgw += 1
             if 0 < self.cfg.consecutive_gateway_failures <= t.cgw:
-                self.eject(backend, now, f"{t.cgw} consecutive gateway failures (connect failure, reset or timeout)")
+                if self.eject(backend, now, f"{t.cgw} consecutive gateway failures (connect failure, reset or timeout)"):
+                    return
+        if fr.enabled:
+            self._failure_rule(backend, t, now)
+
+    def _decay_failures(self, t: _Track, now: float) -> None:
+        dt = now - t.fr_at
+        if dt > 0:
+            w = math.exp(-dt / self.cfg.failure_rate.window)
+            t.fr_tries *= w
+            t.fr_failed *= w
+            t.fr_at = now
+
+    def recent_failures(self, backend: Backend, now: float) -> tuple[float, float]:
+        """(decayed tries, decayed failed tries) for the failure-rate rule."""
+        t = self.tracks.get(backend)
+        if t is None:
+            return 0.0, 0.0
+        dt = now - t.fr_at
+        w = math.exp(-dt / self.cfg.failure_rate.window) if dt > 0 else 1.0
+        return t.fr_tries * w, t.fr_failed * w
+
+    def _in_rotation(self, b: Backend, now: float) -> bool:
+        return b.enabled and not b.draining and not (b.ejected_until is not None and b.ejected_until > now)
+
+    def _failure_rule(self, backend: Backend, t: _Track, now: float) -> bool:
+        rule = self.cfg.failure_rate
+        tries, failed = self.recent_failures(backend, now)
+        if tries < rule.min_requests or 100.0 * failed < rule.threshold * tries:
+            return False
+        peer_tries = peer_failed = 0.0
+        for o in self.pool.backends():
+            if o is not backend and self._in_rotation(o, now):
+                n, f = self.recent_failures(o, now)
+                peer_tries += n
+                peer_failed += f
+        if peer_tries < rule.min_requests:
+            return False  # nobody to compare with: an outlier needs peers
+        peer_pct = 100.0 * peer_failed / peer_tries
+        if peer_pct >= rule.threshold / 2:
+            return False  # the whole pool fails: ejecting one would not help
+        return self.eject(backend, now, (
+            f"{100.0 * failed / tries:.0f}% of its recent tries failed ({failed:.1f} of {tries:.1f}, decayed), "
+            f"the rest of the pool {peer_pct:.1f}%"))
 
     def _decay(self, t: _Track, now: float) -> None:
         dt = now - t.lat_at
@@ -148,6 +223,9 @@ class OutlierDetector:
         t.decay_from = None
         duration = min(self.cfg.base_ejection_time * t.ejections, self.cfg.max_ejection_time)
         t.reset_counts()
+        if self.cfg.failure_rate.enabled:
+            self._decay_failures(t, now)
+            t.fr_at = now + duration  # the record does not fade while the backend is out
         self.pool.eject(backend, now + duration, f"{reason}; out for {duration:g}s (ejection {t.ejections})")
         return True
 
@@ -169,6 +247,10 @@ class OutlierDetector:
                 while t.ejections > 0 and now - t.decay_from >= base:
                     t.ejections -= 1
                     t.decay_from += base
+        if self.cfg.failure_rate.enabled:
+            for b, t in list(self.tracks.items()):
+                if t.last_failed and self._in_rotation(b, now) and self.pool.get(b.address) is b:
+                    self._failure_rule(b, t, now)
         if self.cfg.latency.enabled:
             self._latency_rule(now)
         nxt = now + self.cfg.interval
@@ -188,12 +270,21 @@ class OutlierDetector:
     def _latency_rule(self, now: float) -> None:
         rule = self.cfg.latency
         means: dict[Backend, float] = {}
+        #: Backends judged by the balancer's estimate: their recent request count.
+        starved: dict[Backend, float] = {}
         for b in self.pool.backends():
-            if not b.enabled or b.draining or (b.ejected_until is not None and b.ejected_until > now):
+            if not self._in_rotation(b, now):
                 continue
             r = self.recent_latency(b, now)
-            if r is not None and r[1] >= rule.min_requests:
+            if r is None:
+                continue  # no result since it (re)joined: nothing to judge
+            if r[1] >= rule.min_requests:
                 means[b] = r[0]
+            elif rule.balancer_estimate and b.ramp(now) >= 1.0:
+                est = self.pool.latency_estimate(b, now)
+                if est is not None:
+                    means[b] = est
+                    starved[b] = r[1]
         if len(means) < 2:
             return
         for b, mean in sorted(means.items(), key=lambda kv: -kv[1]):
@@ -204,17 +295,22 @@ class OutlierDetector:
             if mean <= rule.factor * median:
                 break  # sorted slowest first: nobody faster can be an outlier
             ratio = f"{mean / median:.0f}x" if median > 0 else "far above"
-            if self.eject(b, now, f"latency {_ms(mean)} is {ratio} the pool median {_ms(median)}"):
+            what = (f"the balancer's latency estimate {_ms(mean)} ({starved[b]:.1f} recent requests)"
+                    if b in starved else f"latency {_ms(mean)}")
+            if self.eject(b, now, f"{what} is {ratio} the pool median {_ms(median)}"):
                 del means[b]  # the next one is judged against the backends still in
 
     def snapshot(self, backend: Backend, now: float) -> dict:
         """Counters for the admin API."""
         t = self.tracks.get(backend) or _Track()
         r = self.recent_latency(backend, now)
+        tries, failed = self.recent_failures(backend, now)
         return {
             "consecutive_5xx": t.c5xx,
             "consecutive_gateway_failures": t.cgw,
             "recent_latency": r[0] if r else None,
             "recent_requests": r[1] if r else 0.0,
+            "recent_tries": tries,
+            "recent_failure_percent": 100.0 * failed / tries if tries > 0 else None,
             "ejections": t.ejections,
         }
