@@ -81,9 +81,10 @@ class FailureRateOutlierConfig:
     """Eject a backend whose recent tries fail far more often than its peers' (Envoy's failure percentage)."""
 
     enabled: bool = _f(True, "evaluate the failure-rate rule")
-    threshold: float = _f(50.0, "eject when at least this percentage of the backend's recent tries failed (5xx or gateway) ...")
-    min_requests: int = _f(3, "... over at least this many recent tries (decayed over window); low, because a load-aware algorithm stops sending work to a failing backend after its first failures")
-    window: Duration = _f(Duration(30.0), "time constant of the decaying try and failure counts; the clock stops while the backend is ejected, so a returning backend is judged on its record")
+    threshold: float = _f(50.0, "eject when at least this percentage of the backend's recent tries failed (5xx or gateway), while the median backend still in rotation fails under half of it")
+    min_requests: int = _f(3, "recent tries a backend needs before it is judged; low, because a load-aware algorithm stops sending work to a failing backend after its first failures")
+    request_volume: int = _f(10, "the rule looks at the backend's last this many tries ...")
+    window: Duration = _f(Duration(60.0), "... that are not older than this, counting only time in rotation (a returning backend is judged on its record)")
 
 
 @attrs.frozen(kw_only=True)

@@ -640,6 +640,9 @@ def health_settings(ctx: CheckContext) -> Iterator[Problem]:
                     yield ctx.error(key_path(fp, "threshold"), f"{fr.threshold:g} is not a percentage above 0 (0-100]")
                 if fr.min_requests < 1:
                     yield ctx.error(key_path(fp, "min_requests"), "must be at least 1")
+                elif fr.request_volume < fr.min_requests:
+                    yield ctx.error(key_path(fp, "request_volume"),
+                                    f"({fr.request_volume}) is below min_requests ({fr.min_requests}): no backend could be judged")
                 if fr.window <= 0:
                     yield ctx.error(key_path(fp, "window"), "must be above 0")
 

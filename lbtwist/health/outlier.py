@@ -6,16 +6,18 @@ Four rules, all judged on real traffic because a probe can lie:
   - ``consecutive_5xx`` answers 5xx in a row;
   - ``consecutive_gateway_failures`` connect failures/resets/timeouts in a row
     (an "ok" resets both runs; "cancelled" says nothing about the backend);
-  - failure rate (Envoy's failure-percentage ejection, for little traffic): a
-    backend at least ``threshold`` percent of whose recent tries failed (5xx
-    or gateway), over at least ``min_requests`` tries decayed over ``window``,
-    while the backends still in rotation fail under half that rate (a
-    pool-wide failure is not an outlier). Judged when a try fails, and at
-    each tick while its last try was a failure; so a backend that fails fast
-    is caught even when the algorithm, repelled by its failure penalty,
-    sends it a try only now and then. The decay stops while the backend is
-    ejected: it returns with its record, and one more failure sends it back
-    out, while successes dilute the record;
+  - failure rate (Envoy's failure-percentage ejection, for little traffic):
+    a backend's recent tries are its last ``request_volume`` tries no older
+    than ``window`` (time in rotation only). With at least ``min_requests``
+    of them, of which at least ``threshold`` percent failed (5xx or
+    gateway), while the median share of failed tries of the other backends
+    in rotation (those with ``min_requests`` recent tries) is under half of
+    ``threshold`` (a pool-wide failure is not an outlier), it is ejected.
+    Judged when a try fails, and at each tick while its last try was a
+    failure; so a backend that fails fast is caught even when the algorithm,
+    repelled by its failure penalty, sends it a try only every few seconds.
+    The record does not age while the backend is ejected: it returns with
+    it, one more failure sends it back out, and successes dilute it;
   - latency: a backend whose recent mean latency is over ``factor`` times the
     median of the others (and over ``min_latency``). The mean is decayed over
     ``window`` seconds and needs ``min_requests`` of recent evidence, so one
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import deque
 
 import attrs
 from twisted.logger import Logger
@@ -64,13 +67,17 @@ class _Track:
     decay_from: float | None = None
     #: The max_ejection_percent refusal was already logged for this run.
     capped: bool = False
-    #: Decayed tries and failed tries for the failure-rate rule, and the time
-    #: they were decayed to (set to the ejection's end while ejected).
-    fr_tries: float = 0.0
-    fr_failed: float = 0.0
-    fr_at: float = 0.0
+    #: The last tries as (time, failed) for the failure-rate rule; times are
+    #: moved forward by the time spent ejected, so the record does not age
+    #: while the backend is out.
+    recent: deque = attrs.field(factory=deque)
+    #: When the running ejection started (None while in rotation).
+    out_since: float | None = None
     #: The last try failed (the failure-rate rule re-judges at each tick).
     last_failed: bool = False
+    #: Units of work finished since the backend (re)joined, cancelled ones
+    #: included (a client that gave up after 1 s still saw a slow backend).
+    results: int = 0
 
     def reset_counts(self) -> None:
         """Ejected or returned: runs and latency start over. The failure-rate
@@ -79,6 +86,7 @@ class _Track:
         self.lat_sum = self.lat_n = 0.0
         self.capped = False
         self.last_failed = False
+        self.results = 0
 
 
 def _ms(seconds: float) -> str:
@@ -107,11 +115,14 @@ class OutlierDetector:
 
     def on_outcome(self, backend: Backend, now: float, latency: float, outcome: str) -> None:
         """One unit of work on ``backend`` ended (an L{OutcomeObserver})."""
-        if outcome == "cancelled" or self.pool.get(backend.address) is not backend:
+        if self.pool.get(backend.address) is not backend:
             return
         if backend.ejected_until is not None and backend.ejected_until > now:
             return  # already out (panic traffic says nothing new)
         t = self._track(backend)
+        t.results += 1
+        if outcome == "cancelled":
+            return
         lat = self.cfg.latency
         if lat.enabled:
             self._decay(t, now)
@@ -119,10 +130,9 @@ class OutlierDetector:
             t.lat_n += 1.0
         fr = self.cfg.failure_rate
         if fr.enabled:
-            self._decay_failures(t, now)
-            t.fr_tries += 1.0
-            if outcome != "ok":
-                t.fr_failed += 1.0
+            t.recent.append((now, outcome != "ok"))
+            while len(t.recent) > fr.request_volume:
+                t.recent.popleft()
         t.last_failed = outcome != "ok"
         if outcome == "ok":
             t.c5xx = t.cgw = 0
@@ -140,22 +150,18 @@ class OutlierDetector:
         if fr.enabled:
             self._failure_rule(backend, t, now)
 
-    def _decay_failures(self, t: _Track, now: float) -> None:
-        dt = now - t.fr_at
-        if dt > 0:
-            w = math.exp(-dt / self.cfg.failure_rate.window)
-            t.fr_tries *= w
-            t.fr_failed *= w
-            t.fr_at = now
-
-    def recent_failures(self, backend: Backend, now: float) -> tuple[float, float]:
-        """(decayed tries, decayed failed tries) for the failure-rate rule."""
+    def recent_failures(self, backend: Backend, now: float) -> tuple[int, int]:
+        """(recent tries, of which failed) for the failure-rate rule."""
         t = self.tracks.get(backend)
         if t is None:
-            return 0.0, 0.0
-        dt = now - t.fr_at
-        w = math.exp(-dt / self.cfg.failure_rate.window) if dt > 0 else 1.0
-        return t.fr_tries * w, t.fr_failed * w
+            return 0, 0
+        oldest = now - self.cfg.failure_rate.window
+        tries = failed = 0
+        for at, bad in t.recent:
+            if at >= oldest:
+                tries += 1
+                failed += bad
+        return tries, failed
 
     def _in_rotation(self, b: Backend, now: float) -> bool:
         return b.enabled and not b.draining and not (b.ejected_until is not None and b.ejected_until > now)
@@ -165,20 +171,20 @@ class OutlierDetector:
         tries, failed = self.recent_failures(backend, now)
         if tries < rule.min_requests or 100.0 * failed < rule.threshold * tries:
             return False
-        peer_tries = peer_failed = 0.0
+        shares = []
         for o in self.pool.backends():
             if o is not backend and self._in_rotation(o, now):
                 n, f = self.recent_failures(o, now)
-                peer_tries += n
-                peer_failed += f
-        if peer_tries < rule.min_requests:
+                if n >= rule.min_requests:
+                    shares.append(100.0 * f / n)
+        if not shares:
             return False  # nobody to compare with: an outlier needs peers
-        peer_pct = 100.0 * peer_failed / peer_tries
+        peer_pct = statistics.median(shares)
         if peer_pct >= rule.threshold / 2:
             return False  # the whole pool fails: ejecting one would not help
         return self.eject(backend, now, (
-            f"{100.0 * failed / tries:.0f}% of its recent tries failed ({failed:.1f} of {tries:.1f}, decayed), "
-            f"the rest of the pool {peer_pct:.1f}%"))
+            f"{100.0 * failed / tries:.0f}% of its recent tries failed ({failed} of {tries}), "
+            f"the pool median {peer_pct:.0f}%"))
 
     def _decay(self, t: _Track, now: float) -> None:
         dt = now - t.lat_at
@@ -223,9 +229,7 @@ class OutlierDetector:
         t.decay_from = None
         duration = min(self.cfg.base_ejection_time * t.ejections, self.cfg.max_ejection_time)
         t.reset_counts()
-        if self.cfg.failure_rate.enabled:
-            self._decay_failures(t, now)
-            t.fr_at = now + duration  # the record does not fade while the backend is out
+        t.out_since = now
         self.pool.eject(backend, now + duration, f"{reason}; out for {duration:g}s (ejection {t.ejections})")
         return True
 
@@ -240,6 +244,10 @@ class OutlierDetector:
                 t = self._track(b)
                 t.decay_from = now
                 t.reset_counts()
+                if t.out_since is not None:  # the record did not age while out
+                    shift = now - t.out_since
+                    t.recent = deque((at + shift, bad) for at, bad in t.recent)
+                    t.out_since = None
                 slow = f"; slow start {self.pool.slow_start:g}s" if self.pool.slow_start > 0 else ""
                 self.pool.unject(b, f"ejection over{slow}")
         for b, t in self.tracks.items():
@@ -276,15 +284,14 @@ class OutlierDetector:
             if not self._in_rotation(b, now):
                 continue
             r = self.recent_latency(b, now)
-            if r is None:
-                continue  # no result since it (re)joined: nothing to judge
-            if r[1] >= rule.min_requests:
+            if r is not None and r[1] >= rule.min_requests:
                 means[b] = r[0]
-            elif rule.balancer_estimate and b.ramp(now) >= 1.0:
+            elif rule.balancer_estimate and b.ramp(now) >= 1.0 and self._results(b) > 0:
+                # the algorithm stopped choosing it: judge it by the algorithm's view
                 est = self.pool.latency_estimate(b, now)
                 if est is not None:
                     means[b] = est
-                    starved[b] = r[1]
+                    starved[b] = r[1] if r is not None else 0.0
         if len(means) < 2:
             return
         for b, mean in sorted(means.items(), key=lambda kv: -kv[1]):
@@ -299,6 +306,10 @@ class OutlierDetector:
                     if b in starved else f"latency {_ms(mean)}")
             if self.eject(b, now, f"{what} is {ratio} the pool median {_ms(median)}"):
                 del means[b]  # the next one is judged against the backends still in
+
+    def _results(self, backend: Backend) -> int:
+        t = self.tracks.get(backend)
+        return t.results if t is not None else 0
 
     def snapshot(self, backend: Backend, now: float) -> dict:
         """Counters for the admin API."""
