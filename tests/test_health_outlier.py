@@ -445,6 +445,19 @@ class TestStarvedBackendLatency:
         assert out(pool, clock) == {slow.address}
         assert slow.reason.startswith("ejected: the balancer's latency estimate 900ms (2.0 recent requests) is ")
 
+    def test_tries_the_clients_gave_up_on_count_as_results(self):
+        """Measured in the two-liars drill: the slow backend's only tries
+        after the onset were abandoned by clients at their 1 s timeout
+        ("cancelled", no latency sample for the detector), while the
+        balancer's estimate had seen them take 1 s."""
+        clock, pool, det = ewma_setup()
+        slow = pool.backends()[3]
+        busy_peers(pool, clock, {slow}, seconds=2.0)
+        work(pool, slow, "cancelled", latency=1.0, times=2)
+        det.tick(clock.seconds())
+        assert out(pool, clock) == {slow.address}
+        assert "(0.0 recent requests)" in slow.reason
+
     def test_judged_even_after_its_evidence_faded(self):
         clock, pool, det = ewma_setup(latency=LatencyOutlierConfig(balancer_estimate=True))
         slow = pool.backends()[3]
