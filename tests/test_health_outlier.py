@@ -433,17 +433,34 @@ def ewma_setup(n=6, slow_start=0.0, **cfg):
 
 
 class TestStarvedBackendLatency:
-    def test_a_slow_backend_the_balancer_avoids_is_judged_by_its_estimate(self):
-        """The 900 ms liar answered twice, then the balancer stopped choosing
-        it: too little evidence for the latency mean (min_requests 3), but the
-        balancer's own estimate says 900 ms against ~3 ms."""
+    def test_a_slow_backend_the_balancer_avoids_is_judged_by_its_last_results(self):
+        """The gray failure under p2c: a backend serving 20 requests/s at 3 ms
+        turns 900 ms; after two slow answers the balancer stops choosing it.
+        Its decayed mean still holds its 40 fast requests (about 45 ms, and
+        no new sample will move it), but the balancer's estimate (900 ms)
+        says it is avoided, and its last 3 results have a median of 900 ms."""
+        clock, pool, det = ewma_setup()
+        slow = pool.backends()[3]
+        busy_peers(pool, clock, set(), seconds=2.0)
+        work(pool, slow, "ok", latency=0.9, times=2)
+        mean, n = det.recent_latency(slow, clock.seconds())
+        assert mean < 0.1 and n > 3  # the mean rule cannot see it
+        for _ in range(10):
+            busy_peers(pool, clock, {slow}, seconds=1.0)
+            det.tick(clock.seconds())
+        assert out(pool, clock) == {slow.address}
+        assert slow.reason.startswith(
+            "ejected: avoided by the balancer (latency estimate 900ms against a pool median 3.0ms); "
+            "its last 3 requests took 900ms (median), 300x the pool median 3.0ms")
+
+    def test_a_slow_backend_with_two_results_only(self):
         clock, pool, det = ewma_setup()
         slow = pool.backends()[3]
         busy_peers(pool, clock, {slow}, seconds=2.0)
         work(pool, slow, "ok", latency=0.9, times=2)
         det.tick(clock.seconds())
         assert out(pool, clock) == {slow.address}
-        assert slow.reason.startswith("ejected: the balancer's latency estimate 900ms (2.0 recent requests) is ")
+        assert "its last 2 requests took 900ms" in slow.reason
 
     def test_tries_the_clients_gave_up_on_count_as_results(self):
         """Measured in the two-liars drill: the slow backend's only tries
@@ -452,11 +469,13 @@ class TestStarvedBackendLatency:
         balancer's estimate had seen them take 1 s."""
         clock, pool, det = ewma_setup()
         slow = pool.backends()[3]
-        busy_peers(pool, clock, {slow}, seconds=2.0)
-        work(pool, slow, "cancelled", latency=1.0, times=2)
+        busy_peers(pool, clock, set(), seconds=2.0)
+        for _ in range(2):
+            pool.on_start(slow)
+            pool.on_finish(slow, 1.0, True, "cancelled")  # as the L7 proxy reports an abandoned try
         det.tick(clock.seconds())
         assert out(pool, clock) == {slow.address}
-        assert "(0.0 recent requests)" in slow.reason
+        assert "its last 3 requests took 1000ms (median)" in slow.reason
 
     def test_judged_even_after_its_evidence_faded(self):
         clock, pool, det = ewma_setup(latency=LatencyOutlierConfig(balancer_estimate=True))

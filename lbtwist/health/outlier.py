@@ -22,11 +22,14 @@ Four rules, all judged on real traffic because a probe can lie:
     median of the others (and over ``min_latency``). The mean is decayed over
     ``window`` seconds and needs ``min_requests`` of recent evidence, so one
     slow request does not eject a backend but a 900 ms node among 3 ms ones
-    does. A backend with less evidence than that, typically because the
-    load-aware algorithm stopped choosing it, is judged by the algorithm's
-    own latency estimate (L{Pool.latency_estimate}: peak EWMA) instead of
-    waiting for samples that never come (``balancer_estimate``); a backend
-    still in slow start is not (a cold node gets few requests by design).
+    does. But a backend the load-aware algorithm avoids gets too few new
+    requests to move that mean, which still holds its fast past: so with
+    ``balancer_estimate``, a backend whose latency estimate in the algorithm
+    (L{Pool.latency_estimate}: peak EWMA) is an outlier among the others'
+    estimates is judged by its last ``min_requests`` results (their median,
+    undecayed, including tries its clients gave up on) instead of waiting for
+    samples that never come; not while in slow start (a cold node is slow
+    and rarely chosen by design).
 
 An ejection lasts ``base_ejection_time`` times the backend's ejection count
 (30 s, 60 s, 90 s ... up to ``max_ejection_time``); the count drops by one for
@@ -75,9 +78,10 @@ class _Track:
     out_since: float | None = None
     #: The last try failed (the failure-rate rule re-judges at each tick).
     last_failed: bool = False
-    #: Units of work finished since the backend (re)joined, cancelled ones
-    #: included (a client that gave up after 1 s still saw a slow backend).
-    results: int = 0
+    #: Latencies of the last few units of work since the backend (re)joined,
+    #: undecayed, cancelled ones included (a client that gave up after 1 s
+    #: still waited 1 s on this backend).
+    last: deque = attrs.field(factory=deque)
 
     def reset_counts(self) -> None:
         """Ejected or returned: runs and latency start over. The failure-rate
@@ -86,7 +90,7 @@ class _Track:
         self.lat_sum = self.lat_n = 0.0
         self.capped = False
         self.last_failed = False
-        self.results = 0
+        self.last.clear()
 
 
 def _ms(seconds: float) -> str:
@@ -120,10 +124,13 @@ class OutlierDetector:
         if backend.ejected_until is not None and backend.ejected_until > now:
             return  # already out (panic traffic says nothing new)
         t = self._track(backend)
-        t.results += 1
+        lat = self.cfg.latency
+        if lat.enabled:
+            t.last.append(latency)
+            while len(t.last) > lat.min_requests:
+                t.last.popleft()
         if outcome == "cancelled":
             return
-        lat = self.cfg.latency
         if lat.enabled:
             self._decay(t, now)
             t.lat_sum += latency
@@ -278,20 +285,53 @@ class OutlierDetector:
     def _latency_rule(self, now: float) -> None:
         rule = self.cfg.latency
         means: dict[Backend, float] = {}
-        #: Backends judged by the balancer's estimate: their recent request count.
-        starved: dict[Backend, float] = {}
-        for b in self.pool.backends():
-            if not self._in_rotation(b, now):
-                continue
+        inside = [b for b in self.pool.backends() if self._in_rotation(b, now)]
+        for b in inside:
             r = self.recent_latency(b, now)
             if r is not None and r[1] >= rule.min_requests:
                 means[b] = r[0]
-            elif rule.balancer_estimate and b.ramp(now) >= 1.0 and self._results(b) > 0:
-                # the algorithm stopped choosing it: judge it by the algorithm's view
-                est = self.pool.latency_estimate(b, now)
-                if est is not None:
-                    means[b] = est
-                    starved[b] = r[1] if r is not None else 0.0
+        self._mean_rule(means, now)
+        if rule.balancer_estimate:
+            self._avoided_rule([b for b in inside if self._in_rotation(b, now)], means, now)
+
+    def _avoided_rule(self, inside: list[Backend], means: dict[Backend, float], now: float) -> None:
+        """A backend the algorithm avoids for latency (its estimate is an
+        outlier among the estimates) gets too few new requests to move its
+        decayed mean, which still holds the fast requests from before it
+        turned slow. Judge it by its last ``min_requests`` results instead:
+        when their median is an outlier too, eject it. One slow request among
+        fast ones does not do it (the median of the last results is fast)."""
+        rule = self.cfg.latency
+        ests: dict[Backend, float] = {}
+        for b in inside:
+            est = self.pool.latency_estimate(b, now)
+            if est is not None:
+                ests[b] = est
+        if len(ests) < 2:
+            return
+        for b, est in sorted(ests.items(), key=lambda kv: -kv[1]):
+            if est <= rule.min_latency:
+                break
+            others = [e for o, e in ests.items() if o is not b]
+            est_median = statistics.median(others)
+            if est <= rule.factor * est_median:
+                break  # the algorithm does not avoid it (nor anyone faster)
+            t = self.tracks.get(b)
+            if t is None or not t.last or b.ramp(now) < 1.0:
+                continue  # nothing since it (re)joined; or a newcomer ramping up, slow by design
+            last = statistics.median(t.last)
+            peer_means = [m for o, m in means.items() if o is not b]
+            ref = statistics.median(peer_means) if peer_means else est_median
+            if last <= rule.min_latency or last <= rule.factor * ref:
+                continue
+            ratio = f"{last / ref:.0f}x" if ref > 0 else "far above"
+            if self.eject(b, now, (
+                    f"avoided by the balancer (latency estimate {_ms(est)} against a pool median {_ms(est_median)}); "
+                    f"its last {len(t.last)} requests took {_ms(last)} (median), {ratio} the pool median {_ms(ref)}")):
+                del ests[b]
+
+    def _mean_rule(self, means: dict[Backend, float], now: float) -> None:
+        rule = self.cfg.latency
         if len(means) < 2:
             return
         for b, mean in sorted(means.items(), key=lambda kv: -kv[1]):
@@ -302,14 +342,8 @@ class OutlierDetector:
             if mean <= rule.factor * median:
                 break  # sorted slowest first: nobody faster can be an outlier
             ratio = f"{mean / median:.0f}x" if median > 0 else "far above"
-            what = (f"the balancer's latency estimate {_ms(mean)} ({starved[b]:.1f} recent requests)"
-                    if b in starved else f"latency {_ms(mean)}")
-            if self.eject(b, now, f"{what} is {ratio} the pool median {_ms(median)}"):
+            if self.eject(b, now, f"latency {_ms(mean)} is {ratio} the pool median {_ms(median)}"):
                 del means[b]  # the next one is judged against the backends still in
-
-    def _results(self, backend: Backend) -> int:
-        t = self.tracks.get(backend)
-        return t.results if t is not None else 0
 
     def snapshot(self, backend: Backend, now: float) -> dict:
         """Counters for the admin API."""
