@@ -450,7 +450,7 @@ class TestStarvedBackendLatency:
             det.tick(clock.seconds())
         assert out(pool, clock) == {slow.address}
         assert slow.reason.startswith(
-            "ejected: avoided by the balancer (latency estimate 900ms against a pool median 3.0ms); "
+            "ejected: avoided by the balancer (latency estimate 814ms against a pool median 3.0ms); "
             "its last 3 requests took 900ms (median), 300x the pool median 3.0ms")
 
     def test_a_slow_backend_with_two_results_only(self):
