@@ -292,43 +292,43 @@ class OutlierDetector:
                 means[b] = r[0]
         self._mean_rule(means, now)
         if rule.balancer_estimate:
-            self._avoided_rule([b for b in inside if self._in_rotation(b, now)], means, now)
+            self._avoided_rule([b for b in inside if self._in_rotation(b, now)], now)
 
-    def _avoided_rule(self, inside: list[Backend], means: dict[Backend, float], now: float) -> None:
-        """A backend the algorithm avoids for latency (its estimate is an
-        outlier among the estimates) gets too few new requests to move its
-        decayed mean, which still holds the fast requests from before it
-        turned slow. Judge it by its last ``min_requests`` results instead:
-        when their median is an outlier too, eject it. One slow request among
-        fast ones does not do it (the median of the last results is fast)."""
+    def _avoided_rule(self, inside: list[Backend], now: float) -> None:
+        """A backend the algorithm avoids for latency gets too few new
+        requests to move its decayed mean, which still holds the fast
+        requests from before it turned slow. Judge it by its last
+        ``min_requests`` results instead: eject it when their median is above
+        ``min_latency`` and ``factor`` times the median of the other backends'
+        last results (the same statistic: a stall of the whole box slows
+        every backend's last results and ejects nobody), and the algorithm's
+        own estimate agrees (it avoids the backend: it has not measured it
+        fast since). One slow request among fast ones does not do it (the
+        median of the last results is fast)."""
         rule = self.cfg.latency
-        ests: dict[Backend, float] = {}
+        last: dict[Backend, float] = {}
         for b in inside:
-            est = self.pool.latency_estimate(b, now)
-            if est is not None:
-                ests[b] = est
-        if len(ests) < 2:
-            return
-        for b, est in sorted(ests.items(), key=lambda kv: -kv[1]):
-            if est <= rule.min_latency:
-                break
-            others = [e for o, e in ests.items() if o is not b]
-            est_median = statistics.median(others)
-            if est <= rule.factor * est_median:
-                break  # the algorithm does not avoid it (nor anyone faster)
             t = self.tracks.get(b)
-            if t is None or not t.last or b.ramp(now) < 1.0:
-                continue  # nothing since it (re)joined; or a newcomer ramping up, slow by design
-            last = statistics.median(t.last)
-            peer_means = [m for o, m in means.items() if o is not b]
-            ref = statistics.median(peer_means) if peer_means else est_median
-            if last <= rule.min_latency or last <= rule.factor * ref:
-                continue
-            ratio = f"{last / ref:.0f}x" if ref > 0 else "far above"
+            if t is not None and t.last:
+                last[b] = statistics.median(t.last)
+        if len(last) < 2:
+            return
+        for b, lat in sorted(last.items(), key=lambda kv: -kv[1]):
+            if lat <= rule.min_latency:
+                break
+            ref = statistics.median([v for o, v in last.items() if o is not b])
+            if lat <= rule.factor * ref:
+                break  # sorted slowest first: nobody faster is an outlier
+            if b.ramp(now) < 1.0:
+                continue  # a newcomer ramping up: slow and rarely chosen by design
+            est = self.pool.latency_estimate(b, now)
+            if est is None or est <= rule.min_latency or est <= rule.factor * ref:
+                continue  # the algorithm sees it fast (again): it will be measured
+            ratio = f"{lat / ref:.0f}x" if ref > 0 else "far above"
             if self.eject(b, now, (
-                    f"avoided by the balancer (latency estimate {_ms(est)} against a pool median {_ms(est_median)}); "
-                    f"its last {len(t.last)} requests took {_ms(last)} (median), {ratio} the pool median {_ms(ref)}")):
-                del ests[b]
+                    f"its last {len(self.tracks[b].last)} requests took {_ms(lat)} (median), {ratio} the pool's "
+                    f"{_ms(ref)}; avoided by the balancer (latency estimate {_ms(est)})")):
+                del last[b]
 
     def _mean_rule(self, means: dict[Backend, float], now: float) -> None:
         rule = self.cfg.latency
