@@ -73,7 +73,7 @@ class LatencyOutlierConfig:
     min_latency: Duration = _f(Duration(0.1), "never eject for latency below this (fast pools are noisy in ratio)")
     min_requests: int = _f(3, "recent requests (decayed over window) a backend needs before it is judged; low, because the algorithm starves a slow backend of evidence")
     window: Duration = _f(Duration(10.0), "time constant of the decaying latency mean")
-    balancer_estimate: bool = _f(True, "judge a backend with fewer than min_requests of recent evidence (the algorithm stopped sending it work) by the algorithm's own latency estimate (peak EWMA), instead of waiting for samples that never come")
+    balancer_estimate: bool = _f(True, "also judge each backend by the median of its last min_requests results against the others', when the algorithm's own latency estimate (peak EWMA) agrees it is slow: a backend the algorithm avoids gets too few samples to move its decayed mean")
 
 
 @attrs.frozen(kw_only=True)

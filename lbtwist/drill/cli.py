@@ -50,7 +50,15 @@ def plans_for(args: argparse.Namespace) -> list[Plan]:
     starts: a ``--duration`` shorter than a scenario's phases raises
     ValueError naming the minimum."""
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
-    return [plan_for(name, short=args.short, duration=args.duration, rate=args.rate) for name in names]
+    plans, problems = [], []
+    for name in names:
+        try:
+            plans.append(plan_for(name, short=args.short, duration=args.duration, rate=args.rate))
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return plans
 
 
 def run(args: argparse.Namespace) -> int:
