@@ -286,14 +286,21 @@ def _window_p999(r: "RunResult", start: float, end: float) -> float | None:
     return max(vals) if vals else None  # from JSON: the worst second (stricter than the window)
 
 
-def p999_below(limit: float, start: float, end: float) -> Criterion:
-    """The p99.9 of every request arriving in [start, end) below ``limit``."""
+def p999_below(floor: float, start: float, end: float, before: float) -> Criterion:
+    """The p99.9 of every request arriving in [start, end) below ``floor``,
+    or below 3x the p99.9 before the fault (arrivals [2 s, ``before``)) when
+    the box itself is that noisy: the same rule as the p99 criteria (module
+    doc). A backend answering in 900 ms for 0.1% of the requests fails it
+    either way, unless the box's own tail is above 300 ms."""
     def check(r: "RunResult") -> tuple[bool, str, str]:
+        base = _window_p999(r, 2, before)
+        limit = max(floor, 3 * base) if base is not None else floor
         v = _window_p999(r, start, end)
         n = sum(r.series["finished"][int(start):int(end)])
         return (v is not None and v < limit), f"p99.9 {_ms(v)} over {n} requests", (
-            f"< {_ms(limit)} for arrivals t={start:g}s..{end:g}s")
-    return Criterion(f"p99.9 < {_ms(limit)} from t={start:g}s", check)
+            f"< {_ms(limit)} (50 ms, or 3x the p99.9 before the fault, {_ms(base)}, when the box is noisier) "
+            f"for arrivals t={start:g}s..{end:g}s")
+    return Criterion(f"p99.9 < {_ms(floor)} from t={start:g}s (or 3x a noisy baseline)", check)
 
 
 def amplification_below(factor: float, start: float, end: float) -> Criterion:
@@ -366,7 +373,7 @@ def two_liars(short: bool = False, duration: float | None = None, rate: float | 
         window=(onset, dur),
         criteria=(
             success_at_least(99.99, graded, dur, f" from t={graded:g}s"),
-            p999_below(0.050, graded, dur),
+            p999_below(FLOOR, graded, dur, onset),
             amplification_below(1.02, graded, dur),
             out_of_rotation((slow, failing), graded, dur),
         ),
