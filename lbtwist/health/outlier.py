@@ -24,12 +24,13 @@ Four rules, all judged on real traffic because a probe can lie:
     slow request does not eject a backend but a 900 ms node among 3 ms ones
     does. But a backend the load-aware algorithm avoids gets too few new
     requests to move that mean, which still holds its fast past: so with
-    ``balancer_estimate``, a backend whose latency estimate in the algorithm
-    (L{Pool.latency_estimate}: peak EWMA) is an outlier among the others'
-    estimates is judged by its last ``min_requests`` results (their median,
-    undecayed, including tries its clients gave up on) instead of waiting for
-    samples that never come; not while in slow start (a cold node is slow
-    and rarely chosen by design).
+    ``balancer_estimate`` a backend is also judged by its last
+    ``min_requests`` results (their median, undecayed, including tries its
+    clients gave up on) against the median of the others' last results, and
+    ejected when that is an outlier by the same ``factor``/``min_latency``
+    and the algorithm's own estimate (L{Pool.latency_estimate}: peak EWMA)
+    agrees, instead of waiting for samples that never come; not while in
+    slow start (a cold node is slow and rarely chosen by design).
 
 An ejection lasts ``base_ejection_time`` times the backend's ejection count
 (30 s, 60 s, 90 s ... up to ``max_ejection_time``); the count drops by one for
