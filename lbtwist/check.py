@@ -191,6 +191,7 @@ def _passive_health(cfg: Any) -> Iterator[Finding]:
             _g(passive, "consecutive_5xx", default=0) == 0
             and _g(passive, "consecutive_gateway_failures", default=0) == 0
             and not _g(passive, "latency", "enabled", default=False)
+            and not _g(passive, "failure_rate", "enabled", default=False)
         )
         if off or blind:
             key = key_path(pp, "enabled") if off else key_path(pp, "consecutive_5xx")

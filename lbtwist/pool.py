@@ -263,6 +263,14 @@ class Pool:
             for obs in self._outcome_observers:
                 obs(backend, now, latency, outcome)
 
+    def latency_estimate(self, backend: Backend, now: float) -> float | None:
+        """The balancing algorithm's own latency estimate for ``backend`` in
+        seconds (peak EWMA for ``p2c`` and ``peak_ewma``), or None when the
+        algorithm keeps none or has not measured the backend yet. Passive
+        detection reads it for a backend the algorithm has stopped choosing."""
+        estimate = getattr(self._balancer, "latency_estimate", None)
+        return estimate(backend, now) if estimate is not None else None
+
     def observe_outcomes(self, observer: OutcomeObserver) -> None:
         """Passive health checks and metrics watch live traffic through this."""
         self._outcome_observers.append(observer)

@@ -300,7 +300,59 @@ def test_failure_never_makes_a_backend_look_faster():
     c = Backend("10.0.0.2:80")
     load.observe(c, 0.0, 0.002, True)
     load.observe(c, 0.5, 0.001, False)
-    assert load.estimate(c, 0.5) == pytest.approx(0.1)
+    assert load.estimate(c, 0.5) == pytest.approx(0.002 * math.exp(-0.05) + 0.1)
+
+
+def test_a_failure_is_a_penalty_on_top_of_the_estimate_not_a_sample():
+    """A backend already estimated above ``failure_penalty`` (150 ms) that
+    starts failing fast must look worse with every failure, not stay put:
+    each failure adds the penalty to the larger of its latency and the
+    estimate, so failures in a row push it further from the peers."""
+    load = PeakEwmaLoad(decay=10.0, penalty=1.0, failure_penalty=0.1)
+    b = Backend("10.0.0.1:80")
+    load.observe(b, 0.0, 0.150, True)
+    seen = []
+    for i in range(1, 4):
+        load.observe(b, i * 0.01, 0.001, False)
+        seen.append(load.estimate(b, i * 0.01))
+    assert seen[0] > 0.150 + 0.099 and seen[1] > seen[0] + 0.099 and seen[2] > seen[1] + 0.099
+    # a slow failure (a timeout) counts as its own latency plus the penalty
+    c = Backend("10.0.0.2:80")
+    load.observe(c, 0.0, 0.002, True)
+    load.observe(c, 1.0, 1.0, False)
+    assert load.estimate(c, 1.0) == pytest.approx(1.1)
+    # failure_penalty 0: never faster than the estimate, but no worse either
+    zero = PeakEwmaLoad(decay=10.0, penalty=1.0, failure_penalty=0.0)
+    zero.observe(b, 0.0, 0.150, True)
+    zero.observe(b, 0.5, 0.001, False)
+    assert 0.150 * math.exp(-0.05) <= zero.estimate(b, 0.5) <= 0.150
+
+
+def test_p2c_starves_a_fast_failing_backend_and_reports_its_estimate(registry):
+    """On task.Clock: p2c over peak EWMA with 4 backends, one answering every
+    request with a 1 ms failure. Its estimate climbs with each failure, so it
+    is chosen far less than its fair quarter; the estimate is what the pool
+    hands passive detection."""
+    clock = task.Clock()
+    backends = [Backend(f"10.0.0.{i}:80") for i in range(4)]
+    bal = registry.make_balancer("p2c", {}, clock=clock, rng=random.Random(7))
+    pool = Pool("p", backends, bal, clock)
+    liar = backends[2]
+    picks = {b: 0 for b in backends}
+    for _ in range(4000):
+        clock.advance(0.0025)
+        b = pool.select(PickContext(now=clock.seconds()))
+        picks[b] += 1
+        pool.on_start(b)
+        if b is liar:
+            pool.on_finish(b, 0.001, False, "5xx")
+        else:
+            pool.on_finish(b, 0.002, True, "ok")
+    assert picks[liar] < 4000 * 0.25 * 0.05, picks
+    assert pool.latency_estimate(liar, clock.seconds()) > 10 * 0.002  # still far above its peers
+    assert pool.latency_estimate(backends[0], clock.seconds()) == pytest.approx(0.002, rel=0.01)
+    rr = Pool("q", backends, registry.make_balancer("round_robin", {}, clock=clock, rng=random.Random(1)), clock)
+    assert rr.latency_estimate(liar, clock.seconds()) is None
 
 
 @pytest.mark.parametrize("name", ["peak_ewma", "p2c"])

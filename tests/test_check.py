@@ -91,7 +91,8 @@ def test_clean_config_has_no_findings():
          "no-passive-health", "pools[0].health.passive.enabled"),
         ("interval: 5s, timeout: 2s, unhealthy_threshold: 3, healthy_threshold: 2}\n",
          "interval: 5s, timeout: 2s, unhealthy_threshold: 3, healthy_threshold: 2}\n"
-         "      passive: {consecutive_5xx: 0, consecutive_gateway_failures: 0, latency: {enabled: false}}\n",
+         "      passive: {consecutive_5xx: 0, consecutive_gateway_failures: 0, latency: {enabled: false}, "
+         "failure_rate: {enabled: false}}\n",
          "no-passive-health", "pools[0].health.passive.consecutive_5xx"),
         # algorithms
         ("algorithm: p2c", "algorithm: round_robin", "load-blind", "pools[0].algorithm"),
@@ -123,6 +124,13 @@ def test_each_finding_names_keys_risk_and_fix(old, new, fid, key):
     # the finding is what changed: nothing else fires on an otherwise clean config
     others = set(found) - {fid}
     assert others <= {"drain-shorter-than-requests"} if fid == "sticky-drain" else not others, found
+
+
+def test_the_failure_rate_rule_alone_is_passive_detection():
+    text = edit("interval: 5s, timeout: 2s, unhealthy_threshold: 3, healthy_threshold: 2}\n",
+                "interval: 5s, timeout: 2s, unhealthy_threshold: 3, healthy_threshold: 2}\n"
+                "      passive: {consecutive_5xx: 0, consecutive_gateway_failures: 0, latency: {enabled: false}}\n")
+    assert "no-passive-health" not in findings(text)
 
 
 def test_sticky_with_hashing_on_a_cookie_needs_a_long_drain():

@@ -105,3 +105,81 @@ def test_a_criterion_that_cannot_be_measured_fails():
     out = evaluate(p, r)  # no series at all
     assert out and not any(c["passed"] for c in out)
     assert not r.passed
+
+
+def test_every_plan_fits_its_own_minimum_and_shorter_is_refused():
+    for name in SCENARIOS:
+        for short in (True, False):
+            p = plan_for(name, short=short)
+            assert 0 < p.min_duration <= p.duration, (name, short)
+            shortest = plan_for(name, short=short, duration=p.min_duration)
+            assert shortest.duration == p.min_duration
+            assert all(0 < s.at < shortest.duration for s in shortest.steps), (name, short)
+            assert shortest.window[0] < shortest.window[1] <= shortest.duration, (name, short)
+            with pytest.raises(ValueError, match=f"the minimum is {p.min_duration:g} s"):
+                plan_for(name, short=short, duration=p.min_duration - 1)
+    with pytest.raises(ValueError, match="--duration 8 is shorter than the scenario's phases; the minimum is 35 s"):
+        plan_for("gray-failure", duration=8)
+    with pytest.raises(ValueError, match="--rate 0 must be above 0"):
+        plan_for("gray-failure", rate=0)
+
+
+def test_gray_failure_windows_are_never_empty_at_the_minimum():
+    """The bug: --duration 8 judged the p99 'for arrivals t=30s..8s'. At the
+    minimum duration every criterion's window holds requests."""
+    for short in (True, False):
+        p = plan_for("gray-failure", short=short, duration=plan_for("gray-failure", short=short).min_duration)
+        r = run_with(lambda s: 0.004, seconds=int(p.duration))
+        for c in evaluate(p, r):
+            assert c["passed"], c
+            assert "n/a" not in c["measured"] and "no requests" not in c["measured"], c
+
+
+def test_two_liars_plan():
+    p = plan_for("two-liars")
+    assert [g.capacity for g in p.groups] == [4] and len(p.in_pool) == 12
+    assert p.focus == ("b3", "b8") and p.rate == 300 and p.pool_overrides == {}
+    assert [c.name for c in p.criteria] == [
+        "client success >= 99.99% from t=20s", "p99.9 < 50 ms from t=20s (or 3x a noisy baseline)",
+        "amplification < 1.02x from t=20s", "b3 and b8 out of rotation from t=20s"]
+
+
+def test_two_liars_criteria_on_synthetic_runs():
+    p = plan_for("two-liars", short=True)
+    out = {"b3": "ejected", "b8": "ejected"}
+    good = run_with(lambda s: 0.004, seconds=30, states=lambda s: dict(out) if s >= 6 else {"b3": "healthy", "b8": "healthy"})
+    assert all(c["passed"] for c in evaluate(p, good)), evaluate(p, good)
+    # the 503 liar back in rotation for the last 5 s (the bug in the issue)
+    back = run_with(lambda s: 0.004, seconds=30, states=lambda s: {"b3": "ejected", "b8": "healthy" if s >= 25 else "ejected"})
+    c = {c["name"]: c for c in evaluate(p, back)}["b3 and b8 out of rotation from t=15s"]
+    assert not c["passed"] and "b8: out in 10 of 15 polls (in at t=25,26,27,28,29s), last state healthy" in c["measured"]
+    # out again after a one-second return is fine
+    blip = run_with(lambda s: 0.004, seconds=30, states=lambda s: {"b3": "healthy" if s == 20 else "ejected", "b8": "ejected"})
+    assert {c["name"]: c for c in evaluate(p, blip)}["b3 and b8 out of rotation from t=15s"]["passed"]
+    # 2 s of 100 requests: 2 over 60 ms is 0.13% of the window's 1500, above 0.1%
+    slow_tail = run_with(lambda s: 0.004, seconds=30, states=lambda s: out)
+    for sec in (16, 17):
+        slow_tail.recorder.result(sec + 0.1, sec + 0.16, True, 1, "200")
+    slow_tail.series = slow_tail.recorder.series()
+    c = {c["name"]: c for c in evaluate(p, slow_tail)}["p99.9 < 50 ms from t=15s (or 3x a noisy baseline)"]
+    assert not c["passed"] and "p99.9 60 ms" in c["measured"] and c["threshold"].startswith("< 50 ms")
+    # on a box whose own tail is 40 ms before the fault, 60 ms is the box, not the target
+    noisy = run_with(lambda s: 0.004, seconds=30, states=lambda s: out)
+    for sec in range(2, 5):
+        for k in range(2):
+            noisy.recorder.result(sec + 0.1 * k, sec + 0.1 * k + 0.04, True, 1, "200")
+    for sec in (16, 17):
+        noisy.recorder.result(sec + 0.1, sec + 0.16, True, 1, "200")
+    noisy.series = noisy.recorder.series()
+    c = {c["name"]: c for c in evaluate(p, noisy)}["p99.9 < 50 ms from t=15s (or 3x a noisy baseline)"]
+    assert c["passed"] and c["threshold"].startswith("< 120 ms"), c
+    # a liar's 900 ms answers fail it even then
+    for sec in (18, 19, 20):
+        noisy.recorder.result(sec + 0.3, sec + 1.2, True, 1, "200")
+    noisy.series = noisy.recorder.series()
+    assert not {c["name"]: c for c in evaluate(p, noisy)}["p99.9 < 50 ms from t=15s (or 3x a noisy baseline)"]["passed"]
+    amplified = run_with(lambda s: 0.004, seconds=30, states=lambda s: out, backend_factor=1.05)
+    c = {c["name"]: c for c in evaluate(p, amplified)}["amplification < 1.02x from t=15s"]
+    assert not c["passed"] and "1.050x" in c["measured"]
+    failing = run_with(lambda s: 0.004, seconds=30, states=lambda s: out, fail_at={22})
+    assert not evaluate(p, failing)[0]["passed"]

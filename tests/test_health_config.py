@@ -103,3 +103,25 @@ def test_deep_check_example_in_etc_is_valid():
     assert app.health.active.path == "/healthz?deep=1" and app.health.active.body_match
     assert redis.health.active.kind == "tcp_banner"
     assert redis.health.active.options == {"send": "PING\r\n", "expect": "+PONG"}
+
+
+@pytest.mark.parametrize("failure_rate,message", [
+    ("{threshold: 0}", "0 is not a percentage above 0 (0-100]"),
+    ("{threshold: 120}", "120 is not a percentage above 0 (0-100]"),
+    ("{min_requests: 0}", "must be at least 1"),
+    ("{min_requests: 5, request_volume: 4}", "(4) is below min_requests (5): no backend could be judged"),
+    ("{window: 0s}", "must be above 0"),
+])
+def test_bad_failure_rate_settings(failure_rate, message):
+    text = SHAPE.replace("max_ejection_percent: 50}", f"max_ejection_percent: 50, failure_rate: {failure_rate}}}")
+    errs = errors(text)
+    assert any(message in m for _, m in errs), errs
+
+
+def test_failure_rate_and_balancer_estimate_load():
+    text = SHAPE.replace("max_ejection_percent: 50}", "max_ejection_percent: 50, failure_rate: {threshold: 80, "
+                         "request_volume: 20, window: 2m}, latency: {balancer_estimate: false}}")
+    p = load_config(text, REG, source_name="t.yaml").config.pools[0].health.passive
+    assert (p.failure_rate.threshold, p.failure_rate.request_volume, p.failure_rate.window) == (80.0, 20, 120.0)
+    assert p.failure_rate.enabled and p.failure_rate.min_requests == 3
+    assert p.latency.balancer_estimate is False

@@ -269,5 +269,283 @@ def test_config_defaults_survive_the_gray_failure_untuned():
         "enabled": True, "consecutive_5xx": 5, "consecutive_gateway_failures": 5,
         "base_ejection_time": 30.0, "max_ejection_time": 300.0, "max_ejection_percent": 50.0,
         "interval": 1.0,
-        "latency": {"enabled": True, "factor": 5.0, "min_latency": 0.1, "min_requests": 3, "window": 10.0},
+        "latency": {"enabled": True, "factor": 5.0, "min_latency": 0.1, "min_requests": 3, "window": 10.0,
+                    "balancer_estimate": True},
+        "failure_rate": {"enabled": True, "threshold": 50.0, "min_requests": 3, "request_volume": 10,
+                         "window": 60.0},
     }
+
+
+# -- the two liars: a fast-failing backend and a slow one, both starved by the algorithm --
+
+
+def busy_peers(pool, clock, skip, seconds=10.0, rate=20, latency=0.003):
+    """Every backend but ``skip`` serves ``rate`` ok requests a second."""
+    for _ in range(int(seconds * rate)):
+        clock.advance(1.0 / rate)
+        for b in pool.backends():
+            if b not in skip:
+                work(pool, b, "ok", latency=latency)
+
+
+class TestFailureRate:
+    def test_a_fast_failing_backend_tried_now_and_then_is_ejected(self):
+        """The 503 liar: the balancer's failure penalty lets it see a try only
+        every few seconds, so 5 in a row take a minute; 3 failed tries of 3
+        while the peers succeed are enough."""
+        clock, pool, det = setup(n=6)
+        liar = pool.backends()[4]
+        for i in range(3):
+            busy_peers(pool, clock, {liar}, seconds=4.0)
+            work(pool, liar, "5xx", latency=0.001)
+            det.tick(clock.seconds())
+            assert (liar.address in out(pool, clock)) == (i == 2)
+        assert liar.reason.startswith("ejected: 100% of its recent tries failed (3 of 3), "
+                                      "the pool median 0%")
+        assert det.snapshot(liar, clock.seconds())["recent_failure_percent"] == 100.0
+
+    def test_gateway_failures_count_too(self):
+        clock, pool, det = setup(n=4)
+        liar = pool.backends()[0]
+        busy_peers(pool, clock, {liar}, seconds=2.0)
+        for outcome in ("gateway", "5xx", "gateway"):
+            work(pool, liar, outcome)
+        assert out(pool, clock) == {liar.address}
+
+    def test_a_busy_backend_survives_a_few_failures(self):
+        clock, pool, det = setup(n=4)
+        b = pool.backends()[1]
+        busy_peers(pool, clock, set(), seconds=5.0)
+        work(pool, b, "5xx", times=4)  # 4 of its last 10 (and 4 in a row, under consecutive_5xx)
+        det.tick(clock.seconds())
+        assert out(pool, clock) == set()
+        assert det.snapshot(b, clock.seconds())["recent_failure_percent"] == 40.0
+
+    def test_a_pool_wide_failure_is_not_an_outlier(self):
+        """Every backend fails 60% of its tries (a shared dependency is down):
+        ejecting would only shrink the pool."""
+        clock, pool, det = setup(n=4, consecutive_5xx=0)
+        for i in range(50):
+            clock.advance(0.1)
+            for b in pool.backends():
+                work(pool, b, "5xx" if i % 5 < 3 else "ok")
+        det.tick(clock.seconds())
+        assert out(pool, clock) == set()
+
+    def test_needs_peers_with_evidence(self):
+        clock, pool, det = setup(n=3)
+        liar = pool.backends()[0]
+        work(pool, liar, "5xx", times=3)
+        assert out(pool, clock) == set()
+        # the peers' traffic arrives later: the tick judges the liar, whose last try failed
+        busy_peers(pool, clock, {liar}, seconds=1.0)
+        det.tick(clock.seconds())
+        assert out(pool, clock) == {liar.address}
+
+    def test_only_the_last_tries_within_the_window_count(self):
+        clock, pool, det = setup(n=4)
+        liar = pool.backends()[0]
+        busy_peers(pool, clock, {liar}, seconds=1.0)
+        work(pool, liar, "5xx", times=2)
+        busy_peers(pool, clock, {liar}, seconds=61.0)  # those two are older than the 60 s window
+        work(pool, liar, "5xx")
+        assert out(pool, clock) == set()
+        b = pool.backends()[1]  # a busy backend: only its last 10 tries are its record
+        work(pool, b, "5xx")
+        work(pool, b, "ok", times=3)
+        work(pool, b, "5xx")
+        work(pool, b, "ok", times=2)
+        work(pool, b, "5xx", times=2)
+        assert det.recent_failures(b, clock.seconds()) == (10, 4)
+        assert out(pool, clock) == set()
+        work(pool, b, "5xx")  # 5 of the last 10
+        assert out(pool, clock) == {b.address}
+
+    def test_a_returning_liar_goes_back_out_on_its_first_failure(self):
+        """The record is kept (its clock stops while the backend is out), so
+        the backend is judged by its recent results at once, not after 3 new
+        tries that, starved by the balancer, would take a minute."""
+        clock, pool, det = setup(n=4)
+        liar = pool.backends()[0]
+        busy_peers(pool, clock, {liar}, seconds=1.0)
+        work(pool, liar, "5xx", times=3)
+        assert liar.ejected_until == clock.seconds() + 30.0
+        busy_peers(pool, clock, {liar}, seconds=30.0)
+        det.tick(clock.seconds())
+        assert liar.ejected_until is None
+        det.tick(clock.seconds())
+        assert out(pool, clock) == set()  # no new try yet: nothing new to judge
+        work(pool, liar, "5xx")
+        assert liar.ejected_until == clock.seconds() + 60.0
+        assert "(ejection 2)" in liar.reason
+
+    def test_a_recovered_backend_earns_its_place_back(self):
+        clock, pool, det = setup(n=4)
+        b = pool.backends()[0]
+        busy_peers(pool, clock, {b}, seconds=1.0)
+        work(pool, b, "5xx", times=3)
+        busy_peers(pool, clock, {b}, seconds=30.0)
+        det.tick(clock.seconds())
+        work(pool, b, "ok", times=5)  # 3 failures of 8 now: 38%
+        det.tick(clock.seconds())
+        work(pool, b, "5xx")  # 4 of 9: 44%, under the 50% threshold
+        det.tick(clock.seconds())
+        assert out(pool, clock) == set()
+
+    def test_ejections_stay_capped(self):
+        """Three liars of four: max_ejection_percent (50%) lets two out, the
+        third stays in; the pool keeps half its backends and does not panic."""
+        clock, pool, det = setup(n=4)
+        liars = pool.backends()[:3]
+        busy_peers(pool, clock, set(liars), seconds=1.0)
+        for _ in range(3):
+            for b in liars:
+                work(pool, b, "5xx")
+            det.tick(clock.seconds())
+        assert len(out(pool, clock)) == 2
+        assert not pool.panic and len(pool.candidates(clock.seconds())) == 2
+
+    def test_off(self):
+        from lbtwist.config.model import FailureRateOutlierConfig
+
+        clock, pool, det = setup(n=4, failure_rate=FailureRateOutlierConfig(enabled=False))
+        liar = pool.backends()[0]
+        busy_peers(pool, clock, {liar}, seconds=1.0)
+        work(pool, liar, "5xx", times=4)
+        det.tick(clock.seconds())
+        assert out(pool, clock) == set()
+
+
+def ewma_setup(n=6, slow_start=0.0, **cfg):
+    """A pool balanced by p2c over peak EWMA (the default algorithm), so the
+    detector can read the balancer's latency estimate."""
+    import random
+
+    from lbtwist.balancers.ewma import PeakEwmaLoad
+    from lbtwist.balancers.p2c import PowerOfTwoChoices
+
+    clock = task.Clock()
+    pool = Pool("app", [Backend(f"127.0.0.1:{9000 + i}") for i in range(n)],
+                PowerOfTwoChoices(random.Random(3), PeakEwmaLoad()), clock, slow_start=slow_start)
+    det = OutlierDetector(pool, PassiveHealthConfig(**cfg))
+    pool.observe_outcomes(det.on_outcome)
+    return clock, pool, det
+
+
+class TestStarvedBackendLatency:
+    def test_a_slow_backend_the_balancer_avoids_is_judged_by_its_last_results(self):
+        """The gray failure under p2c: a backend serving 20 requests/s at 3 ms
+        turns 900 ms; after two slow answers the balancer stops choosing it.
+        Its decayed mean still holds its 40 fast requests (about 45 ms, and
+        no new sample will move it), but the balancer's estimate (900 ms)
+        says it is avoided, and its last 3 results have a median of 900 ms."""
+        clock, pool, det = ewma_setup()
+        slow = pool.backends()[3]
+        busy_peers(pool, clock, set(), seconds=2.0)
+        work(pool, slow, "ok", latency=0.9, times=2)
+        mean, n = det.recent_latency(slow, clock.seconds())
+        assert mean < 0.1 and n > 3  # the mean rule cannot see it
+        for _ in range(10):
+            busy_peers(pool, clock, {slow}, seconds=1.0)
+            det.tick(clock.seconds())
+        assert out(pool, clock) == {slow.address}
+        assert slow.reason.startswith(
+            "ejected: its last 3 requests took 900ms (median), 300x the pool's 3.0ms; "
+            "avoided by the balancer (latency estimate 814ms)")
+
+    def test_a_slow_backend_with_two_results_only(self):
+        clock, pool, det = ewma_setup()
+        slow = pool.backends()[3]
+        busy_peers(pool, clock, {slow}, seconds=2.0)
+        work(pool, slow, "ok", latency=0.9, times=2)
+        det.tick(clock.seconds())
+        assert out(pool, clock) == {slow.address}
+        assert "its last 2 requests took 900ms" in slow.reason
+
+    def test_tries_the_clients_gave_up_on_count_as_results(self):
+        """Measured in the two-liars drill: the slow backend's only tries
+        after the onset were abandoned by clients at their 1 s timeout
+        ("cancelled", no latency sample for the detector), while the
+        balancer's estimate had seen them take 1 s."""
+        clock, pool, det = ewma_setup()
+        slow = pool.backends()[3]
+        busy_peers(pool, clock, set(), seconds=2.0)
+        for _ in range(2):
+            pool.on_start(slow)
+            pool.on_finish(slow, 1.0, True, "cancelled")  # as the L7 proxy reports an abandoned try
+        det.tick(clock.seconds())
+        assert out(pool, clock) == {slow.address}
+        assert "its last 3 requests took 1000ms (median)" in slow.reason
+
+    def test_judged_even_after_its_evidence_faded(self):
+        clock, pool, det = ewma_setup(latency=LatencyOutlierConfig(balancer_estimate=True))
+        slow = pool.backends()[3]
+        work(pool, slow, "ok", latency=0.9, times=4)
+        busy_peers(pool, clock, {slow}, seconds=3.0)  # its 4 samples fade under 3
+        det.tick(clock.seconds())
+        assert out(pool, clock) == {slow.address}
+
+    def test_off_without_balancer_estimate(self):
+        clock, pool, det = ewma_setup(latency=LatencyOutlierConfig(balancer_estimate=False))
+        slow = pool.backends()[3]
+        busy_peers(pool, clock, {slow}, seconds=2.0)
+        work(pool, slow, "ok", latency=0.9, times=2)
+        det.tick(clock.seconds())
+        assert out(pool, clock) == set()
+
+    def test_one_slow_request_on_a_busy_backend_is_still_not_enough(self):
+        clock, pool, det = ewma_setup(n=3)
+        b0 = pool.backends()[0]
+        busy_peers(pool, clock, set(), seconds=2.0)
+        work(pool, b0, "ok", latency=2.0)  # its estimate jumps to 2 s; its mean barely moves
+        det.tick(clock.seconds())
+        assert out(pool, clock) == set()
+
+    def test_a_stall_of_the_whole_box_ejects_nobody(self):
+        """Every backend's last results take 300 ms at once (the machine
+        stalled): the last results are compared with the others' last
+        results, not with their older means."""
+        clock, pool, det = ewma_setup()
+        busy_peers(pool, clock, set(), seconds=2.0)
+        for b in pool.backends():
+            work(pool, b, "ok", latency=0.3 + 0.01 * pool.backends().index(b), times=3)
+        det.tick(clock.seconds())
+        assert out(pool, clock) == set()
+
+    def test_a_backend_measured_fast_again_is_left_alone(self):
+        """Its last results were slow, but the balancer's estimate has come
+        back down (it will send it work and measure it): not avoided."""
+        clock, pool, det = ewma_setup(n=3)
+        b = pool.backends()[0]
+        busy_peers(pool, clock, set(), seconds=1.0)
+        work(pool, b, "ok", latency=0.5, times=3)
+        busy_peers(pool, clock, {b}, seconds=60.0)  # idle: the estimate decays to 0.5 * exp(-6)
+        assert pool.latency_estimate(b, clock.seconds()) < 0.002
+        det.tick(clock.seconds())
+        assert out(pool, clock) == set()
+
+    def test_a_backend_in_slow_start_is_not_judged_by_its_estimate(self):
+        """A cold newcomer gets few requests by design (slow start); being slow
+        at first is what the ramp is for."""
+        from lbtwist.pool import Health
+
+        clock, pool, det = ewma_setup(slow_start=30.0)
+        new = Backend("127.0.0.1:9100", health=Health.UNKNOWN)
+        pool.add_backend(new)
+        pool.set_health(new, Health.HEALTHY, "first probe passed")
+        busy_peers(pool, clock, {new}, seconds=2.0)
+        work(pool, new, "ok", latency=0.2, times=2)
+        det.tick(clock.seconds())
+        assert new.state(clock.seconds()) == "slow_start"
+        assert out(pool, clock) == set()
+
+    def test_both_liars_out_together(self):
+        clock, pool, det = ewma_setup(n=12)
+        slow, liar = pool.backends()[3], pool.backends()[8]
+        busy_peers(pool, clock, {slow, liar}, seconds=2.0)
+        work(pool, slow, "ok", latency=0.9, times=2)
+        for _ in range(3):
+            busy_peers(pool, clock, {slow, liar}, seconds=2.0)
+            work(pool, liar, "5xx", latency=0.001)
+            det.tick(clock.seconds())
+        assert out(pool, clock) == {slow.address, liar.address}

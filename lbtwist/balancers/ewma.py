@@ -75,9 +75,11 @@ class PeakEwmaLoad:
     A backend never measured costs 0 while idle (so it gets a first request
     and is measured) and ``penalty * (outstanding + 1)`` once work is in
     flight: until its first answer it is treated as slow, so a cold or newly
-    added node is probed, not flooded. A failed request is observed as at least
-    ``failure_penalty`` and never below the current estimate: a node that fails
-    fast must not look fast (the "black hole" that attracts all traffic).
+    added node is probed, not flooded. A failed request is a penalty, not a
+    sample: it is observed as ``failure_penalty`` on top of the larger of its
+    own latency and the current estimate, so every failure raises the
+    estimate and a node that fails fast never looks fast (the "black hole"
+    that attracts all traffic); failures in a row push it further away.
     """
 
     def __init__(self, decay: float = DEFAULT_DECAY, penalty: float = DEFAULT_PENALTY,
@@ -92,7 +94,7 @@ class PeakEwmaLoad:
         if e is None:
             e = self._ewma[backend] = PeakEwma(self.decay, now)
         if not ok:
-            latency = max(latency, self.failure_penalty, e.value(now))
+            latency = max(latency, e.value(now)) + self.failure_penalty
         e.observe(latency, now)
 
     def estimate(self, backend: Backend, now: float) -> float | None:
@@ -158,6 +160,10 @@ class PeakEwmaBalancer:
 
     def on_finish(self, backend: Backend, now: float, latency: float, ok: bool) -> None:
         self.load.observe(backend, now, latency, ok)
+
+    def latency_estimate(self, backend: Backend, now: float) -> float | None:
+        """The peak EWMA estimate (see L{lbtwist.pool.Pool.latency_estimate})."""
+        return self.load.estimate(backend, now)
 
 
 def make_peak_ewma(options: dict[str, Any], *, clock: Any = None, rng: random.Random) -> PeakEwmaBalancer:

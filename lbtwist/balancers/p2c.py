@@ -64,6 +64,11 @@ class PowerOfTwoChoices:
         if self.ewma is not None:
             self.ewma.observe(backend, now, latency, ok)
 
+    def latency_estimate(self, backend: Backend, now: float) -> float | None:
+        """The peak EWMA estimate with ``load: peak_ewma``; None with
+        ``load: connections`` (see L{lbtwist.pool.Pool.latency_estimate})."""
+        return self.ewma.estimate(backend, now) if self.ewma is not None else None
+
 
 def make_p2c(options: dict[str, Any], *, clock: Any = None, rng: random.Random) -> PowerOfTwoChoices:
     check_known("p2c", options, ("load",) + EWMA_OPTIONS)

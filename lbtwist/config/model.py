@@ -73,6 +73,18 @@ class LatencyOutlierConfig:
     min_latency: Duration = _f(Duration(0.1), "never eject for latency below this (fast pools are noisy in ratio)")
     min_requests: int = _f(3, "recent requests (decayed over window) a backend needs before it is judged; low, because the algorithm starves a slow backend of evidence")
     window: Duration = _f(Duration(10.0), "time constant of the decaying latency mean")
+    balancer_estimate: bool = _f(True, "also judge each backend by the median of its last min_requests results against the others', when the algorithm's own latency estimate (peak EWMA) agrees it is slow: a backend the algorithm avoids gets too few samples to move its decayed mean")
+
+
+@attrs.frozen(kw_only=True)
+class FailureRateOutlierConfig:
+    """Eject a backend whose recent tries fail far more often than its peers' (Envoy's failure percentage)."""
+
+    enabled: bool = _f(True, "evaluate the failure-rate rule")
+    threshold: float = _f(50.0, "eject when at least this percentage of the backend's recent tries failed (5xx or gateway), while the median backend still in rotation fails under half of it")
+    min_requests: int = _f(3, "recent tries a backend needs before it is judged; low, because a load-aware algorithm stops sending work to a failing backend after its first failures")
+    request_volume: int = _f(10, "the rule looks at the backend's last this many tries ...")
+    window: Duration = _f(Duration(60.0), "... that are not older than this, counting only time in rotation (a returning backend is judged on its record)")
 
 
 @attrs.frozen(kw_only=True)
@@ -87,6 +99,7 @@ class PassiveHealthConfig:
     max_ejection_percent: float = _f(50.0, "never eject more than this share of a pool at once (at least one backend of two or more)")
     interval: Duration = _f(Duration(1.0), "how often the latency rule is evaluated and ejection multipliers decay")
     latency: LatencyOutlierConfig = _f(factory=LatencyOutlierConfig, doc="the latency outlier rule")
+    failure_rate: FailureRateOutlierConfig = _f(factory=FailureRateOutlierConfig, doc="the failure-rate outlier rule")
 
 
 @attrs.frozen(kw_only=True)

@@ -634,6 +634,17 @@ def health_settings(ctx: CheckContext) -> Iterator[Problem]:
                     yield ctx.error(key_path(lp, "factor"), f"{lat.factor:g} must be above 1, or normal backends are outliers")
                 if lat.window <= 0:
                     yield ctx.error(key_path(lp, "window"), "must be above 0")
+            fr, fp = p.failure_rate, key_path(pp, "failure_rate")
+            if fr.enabled:
+                if not 0 < fr.threshold <= 100:
+                    yield ctx.error(key_path(fp, "threshold"), f"{fr.threshold:g} is not a percentage above 0 (0-100]")
+                if fr.min_requests < 1:
+                    yield ctx.error(key_path(fp, "min_requests"), "must be at least 1")
+                elif fr.request_volume < fr.min_requests:
+                    yield ctx.error(key_path(fp, "request_volume"),
+                                    f"({fr.request_volume}) is below min_requests ({fr.min_requests}): no backend could be judged")
+                if fr.window <= 0:
+                    yield ctx.error(key_path(fp, "window"), "must be above 0")
 
 
 # -- TLS ----------------------------------------------------------------------------

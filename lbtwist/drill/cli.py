@@ -5,7 +5,8 @@ Runs the scenario against lbtwist (defaults), then, with ``--compare``,
 against the comparison target on fresh processes; shows progress while
 running; writes ``result.json``, ``report.html`` and PNG charts to ``--out``;
 exits 0 when every criterion passed for lbtwist, 1 when one failed, 2 when
-the drill itself could not run.
+the drill itself could not run (a ``--duration`` shorter than the
+scenario's phases is refused with 2 before anything starts).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lbtwist.drill.scenarios import SCENARIOS, plan_for
+from lbtwist.drill.scenarios import SCENARIOS, Plan, plan_for
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 
@@ -44,14 +45,35 @@ def _compare(text: str) -> list[str]:
     return kinds
 
 
+def plans_for(args: argparse.Namespace) -> list[Plan]:
+    """Every plan the command asks for, built (and so checked) before anything
+    starts: a ``--duration`` shorter than a scenario's phases raises
+    ValueError naming the minimum."""
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    plans, problems = [], []
+    for name in names:
+        try:
+            plans.append(plan_for(name, short=args.short, duration=args.duration, rate=args.rate))
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return plans
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point for ``lbtwist drill`` (argparse namespace from L{add_arguments})."""
     from twisted.internet import defer, task
 
+    try:
+        plans = plans_for(args)
+    except ValueError as e:
+        print(f"lbtwist drill: {e}", file=sys.stderr)
+        return EXIT_ERROR
     rc: list[int] = []
 
     async def main(reactor: Any) -> None:
-        rc.append(await drill(reactor, args))
+        rc.append(await drill(reactor, args, plans))
 
     try:
         task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
@@ -61,11 +83,12 @@ def run(args: argparse.Namespace) -> int:
     return rc[0] if rc else EXIT_ERROR
 
 
-async def drill(reactor: Any, args: argparse.Namespace) -> int:
+async def drill(reactor: Any, args: argparse.Namespace, plans: list[Plan] | None = None) -> int:
     from lbtwist.drill.report import summary_text, write_report
     from lbtwist.drill.runner import run_target
 
-    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    if plans is None:
+        plans = plans_for(args)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(args.out) if args.out else Path("drill-reports") / f"{args.scenario}-{stamp}"
 
@@ -78,9 +101,8 @@ async def drill(reactor: Any, args: argparse.Namespace) -> int:
             print(f"    {who}| {line}", flush=True)
 
     worst = EXIT_PASS
-    for name in names:
-        plan = plan_for(name, short=args.short, duration=args.duration, rate=args.rate)
-        out = base / name if len(names) > 1 else base
+    for plan in plans:
+        out = base / plan.name if len(plans) > 1 else base
         out.mkdir(parents=True, exist_ok=True)
         print(f"== drill {plan.name}: {plan.title}", flush=True)
         results = []

@@ -19,6 +19,7 @@ import statistics
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import attrs
+from twisted.internet import defer
 
 from lbtwist.config.model import ActiveHealthConfig
 from lbtwist.drill.fleet import GroupSpec
@@ -64,6 +65,9 @@ class Plan:
     #: Backends the fault is about (highlighted in the share chart).
     focus: tuple[str, ...] = ()
     rate_fn: Callable[[float], float] | None = None
+    #: The shortest load that still runs every step and leaves every
+    #: criterion's window something to judge; L{plan_for} refuses less.
+    min_duration: float = 0.0
 
 
 def evaluate(plan: Plan, result: "RunResult") -> list[dict[str, Any]]:
@@ -258,6 +262,7 @@ def gray_failure(short: bool = False, duration: float | None = None, rate: float
             success_at_least(99.5, onset, dur, " from the onset"),
             p99_within(onset + 10, dur, onset, "p99 recovered within 10s of the onset"),
         ),
+        min_duration=onset + 15,  # 5 s of arrivals after the 10 s the p99 is given to recover
     )
 
 
@@ -272,6 +277,108 @@ async def _watch_out(ctx: "DrillContext", name: str, mark: str, timeout: float) 
     if await ctx.wait_until(out, timeout, step=0.25):
         ctx.mark(mark, round(ctx.now() - t, 2))
         ctx.event(f"{name} out of rotation ({ctx.now() - t:.1f}s after the fault)")
+
+
+def _window_p999(r: "RunResult", start: float, end: float) -> float | None:
+    if r.recorder is not None:
+        return r.recorder.totals(start, end)["p999"]
+    vals = [v for i, v in enumerate(r.series["p999"]) if start <= i < end and v is not None]
+    return max(vals) if vals else None  # from JSON: the worst second (stricter than the window)
+
+
+def p999_below(floor: float, start: float, end: float, before: float) -> Criterion:
+    """The p99.9 of every request arriving in [start, end) below ``floor``,
+    or below 3x the p99.9 before the fault (arrivals [2 s, ``before``)) when
+    the box itself is that noisy: the same rule as the p99 criteria (module
+    doc). A backend answering in 900 ms for 0.1% of the requests fails it
+    either way, unless the box's own tail is above 300 ms."""
+    def check(r: "RunResult") -> tuple[bool, str, str]:
+        base = _window_p999(r, 2, before)
+        limit = max(floor, 3 * base) if base is not None else floor
+        v = _window_p999(r, start, end)
+        n = sum(r.series["finished"][int(start):int(end)])
+        return (v is not None and v < limit), f"p99.9 {_ms(v)} over {n} requests", (
+            f"< {_ms(limit)} (50 ms, or 3x the p99.9 before the fault, {_ms(base)}, when the box is noisier) "
+            f"for arrivals t={start:g}s..{end:g}s")
+    return Criterion(f"p99.9 < {_ms(floor)} from t={start:g}s (or 3x a noisy baseline)", check)
+
+
+def amplification_below(factor: float, start: float, end: float) -> Criterion:
+    """Attempts seen by the backends over the offered requests, summed over
+    [start, end): what retries (the clients' and the balancer's) cost."""
+    def check(r: "RunResult") -> tuple[bool, str, str]:
+        off = sum(r.series["offered"][int(start):int(end)])
+        seen = sum(x for x in r.series["backend_attempts"][int(start):int(end)] if x is not None)
+        ratio = seen / off if off else None
+        return (ratio is not None and ratio < factor), (
+            f"{ratio:.3f}x ({seen:.0f} backend attempts for {off} requests)" if ratio is not None else "no requests"), (
+            f"< {factor:g}x offered, t={start:g}s..{end:g}s")
+    return Criterion(f"amplification < {factor:g}x from t={start:g}s", check)
+
+
+#: Share of the balancer polls a liar must be out of rotation in: an
+#: ejection that ends puts a backend back for the moment it takes to fail
+#: again (a second or two of 40), and that is allowed; staying in is not.
+OUT_SHARE = 0.90
+
+
+def out_of_rotation(names: tuple[str, ...], start: float, end: float) -> Criterion:
+    """Each of ``names`` out of rotation in at least L{OUT_SHARE} of the
+    balancer polls from ``start`` to the end of the run, and in the last."""
+    def check(r: "RunResult") -> tuple[bool, str, str]:
+        polls = [(i, st) for i, st in enumerate(r.series["lb_states"]) if st and start <= i < end]
+        ok = bool(polls)
+        parts = []
+        for n in names:
+            secs = [i for i, st in polls if st.get(n) in ("healthy", "slow_start")]
+            last = polls[-1][1].get(n) if polls else None
+            out_share = 1.0 - len(secs) / len(polls) if polls else 0.0
+            ok = ok and out_share >= OUT_SHARE and last not in ("healthy", "slow_start", None)
+            parts.append(f"{n}: out in {len(polls) - len(secs)} of {len(polls)} polls"
+                         + (f" (in at t={','.join(map(str, secs[:5]))}{'...' if len(secs) > 5 else ''}s)" if secs else "")
+                         + f", last state {last}")
+        return ok, "; ".join(parts) if polls else "no balancer polls", (
+            f"out in >= {OUT_SHARE:.0%} of the polls t={start:g}s..{end:g}s and in the last one")
+    return Criterion(f"{' and '.join(names)} out of rotation from t={start:g}s", check)
+
+
+def two_liars(short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
+    onset = 5.0 if short else 10.0
+    graded = onset + 10.0
+    dur = duration or (30.0 if short else 60.0)
+    rate = rate or 300.0
+    names = _names("b", 12)
+    slow, failing = "b3", "b8"
+
+    async def lie(ctx: "DrillContext") -> None:
+        await ctx.faults([slow], latency=0.9, latency_scope="real")
+        await ctx.faults([failing], error_rate=1.0, error_status=503)
+        await defer.gatherResults([
+            defer.ensureDeferred(_watch_out(ctx, name, mark, dur - onset))
+            for name, mark in ((slow, "slow_out_after"), (failing, "failing_out_after"))
+        ], consumeErrors=True)
+
+    return Plan(
+        name="two-liars",
+        title="Two liars: one of 12 backends turns slow, another answers 503, both /healthz green",
+        story=("12 backends with 4 workers each answer real requests in ~2 ms. At the onset one backend's "
+               "real path takes +900 ms and another answers every real request with a fast 503, while both "
+               "keep answering /healthz 200 in under a millisecond. Clients time out after 1 s and retry "
+               "twice at once. Both must leave rotation on live evidence alone, even though a load-aware "
+               "algorithm quickly stops sending them work, and clients must not notice."),
+        rate=rate, duration=dur,
+        groups=(GroupSpec("fleet", names, capacity=4, median=0.002, sigma=0.5),),
+        in_pool=names, focus=(slow, failing),
+        steps=(Step(onset, f"{slow}: real path +900 ms; {failing}: real path 503 (/healthz stays 200)", lie),),
+        window=(onset, dur),
+        criteria=(
+            success_at_least(99.99, graded, dur, f" from t={graded:g}s"),
+            p999_below(FLOOR, graded, dur, onset),
+            amplification_below(1.02, graded, dur),
+            out_of_rotation((slow, failing), graded, dur),
+        ),
+        min_duration=graded + 10.0,
+    )
 
 
 def hard_kill(short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
@@ -337,6 +444,8 @@ def hard_kill(short: bool = False, duration: float | None = None, rate: float | 
                              lambda r: f"{r.marks.get('inflight_at_kill', '?')} (in flight at the kill)", tries=True),
             Criterion("out of rotation within the active-check bound", out_in_time),
         ),
+        # the kill, the active-check bound after it, and (full) the restart plus its 2 probes
+        min_duration=kill_at + bound + 2 if back_at is None else back_at + 10,
     )
 
 
@@ -370,6 +479,7 @@ def retry_storm(short: bool = False, duration: float | None = None, rate: float 
             attempts_bounded(1.2, onset, dur),
             recovers(end, 10.0, dur, onset, 99.0),
         ),
+        min_duration=end + 15,  # the trigger, the 10 s to recover, 5 s judged
     )
 
 
@@ -415,6 +525,7 @@ def flapping(short: bool = False, duration: float | None = None, rate: float | N
             Criterion("no other backend leaves rotation", others_stay),
             success_at_least(99.9, 0, dur),
         ),
+        min_duration=onset + 15 + (3.0 if short else 10.0),  # at least 15 s of flapping
     )
 
 
@@ -473,6 +584,7 @@ def rolling_deploy(short: bool = False, duration: float | None = None, rate: flo
             failures_at_most(lambda r: 0, 0, dur, "zero failed tries (no client had to retry)", lambda r: "0", tries=True),
             Criterion("every backend restarted and back in rotation", all_back),
         ),
+        min_duration=start + (16.0 if short else 40.0),  # four drain/restart/undrain rounds
     )
 
 
@@ -520,6 +632,7 @@ def cold_start(short: bool = False, duration: float | None = None, rate: float |
             success_at_least(99.5, 0, dur),
             Criterion(f"{new} takes traffic by the end", takes_share),
         ),
+        min_duration=join + cold + 5,  # warmed up, then the last 5 s its share is read from
         pool_overrides={"slow_start": f"{ramp:g}s"},
     )
 
@@ -570,6 +683,7 @@ def reload(short: bool = False, duration: float | None = None, rate: float | Non
             Criterion("added backends take traffic", added_take_traffic),
             Criterion("removed backends get no new traffic", removed_idle),
         ),
+        min_duration=remove_at + 13,  # removed backends are judged from 10 s after the reload
     )
 
 
@@ -581,6 +695,7 @@ SCENARIOS: dict[str, Callable[..., Plan]] = {
     "rolling-deploy": rolling_deploy,
     "cold-start": cold_start,
     "reload": reload,
+    "two-liars": two_liars,
 }
 
 
@@ -589,4 +704,11 @@ def plan_for(name: str, *, short: bool = False, duration: float | None = None, r
         make = SCENARIOS[name]
     except KeyError:
         raise ValueError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}") from None
-    return make(short=short, duration=duration, rate=rate)
+    if rate is not None and not rate > 0:
+        raise ValueError(f"{name}: --rate {rate:g} must be above 0 requests per second")
+    plan = make(short=short, duration=duration, rate=rate)
+    if duration is not None and duration < plan.min_duration:
+        raise ValueError(
+            f"{name}{' --short' if short else ''}: --duration {duration:g} is shorter than the scenario's "
+            f"phases; the minimum is {plan.min_duration:g} s")
+    return plan

@@ -2,15 +2,35 @@
 """Passive outlier detection, sans-IO: fed live outcomes and times, it ejects
 and returns backends through the L{Pool}.
 
-Three rules, all judged on real traffic because a probe can lie:
+Four rules, all judged on real traffic because a probe can lie:
   - ``consecutive_5xx`` answers 5xx in a row;
   - ``consecutive_gateway_failures`` connect failures/resets/timeouts in a row
     (an "ok" resets both runs; "cancelled" says nothing about the backend);
+  - failure rate (Envoy's failure-percentage ejection, for little traffic):
+    a backend's recent tries are its last ``request_volume`` tries no older
+    than ``window`` (time in rotation only). With at least ``min_requests``
+    of them, of which at least ``threshold`` percent failed (5xx or
+    gateway), while the median share of failed tries of the other backends
+    in rotation (those with ``min_requests`` recent tries) is under half of
+    ``threshold`` (a pool-wide failure is not an outlier), it is ejected.
+    Judged when a try fails, and at each tick while its last try was a
+    failure; so a backend that fails fast is caught even when the algorithm,
+    repelled by its failure penalty, sends it a try only every few seconds.
+    The record does not age while the backend is ejected: it returns with
+    it, one more failure sends it back out, and successes dilute it;
   - latency: a backend whose recent mean latency is over ``factor`` times the
     median of the others (and over ``min_latency``). The mean is decayed over
     ``window`` seconds and needs ``min_requests`` of recent evidence, so one
     slow request does not eject a backend but a 900 ms node among 3 ms ones
-    does.
+    does. But a backend the load-aware algorithm avoids gets too few new
+    requests to move that mean, which still holds its fast past: so with
+    ``balancer_estimate`` a backend is also judged by its last
+    ``min_requests`` results (their median, undecayed, including tries its
+    clients gave up on) against the median of the others' last results, and
+    ejected when that is an outlier by the same ``factor``/``min_latency``
+    and the algorithm's own estimate (L{Pool.latency_estimate}: peak EWMA)
+    agrees, instead of waiting for samples that never come; not while in
+    slow start (a cold node is slow and rarely chosen by design).
 
 An ejection lasts ``base_ejection_time`` times the backend's ejection count
 (30 s, 60 s, 90 s ... up to ``max_ejection_time``); the count drops by one for
@@ -24,6 +44,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import deque
 
 import attrs
 from twisted.logger import Logger
@@ -50,11 +71,27 @@ class _Track:
     decay_from: float | None = None
     #: The max_ejection_percent refusal was already logged for this run.
     capped: bool = False
+    #: The last tries as (time, failed) for the failure-rate rule; times are
+    #: moved forward by the time spent ejected, so the record does not age
+    #: while the backend is out.
+    recent: deque = attrs.field(factory=deque)
+    #: When the running ejection started (None while in rotation).
+    out_since: float | None = None
+    #: The last try failed (the failure-rate rule re-judges at each tick).
+    last_failed: bool = False
+    #: Latencies of the last few units of work since the backend (re)joined,
+    #: undecayed, cancelled ones included (a client that gave up after 1 s
+    #: still waited 1 s on this backend).
+    last: deque = attrs.field(factory=deque)
 
     def reset_counts(self) -> None:
+        """Ejected or returned: runs and latency start over. The failure-rate
+        record is kept (its clock stops while the backend is out)."""
         self.c5xx = self.cgw = 0
         self.lat_sum = self.lat_n = 0.0
         self.capped = False
+        self.last_failed = False
+        self.last.clear()
 
 
 def _ms(seconds: float) -> str:
@@ -83,27 +120,79 @@ class OutlierDetector:
 
     def on_outcome(self, backend: Backend, now: float, latency: float, outcome: str) -> None:
         """One unit of work on ``backend`` ended (an L{OutcomeObserver})."""
-        if outcome == "cancelled" or self.pool.get(backend.address) is not backend:
+        if self.pool.get(backend.address) is not backend:
             return
         if backend.ejected_until is not None and backend.ejected_until > now:
             return  # already out (panic traffic says nothing new)
         t = self._track(backend)
         lat = self.cfg.latency
         if lat.enabled:
+            t.last.append(latency)
+            while len(t.last) > lat.min_requests:
+                t.last.popleft()
+        if outcome == "cancelled":
+            return
+        if lat.enabled:
             self._decay(t, now)
             t.lat_sum += latency
             t.lat_n += 1.0
+        fr = self.cfg.failure_rate
+        if fr.enabled:
+            t.recent.append((now, outcome != "ok"))
+            while len(t.recent) > fr.request_volume:
+                t.recent.popleft()
+        t.last_failed = outcome != "ok"
         if outcome == "ok":
             t.c5xx = t.cgw = 0
             return
         if outcome == "5xx":
             t.c5xx += 1
             if 0 < self.cfg.consecutive_5xx <= t.c5xx:
-                self.eject(backend, now, f"{t.c5xx} consecutive 5xx")
+                if self.eject(backend, now, f"{t.c5xx} consecutive 5xx"):
+                    return
         elif outcome == "gateway":
             t.cgw += 1
             if 0 < self.cfg.consecutive_gateway_failures <= t.cgw:
-                self.eject(backend, now, f"{t.cgw} consecutive gateway failures (connect failure, reset or timeout)")
+                if self.eject(backend, now, f"{t.cgw} consecutive gateway failures (connect failure, reset or timeout)"):
+                    return
+        if fr.enabled:
+            self._failure_rule(backend, t, now)
+
+    def recent_failures(self, backend: Backend, now: float) -> tuple[int, int]:
+        """(recent tries, of which failed) for the failure-rate rule."""
+        t = self.tracks.get(backend)
+        if t is None:
+            return 0, 0
+        oldest = now - self.cfg.failure_rate.window
+        tries = failed = 0
+        for at, bad in t.recent:
+            if at >= oldest:
+                tries += 1
+                failed += bad
+        return tries, failed
+
+    def _in_rotation(self, b: Backend, now: float) -> bool:
+        return b.enabled and not b.draining and not (b.ejected_until is not None and b.ejected_until > now)
+
+    def _failure_rule(self, backend: Backend, t: _Track, now: float) -> bool:
+        rule = self.cfg.failure_rate
+        tries, failed = self.recent_failures(backend, now)
+        if tries < rule.min_requests or 100.0 * failed < rule.threshold * tries:
+            return False
+        shares = []
+        for o in self.pool.backends():
+            if o is not backend and self._in_rotation(o, now):
+                n, f = self.recent_failures(o, now)
+                if n >= rule.min_requests:
+                    shares.append(100.0 * f / n)
+        if not shares:
+            return False  # nobody to compare with: an outlier needs peers
+        peer_pct = statistics.median(shares)
+        if peer_pct >= rule.threshold / 2:
+            return False  # the whole pool fails: ejecting one would not help
+        return self.eject(backend, now, (
+            f"{100.0 * failed / tries:.0f}% of its recent tries failed ({failed} of {tries}), "
+            f"the pool median {peer_pct:.0f}%"))
 
     def _decay(self, t: _Track, now: float) -> None:
         dt = now - t.lat_at
@@ -148,6 +237,7 @@ class OutlierDetector:
         t.decay_from = None
         duration = min(self.cfg.base_ejection_time * t.ejections, self.cfg.max_ejection_time)
         t.reset_counts()
+        t.out_since = now
         self.pool.eject(backend, now + duration, f"{reason}; out for {duration:g}s (ejection {t.ejections})")
         return True
 
@@ -162,6 +252,10 @@ class OutlierDetector:
                 t = self._track(b)
                 t.decay_from = now
                 t.reset_counts()
+                if t.out_since is not None:  # the record did not age while out
+                    shift = now - t.out_since
+                    t.recent = deque((at + shift, bad) for at, bad in t.recent)
+                    t.out_since = None
                 slow = f"; slow start {self.pool.slow_start:g}s" if self.pool.slow_start > 0 else ""
                 self.pool.unject(b, f"ejection over{slow}")
         for b, t in self.tracks.items():
@@ -169,6 +263,10 @@ class OutlierDetector:
                 while t.ejections > 0 and now - t.decay_from >= base:
                     t.ejections -= 1
                     t.decay_from += base
+        if self.cfg.failure_rate.enabled:
+            for b, t in list(self.tracks.items()):
+                if t.last_failed and self._in_rotation(b, now) and self.pool.get(b.address) is b:
+                    self._failure_rule(b, t, now)
         if self.cfg.latency.enabled:
             self._latency_rule(now)
         nxt = now + self.cfg.interval
@@ -188,12 +286,53 @@ class OutlierDetector:
     def _latency_rule(self, now: float) -> None:
         rule = self.cfg.latency
         means: dict[Backend, float] = {}
-        for b in self.pool.backends():
-            if not b.enabled or b.draining or (b.ejected_until is not None and b.ejected_until > now):
-                continue
+        inside = [b for b in self.pool.backends() if self._in_rotation(b, now)]
+        for b in inside:
             r = self.recent_latency(b, now)
             if r is not None and r[1] >= rule.min_requests:
                 means[b] = r[0]
+        self._mean_rule(means, now)
+        if rule.balancer_estimate:
+            self._avoided_rule([b for b in inside if self._in_rotation(b, now)], now)
+
+    def _avoided_rule(self, inside: list[Backend], now: float) -> None:
+        """A backend the algorithm avoids for latency gets too few new
+        requests to move its decayed mean, which still holds the fast
+        requests from before it turned slow. Judge it by its last
+        ``min_requests`` results instead: eject it when their median is above
+        ``min_latency`` and ``factor`` times the median of the other backends'
+        last results (the same statistic: a stall of the whole box slows
+        every backend's last results and ejects nobody), and the algorithm's
+        own estimate agrees (it avoids the backend: it has not measured it
+        fast since). One slow request among fast ones does not do it (the
+        median of the last results is fast)."""
+        rule = self.cfg.latency
+        last: dict[Backend, float] = {}
+        for b in inside:
+            t = self.tracks.get(b)
+            if t is not None and t.last:
+                last[b] = statistics.median(t.last)
+        if len(last) < 2:
+            return
+        for b, lat in sorted(last.items(), key=lambda kv: -kv[1]):
+            if lat <= rule.min_latency:
+                break
+            ref = statistics.median([v for o, v in last.items() if o is not b])
+            if lat <= rule.factor * ref:
+                break  # sorted slowest first: nobody faster is an outlier
+            if b.ramp(now) < 1.0:
+                continue  # a newcomer ramping up: slow and rarely chosen by design
+            est = self.pool.latency_estimate(b, now)
+            if est is None or est <= rule.min_latency or est <= rule.factor * ref:
+                continue  # the algorithm sees it fast (again): it will be measured
+            ratio = f"{lat / ref:.0f}x" if ref > 0 else "far above"
+            if self.eject(b, now, (
+                    f"its last {len(self.tracks[b].last)} requests took {_ms(lat)} (median), {ratio} the pool's "
+                    f"{_ms(ref)}; avoided by the balancer (latency estimate {_ms(est)})")):
+                del last[b]
+
+    def _mean_rule(self, means: dict[Backend, float], now: float) -> None:
+        rule = self.cfg.latency
         if len(means) < 2:
             return
         for b, mean in sorted(means.items(), key=lambda kv: -kv[1]):
@@ -211,10 +350,13 @@ class OutlierDetector:
         """Counters for the admin API."""
         t = self.tracks.get(backend) or _Track()
         r = self.recent_latency(backend, now)
+        tries, failed = self.recent_failures(backend, now)
         return {
             "consecutive_5xx": t.c5xx,
             "consecutive_gateway_failures": t.cgw,
             "recent_latency": r[0] if r else None,
             "recent_requests": r[1] if r else 0.0,
+            "recent_tries": tries,
+            "recent_failure_percent": 100.0 * failed / tries if tries > 0 else None,
             "ejections": t.ejections,
         }
