@@ -307,3 +307,48 @@ def test_each_runtime_has_its_own_registry():
     from prometheus_client import REGISTRY
 
     assert "lbtwist_pool_backends" not in exposition(REGISTRY).decode()
+
+
+# -- http listeners: connection counters from the listener itself -------------------------------
+
+
+def test_http_listener_exports_accepted_and_refused_connections_across_a_reload():
+    from types import SimpleNamespace
+
+    from twisted.application.service import MultiService
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from lbtwist.admin import AdminService
+    from lbtwist.config.model import AdminConfig
+    from lbtwist.l7.listener import HttpListenerService
+    from support.l7 import listener_config, make_runtime as l7_runtime
+
+    reactor = MemoryReactorClock()
+    cfg = ListenerConfig(name="web", bind="tcp:0", mode="http", pool="app", max_connections=2)
+    rt = l7_runtime(reactor, {"app": ["10.0.0.1:80"]}, cfg)
+    svc = HttpListenerService(cfg, rt)
+    group = MultiService()
+    svc.setServiceParent(group)
+    admin = AdminService(AdminConfig(bind="tcp:0:interface=127.0.0.1"), rt, process_metrics=False)
+    admin.parent = SimpleNamespace(listeners=group)
+
+    def connect():
+        p = svc.factory.buildProtocol(None)
+        p.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 1000)))
+        return p
+
+    first = connect()
+    connect()
+    connect()  # over max_connections: refused with a 503
+    first.connectionLost(None)
+    svc.reconfigure(cfg)  # a reload keeps the counts
+    connect()
+    admin.startService()
+    try:
+        fams = families(admin.registry)
+        assert sample(fams, "lbtwist_listener_connections_accepted", "lbtwist_listener_connections_accepted_total", listener="web") == 3
+        assert sample(fams, "lbtwist_listener_connections_refused", "lbtwist_listener_connections_refused_total", listener="web") == 1
+        assert sample(fams, "lbtwist_listener_connections_active", listener="web") == 2
+    finally:
+        admin.stopService()

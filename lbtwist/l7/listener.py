@@ -79,6 +79,9 @@ class HttpProxyFactory(ServerFactory):
         #: Apply fastio's eager write to client connections (benchmarks turn it off).
         self.eager = True
         self.active = 0
+        #: Connections accepted / refused (over max_connections) since start; kept across reloads.
+        self.total = 0
+        self.refused = 0
         self.service: ListenerService | None = None
 
     def buildProtocol(self, addr: Any) -> HttpProxyProtocol:
@@ -89,9 +92,11 @@ class HttpProxyFactory(ServerFactory):
     def track(self, proto: HttpProxyProtocol) -> bool:
         """Count a new connection; False when over max_connections."""
         if self.active >= self.max_connections:
+            self.refused += 1
             log.warn("listener {name}: {n} connections, refusing more", name=self.name, n=self.active)
             return False
         self.active += 1
+        self.total += 1
         proto._tracked = True
         if self.service is not None:
             self.service.track(proto)
@@ -119,7 +124,7 @@ class HttpListenerService(ListenerService):
         """Hot reload with the same bind: new routes and settings for the
         next requests; live connections (and their TLS sessions) stay."""
         fresh = HttpProxyFactory(cfg, self.runtime)  # raises on a bad route before anything changes
-        keep = {"active", "service", "ids", "connection_pools", "eager"}
+        keep = {"active", "total", "refused", "service", "ids", "connection_pools", "eager"}
         for name, value in vars(fresh).items():
             if name not in keep:
                 setattr(self.proxy, name, value)
