@@ -17,7 +17,7 @@ from lbtwist.l7.headers import ForwardingPolicy, RequestIds
 from lbtwist.l7.plan import RoutePlan
 from lbtwist.listener import ListenerService
 from lbtwist.resilience.wiring import runtime_resilience
-from lbtwist.routing import Router
+from lbtwist.routing import DEFAULT_ROUTE, Router
 
 log = Logger(namespace="lbtwist.l7")
 
@@ -35,7 +35,7 @@ def connection_pools(runtime: Any) -> ConnectionPools:
 def build_router(cfg: ListenerConfig, registry: Any) -> Router:
     """Routes of ``cfg`` with their plans; ValueError names a bad route."""
     http = cfg.http
-    default = RoutePlan.build(None, "default", cfg.pool, http) if cfg.pool else None
+    default = RoutePlan.build(None, DEFAULT_ROUTE, cfg.pool, http) if cfg.pool else None
     return Router.build(
         cfg.routes,
         registry.rules,
