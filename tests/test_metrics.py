@@ -352,3 +352,37 @@ def test_http_listener_exports_accepted_and_refused_connections_across_a_reload(
         assert sample(fams, "lbtwist_listener_connections_active", listener="web") == 2
     finally:
         admin.stopService()
+
+
+# -- retries per route: the route's label, not its index, and a per-listener sum --------------
+
+
+def test_retries_are_labelled_by_route_with_a_per_listener_sum():
+    from lbtwist.config.model import RouteConfig
+    from support.l7 import MemHarness, listener_config, ok
+
+    routes = [RouteConfig(match={"path_prefix": "/new"}, pool="app"),  # inserted first: no index shifts others
+              RouteConfig(name="api", match={"path_prefix": "/api"}, pool="app"),
+              RouteConfig(match={}, pool="app")]
+    h = MemHarness({"app": ["10.0.0.1:80", "10.0.0.2:80"]}, listener=listener_config(routes=routes))
+    proto, t = h.client()
+    for path in (b"/api/1", b"/api/2", b"/other"):
+        proto.dataReceived(b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % path)
+        h.refuse()  # the first try fails to connect: retried on the other backend, after a backoff
+        h.advance(1.0)
+        h.accept().reply(ok(headers=[(b"connection", b"close")]))
+    json_state = h.runtime.listener_state["retries"]("web")
+    assert json_state["by_route"]["api"]["retries_total"] == 2 and json_state["retries_all_routes_total"] == 3
+    assert set(json_state["by_route"]) == {"app", "api", "app~2", "default"}
+    live = Live(h.runtime, h.reactor)
+    fams = families(make_registry(h.runtime, live, h.reactor, process=False))
+    fam = "lbtwist_listener_retries"
+    assert fams[fam].type == "counter"
+    assert sample(fams, fam, "lbtwist_listener_retries_total", listener="web", route="api") == 2
+    assert sample(fams, fam, "lbtwist_listener_retries_total", listener="web", route="app~2") == 1
+    assert sample(fams, fam, "lbtwist_listener_retries_total", listener="web", route="app") == 0
+    assert sample(fams, "lbtwist_listener_retries_all_routes", "lbtwist_listener_retries_all_routes_total", listener="web") == 3
+    assert sample(fams, "lbtwist_listener_retries_requests", "lbtwist_listener_retries_requests_total", listener="web", route="api") == 2
+    # no series carries a route index or label in its name
+    assert not any(name.startswith(("lbtwist_listener_retries_0", "lbtwist_listener_retries_api")) for name in fams)
+    assert not any("retries_retries" in name for name in fams)
