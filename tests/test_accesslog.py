@@ -275,6 +275,18 @@ def test_l7_client_is_logged_with_its_port():
     assert records[0].client == "203.0.113.7:40000"
 
 
+def test_l7_ipv6_client_is_bracketed_like_l4():
+    from twisted.internet.address import IPv6Address
+    from twisted.internet.testing import StringTransport
+
+    h, records = _l7()
+    proto = h.factory.buildProtocol(None)
+    proto.makeConnection(StringTransport(peerAddress=IPv6Address("TCP", "2001:db8::7", 50412)))
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.accept().reply(ok())
+    assert records[0].client == "[2001:db8::7]:50412"
+
+
 def test_request_refused_by_the_parser_is_logged_when_it_began_and_for_how_long():
     import time
 

@@ -94,7 +94,8 @@ class HttpProxyProtocol(Protocol):
         self.client_ip_str = getattr(peer, "host", "") or ""
         self.client_ip = self.client_ip_str.encode("ascii", "replace")
         port = getattr(peer, "port", None)
-        self.client_addr = self.client_ip_str if port is None else f"{self.client_ip_str}:{port}"
+        host = self.client_ip_str
+        self.client_addr = host if port is None else f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.tls = ISSLTransport.providedBy(t)
         if not ctx.track(self):
             self.closed = True
