@@ -290,3 +290,26 @@ def test_non_loopback_bind_needs_a_token(tmp_path):
     assert problem[0] == "admin.token_file" and "cannot read" in problem[1]
     (problem,) = admin_config_problems(AdminConfig(bind="tcp:9900", token="short"))
     assert problem[0] == "admin.token" and "16 characters" in problem[1]
+
+
+def test_listener_retries_are_listed_per_route_label_with_sums():
+    """GET /api/listeners carries the retries section the dashboard and
+    scripts read: sums per listener, and per route keyed by its label."""
+    from lbtwist.config.model import RouteConfig
+    from support.l7 import MemHarness, listener_config
+
+    routes = [RouteConfig(name="api", match={"path_prefix": "/api"}, pool="app"), RouteConfig(match={}, pool="app")]
+    h = MemHarness(listener=listener_config(routes=routes))
+    live = Live(h.runtime, h.reactor)
+    view = StateView(h.runtime, live, h.reactor)
+    resource = AdminResource(h.runtime, view, make_registry(h.runtime, live, h.reactor, process=False),
+                             Guard(None, True), None)
+    http = StubTreq(resource)
+    d = http.request("GET", BASE + "/api/listeners")
+    http.flush()
+    body = json.loads(_result(_result(d).content()))
+    (web,) = [x for x in (body["listeners"] if isinstance(body, dict) else body) if x["name"] == "web"]
+    retries = web["retries"]
+    assert sorted(retries["by_route"]) == ["api", "app", "default"]
+    assert retries["retries_all_routes_total"] == 0 and retries["budget_exhausted_all_routes_total"] == 0
+    assert retries["by_route"]["api"]["requests_total"] == 0
