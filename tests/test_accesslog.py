@@ -324,3 +324,17 @@ def test_lbtwists_own_error_pages_log_the_bytes_sent():
     assert [r.status for r in records] == [a.status for a in answers] and answers[0].status >= 500
     assert [r.bytes_out for r in records] == [len(a.body) for a in answers]
     assert all(r.bytes_out > 0 for r in records)
+
+
+def test_http_connection_over_max_connections_is_logged_like_l4():
+    from lbtwist.config.model import ListenerConfig
+
+    h = MemHarness(listener=ListenerConfig(name="web", bind="tcp:0", mode="http", pool="app", max_connections=1))
+    records: list[TrafficRecord] = []
+    h.runtime.traffic.subscribe(records.append)
+    h.client()
+    _, t = h.client(peer="198.51.100.4")
+    (answer,) = split_responses(t.value())
+    (r,) = records
+    assert (r.kind, r.listener, r.client, r.status, r.outcome) == ("http", "web", "198.51.100.4:40000", 503, "rejected")
+    assert r.bytes_out == len(answer.body) and "max_connections=1" in r.error

@@ -99,7 +99,13 @@ class HttpProxyProtocol(Protocol):
         self.tls = ISSLTransport.providedBy(t)
         if not ctx.track(self):
             self.closed = True
-            t.write(error_page(503, "too many connections to this listener"))
+            page = error_page(503, f"too many connections to this listener (max_connections={ctx.max_connections})")
+            hub = ctx.runtime.traffic
+            if hub.subscribers:  # logged like a refused L4 connection
+                hub.publish(TrafficRecord(kind="http", listener=ctx.name, start=time.time(), duration=0.0,
+                                          client=self.client_addr, status=503, bytes_out=page_body_size(page),
+                                          outcome="rejected", error=f"at max_connections={ctx.max_connections}"))
+            t.write(page)
             t.loseConnection()
             return
         if ctx.eager:
