@@ -333,6 +333,30 @@ class Route:
         return True
 
 
+#: Label of the route taken by requests that match no route (the listener's pool).
+DEFAULT_ROUTE = "default"
+
+
+def route_labels(routes: Sequence[Any]) -> list[str]:
+    """The label of each route in logs, metrics and the admin API: its
+    ``name`` when set, else its pool's name; a label already taken (by a
+    named route, an earlier route or ``default``) gets ``~2``, ``~3``...
+    Unlike the route's index, this survives inserting or reordering routes
+    to other pools."""
+    taken = {DEFAULT_ROUTE} | {n for r in routes if (n := getattr(r, "name", None))}
+    out = []
+    for r in routes:
+        name = getattr(r, "name", None)
+        if not name:
+            base = str(getattr(r, "pool", "") or "route")
+            name, k = base, 2
+            while name in taken:
+                name, k = f"{base}~{k}", k + 1
+            taken.add(name)
+        out.append(name)
+    return out
+
+
 class Router:
     """First matching route wins; ``default`` (a Route, or None) catches the rest."""
 
@@ -368,8 +392,7 @@ class Router:
         is the payload for requests no route matches (None: no default).
         Raises ValueError naming the route and key on a bad ``match:``."""
         built = []
-        for i, rcfg in enumerate(routes):
-            name = str(i)
+        for i, (rcfg, name) in enumerate(zip(routes, route_labels(routes))):
             matchers = []
             match = getattr(rcfg, "match", None) or {}
             if not isinstance(match, Mapping):
@@ -393,5 +416,5 @@ class Router:
             # Cheap tests first; plugin kinds (no cost attribute) last.
             matchers.sort(key=lambda m: getattr(m, "cost", 10))
             built.append(Route(name, tuple(matchers), make_target(rcfg, name)))
-        default_route = Route("default", (), default) if default is not None else None
+        default_route = Route(DEFAULT_ROUTE, (), default) if default is not None else None
         return cls(built, default_route)

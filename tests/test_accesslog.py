@@ -241,3 +241,100 @@ async def test_real_relay_connections_are_logged(tmp_path):
     finally:
         await svc.stopService()
         await echo.stopListening()
+
+
+# -- what the L7 proxy records (the fields the access log writes) ------------------------------
+
+from support.l7 import MemHarness, ok, split_responses  # noqa: E402
+
+
+def _l7():
+    h = MemHarness()
+    records: list[TrafficRecord] = []
+    h.runtime.traffic.subscribe(records.append)
+    return h, records
+
+
+def test_relayed_backend_5xx_is_logged_with_outcome_5xx():
+    h, records = _l7()
+    proto, t = h.client()
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    b = h.accept()
+    b.reply(ok(b"down", status=503))
+    proto.dataReceived(b"GET /two HTTP/1.1\r\nHost: a\r\n\r\n")
+    (h.accept() if h.pending_connects() else b).reply(ok(b"fine"))
+    assert [(r.status, r.outcome) for r in records] == [(503, "5xx"), (200, "ok")]
+    assert json.loads(access_line(records[0]))["outcome"] == "5xx"
+
+
+def test_l7_client_is_logged_with_its_port():
+    h, records = _l7()
+    proto, t = h.client(peer="203.0.113.7")
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.accept().reply(ok())
+    assert records[0].client == "203.0.113.7:40000"
+
+
+def test_l7_ipv6_client_is_bracketed_like_l4():
+    from twisted.internet.address import IPv6Address
+    from twisted.internet.testing import StringTransport
+
+    h, records = _l7()
+    proto = h.factory.buildProtocol(None)
+    proto.makeConnection(StringTransport(peerAddress=IPv6Address("TCP", "2001:db8::7", 50412)))
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.accept().reply(ok())
+    assert records[0].client == "[2001:db8::7]:50412"
+
+
+def test_request_refused_by_the_parser_is_logged_when_it_began_and_for_how_long():
+    import time
+
+    h, records = _l7()
+    proto, t = h.client()
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHo")
+    h.advance(2.5)
+    before = time.time()
+    proto.dataReceived(b"st: a\r\nContent-Length: x\r\n\r\n")
+    (r,) = records
+    assert (r.status, r.outcome) == (400, "rejected")
+    assert r.duration == pytest.approx(2.5)
+    assert before - 2.5 - 5 < r.start <= time.time() - 2.5 + 0.001
+    assert not json.loads(access_line(r))["time"].startswith("1970")
+    assert r.client == "192.0.2.7:40000"
+
+
+def test_header_timeout_is_logged_with_the_time_the_head_took():
+    h, records = _l7()
+    proto, t = h.client()
+    proto.dataReceived(b"GET / HTTP/1.1\r\n")
+    h.advance(h.listener.http.header_timeout)
+    (r,) = records
+    assert r.status == 408 and r.duration == pytest.approx(h.listener.http.header_timeout)
+
+
+def test_lbtwists_own_error_pages_log_the_bytes_sent():
+    h, records = _l7()
+    proto, t = h.client()
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    while h.pending_connects():
+        h.refuse()
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n")
+    answers = split_responses(t.value())
+    assert [r.status for r in records] == [a.status for a in answers] and answers[0].status >= 500
+    assert [r.bytes_out for r in records] == [len(a.body) for a in answers]
+    assert all(r.bytes_out > 0 for r in records)
+
+
+def test_http_connection_over_max_connections_is_logged_like_l4():
+    from lbtwist.config.model import ListenerConfig
+
+    h = MemHarness(listener=ListenerConfig(name="web", bind="tcp:0", mode="http", pool="app", max_connections=1))
+    records: list[TrafficRecord] = []
+    h.runtime.traffic.subscribe(records.append)
+    h.client()
+    _, t = h.client(peer="198.51.100.4")
+    (answer,) = split_responses(t.value())
+    (r,) = records
+    assert (r.kind, r.listener, r.client, r.status, r.outcome) == ("http", "web", "198.51.100.4:40000", 503, "rejected")
+    assert r.bytes_out == len(answer.body) and "max_connections=1" in r.error

@@ -318,3 +318,26 @@ def test_admin_drain_enforces_the_pool_drain_timeout():
     assert env.post(backend_path(b.address, "undrain"))[0] == 200
     env.clock.advance(5)
     assert (b, "drain-expired") not in seen and not b.draining
+
+
+def test_listener_retries_are_listed_per_route_label_with_sums():
+    """GET /api/listeners carries the retries section the dashboard and
+    scripts read: sums per listener, and per route keyed by its label."""
+    from lbtwist.config.model import RouteConfig
+    from support.l7 import MemHarness, listener_config
+
+    routes = [RouteConfig(name="api", match={"path_prefix": "/api"}, pool="app"), RouteConfig(match={}, pool="app")]
+    h = MemHarness(listener=listener_config(routes=routes))
+    live = Live(h.runtime, h.reactor)
+    view = StateView(h.runtime, live, h.reactor)
+    resource = AdminResource(h.runtime, view, make_registry(h.runtime, live, h.reactor, process=False),
+                             Guard(None, True), None)
+    http = StubTreq(resource)
+    d = http.request("GET", BASE + "/api/listeners")
+    http.flush()
+    body = json.loads(_result(_result(d).content()))
+    (web,) = [x for x in (body["listeners"] if isinstance(body, dict) else body) if x["name"] == "web"]
+    retries = web["retries"]
+    assert sorted(retries["by_route"]) == ["api", "app", "default"]
+    assert retries["retries_all_routes_total"] == 0 and retries["budget_exhausted_all_routes_total"] == 0
+    assert retries["by_route"]["api"]["requests_total"] == 0

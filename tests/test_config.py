@@ -223,6 +223,18 @@ CASES = [
         1,
     ),
     (
+        "duplicate-route-name",
+        BASE.replace("    mode: tcp\n", "    mode: http\n    routes:\n      - {name: api, pool: app, match: {path_prefix: /a}}\n      - {name: api, pool: app}\n"),
+        [("error", 7, "listeners[0].routes[1].name", "duplicate route name 'api' (first at listeners[0].routes[0].name, line 6)")],
+        1,
+    ),
+    (
+        "reserved-route-name",
+        BASE.replace("    mode: tcp\n", "    mode: http\n    routes:\n      - {name: default, pool: app}\n"),
+        [("error", 6, "listeners[0].routes[0].name", "'default' is reserved for requests that match no route")],
+        1,
+    ),
+    (
         "duplicate-pool-name",
         BASE + '  - name: app\n    algorithm: round_robin\n    backends: [{address: "127.0.0.1:9002"}]\n',
         [("error", 11, "pools[1].name", "duplicate pool name 'app' (first at pools[0].name, line 7)")],

@@ -110,3 +110,43 @@ async def test_real_socket():
         assert r == ProbeResult(False, "timed out after 0.3s")
     finally:
         await port.stopListening()
+
+
+def checkout_plugin():
+    """The checkout's plugin module (the tests above use the installed copy,
+    which ``make`` refreshes; this one checks the source as it is now)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "plugins" / "lbtwist-example" / "lbtwist_example" / "plugin.py"
+    spec = importlib.util.spec_from_file_location("lbtwist_example_checkout_plugin", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest_twisted.ensureDeferred
+async def test_probes_do_not_log_starting_and_stopping_factory():
+    """A probe every few seconds per backend must not write two log lines each."""
+    from twisted.internet import defer
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    f = protocol.Factory.forProtocol(Greeter)
+    f.noisy = False
+    f.banner = b"+PONG\r\n"
+    port = reactor.listenTCP(0, f, interface="127.0.0.1")
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        probe = checkout_plugin().make_tcp_banner({"timeout": 2.0, "expect": "+PONG"}, reactor=reactor)
+        for _ in range(3):
+            assert (await probe.probe(Backend(f"127.0.0.1:{port.getHost().port}"))).ok
+        # the connection's teardown (and its factory's doStop) runs after the verdict
+        d = defer.Deferred()
+        reactor.callLater(0.05, d.callback, None)
+        await d
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await port.stopListening()
+    noisy = [formatEvent(e) for e in events if "factory" in (formatEvent(e) or "").lower()]
+    assert noisy == []

@@ -200,3 +200,43 @@ def test_latency_rule_is_off_for_pools_behind_l4_listeners():
         pool.on_finish(long_lived, 3.0, False, "gateway")
     assert long_lived.state(clock.seconds()) == "ejected"
     svc.stopService()
+
+
+def test_probe_and_outlier_state_reach_the_admin_api_and_metrics():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from lbtwist.admin.live import Live
+    from lbtwist.admin.metrics import exposition, make_registry
+    from lbtwist.admin.state import StateView
+
+    rt = runtime()
+    svc = HealthService(rt, rng=random.Random(1))
+    svc.startService()
+    clock = rt.reactor
+    Scripted.down.add("127.0.0.1:9001")
+    clock.pump([0.1] * 12)
+    passive = rt.pools["passive"]
+    pb = passive.backends()[0]
+    for _ in range(2):
+        passive.on_start(pb)
+        passive.on_finish(pb, 0.01, False, "5xx")
+    live = Live(rt, clock)
+    view = StateView(rt, live, clock).overview(history=False)
+    pools = {p["name"]: {b["address"]: b for b in p["backends"]} for p in view["pools"]}
+    up, down = pools["probed"]["127.0.0.1:9000"], pools["probed"]["127.0.0.1:9001"]
+    assert up["probe"]["ok"] is True and up["probe"]["reason"] == "scripted up" and up["probe"]["probes_total"] >= 1
+    assert down["probe"]["ok"] is False and down["probe"]["reason"] == "scripted down"
+    assert pools["passive"]["127.0.0.1:9000"]["outlier"]["consecutive_5xx"] == 2
+    assert "probe" not in pools["passive"]["127.0.0.1:9000"]  # no active checks there
+
+    fams = {f.name: f for f in text_string_to_metric_families(exposition(make_registry(rt, live, clock, process=False)).decode())}
+
+    def value(family, **labels):
+        return next(s.value for s in fams[family].samples if all(s.labels.get(k) == v for k, v in labels.items()))
+
+    assert value("lbtwist_backend_probe_ok", pool="probed", backend="127.0.0.1:9000") == 1.0
+    assert value("lbtwist_backend_probe_ok", pool="probed", backend="127.0.0.1:9001") == 0.0
+    assert value("lbtwist_backend_outlier_consecutive_5xx", pool="passive", backend="127.0.0.1:9000") == 2.0
+    assert "lbtwist_backend_probe_probes" in fams  # a counter (probes_total)
+    svc.stopService()
+    assert "probe" not in rt.backend_state and "outlier" not in rt.backend_state

@@ -131,7 +131,7 @@ def test_traffic_record_per_request():
     assert len(records) == 2
     r = records[0]
     assert (r.kind, r.listener, r.client, r.pool, r.backend, r.method, r.path, r.status) == (
-        "http", "web", "203.0.113.8", "app", "10.0.0.1:80", "POST", "/p", 201)
+        "http", "web", "203.0.113.8:40000", "app", "10.0.0.1:80", "POST", "/p", 201)
     assert (r.bytes_in, r.bytes_out, r.tries, r.request_id, r.outcome) == (3, 5, 1, "r-1", "ok")
     assert records[1].status == 400 and records[1].outcome == "rejected"
 

@@ -307,3 +307,82 @@ def test_each_runtime_has_its_own_registry():
     from prometheus_client import REGISTRY
 
     assert "lbtwist_pool_backends" not in exposition(REGISTRY).decode()
+
+
+# -- http listeners: connection counters from the listener itself -------------------------------
+
+
+def test_http_listener_exports_accepted_and_refused_connections_across_a_reload():
+    from types import SimpleNamespace
+
+    from twisted.application.service import MultiService
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from lbtwist.admin import AdminService
+    from lbtwist.config.model import AdminConfig
+    from lbtwist.l7.listener import HttpListenerService
+    from support.l7 import listener_config, make_runtime as l7_runtime
+
+    reactor = MemoryReactorClock()
+    cfg = ListenerConfig(name="web", bind="tcp:0", mode="http", pool="app", max_connections=2)
+    rt = l7_runtime(reactor, {"app": ["10.0.0.1:80"]}, cfg)
+    svc = HttpListenerService(cfg, rt)
+    group = MultiService()
+    svc.setServiceParent(group)
+    admin = AdminService(AdminConfig(bind="tcp:0:interface=127.0.0.1"), rt, process_metrics=False)
+    admin.parent = SimpleNamespace(listeners=group)
+
+    def connect():
+        p = svc.factory.buildProtocol(None)
+        p.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 1000)))
+        return p
+
+    first = connect()
+    connect()
+    connect()  # over max_connections: refused with a 503
+    first.connectionLost(None)
+    svc.reconfigure(cfg)  # a reload keeps the counts
+    connect()
+    admin.startService()
+    try:
+        fams = families(admin.registry)
+        assert sample(fams, "lbtwist_listener_connections_accepted", "lbtwist_listener_connections_accepted_total", listener="web") == 3
+        assert sample(fams, "lbtwist_listener_connections_refused", "lbtwist_listener_connections_refused_total", listener="web") == 1
+        assert sample(fams, "lbtwist_listener_connections_active", listener="web") == 2
+    finally:
+        admin.stopService()
+
+
+# -- retries per route: the route's label, not its index, and a per-listener sum --------------
+
+
+def test_retries_are_labelled_by_route_with_a_per_listener_sum():
+    from lbtwist.config.model import RouteConfig
+    from support.l7 import MemHarness, listener_config, ok
+
+    routes = [RouteConfig(match={"path_prefix": "/new"}, pool="app"),  # inserted first: no index shifts others
+              RouteConfig(name="api", match={"path_prefix": "/api"}, pool="app"),
+              RouteConfig(match={}, pool="app")]
+    h = MemHarness({"app": ["10.0.0.1:80", "10.0.0.2:80"]}, listener=listener_config(routes=routes))
+    proto, t = h.client()
+    for path in (b"/api/1", b"/api/2", b"/other"):
+        proto.dataReceived(b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % path)
+        h.refuse()  # the first try fails to connect: retried on the other backend, after a backoff
+        h.advance(1.0)
+        h.accept().reply(ok(headers=[(b"connection", b"close")]))
+    json_state = h.runtime.listener_state["retries"]("web")
+    assert json_state["by_route"]["api"]["retries_total"] == 2 and json_state["retries_all_routes_total"] == 3
+    assert set(json_state["by_route"]) == {"app", "api", "app~2", "default"}
+    live = Live(h.runtime, h.reactor)
+    fams = families(make_registry(h.runtime, live, h.reactor, process=False))
+    fam = "lbtwist_listener_retries"
+    assert fams[fam].type == "counter"
+    assert sample(fams, fam, "lbtwist_listener_retries_total", listener="web", route="api") == 2
+    assert sample(fams, fam, "lbtwist_listener_retries_total", listener="web", route="app~2") == 1
+    assert sample(fams, fam, "lbtwist_listener_retries_total", listener="web", route="app") == 0
+    assert sample(fams, "lbtwist_listener_retries_all_routes", "lbtwist_listener_retries_all_routes_total", listener="web") == 3
+    assert sample(fams, "lbtwist_listener_retries_requests", "lbtwist_listener_retries_requests_total", listener="web", route="api") == 2
+    # no series carries a route index or label in its name
+    assert not any(name.startswith(("lbtwist_listener_retries_0", "lbtwist_listener_retries_api")) for name in fams)
+    assert not any("retries_retries" in name for name in fams)

@@ -166,7 +166,7 @@ async def test_all_backends_failing_sees_at_most_budgeted_load():
         rr = lb.factory.router.routes[0].target.resilience
         assert rr.budget.exhausted > 0  # the policy asked for more; the budget said no
         st = lb.runtime.listener_state["retries"]("web")
-        entry = next(iter(st.values()))
+        entry = st["by_route"][lb.factory.router.routes[0].name]
         assert entry["retries_total"] == seen - n
         assert entry["decision_budget_exhausted_total"] == rr.budget.exhausted
     finally:
@@ -288,7 +288,7 @@ async def test_rate_limit_answers_429_with_retry_after():
         assert [r.status for r in results] == [200, 200, 429, 429, 429]
         assert int(results[2].header(b"retry-after")) >= 1
         assert len(origins[0].requests) == 2
-        entry = next(iter(lb.runtime.listener_state["retries"]("web").values()))
+        entry = next(iter(lb.runtime.listener_state["retries"]("web")["by_route"].values()))
         assert entry["rate_limited_total"] == 3
     finally:
         await shutdown(lb, origins)
@@ -347,7 +347,7 @@ async def test_breaker_opens_then_half_opens():
                     if x.startswith("lbtwist_backend_breaker_state") and origins[0].address in x and 'state="open"' in x)
         assert line.endswith(" 1.0")
         assert "lbtwist_pool_resilience_breakers_opened_total" in text
-        assert "lbtwist_listener_retries_" in text
+        assert 'lbtwist_listener_retries_total{listener="web",route=' in text
     finally:
         await shutdown(lb, origins)
 

@@ -188,3 +188,22 @@ def test_no_default_pool_unmatched_is_404():
     r = split_responses(t.value())[0]
     assert r.status == 404 and b"no route for h/other" in r.body
     assert h.pending_connects() == 0
+
+
+def test_routes_are_labelled_by_name_or_pool_not_by_index():
+    from lbtwist.routing import route_labels
+
+    routes = [
+        RouteConfig(match={"path_prefix": "/v1/"}, pool="api"),
+        RouteConfig(match={"path_prefix": "/v2/"}, pool="api"),
+        RouteConfig(name="static", match={"path_prefix": "/s/"}, pool="files"),
+        RouteConfig(match={"path_prefix": "/f/"}, pool="static"),  # the pool's name is taken by a named route
+        RouteConfig(match={}, pool="default"),  # "default" is the listener's own fallback route
+    ]
+    assert route_labels(routes) == ["api", "api~2", "static", "static~2", "default~2"]
+    # inserting a route to another pool leaves the others' labels alone
+    assert route_labels([RouteConfig(match={"host": "x"}, pool="beta"), *routes]) == [
+        "beta", "api", "api~2", "static", "static~2", "default~2"]
+    r = Router.build(routes, rules(), make_target=lambda rc, name: name, default="fallback")
+    assert [x.name for x in r.routes] == [x.target for x in r.routes] == route_labels(routes)
+    assert r.default.name == "default"

@@ -10,7 +10,9 @@ as in tests, must not mix).
 Provider sections become metrics generically: numbers are gauges (counters
 when the key ends in ``_total``), booleans 0/1, and a string under ``state``
 or ``*_state`` a one-hot gauge with the value as a label; other strings stay
-JSON-only (a free-text label would explode the series count).
+JSON-only (a free-text label would explode the series count). A mapping under
+``by_<label>`` holds one section per value of that label (``by_route``: the
+route as a ``route`` label, never in the metric name).
 """
 from __future__ import annotations
 
@@ -50,6 +52,15 @@ def _add_meter(h: HistogramMetricFamily, values: list[str], m: Meter) -> None:
     h.add_metric(values, m.prometheus_buckets(), sum_value=m.latency_sum)
 
 
+def provider_metric(scope: str, provider: str, key: str) -> str:
+    """``lbtwist_<scope>_<provider>_<key>``, the provider's name not repeated
+    when the key starts with it (``retries`` + ``retries_total`` is
+    ``lbtwist_listener_retries_total``)."""
+    if key == provider or key.startswith(provider + "_"):
+        return metric_name("lbtwist", scope, key)
+    return metric_name("lbtwist", scope, provider, key)
+
+
 class _Dynamic:
     """Families built from provider sections, keyed by metric name."""
 
@@ -64,36 +75,42 @@ class _Dynamic:
             doc = f"{self.scope} state from provider (see docs/operations.md)"
             cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             fam = cls(name, doc, labels=self.labels + extra)
-            fam._lbtwist_kind = kind  # type: ignore[attr-defined]
+            fam._lbtwist_kind = (kind, tuple(extra))  # type: ignore[attr-defined]
             self.families[name] = fam
-        elif getattr(fam, "_lbtwist_kind", None) != kind:
-            return None  # a provider changed a key's type: keep the first
+        elif getattr(fam, "_lbtwist_kind", None) != (kind, tuple(extra)):
+            return None  # a provider changed a key's type or labels: keep the first
         return fam
 
-    def add(self, provider: str, section: Mapping, values: list[str], prefix: str = "") -> None:
+    def add(self, provider: str, section: Mapping, values: list[str], prefix: str = "",
+            labels: tuple[str, ...] = ()) -> None:
         if not isinstance(section, Mapping):
             return
+        extra = list(labels)
         for key, v in section.items():
             key = str(key)
             if key == "error" and not prefix:
                 continue
+            if isinstance(v, Mapping) and not prefix and not labels and key.startswith("by_") and len(key) > 3:
+                # one section per value of a label: {"by_route": {"api": {...}}} -> {route="api"}
+                label = metric_name(key[3:])
+                for lv, sub in v.items():
+                    self.add(provider, sub, values + [str(lv)], "", (label,))
+                continue
             full = f"{prefix}_{key}" if prefix else key
             if isinstance(v, Mapping) and not prefix:
-                self.add(provider, v, values, full)
+                self.add(provider, v, values, full, labels)
                 continue
+            name = provider_metric(self.scope, provider, full)
             if isinstance(v, bool):
-                fam = self._family(metric_name("lbtwist", self.scope, provider, full), "gauge", [])
+                fam = self._family(name, "gauge", extra)
                 if fam is not None:
                     fam.add_metric(values, 1.0 if v else 0.0)
             elif isinstance(v, (int, float)):
-                kind = "counter" if full.endswith("_total") else "gauge"
-                name = metric_name("lbtwist", self.scope, provider, full)
-                fam = self._family(name, kind, [])
+                fam = self._family(name, "counter" if full.endswith("_total") else "gauge", extra)
                 if fam is not None:
                     fam.add_metric(values, float(v))
             elif isinstance(v, str) and (key == "state" or key.endswith("_state")):
-                label = metric_name(key)
-                fam = self._family(metric_name("lbtwist", self.scope, provider, full), "gauge", [label])
+                fam = self._family(name, "gauge", extra + [metric_name(key)])
                 if fam is not None:
                     fam.add_metric(values + [v], 1.0)
 

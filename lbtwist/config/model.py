@@ -275,6 +275,7 @@ class RateLimitConfig:
 
 @attrs.frozen(kw_only=True)
 class RouteConfig:
+    name: str | None = _f(None, "label in logs, metrics and the admin API; unique within the listener (default: the pool's name)")
     match: dict[str, Any] = _f(factory=dict, doc="conditions, all must hold: host, path_prefix, path_regex, method, headers, plugin kinds")
     pool: str = _f(doc="pool that serves matching requests")
     timeout: Duration | None = _f(None, "whole-request timeout (response head must start within it); defaults to the listener's")

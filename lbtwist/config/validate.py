@@ -123,6 +123,28 @@ def unique_names(ctx: CheckContext) -> Iterator[Problem]:
 
 
 @check
+def route_names(ctx: CheckContext) -> Iterator[Problem]:
+    """Route names label logs and metrics: unique within their listener, not empty, and not
+    the label of the listener's own default route."""
+    from lbtwist.routing import DEFAULT_ROUTE
+
+    for lpath, lst in _listeners(ctx.config):
+        named = []
+        for j, route in enumerate(lst.routes):
+            name = getattr(route, "name", None)
+            if name is None:
+                continue
+            npath = key_path(index_path(key_path(lpath, "routes"), j), "name")
+            if not name.strip():
+                yield ctx.error(npath, "a route name must not be empty (omit it to label the route by its pool)")
+            elif name == DEFAULT_ROUTE:
+                yield ctx.error(npath, f"{DEFAULT_ROUTE!r} is reserved for requests that match no route; pick another name")
+            else:
+                named.append((npath, name))
+        yield from _duplicates(ctx, named, "route name")
+
+
+@check
 def pool_references(ctx: CheckContext) -> Iterator[Problem]:
     """Listeners and routes name pools that exist; L4 listeners name one at all."""
     pools = [p.name for p in ctx.config.pools]

@@ -207,6 +207,14 @@ class ProbeScheduler:
         if self.running:
             self._start_loop(backend, self.spread * self.rng.random())
 
+    def last_result(self, backend: Backend) -> tuple[ProbeResult, float, int] | None:
+        """The backend's last probe result, when that probe started, and how
+        many probes it has had; None before its first result."""
+        loop = self.loops.get(backend)
+        if loop is None or loop.last is None:
+            return None
+        return loop.last, loop.last_at, loop.probes  # type: ignore[return-value]
+
     def remove(self, backend: Backend) -> None:
         loop = self.loops.pop(backend, None)
         if loop is not None:

@@ -96,6 +96,37 @@ class PoolHealth:
             nxt = now + self.cfg.passive.interval
         self._tick_call = self.clock.callLater(max(0.0, nxt - now), self._tick)
 
+    def probe_state(self, backend: Backend, now: float) -> dict[str, Any] | None:
+        """The ``probe`` provider section: the last active probe of ``backend``
+        (None without active checks or before its first result)."""
+        got = self.scheduler.last_result(backend) if self.scheduler is not None else None
+        if got is None:
+            return None
+        result, at, n = got
+        return {
+            "ok": result.ok,
+            "latency": None if result.latency is None else round(result.latency, 6),
+            "reason": result.reason,
+            "age_s": round(max(0.0, now - at), 3),
+            "probes_total": n,
+        }
+
+    def outlier_state(self, backend: Backend, now: float) -> dict[str, Any] | None:
+        """The ``outlier`` provider section: passive detection's counters for
+        ``backend`` (None when passive detection is off). ``ejection_multiplier``
+        grows per ejection and decays with good behaviour (the ejection count
+        itself is ``lbtwist_backend_ejections_total``)."""
+        if self.detector is None:
+            return None
+        snap = self.detector.snapshot(backend, now)
+        return {
+            "consecutive_5xx": snap["consecutive_5xx"],
+            "consecutive_gateway_failures": snap["consecutive_gateway_failures"],
+            "recent_latency": snap["recent_latency"],
+            "recent_requests": snap["recent_requests"],
+            "ejection_multiplier": snap["ejections"],
+        }
+
     def status(self) -> dict[str, Any]:
         """Per-backend health as plain data, for the admin API and metrics."""
         now = self.clock.seconds()
@@ -165,6 +196,11 @@ class HealthService(Service):
 
     def startService(self) -> None:
         super().startService()
+        # the admin API and /metrics show probes and passive detection per backend
+        table = getattr(self.runtime, "backend_state", None)
+        if table is not None:
+            table.setdefault("probe", self.probe_state)
+            table.setdefault("outlier", self.outlier_state)
         for name, pool in self.runtime.pools.items():
             pcfg = self.runtime.pool_configs.get(name)
             cfg = pcfg.health if pcfg is not None else HealthConfig()
@@ -172,6 +208,11 @@ class HealthService(Service):
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
+        table = getattr(self.runtime, "backend_state", None)
+        if table is not None:
+            for name, fn in (("probe", self.probe_state), ("outlier", self.outlier_state)):
+                if table.get(name) == fn:
+                    del table[name]
         for ph in self.pools.values():
             ph.stop()
         self.pools.clear()
@@ -205,6 +246,16 @@ class HealthService(Service):
         """The health settings pool ``name`` runs with now (None: no health)."""
         ph = self.pools.get(name)
         return ph.cfg if ph is not None else None
+
+    def probe_state(self, pool: Pool, backend: Backend) -> dict[str, Any] | None:
+        """State provider ``probe`` (runtime.backend_state)."""
+        ph = self.pools.get(pool.name)
+        return ph.probe_state(backend, self.reactor.seconds()) if ph is not None and ph.pool is pool else None
+
+    def outlier_state(self, pool: Pool, backend: Backend) -> dict[str, Any] | None:
+        """State provider ``outlier`` (runtime.backend_state)."""
+        ph = self.pools.get(pool.name)
+        return ph.outlier_state(backend, self.reactor.seconds()) if ph is not None and ph.pool is pool else None
 
     def remove_pool(self, name: str) -> None:
         ph = self.pools.pop(name, None)

@@ -10,6 +10,7 @@ finishes the current request then closes (its response says
 """
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
@@ -18,7 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from lbtwist import fastio
-from lbtwist.l7.errors import ParseError, error_page
+from lbtwist.l7.errors import ParseError, error_page, page_body_size
 from lbtwist.l7.exchange import Exchange
 from lbtwist.l7.parser import DONE, HEAD, Request, RequestParser
 from lbtwist.l7.timers import Deadline
@@ -74,9 +75,13 @@ class HttpProxyProtocol(Protocol):
         self.requests = 0
         self.client_ip = b""
         self.client_ip_str = ""
+        #: ``host:port`` of the client, as the access log shows it.
+        self.client_addr = ""
         self.tls = False
         self._paused: set[str] = set()
         self._head_started = False
+        #: Clock time the first bytes of an incomplete request head arrived.
+        self._head_at = 0.0
         self.deadline: Deadline | None = None
         self._wdeadline: Deadline | None = None
 
@@ -88,10 +93,19 @@ class HttpProxyProtocol(Protocol):
         peer = t.getPeer()
         self.client_ip_str = getattr(peer, "host", "") or ""
         self.client_ip = self.client_ip_str.encode("ascii", "replace")
+        port = getattr(peer, "port", None)
+        host = self.client_ip_str
+        self.client_addr = host if port is None else f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.tls = ISSLTransport.providedBy(t)
         if not ctx.track(self):
             self.closed = True
-            t.write(error_page(503, "too many connections to this listener"))
+            page = error_page(503, f"too many connections to this listener (max_connections={ctx.max_connections})")
+            hub = ctx.runtime.traffic
+            if hub.subscribers:  # logged like a refused L4 connection
+                hub.publish(TrafficRecord(kind="http", listener=ctx.name, start=time.time(), duration=0.0,
+                                          client=self.client_addr, status=503, bytes_out=page_body_size(page),
+                                          outcome="rejected", error=f"at max_connections={ctx.max_connections}"))
+            t.write(page)
             t.loseConnection()
             return
         if ctx.eager:
@@ -135,6 +149,7 @@ class HttpProxyProtocol(Protocol):
             # A request head began but is incomplete: it must be complete in
             # time (set once, so a slowloris trickle does not push it back).
             self._head_started = True
+            self._head_at = self.ctx.clock.seconds()
             self.deadline.set(self.ctx.http.header_timeout, "header")  # type: ignore[union-attr]
 
     def readConnectionLost(self) -> None:
@@ -385,11 +400,17 @@ class HttpProxyProtocol(Protocol):
         """Answer an error outside any exchange (bad request head, header timeout) and close."""
         log.info("client {client}: {status} {reason}", client=self.client_ip_str, status=status, reason=reason)
         ctx = self.ctx
+        page = error_page(status, reason)
         hub = ctx.runtime.traffic
         if hub.subscribers:
-            hub.publish(TrafficRecord(kind="http", listener=ctx.name, start=0.0, duration=0.0,
-                                      client=self.client_ip_str, status=status, outcome="rejected", error=reason))
-        self.write(error_page(status, reason))
+            # The request began when its head started arriving: in an earlier
+            # read if it spanned several, else in this one.
+            now = ctx.clock.seconds()
+            took = now - self._head_at if self._head_started else 0.0
+            hub.publish(TrafficRecord(kind="http", listener=ctx.name, start=time.time() - took, duration=took,
+                                      client=self.client_addr, status=status, bytes_out=page_body_size(page),
+                                      outcome="rejected", error=reason))
+        self.write(page)
         self._linger()
 
 

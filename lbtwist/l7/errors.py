@@ -58,6 +58,13 @@ def error_page(status: int, cause: str, *, close: bool = True, head_only: bool =
     return b"".join(parts)
 
 
+def page_body_size(page: bytes) -> int:
+    """Body bytes of a complete response built by L{error_page} (what the
+    access log counts as ``bytes_out``, like a relayed body)."""
+    end = page.find(b"\r\n\r\n")
+    return 0 if end < 0 else len(page) - end - 4
+
+
 #: Why an attempt failed before any response byte, and what the client gets.
 #: connect-refused / reset / closed / garbage -> 502, connect-timeout /
 #: timeout -> 504, pool-full / no-backend -> 503.

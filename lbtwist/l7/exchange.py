@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.logger import Logger
 
 from lbtwist.l7.chunked import LAST_CHUNK
-from lbtwist.l7.errors import FAILURE_STATUS, error_page
+from lbtwist.l7.errors import FAILURE_STATUS, error_page, page_body_size
 from lbtwist.l7.forward import DONE, RESPONDING, Attempt, Failed, RequestBody
 from lbtwist.l7.headers import (
     FRAME_CHUNKED,
@@ -647,7 +647,9 @@ class Exchange:
         keep = self.req.keep_alive and self.request_complete and not self.client.draining
         if self.request_id:
             extra = ((self.ctx.forwarding.request_id_header, self.request_id), *extra)
-        self.out.append(error_page(status, cause, close=not keep, head_only=self.req.method == b"HEAD", extra=extra))
+        page = error_page(status, cause, close=not keep, head_only=self.req.method == b"HEAD", extra=extra)
+        self.bytes_out += page_body_size(page)
+        self.out.append(page)
         self.flush()
         self._done(keep)
 
@@ -670,9 +672,12 @@ class Exchange:
         if hub.subscribers:
             req = self.req
             now = self.ended or self.clock.seconds()
+            outcome = self.outcome
+            if outcome == "ok" and self.status >= 500:
+                outcome = "5xx"  # a relayed backend 5xx (lbtwist's own set the outcome in reject)
             hub.publish(TrafficRecord(
                 kind="http", listener=ctx.name, start=time.time() - (now - self.started),
-                duration=now - self.started, client=self.client.client_ip_str,
+                duration=now - self.started, client=self.client.client_addr,
                 pool=self.plan.pool if self.plan else None,
                 backend=self.backend.address if self.backend else None,
                 route=self.plan.name if self.plan else None,
@@ -680,7 +685,7 @@ class Exchange:
                 status=self.status or None, bytes_in=self.body.size if self.body else 0,
                 bytes_out=self.bytes_out, tries=self.tries,
                 request_id=self.request_id.decode("latin-1") if self.request_id else None,
-                outcome=self.outcome, error=self.error,
+                outcome=outcome, error=self.error,
                 **_tls_record(self.client),
             ))
         self.client.exchange_done(self, keep_alive)

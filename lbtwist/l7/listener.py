@@ -17,7 +17,7 @@ from lbtwist.l7.headers import ForwardingPolicy, RequestIds
 from lbtwist.l7.plan import RoutePlan
 from lbtwist.listener import ListenerService
 from lbtwist.resilience.wiring import runtime_resilience
-from lbtwist.routing import Router
+from lbtwist.routing import DEFAULT_ROUTE, Router
 
 log = Logger(namespace="lbtwist.l7")
 
@@ -43,7 +43,7 @@ def build_router(cfg: ListenerConfig, registry: Any, resilience: Any = None) -> 
             return None
         return resilience.route(cfg.name, name, rcfg, http.request_timeout)
 
-    default = RoutePlan.build(None, "default", cfg.pool, http, kept(None, "default")) if cfg.pool else None
+    default = RoutePlan.build(None, DEFAULT_ROUTE, cfg.pool, http, kept(None, DEFAULT_ROUTE)) if cfg.pool else None
     return Router.build(
         cfg.routes,
         registry.rules,
@@ -88,6 +88,9 @@ class HttpProxyFactory(ServerFactory):
         #: Apply fastio's eager write to client connections (benchmarks turn it off).
         self.eager = True
         self.active = 0
+        #: Connections accepted / refused (over max_connections) since start; kept across reloads.
+        self.total = 0
+        self.refused = 0
         self.service: ListenerService | None = None
 
     def register_routes(self) -> None:
@@ -107,9 +110,11 @@ class HttpProxyFactory(ServerFactory):
     def track(self, proto: HttpProxyProtocol) -> bool:
         """Count a new connection; False when over max_connections."""
         if self.active >= self.max_connections:
+            self.refused += 1
             log.warn("listener {name}: {n} connections, refusing more", name=self.name, n=self.active)
             return False
         self.active += 1
+        self.total += 1
         proto._tracked = True
         if self.service is not None:
             self.service.track(proto)
@@ -142,7 +147,7 @@ class HttpListenerService(ListenerService):
         without changing the running listener; the callable returned
         switches to it (a reload calls it once every part is ready)."""
         fresh = HttpProxyFactory(cfg, self.runtime, register=False)
-        keep = {"active", "service", "ids", "connection_pools", "eager"}
+        keep = {"active", "total", "refused", "service", "ids", "connection_pools", "eager"}
 
         def commit() -> None:
             for name, value in vars(fresh).items():

@@ -121,11 +121,14 @@ class RuntimeResilience:
         return out
 
     def listener_state(self, listener: str) -> dict | None:
+        """The ``retries`` section: listener-wide sums, and one entry per route
+        under ``by_route`` keyed by the route's label (its name, else its pool)."""
         routes = self.routes.get(listener)
         if not routes:
             return None
         now = self.runtime.reactor.seconds()
-        out: dict[str, Any] = {}
+        by_route: dict[str, Any] = {}
+        retries = exhausted = 0
         for name, rr in routes.items():
             b = rr.budget
             entry: dict[str, Any] = {
@@ -138,8 +141,14 @@ class RuntimeResilience:
                 entry[f"decision_{reason.replace('-', '_')}_total"] = n
             if rr.rate_limiter is not None:
                 entry["rate_limited_total"] = rr.rate_limiter.limited
-            out[name] = entry
-        return out
+            retries += b.retries_total
+            exhausted += b.exhausted
+            by_route[name] = entry
+        return {
+            "retries_all_routes_total": retries,
+            "budget_exhausted_all_routes_total": exhausted,
+            "by_route": by_route,
+        }
 
 
 def runtime_resilience(runtime: Any) -> RuntimeResilience:

@@ -174,7 +174,9 @@ class TcpBannerProbe:
 
         result: defer.Deferred = defer.Deferred(canceller=cancel)
         ep = client_endpoint(self.reactor, backend.host, backend.port, self.timeout)
-        connecting = ep.connect(Factory.forProtocol(build))
+        factory = Factory.forProtocol(build)
+        factory.noisy = False  # no "Starting/Stopping factory" log lines per probe
+        connecting = ep.connect(factory)
         connecting.addCallback(lambda proto: proto.done)
         connecting.addCallbacks(
             lambda v: result.called or result.callback(ProbeResult(v[0], v[1], self.reactor.seconds() - start)),
