@@ -231,7 +231,7 @@ pools:
 """
 
 
-def _route(svc, name="0"):
+def _route(svc, name="web"):
     router = svc.listeners.getServiceNamed("web").proxy.router
     routes = (*router.routes, router.default)
     return next(r.target.resilience for r in routes if r.name == name)
@@ -262,12 +262,12 @@ def test_reload_keeps_rate_limit_buckets_and_retry_budgets_of_unchanged_routes()
     assert kept.budget.requests_total == 40
     assert _route(svc, "default").budget is default_budget
     # the admin API's retry counters follow the running routes
-    assert svc.runtime.resilience.routes["web"]["0"] is kept
+    assert svc.runtime.resilience.routes["web"]["web"] is kept
     # the route's rate limit changed: new buckets
     svc.apply(load_config(_limited("{rate: 5, burst: 5}"), reg).config)
     fresh = _route(svc)
     assert fresh is not rr and fresh.rate_limiter.check("10.0.0.1", now).allowed
-    assert svc.runtime.resilience.routes["web"]["0"] is fresh
+    assert svc.runtime.resilience.routes["web"]["web"] is fresh
     svc.stopService()
 
 
