@@ -14,7 +14,7 @@ from lbtwist.l7.affinity import StickyCookie
 from lbtwist.l7.client import HttpProxyProtocol
 from lbtwist.l7.connpool import ConnectionPools
 from lbtwist.l7.headers import ForwardingPolicy, RequestIds
-from lbtwist.l7.plan import RoutePlan
+from lbtwist.l7.plan import HashKey, RoutePlan
 from lbtwist.listener import ListenerService
 from lbtwist.resilience.wiring import runtime_resilience
 from lbtwist.routing import Router
@@ -35,11 +35,12 @@ def connection_pools(runtime: Any) -> ConnectionPools:
 def build_router(cfg: ListenerConfig, registry: Any) -> Router:
     """Routes of ``cfg`` with their plans; ValueError names a bad route."""
     http = cfg.http
-    default = RoutePlan.build(None, "default", cfg.pool, http) if cfg.pool else None
+    hash_key = HashKey.parse(cfg.hash_key)  # inherited by routes without their own
+    default = RoutePlan.build(None, "default", cfg.pool, http, hash_key) if cfg.pool else None
     return Router.build(
         cfg.routes,
         registry.rules,
-        make_target=lambda rcfg, name: RoutePlan.build(rcfg, name, rcfg.pool, http),
+        make_target=lambda rcfg, name: RoutePlan.build(rcfg, name, rcfg.pool, http, hash_key),
         default=default,
         where=f"listener {cfg.name}: routes",
     )
