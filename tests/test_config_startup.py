@@ -10,8 +10,6 @@ from pathlib import Path
 
 import attrs
 import pytest
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock
 
 from lbtwist.config import ConfigError, load_config
 from lbtwist.config.model import CircuitBreakerConfig, HealthConfig, PassiveHealthConfig
@@ -19,52 +17,10 @@ from lbtwist.l7.listener import build_router
 from lbtwist.l7.plan import HashKey
 from lbtwist.registry import Registry
 from lbtwist.resilience.breaker import BreakerSettings
-from lbtwist.service import LbtwistService
+from support.startup import start_and_stop
 
 REG = Registry.default()
 PACKAGE = Path(__file__).resolve().parent.parent / "lbtwist"
-
-
-@attrs.define
-class _UDPPort:
-    address: IPv4Address
-
-    def getHost(self) -> IPv4Address:
-        return self.address
-
-    def stopListening(self) -> None:
-        return None
-
-
-class MemoryReactor(MemoryReactorClock):
-    """MemoryReactorClock, plus listenUDP recorded the way listenTCP is."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.udpServers: list[tuple] = []
-
-    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
-        self.udpServers.append((port, protocol, interface, maxPacketSize))
-        return _UDPPort(IPv4Address("UDP", interface or "0.0.0.0", port))
-
-
-def start_and_stop(config, registry: Registry = REG) -> LbtwistService:
-    """Build the whole service tree for ``config`` as twistd does, start it
-    on a memory reactor (listeners 'listen' without binding) and stop it."""
-    reactor = MemoryReactor()
-    svc = LbtwistService(config, reactor, registry)
-    svc.privilegedStartService()
-    svc.startService()
-    done = svc.stopService()
-    for _ in range(100):  # drains end on timers: move the clock until stopped
-        if done.called:
-            break
-        reactor.advance(1.0)
-    assert done.called
-    failures = []
-    done.addErrback(failures.append)
-    assert not failures, failures[0].getTraceback()
-    return svc
 
 
 def _load(text: str):
@@ -97,7 +53,7 @@ listeners:
 def test_every_hash_key_check_accepts_is_the_one_the_route_uses(text, kind, name):
     extra = f"    routes:\n      - pool: app\n        hash_key: {text!r}\n"
     loaded = _load(HTTP.format(extra=extra))
-    svc = start_and_stop(loaded.config)
+    svc = start_and_stop(loaded.config, REG)
     (route,) = build_router(loaded.config.listeners[0], REG).routes or [build_router(loaded.config.listeners[0], REG).default]
     assert route.target.hash_key == HashKey(kind, name)
     assert svc.runtime.config is loaded.config
@@ -111,7 +67,7 @@ def test_l4_listener_with_a_source_hash_key_in_any_spelling_starts(mode, bind):
         pools:
           - {{name: app, backends: [{{address: "127.0.0.1:9001"}}]}}
         """)
-    start_and_stop(loaded.config)
+    start_and_stop(loaded.config, REG)
 
 
 def test_hash_key_runtime_parser_is_the_validators():
@@ -141,7 +97,7 @@ def test_routes_inherit_the_http_listeners_hash_key():
     assert own == HashKey("cookie", b"sid")
     assert inherited == HashKey("header", b"x-tenant")
     assert router.default.target.hash_key == HashKey("header", b"x-tenant")
-    start_and_stop(loaded.config)
+    start_and_stop(loaded.config, REG)
 
 
 def test_lbtwist_check_sees_an_inherited_hash_key_as_sticky():
@@ -185,7 +141,7 @@ def test_an_empty_section_means_its_defaults(key):
     loaded = _load(HTTP.format(extra="").replace("    algorithm: ring_hash\n", f"    algorithm: ring_hash\n    {key}:\n"))
     pool = loaded.config.pools[0]
     assert getattr(pool, key) == attrs.fields_dict(type(pool))[key].default.factory()
-    start_and_stop(loaded.config)
+    start_and_stop(loaded.config, REG)
 
 
 def test_an_empty_nested_section_means_its_defaults():
@@ -224,3 +180,46 @@ def test_infinite_and_nan_numbers_are_refused(value):
     assert {(p.line, p.path) for p in problems} == {(9, "pools[0].health.passive.latency.factor")}
     assert f"must be a finite number (got {value.strip('.').replace('.', '')})" in [p.message for p in problems]
 
+
+
+# -- configs check used to accept that could not start (found by the property) -----
+
+L4 = """\
+listeners:
+  - name: l
+    bind: "{bind}"
+    mode: {mode}
+    pool: app
+{extra}pools:
+  - name: app
+    backends: [{{address: "127.0.0.1:9001"}}]
+{pool_extra}"""
+
+
+@pytest.mark.parametrize("mode,extra,pool_extra,line,path,fragment", [
+    ("udp", "    proxy_protocol: {accept: true}\n", "", 6, "listeners[0].proxy_protocol.accept", "PROXY protocol needs mode: tcp"),
+    ("udp", "    proxy_protocol: {send: v2}\n", "", 6, "listeners[0].proxy_protocol.send", "PROXY protocol needs mode: tcp"),
+    ("http", "    proxy_protocol:\n      accept: true\n", "", 7, "listeners[0].proxy_protocol.accept", "PROXY protocol needs mode: tcp"),
+    ("udp", "    idle_timeout: 0\n", "", 6, "listeners[0].idle_timeout", "must be above 0 for mode udp"),
+    ("http", "    routes:\n      - pool: app\n        request_headers: {add: {x-a: \"a\\r\\nb\"}}\n", "", 8,
+     "listeners[0].routes[0].request_headers.add.x-a", "invalid header value 'a\\r\\nb'"),
+    ("http", "    routes:\n      - pool: app\n        response_headers:\n          set: {x-a: \"a\\0b\"}\n", "", 9,
+     "listeners[0].routes[0].response_headers.set.x-a", "invalid header value 'a\\x00b'"),
+    ("http", "", "    tls:\n      alpn: [h2, \"\"]\n", 10, "pools[0].tls.alpn[1]", "ALPN protocol names are 1 to 255 bytes of printable ASCII"),
+    ("http", "", "    health:\n      active: {kind: http, host: \"bad host\\r\\n\"}\n", 10, "pools[0].health.active",
+     "host must be a host name (and port), got 'bad host\\r\\n'"),
+    ("http", "", "    health:\n      active: {kind: http, path: \"/a b\"}\n", 10, "pools[0].health.active",
+     "path must start with '/' and hold no spaces or control characters, got '/a b'"),
+])
+def test_what_the_runtime_refuses_check_refuses_with_its_key_and_line(mode, extra, pool_extra, line, path, fragment):
+    bind = "udp:0:interface=127.0.0.1" if mode == "udp" else "tcp:0:interface=127.0.0.1"
+    with pytest.raises(ConfigError) as e:
+        _load(L4.format(bind=bind, mode=mode, extra=extra, pool_extra=pool_extra))
+    assert [(p.line, p.path) for p in e.value.errors] == [(line, path)], str(e.value)
+    assert fragment in e.value.errors[0].message
+
+
+def test_tcp_proxy_protocol_and_idle_timeout_zero_still_start():
+    loaded = _load(L4.format(bind="tcp:0:interface=127.0.0.1", mode="tcp",
+                             extra="    idle_timeout: 0\n    proxy_protocol: {accept: true, send: v1}\n", pool_extra=""))
+    start_and_stop(loaded.config, REG)

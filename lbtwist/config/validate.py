@@ -187,6 +187,17 @@ def listener_modes(ctx: CheckContext) -> Iterator[Problem]:
                 yield ctx.error(key_path(lpath, "routes"), f"routes need mode: http (this listener is {lst.mode})")
             if ctx.given(key_path(lpath, "http")):
                 yield ctx.warning(key_path(lpath, "http"), f"ignored: http settings apply to mode: http, not {lst.mode}")
+        if lst.mode != "tcp":
+            # udp refuses to start with it; http would parse a PROXY line as a request
+            pp, ppath = lst.proxy_protocol, key_path(lpath, "proxy_protocol")
+            for key, on in (("accept", pp.accept), ("send", pp.send != "none")):
+                if on:
+                    yield ctx.error(key_path(ppath, key), f"PROXY protocol needs mode: tcp (this listener is {lst.mode})")
+        if lst.mode == "udp" and lst.idle_timeout is not None and lst.idle_timeout <= 0:
+            yield ctx.error(
+                key_path(lpath, "idle_timeout"),
+                "must be above 0 for mode udp: a UDP flow has no close, only its idle timeout ends it",
+            )
 
 
 # -- backends -----------------------------------------------------------------
@@ -373,8 +384,11 @@ def hash_keys(ctx: CheckContext) -> Iterator[Problem]:
 
 @check
 def header_names(ctx: CheckContext) -> Iterator[Problem]:
-    """Header and cookie names lbtwist writes must be tokens, or it would emit
-    malformed HTTP that some backend parses differently (request smuggling)."""
+    """Header and cookie names lbtwist writes must be tokens, and header values
+    free of CR, LF and NUL, or it would emit malformed HTTP that some backend
+    parses differently (request smuggling, response splitting)."""
+
+    from lbtwist.l7.headers import check_header_value
 
     def bad(path: str, name: str, what: str = "header") -> Iterator[Problem]:
         if not _TOKEN.match(name):
@@ -390,8 +404,13 @@ def header_names(ctx: CheckContext) -> Iterator[Problem]:
             rw = getattr(route, side)
             spath = key_path(rpath, side)
             for op in ("add", "set"):
-                for name in getattr(rw, op):
-                    yield from bad(key_path(key_path(spath, op), name), name)
+                for name, value in getattr(rw, op).items():
+                    path = key_path(key_path(spath, op), name)
+                    yield from bad(path, name)
+                    try:
+                        check_header_value(value)
+                    except ValueError as e:
+                        yield ctx.error(path, str(e))
             for i, name in enumerate(rw.remove):
                 yield from bad(index_path(key_path(spath, "remove"), i), name)
 
