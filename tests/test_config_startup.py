@@ -209,7 +209,7 @@ listeners:
     ("http", "", "    health:\n      active: {kind: http, host: \"bad host\\r\\n\"}\n", 10, "pools[0].health.active",
      "host must be a host name (and port), got 'bad host\\r\\n'"),
     ("http", "", "    health:\n      active: {kind: http, path: \"/a b\"}\n", 10, "pools[0].health.active",
-     "path must start with '/' and hold no spaces or control characters, got '/a b'"),
+     "path must hold no spaces or control characters, got '/a b'"),
 ])
 def test_what_the_runtime_refuses_check_refuses_with_its_key_and_line(mode, extra, pool_extra, line, path, fragment):
     bind = "udp:0:interface=127.0.0.1" if mode == "udp" else "tcp:0:interface=127.0.0.1"
@@ -223,3 +223,21 @@ def test_tcp_proxy_protocol_and_idle_timeout_zero_still_start():
     loaded = _load(L4.format(bind="tcp:0:interface=127.0.0.1", mode="tcp",
                              extra="    idle_timeout: 0\n    proxy_protocol: {accept: true, send: v1}\n", pool_extra=""))
     start_and_stop(loaded.config, REG)
+
+
+def test_a_rate_below_one_without_a_burst_is_refused_where_the_bucket_is_sized():
+    extra = "    routes:\n      - pool: app\n        rate_limit:\n          rate: 0.5\n"
+    with pytest.raises(ConfigError) as e:
+        _load(L4.format(bind="tcp:0:interface=127.0.0.1", mode="http", extra=extra, pool_extra=""))
+    assert [(p.line, p.path) for p in e.value.errors] == [(9, "listeners[0].routes[0].rate_limit.rate")]
+    assert "without a burst the bucket holds 0.5 tokens" in e.value.errors[0].message
+    loaded = _load(L4.format(bind="tcp:0:interface=127.0.0.1", mode="http", extra=extra + "          burst: 1\n", pool_extra=""))
+    start_and_stop(loaded.config, REG)
+
+
+def test_a_probe_timeout_of_zero_is_refused():
+    with pytest.raises(ConfigError) as e:
+        _load(L4.format(bind="tcp:0:interface=127.0.0.1", mode="tcp", extra="",
+                        pool_extra="    health:\n      active:\n        timeout: 0\n"))
+    assert [(p.line, p.path, p.message) for p in e.value.errors] == [
+        (11, "pools[0].health.active.timeout", "must be above 0")]

@@ -449,6 +449,12 @@ def resilience_settings(ctx: CheckContext) -> Iterator[Problem]:
                 yield ctx.error(key_path(lp, "rate"), "must be above 0 (omit rate_limit for no limit)")
             if rl.burst is not None and rl.burst < 1:
                 yield ctx.error(key_path(lp, "burst"), "must be at least 1, or no request could ever pass")
+            elif rl.burst is None and 0 < rl.rate < 1:  # the bucket size defaults to the rate
+                yield ctx.error(
+                    key_path(lp, "rate"),
+                    f"without a burst the bucket holds {num(rl.rate)} tokens and no request could ever "
+                    "pass: set burst to at least 1",
+                )
             if rl.max_keys < 1:
                 yield ctx.error(key_path(lp, "max_keys"), "must be at least 1")
             try:
@@ -606,6 +612,8 @@ def health_settings(ctx: CheckContext) -> Iterator[Problem]:
         if a is not None:
             if a.interval <= 0:
                 yield ctx.error(key_path(ap, "interval"), "must be above 0")
+            if a.timeout <= 0:
+                yield ctx.error(key_path(ap, "timeout"), "must be above 0")
             elif a.timeout >= a.interval:
                 yield ctx.error(
                     key_path(ap, "timeout"),

@@ -298,8 +298,10 @@ class HttpProbe:
         body_match: str | None = None,
         http_client: Any = None,
     ) -> None:
-        if not isinstance(path, str) or not path.startswith("/") or _unsafe(path):
-            raise ValueError(f"path must start with '/' and hold no spaces or control characters, got {path!r}")
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"path must start with '/', got {path!r}")
+        if _unsafe(path):
+            raise ValueError(f"path must hold no spaces or control characters, got {path!r}")
         if host is not None and (not isinstance(host, str) or not host or _unsafe(host)):
             raise ValueError(f"host must be a host name (and port), got {host!r}")
         if not isinstance(method, str) or not method.isalpha():
