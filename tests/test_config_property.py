@@ -13,10 +13,12 @@ reviewed by ``lbtwist check``; a refused one must name, for every error, a
 key path and a line of the file.
 
 Deterministic for CI: derandomized, no example database, a bounded number of
-examples. Listener TLS certificates are never generated (they need files).
+examples. Certificate files (good, expired, mismatched, missing) are
+written once, to a temporary directory.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import tempfile
 import types
@@ -32,12 +34,31 @@ from lbtwist.check import review
 from lbtwist.config import ConfigError, load_config
 from lbtwist.config import model as m
 from lbtwist.registry import Registry
+from lbtwist.tls.testing import TestCA
 
 from support.startup import start_and_stop
 
 REG = Registry.default()
 POOLS = ["app", "api", "cache"]
-_LOG = os.path.join(tempfile.mkdtemp(prefix="lbtwist-prop-"), "access.jsonl")
+_DIR = tempfile.mkdtemp(prefix="lbtwist-prop-")
+_LOG = os.path.join(_DIR, "access.jsonl")
+
+
+def _certificates() -> tuple[list[tuple[str, str | None]], list[tuple[str, str | None]]]:
+    """Certificate files for listener TLS, written once: (good pairs, bad pairs)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca = TestCA()
+    a = ca.issue("a.test", "*.a.test").write(_DIR, "a")
+    b = ca.issue("b.test").write(_DIR, "b")
+    combined = os.path.join(_DIR, "combined.pem")
+    with open(combined, "wb") as f, open(b[0], "rb") as c, open(b[1], "rb") as k:
+        f.write(c.read() + k.read())
+    expired = ca.issue("old.test", not_before=now - datetime.timedelta(days=9),
+                       not_after=now - datetime.timedelta(days=2)).write(_DIR, "expired")
+    return [a, b, (combined, None)], [expired, (a[0], b[1]), ("/nonexistent/cert.pem", None)]
+
+
+_GOOD_CERTS, _BAD_CERTS = _certificates()
 
 
 def one(*values: Any) -> st.SearchStrategy:
@@ -114,7 +135,22 @@ def meanings(noise: int) -> tuple[dict[Any, st.SearchStrategy], dict[tuple[type,
         (m.ListenerConfig, "bind"): _BIND,
         (m.ListenerConfig, "pool"): st.one_of(st.none(), _POOL_REF, _POOL_REF, _POOL_REF),
         (m.ListenerConfig, "hash_key"): _HASH_KEY,
-        (m.ListenerConfig, "tls"): st.none(),  # certificates are files: not generated
+        (m.ListenerTLSConfig, "certificates"): st.lists(
+            st.builds(
+                lambda pair, names, default: {"cert": pair[0], **({"key": pair[1]} if pair[1] else {}),
+                                              **({"names": names} if names else {}),
+                                              **({"default": default} if default is not None else {})},
+                mostly(st.sampled_from(_GOOD_CERTS), st.sampled_from(_BAD_CERTS)),
+                st.lists(mostly(one("a.test", "*.a.test", "b.test"), one("c.test", "bad name")), max_size=2),
+                st.one_of(st.none(), st.booleans()),
+            ),
+            min_size=1, max_size=2,
+        ),
+        (m.ListenerTLSConfig, "min_version"): mostly(one("1.2", "1.3"), one("1.1", 1.2)),
+        (m.ListenerTLSConfig, "ciphers"): mostly(one(m.TLS12_CIPHERS, "ECDHE-RSA-AES128-GCM-SHA256"), one("NOPE",)),
+        (m.ListenerTLSConfig, "ciphersuites"): mostly(one(m.TLS13_CIPHERSUITES, "TLS_AES_128_GCM_SHA256"), one("NOPE",)),
+        (m.ListenerTLSConfig, "alpn"): st.one_of(st.none(), st.lists(sometimes(one("http/1.1", "h2"), one("", "x" * 300), 6), max_size=2)),
+        (m.PoolTLSConfig, "min_version"): mostly(one("1.2", "1.3"), one("1.1", 1.2)),
         (m.RouteConfig, "pool"): _POOL_REF,
         (m.RouteConfig, "match"): _match(),
         (m.RouteConfig, "hash_key"): st.one_of(st.none(), _HASH_KEY),
@@ -124,13 +160,16 @@ def meanings(noise: int) -> tuple[dict[Any, st.SearchStrategy], dict[tuple[type,
         (m.BackendConfig, "address"): _ADDRESS,
         (m.BackendConfig, "weight"): mostly(one(0, 1, 2.5, 10, 1000000), one(-1, 1000001, float("nan"), "heavy")),
         (m.BackendConfig, "name"): st.one_of(st.none(), one("b1", "b2")),
-        (m.ActiveHealthConfig, "kind"): mostly(one("tcp", "http", "tcp_banner"), one("bogus", "HTTP")),
+        (m.ActiveHealthConfig, "interval"): mostly(one("1s", "5s", "10s"), one(0, "100ms")),
+        (m.ActiveHealthConfig, "timeout"): mostly(one("250ms", "500ms", "900ms"), one(0, "5s")),
+        (m.ActiveHealthConfig, "jitter"): mostly(one(0, 0.1, 0.5), one(1, -0.1)),
+        (m.ActiveHealthConfig, "kind"): mostly(one("tcp", "http"), one("tcp_banner", "bogus", "HTTP")),
         (m.ActiveHealthConfig, "path"): mostly(one("/healthz", "/ready?full=1"), one("healthz", "")),
         (m.ActiveHealthConfig, "method"): mostly(one("GET", "HEAD"), one("G ET",)),
         (m.ActiveHealthConfig, "host"): st.one_of(st.none(), sometimes(one("example.com", "127.0.0.1:9001"), one("bad host\r\n", ""), 4)),
         (m.ActiveHealthConfig, "expected_statuses"): mostly(one("200-399", "200", "200,204"), one("abc", "399-200", "99")),
         (m.ActiveHealthConfig, "body_match"): st.one_of(st.none(), mostly(one("ok", "^up"), one("(",))),
-        (m.ActiveHealthConfig, "options"): mostly(one({}, {"expect": "SSH-"}), one({"bogus": 1},)),
+        (m.ActiveHealthConfig, "options"): mostly(st.just({}), one({"expect": "SSH-"}, {"bogus": 1})),
         (m.HeaderRewrite, "add"): st.dictionaries(_HEADER, sometimes(one("1", "prod", ""), one("a\r\nb", "\x00"), 6), max_size=2),
         (m.HeaderRewrite, "set"): st.dictionaries(_HEADER, sometimes(one("1", "no-store"), one("a\nb", "caf\u00e9"), 6), max_size=2),
         (m.HeaderRewrite, "remove"): st.lists(_HEADER, max_size=2),
@@ -148,7 +187,6 @@ def meanings(noise: int) -> tuple[dict[Any, st.SearchStrategy], dict[tuple[type,
         (m.PoolTLSConfig, "cert"): st.none(),
         (m.PoolTLSConfig, "key"): st.none(),
         (m.PoolTLSConfig, "server_name"): st.one_of(st.none(), mostly(one("backend.example.com",), one("bad name",))),
-        (m.PoolTLSConfig, "min_version"): mostly(one("1.2", "1.3"), one("1.1", 1.2)),
         (m.PoolTLSConfig, "alpn"): st.lists(sometimes(one("http/1.1", "h2"), one("", "x" * 300), 6), max_size=2),
         (m.AdminConfig, "bind"): mostly(one("tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"), one("tcp:0", "tcp:x")),
         (m.AdminConfig, "token"): st.one_of(st.none(), one("s3cret-token-value-long-enough",)),
@@ -183,6 +221,7 @@ KEY_P = {
     (m.RouteConfig, "request_headers"): 0.4,
     (m.RouteConfig, "response_headers"): 0.4,
     (m.HealthConfig, "active"): 0.6,
+    (m.ListenerTLSConfig, "certificates"): 0.95,
 }
 
 
@@ -211,10 +250,12 @@ class Tree:
             return self.leaves[tp]
         origin = get_origin(tp)
         if origin in (Union, types.UnionType):
-            parts = [self.for_type(a, owner, key) for a in get_args(tp) if a is not type(None)]
-            if type(None) in get_args(tp):
-                parts.append(st.none())
-            return st.one_of(*parts)
+            arms = [a for a in get_args(tp) if a is not type(None)]
+            parts = st.one_of(*(self.for_type(a, owner, key) for a in arms))
+            if type(None) not in get_args(tp):
+                return parts
+            # an optional section is written more often than not, so that it is tested
+            return sometimes(parts, st.none(), 3 if any(attrs.has(a) for a in arms) else 2)
         if origin is Literal:
             return self.mostly(st.sampled_from(get_args(tp)), one("bogus", 1))
         if origin is list:
@@ -283,6 +324,9 @@ def configs(draw: Any, tree: Tree) -> dict:
                     lst["hash_key"] = "source"
             if mode != "tcp":
                 lst.pop("tls_passthrough", None)
+                lst.pop("proxy_protocol", None)
+            if mode == "udp":
+                lst.pop("tls", None)
     return cfg
 
 
