@@ -20,6 +20,7 @@ from typing import Any, Iterator, TextIO
 
 import attrs
 
+from lbtwist.config.model import CircuitBreakerConfig
 from lbtwist.config.problems import Positions, index_path, key_path, line_of, num
 
 #: Algorithms that ignore how busy each backend is.
@@ -122,7 +123,7 @@ def _breakers(cfg: Any) -> Iterator[Finding]:
                 "no-breaker", (key_path(key_path(ppath, "circuit_breaker"), "consecutive_failures"),),
                 "circuit breakers are off: a failing backend keeps receiving its share (and the retries) "
                 "instead of getting room to recover",
-                "set circuit_breaker.consecutive_failures to 10 (the default)",
+                f"set circuit_breaker.consecutive_failures to {CircuitBreakerConfig().consecutive_failures} (the default)",
             )
 
 
