@@ -18,8 +18,10 @@ written once, to a temporary directory.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import shutil
 import tempfile
 import types
 import typing
@@ -41,6 +43,7 @@ from support.startup import start_and_stop
 REG = Registry.default()
 POOLS = ["app", "api", "cache"]
 _DIR = tempfile.mkdtemp(prefix="lbtwist-prop-")
+atexit.register(shutil.rmtree, _DIR, True)
 _LOG = os.path.join(_DIR, "access.jsonl")
 
 
