@@ -20,7 +20,8 @@ from typing import Any, Iterator, TextIO
 
 import attrs
 
-from lbtwist.config.problems import Positions, index_path, key_path, line_of
+from lbtwist.config.model import CircuitBreakerConfig
+from lbtwist.config.problems import Positions, index_path, key_path, line_of, num
 
 #: Algorithms that ignore how busy each backend is.
 LOAD_BLIND = {"round_robin", "weighted_round_robin", "random"}
@@ -101,7 +102,7 @@ def _retries(cfg: Any) -> Iterator[Finding]:
                 seen.add(rp)
                 yield Finding(
                     "retry-budget", (key_path(rp, "budget_percent"), key_path(rp, "max_attempts")),
-                    f"a {pct:g}% retry budget lets retries add {pct:g}% load to a fleet that is already failing: "
+                    f"a {num(pct)}% retry budget lets retries add {num(pct)}% load to a fleet that is already failing: "
                     "that is how one slow node becomes a retry storm",
                     "keep budget_percent at 10 (or less); the budget is the brake that bounds the multiplier",
                 )
@@ -122,7 +123,7 @@ def _breakers(cfg: Any) -> Iterator[Finding]:
                 "no-breaker", (key_path(key_path(ppath, "circuit_breaker"), "consecutive_failures"),),
                 "circuit breakers are off: a failing backend keeps receiving its share (and the retries) "
                 "instead of getting room to recover",
-                "set circuit_breaker.consecutive_failures to 10 (the default)",
+                f"set circuit_breaker.consecutive_failures to {CircuitBreakerConfig().consecutive_failures} (the default)",
             )
 
 
@@ -146,7 +147,7 @@ def _active_health(cfg: Any) -> Iterator[Finding]:
         if 0 < interval and interval / 2 < timeout < interval:
             yield Finding(
                 "probe-timeout", (key_path(ap, "timeout"), key_path(ap, "interval")),
-                f"probe timeout {timeout:g}s is not well under the interval {interval:g}s: a hanging "
+                f"probe timeout {num(timeout)}s is not well under the interval {num(interval)}s: a hanging "
                 "backend's probes nearly overlap and detection is slower than the interval suggests",
                 f"keep the timeout under half the interval (e.g. interval 5s, timeout 2s)",
             )
@@ -154,7 +155,7 @@ def _active_health(cfg: Any) -> Iterator[Finding]:
         if unhealthy == 1 and interval <= 10:
             yield Finding(
                 "flapping", (key_path(ap, "unhealthy_threshold"), key_path(ap, "interval")),
-                f"one failed probe every {interval:g}s takes a backend out: a single lost packet or GC "
+                f"one failed probe every {num(interval)}s takes a backend out: a single lost packet or GC "
                 "pause flaps it (a sawtooth of healthy backends)",
                 "set unhealthy_threshold: 3 (and healthy_threshold: 2)",
             )
@@ -240,9 +241,11 @@ def _sticky(cfg: Any) -> Iterator[Finding]:
             if cookie and _g(lst, "mode") == "http":
                 why = key_path(key_path(lpath, "http"), "sticky_cookie")
                 break
-            hk = _g(route, "hash_key") or ""
-            if _g(pool, "algorithm") in HASHING and hk.startswith(("cookie:", "header:")):
-                why = key_path(rpath, "hash_key")
+            # a route without its own hash_key hashes on its listener's
+            own = _g(route, "hash_key")
+            hk, hpath = (own, rpath) if own is not None else (_g(lst, "hash_key", default="source"), lpath)
+            if _g(pool, "algorithm") in HASHING and _hash_kind(hk) != "source":
+                why = key_path(hpath, "hash_key")
                 break
         if why is None:
             continue
@@ -250,10 +253,20 @@ def _sticky(cfg: Any) -> Iterator[Finding]:
         if drain < 30:
             yield Finding(
                 "sticky-drain", (key_path(ppath, "drain_timeout"), why),
-                f"sessions are pinned to backends but a drain lasts only {drain:g}s: pinned users lose "
+                f"sessions are pinned to backends but a drain lasts only {num(drain)}s: pinned users lose "
                 "their session state when a backend is drained for a deploy",
                 "set drain_timeout to 30-60s (better: keep session state outside the backends)",
             )
+
+
+def _hash_kind(text: str) -> str:
+    """``source``, ``header`` or ``cookie``, parsed as the runtime does."""
+    from lbtwist.config.names import parse_hash_key
+
+    try:
+        return parse_hash_key(text)[0]
+    except ValueError:  # refused by validation before the review runs
+        return "source"
 
 
 def _drain_vs_timeouts(cfg: Any) -> Iterator[Finding]:
@@ -277,9 +290,9 @@ def _drain_vs_timeouts(cfg: Any) -> Iterator[Finding]:
         if longest is not None and 0 < drain < longest[0]:
             yield Finding(
                 "drain-shorter-than-requests", (key_path(ppath, "drain_timeout"), longest[1]),
-                f"drain_timeout {drain:g}s is shorter than a request may take ({longest[0]:g}s): "
+                f"drain_timeout {num(drain)}s is shorter than a request may take ({num(longest[0])}s): "
                 "draining a backend for a deploy cuts requests that would have finished",
-                f"set drain_timeout to at least {longest[0]:g}s, or shorten the request timeout",
+                f"set drain_timeout to at least {num(longest[0])}s, or shorten the request timeout",
             )
 
 

@@ -130,6 +130,9 @@ OutcomeObserver = Callable[[Backend, float, float, str], None]
 #: "cancelled": the client went away first (says nothing about the backend).
 OUTCOMES = ("ok", "5xx", "gateway", "cancelled")
 
+#: The largest backend weight, in the config and through the admin API alike.
+MAX_WEIGHT = 1_000_000.0
+
 
 @implementer(IPoolState)
 class Pool:
@@ -365,7 +368,7 @@ class Pool:
         if weight < 0:
             raise ValueError("weight must be >= 0")
         backend.weight = weight
-        self._changed(backend, f"weight={weight:g}", reason)
+        self._changed(backend, f"weight={weight:.15g}", reason)  # exact, never 1e+06
 
     def add_backend(self, backend: Backend, reason: str = "added") -> None:
         if backend.address in self._by_address:

@@ -147,6 +147,8 @@ def test_set_weight_and_lookup_by_name():
         ("POST", "/api/pools/web/backends/10.0.0.9:80/drain", None, 404, "has no backend '10.0.0.9:80'"),
         ("POST", "/api/pools/web/backends/127.0.0.1:9001/explode", None, 404, "unknown action 'explode'"),
         ("PUT", "/api/pools/web/backends/127.0.0.1:9001/weight", b'{"weight": -1}', 400, "between 0 and"),
+        ("PUT", "/api/pools/web/backends/127.0.0.1:9001/weight", b'{"weight": 1000001}', 400, "between 0 and 1000000, got 1000001"),
+        ("PUT", "/api/pools/web/backends/127.0.0.1:9001/weight", b'{"weight": 1000000.5}', 400, "got 1000000.5"),
         ("PUT", "/api/pools/web/backends/127.0.0.1:9001/weight", b'{"weight": "7"}', 400, "must be a number"),
         ("PUT", "/api/pools/web/backends/127.0.0.1:9001/weight", b'{"weight": true}', 400, "must be a number"),
         ("PUT", "/api/pools/web/backends/127.0.0.1:9001/weight", b'{"weight": 1e400}', 400, "must be a number"),

@@ -24,11 +24,12 @@ from lbtwist.admin.auth import Guard
 from lbtwist.admin.metrics import exposition
 from lbtwist.admin.state import StateView, config_json
 from lbtwist.health.drain import drain_backend
+from lbtwist.config.problems import num
+from lbtwist.pool import MAX_WEIGHT
 
 log = Logger(namespace="lbtwist.admin")
 
 MAX_BODY = 64 * 1024
-MAX_WEIGHT = 1_000_000.0
 
 _STATIC = {
     "": ("index.html", b"text/html; charset=utf-8"),
@@ -240,7 +241,7 @@ class AdminResource(resource.Resource):
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
                 raise ApiError(400, f"weight must be a number, got {json.dumps(w)}")
             if not 0 <= w <= MAX_WEIGHT:
-                raise ApiError(400, f"weight must be between 0 and {MAX_WEIGHT:g}, got {w:g}")
+                raise ApiError(400, f"weight must be between 0 and {num(MAX_WEIGHT)}, got {num(w)}")
             pool.set_weight(backend, float(w), f"admin API ({who})")
             return self._backend_json(request, pool, backend)
         raise ApiError(404, f"unknown action {action!r}; actions: drain, undrain, enable, disable, weight")

@@ -359,7 +359,9 @@ class _Loader:
 
     def load_class(self, cls: type, node: Node, path: str) -> Any:
         fields = {f.name: f for f in attrs.fields(cls) if f.init}
-        if not isinstance(node, MappingNode):
+        # an empty value ("health:" with nothing under it) is an empty mapping
+        empty = self.is_null(node)
+        if not empty and not isinstance(node, MappingNode):
             return self.reject(
                 path, node,
                 f"expected a mapping with keys {', '.join(fields)}, got {self.describe(node)}",
@@ -367,7 +369,7 @@ class _Loader:
         hints = self.hints(cls)
         kwargs: dict[str, Any] = {}
         given: set[str] = set()
-        for key, p, knode, vnode in self.pairs(node, path):
+        for key, p, knode, vnode in () if empty else self.pairs(node, path):  # type: ignore[arg-type]
             given.add(key)
             field = fields.get(key)
             if field is None:

@@ -38,6 +38,18 @@ def is_under(path: str, prefix: str) -> bool:
     return prefix == "" or path[len(prefix)] in ".["
 
 
+def num(value: float) -> str:
+    """A number as written in the file, for messages: ``1000001`` (never
+    ``1e+06`` as ``%g`` would print it), ``0.25``, ``1e-07``; a whole float
+    without its ``.0``. Fractions keep 15 significant digits (every decimal a
+    config can spell exactly, without the noise of sums like 0.1 x 3)."""
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 2**63:
+            return str(int(value))
+        return format(value, ".15g")
+    return str(value)
+
+
 Positions = dict[str, int]
 
 

@@ -8,8 +8,8 @@ register a new one with ``@check`` (later features add theirs the same way).
 """
 from __future__ import annotations
 
+import math
 import random
-import re
 from typing import Any, Callable, Iterable, Iterator
 
 import attrs
@@ -17,11 +17,12 @@ from twisted.internet.task import Clock
 
 from lbtwist.config.binds import BindKey, bind_key, check_stream_bind, parse_udp_bind
 from lbtwist.config.model import Config
-from lbtwist.config.problems import Positions, Problem, index_path, is_under, key_path, line_of
-from lbtwist.pool import split_address
+from lbtwist.config.names import HASH_KEY_SYNTAX, TOKEN as _TOKEN, parse_hash_key
+from lbtwist.config.problems import Positions, Problem, index_path, is_under, key_path, line_of, num
+from lbtwist.pool import MAX_WEIGHT, split_address
 from lbtwist.registry import Registry, suggest
 
-__all__ = ["CHECKS", "CheckContext", "check", "parse_udp_bind", "validate"]
+__all__ = ["CHECKS", "HASH_KEY_SYNTAX", "CheckContext", "check", "parse_hash_key", "parse_udp_bind", "validate"]
 
 
 @attrs.define
@@ -208,6 +209,17 @@ def listener_modes(ctx: CheckContext) -> Iterator[Problem]:
                 yield ctx.error(key_path(lpath, "routes"), f"routes need mode: http (this listener is {lst.mode})")
             if ctx.given(key_path(lpath, "http")):
                 yield ctx.warning(key_path(lpath, "http"), f"ignored: http settings apply to mode: http, not {lst.mode}")
+        if lst.mode != "tcp":
+            # udp refuses to start with it; http would parse a PROXY line as a request
+            pp, ppath = lst.proxy_protocol, key_path(lpath, "proxy_protocol")
+            for key, on in (("accept", pp.accept), ("send", pp.send != "none")):
+                if on:
+                    yield ctx.error(key_path(ppath, key), f"PROXY protocol needs mode: tcp (this listener is {lst.mode})")
+        if lst.mode == "udp" and lst.idle_timeout is not None and lst.idle_timeout <= 0:
+            yield ctx.error(
+                key_path(lpath, "idle_timeout"),
+                "must be above 0 for mode udp: a UDP flow has no close, only its idle timeout ends it",
+            )
 
 
 # -- backends -----------------------------------------------------------------
@@ -234,14 +246,21 @@ def backends(ctx: CheckContext) -> Iterator[Problem]:
                 yield ctx.error(apath, f"duplicate backend {b.address!r} in pool {pool.name!r} (first at {ctx.where(first[k])})")
             else:
                 first[k] = apath
+        for i, b in enumerate(pool.backends):
+            if b.weight > MAX_WEIGHT:  # not finite: non_negative says so
+                yield ctx.error(
+                    key_path(index_path(bpath, i), "weight"),
+                    f"must be between 0 and {num(MAX_WEIGHT)}, got {num(b.weight)}",
+                )
         if all(b.weight == 0 for b in pool.backends):
             yield ctx.warning(bpath, f"every backend of pool {pool.name!r} has weight 0: it takes no new work")
 
 
 @check
 def non_negative(ctx: CheckContext) -> Iterator[Problem]:
-    """No count, weight, size or time in the model is meaningful below zero.
-    A field that is may opt out with ``metadata={"signed": True}``."""
+    """No count, weight, size or time in the model is meaningful below zero
+    (a field that is may opt out with ``metadata={"signed": True}``), nor
+    infinite or NaN (YAML's ``.inf`` and ``.nan`` are floats)."""
 
     def walk(obj: Any, path: str) -> Iterator[Problem]:
         for f in attrs.fields(type(obj)):
@@ -253,13 +272,15 @@ def non_negative(ctx: CheckContext) -> Iterator[Problem]:
                 for i, item in enumerate(value):
                     if attrs.has(type(item)):
                         yield from walk(item, index_path(p, i))
+            elif isinstance(value, float) and not math.isfinite(value):  # YAML .inf, .nan
+                yield ctx.error(p, f"must be a finite number (got {num(value)})")
             elif (
                 isinstance(value, (int, float))
                 and not isinstance(value, bool)
                 and value < 0
                 and not f.metadata.get("signed")
             ):
-                yield ctx.error(p, f"must not be negative (got {value:g})")
+                yield ctx.error(p, f"must not be negative (got {num(value)})")
 
     yield from walk(ctx.config, "")
 
@@ -363,25 +384,6 @@ def route_matches(ctx: CheckContext) -> Iterator[Problem]:
 
 # -- HTTP names and hash keys -----------------------------------------------------
 
-#: RFC 9110 token: header field names and cookie names.
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-HASH_KEY_SYNTAX = "source | header:NAME | cookie:NAME"
-
-
-def parse_hash_key(key: str) -> tuple[str, str | None]:
-    """``"source"`` -> ("source", None); ``"header:X-User"`` -> ("header", "x-user");
-    ``"cookie:sid"`` -> ("cookie", "sid"). Raises ValueError."""
-    kind, sep, name = key.partition(":")
-    kind = kind.strip().lower()
-    if kind == "source" and not sep:
-        return "source", None
-    if kind in ("header", "cookie") and sep:
-        name = name.strip()
-        if not _TOKEN.match(name):
-            raise ValueError(f"hash_key {key!r}: {name!r} is not a valid {kind} name")
-        return kind, name.lower() if kind == "header" else name
-    raise ValueError(f"hash_key {key!r} is not one of {HASH_KEY_SYNTAX}")
-
 
 @check
 def hash_keys(ctx: CheckContext) -> Iterator[Problem]:
@@ -404,8 +406,11 @@ def hash_keys(ctx: CheckContext) -> Iterator[Problem]:
 
 @check
 def header_names(ctx: CheckContext) -> Iterator[Problem]:
-    """Header and cookie names lbtwist writes must be tokens, or it would emit
-    malformed HTTP that some backend parses differently (request smuggling)."""
+    """Header and cookie names lbtwist writes must be tokens, and header values
+    free of CR, LF and NUL, or it would emit malformed HTTP that some backend
+    parses differently (request smuggling, response splitting)."""
+
+    from lbtwist.l7.headers import check_header_value
 
     def bad(path: str, name: str, what: str = "header") -> Iterator[Problem]:
         if not _TOKEN.match(name):
@@ -421,8 +426,13 @@ def header_names(ctx: CheckContext) -> Iterator[Problem]:
             rw = getattr(route, side)
             spath = key_path(rpath, side)
             for op in ("add", "set"):
-                for name in getattr(rw, op):
-                    yield from bad(key_path(key_path(spath, op), name), name)
+                for name, value in getattr(rw, op).items():
+                    path = key_path(key_path(spath, op), name)
+                    yield from bad(path, name)
+                    try:
+                        check_header_value(value)
+                    except ValueError as e:
+                        yield ctx.error(path, str(e))
             for i, name in enumerate(rw.remove):
                 yield from bad(index_path(key_path(spath, "remove"), i), name)
 
@@ -449,7 +459,7 @@ def resilience_settings(ctx: CheckContext) -> Iterator[Problem]:
         if r.backoff.base > r.backoff.max:
             yield ctx.error(
                 key_path(rp, "backoff"),
-                f"base ({r.backoff.base:g}s) is above max ({r.backoff.max:g}s)",
+                f"base ({num(r.backoff.base)}s) is above max ({num(r.backoff.max)}s)",
             )
         if r.budget_window == 0:
             yield ctx.error(key_path(rp, "budget_window"), "must be above 0")
@@ -461,6 +471,12 @@ def resilience_settings(ctx: CheckContext) -> Iterator[Problem]:
                 yield ctx.error(key_path(lp, "rate"), "must be above 0 (omit rate_limit for no limit)")
             if rl.burst is not None and rl.burst < 1:
                 yield ctx.error(key_path(lp, "burst"), "must be at least 1, or no request could ever pass")
+            elif rl.burst is None and 0 < rl.rate < 1:  # the bucket size defaults to the rate
+                yield ctx.error(
+                    key_path(lp, "rate"),
+                    f"without a burst the bucket holds {num(rl.rate)} tokens and no request could ever "
+                    "pass: set burst to at least 1",
+                )
             if rl.max_keys < 1:
                 yield ctx.error(key_path(lp, "max_keys"), "must be at least 1")
             try:
@@ -533,30 +549,30 @@ def descending_timeouts(ctx: CheckContext) -> Iterator[Problem]:
                     if Failure.TIMEOUT in kinds and attempts > 1:
                         yield ctx.error(
                             ptpath,
-                            f"per_try_timeout ({per_try:g}s) is not below the route timeout "
-                            f"({tpath} = {timeout:g}s): a try can never time out before the whole "
+                            f"per_try_timeout ({num(per_try)}s) is not below the route timeout "
+                            f"({tpath} = {num(timeout)}s): a try can never time out before the whole "
                             "request does, so 'timeout' retries can never happen",
                         )
                     else:
                         yield ctx.warning(
                             ptpath,
-                            f"per_try_timeout ({per_try:g}s) is not below the route timeout "
-                            f"({tpath} = {timeout:g}s), so it has no effect",
+                            f"per_try_timeout ({num(per_try)}s) is not below the route timeout "
+                            f"({tpath} = {num(timeout)}s), so it has no effect",
                         )
                 elif attempts > 1 and Failure.TIMEOUT in kinds:
                     worst = per_try * attempts + retry.backoff.max * (attempts - 1)
                     if worst > timeout:
                         yield ctx.warning(
                             ptpath,
-                            f"per_try_timeout ({per_try:g}s) x max_attempts ({attempts}) plus backoff "
-                            f"({worst:g}s in all) exceeds the route timeout ({tpath} = {timeout:g}s): "
+                            f"per_try_timeout ({num(per_try)}s) x max_attempts ({attempts}) plus backoff "
+                            f"({num(worst)}s in all) exceeds the route timeout ({tpath} = {num(timeout)}s): "
                             "the last tries are cut short",
                         )
             elif retry is not None and Failure.TIMEOUT in kinds and attempts > 1:
                 yield ctx.warning(
                     key_path(rp, "retry_on"),
                     f"'timeout' is retried but no per_try_timeout is set, so the only timeout is "
-                    f"the route's ({tpath} = {timeout:g}s) and a timed-out request is never retried",
+                    f"the route's ({tpath} = {num(timeout)}s) and a timed-out request is never retried",
                 )
             if pool is None:
                 continue
@@ -570,8 +586,8 @@ def descending_timeouts(ctx: CheckContext) -> Iterator[Problem]:
                 retried = Failure.CONNECT_FAILURE in kinds and attempts > 1
                 yield ctx.warning(
                     ctpath,
-                    f"connect_timeout ({pool.connect_timeout:g}s) is not below {wpath} "
-                    f"({window:g}s): a backend that does not answer SYNs uses the whole "
+                    f"connect_timeout ({num(pool.connect_timeout)}s) is not below {wpath} "
+                    f"({num(window)}s): a backend that does not answer SYNs uses the whole "
                     + ("try, so its connect failure is never retried" if retried else "time"),
                 )
             if retry is not None and attempts > 1 and (kinds or statuses) and pool.limits.max_retries == 0:
@@ -583,8 +599,8 @@ def descending_timeouts(ctx: CheckContext) -> Iterator[Problem]:
             timeout, tpath = longest
             yield ctx.warning(
                 key_path(lpath, "idle_timeout"),
-                f"idle_timeout ({lst.idle_timeout:g}s) is not above the route timeout "
-                f"({tpath} = {timeout:g}s): the client connection may be closed as idle "
+                f"idle_timeout ({num(lst.idle_timeout)}s) is not above the route timeout "
+                f"({tpath} = {num(timeout)}s): the client connection may be closed as idle "
                 "while its request is still being served",
             )
     for ppath, pool in _pools(ctx.config):
@@ -593,8 +609,8 @@ def descending_timeouts(ctx: CheckContext) -> Iterator[Problem]:
             hp = key_path(key_path(ppath, "health"), "active")
             yield ctx.warning(
                 key_path(hp, "timeout"),
-                f"probe timeout ({active.timeout:g}s) is not below the interval "
-                f"({active.interval:g}s): a hanging backend is probed less often than configured",
+                f"probe timeout ({num(active.timeout)}s) is not below the interval "
+                f"({num(active.interval)}s): a hanging backend is probed less often than configured",
             )
 
 
@@ -613,21 +629,23 @@ def health_settings(ctx: CheckContext) -> Iterator[Problem]:
         hp = key_path(ppath, "health")
         h = pool.health
         if not 0 <= h.panic_threshold <= 100:
-            yield ctx.error(key_path(hp, "panic_threshold"), f"{h.panic_threshold:g} is not a percentage (0-100)")
+            yield ctx.error(key_path(hp, "panic_threshold"), f"{num(h.panic_threshold)} is not a percentage (0-100)")
         a, ap = h.active, key_path(hp, "active")
         if a is not None:
             if a.interval <= 0:
                 yield ctx.error(key_path(ap, "interval"), "must be above 0")
+            if a.timeout <= 0:
+                yield ctx.error(key_path(ap, "timeout"), "must be above 0")
             elif a.timeout >= a.interval:
                 yield ctx.error(
                     key_path(ap, "timeout"),
-                    f"probe timeout ({a.timeout:g}s) must be below the interval ({a.interval:g}s)",
+                    f"probe timeout ({num(a.timeout)}s) must be below the interval ({num(a.interval)}s)",
                 )
             for name in ("unhealthy_threshold", "healthy_threshold"):
                 if getattr(a, name) < 1:
                     yield ctx.error(key_path(ap, name), "must be at least 1")
             if not 0 <= a.jitter < 1:
-                yield ctx.error(key_path(ap, "jitter"), f"{a.jitter:g} must be a fraction in [0, 1)")
+                yield ctx.error(key_path(ap, "jitter"), f"{num(a.jitter)} must be a fraction in [0, 1)")
             if ctx.registry is not None and a.timeout > 0:
                 try:
                     make_probe(ctx.registry, a, reactor=Clock())
@@ -644,16 +662,16 @@ def health_settings(ctx: CheckContext) -> Iterator[Problem]:
             elif p.max_ejection_time < p.base_ejection_time:
                 yield ctx.error(
                     key_path(pp, "max_ejection_time"),
-                    f"({p.max_ejection_time:g}s) is below base_ejection_time ({p.base_ejection_time:g}s)",
+                    f"({num(p.max_ejection_time)}s) is below base_ejection_time ({num(p.base_ejection_time)}s)",
                 )
             if not 0 <= p.max_ejection_percent <= 100:
-                yield ctx.error(key_path(pp, "max_ejection_percent"), f"{p.max_ejection_percent:g} is not a percentage (0-100)")
+                yield ctx.error(key_path(pp, "max_ejection_percent"), f"{num(p.max_ejection_percent)} is not a percentage (0-100)")
             if p.interval <= 0:
                 yield ctx.error(key_path(pp, "interval"), "must be above 0")
             lat, lp = p.latency, key_path(pp, "latency")
             if lat.enabled:
                 if lat.factor <= 1:
-                    yield ctx.error(key_path(lp, "factor"), f"{lat.factor:g} must be above 1, or normal backends are outliers")
+                    yield ctx.error(key_path(lp, "factor"), f"{num(lat.factor)} must be above 1, or normal backends are outliers")
                 if lat.window <= 0:
                     yield ctx.error(key_path(lp, "window"), "must be above 0")
             fr, fp = p.failure_rate, key_path(pp, "failure_rate")

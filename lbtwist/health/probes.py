@@ -273,6 +273,11 @@ def url_host_to_ip(host: str) -> str:
 
 
 @implementer(IHealthProbe)
+def _unsafe(text: str) -> bool:
+    """Would ``text`` break the request line or a header (space, CR, LF, other controls)?"""
+    return any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in text)
+
+
 class HttpProbe:
     """Passes when ``method path`` answers an expected status (and, with
     ``body_match``, a body matching the regex) within ``timeout``.
@@ -295,6 +300,10 @@ class HttpProbe:
     ) -> None:
         if not isinstance(path, str) or not path.startswith("/"):
             raise ValueError(f"path must start with '/', got {path!r}")
+        if _unsafe(path):
+            raise ValueError(f"path must hold no spaces or control characters, got {path!r}")
+        if host is not None and (not isinstance(host, str) or not host or _unsafe(host)):
+            raise ValueError(f"host must be a host name (and port), got {host!r}")
         if not isinstance(method, str) or not method.isalpha():
             raise ValueError(f"method must be an HTTP method name, got {method!r}")
         self.reactor = reactor

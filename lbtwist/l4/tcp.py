@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from lbtwist import fastio
 from lbtwist.config.model import ListenerConfig, PoolConfig
+from lbtwist.config.names import parse_hash_key
 from lbtwist.l4.failover import ConnectAttempts, connect_retry
 from lbtwist.l4.proxy_protocol import ProxyHeaderParser, ProxyProtocolError, encode
 from lbtwist.listener import ListenerService
@@ -74,7 +75,7 @@ class RelayFactory(protocol.ServerFactory):
         reload keeps the socket and the live connections)."""
         if cfg.pool is None and cfg.tls_passthrough is None:
             raise ValueError(f"listener {cfg.name}: mode tcp needs a pool")
-        if cfg.hash_key != "source":
+        if parse_hash_key(cfg.hash_key)[0] != "source":  # as the validator reads it
             raise ValueError(
                 f"listener {cfg.name}: hash_key {cfg.hash_key!r} is not available at L4 (use 'source')"
             )

@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from lbtwist.config.binds import parse_udp_bind
 from lbtwist.config.model import ListenerConfig
+from lbtwist.config.names import parse_hash_key
 from lbtwist.l4.flows import Flow, FlowTable
 from lbtwist.pool import PickContext
 from lbtwist.traffic import TrafficRecord
@@ -139,7 +140,7 @@ class UDPRelay(DatagramProtocol):
         timeout and cap apply to every flow from now on."""
         if cfg.pool is None:
             raise ValueError(f"listener {cfg.name}: mode udp needs a pool")
-        if cfg.hash_key != "source":
+        if parse_hash_key(cfg.hash_key)[0] != "source":  # as the validator reads it
             raise ValueError(
                 f"listener {cfg.name}: hash_key {cfg.hash_key!r} is not available at L4 (use 'source')"
             )

@@ -35,7 +35,7 @@ from lbtwist.l7.plan import RoutePlan
 from lbtwist.l7.tunnel import Tunnel
 from lbtwist.pool import Backend, PickContext, Pool
 from lbtwist.resilience.limits import Limit, overflow_headers
-from lbtwist.resilience.retry import Failure
+from lbtwist.resilience.retry import IDEMPOTENT_METHODS_BYTES as _IDEMPOTENT, Failure
 from lbtwist.routing import RequestHead, host_without_port
 from lbtwist.traffic import TrafficRecord
 
@@ -750,7 +750,6 @@ def _tls_record(client: Any) -> dict[str, Any]:
     return {"tls_version": info.version, "tls_cipher": info.cipher, "tls_resumed": info.resumed}
 
 
-_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 
 #: Attempt failure codes (L{Failed.code}) as the retry policy names them;
 #: absent codes (a garbled response...) are never retried.

@@ -31,6 +31,14 @@ HOP_BY_HOP = frozenset((
 ))
 
 
+def check_header_value(value: str) -> None:
+    """A value lbtwist may write into a header (CR, LF and NUL would split or
+    end the field: response splitting). ValueError names it. The validator
+    calls this too, so a config check accepts exactly what compiles."""
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError(f"invalid header value {value!r}")
+
+
 @attrs.frozen
 class Rewriter:
     """A compiled L{HeaderRewrite}: drop ``remove`` names, then append ``append``."""
@@ -46,8 +54,7 @@ class Rewriter:
             if not name or any(c in name for c in " \t\r\n:") or not name.isascii():
                 raise ValueError(f"invalid header name {name!r}")
         for value in [*rw.add.values(), *rw.set.values()]:
-            if any(c in value for c in "\r\n\0"):
-                raise ValueError(f"invalid header value {value!r}")
+            check_header_value(value)
         remove = frozenset(n.lower().encode() for n in [*rw.remove, *rw.set])
         append = tuple((n.encode(), v.encode()) for n, v in [*rw.set.items(), *rw.add.items()])
         return cls(remove, append)

@@ -14,7 +14,7 @@ from lbtwist.l7.affinity import StickyCookie
 from lbtwist.l7.client import HttpProxyProtocol
 from lbtwist.l7.connpool import ConnectionPools
 from lbtwist.l7.headers import ForwardingPolicy, RequestIds
-from lbtwist.l7.plan import RoutePlan
+from lbtwist.l7.plan import HashKey, RoutePlan
 from lbtwist.listener import ListenerService
 from lbtwist.resilience.wiring import runtime_resilience
 from lbtwist.routing import DEFAULT_ROUTE, Router
@@ -38,16 +38,19 @@ def build_router(cfg: ListenerConfig, registry: Any, resilience: Any = None) -> 
     change keep their retry budget and rate-limit buckets from it."""
     http = cfg.http
 
+    hash_key = HashKey.parse(cfg.hash_key)  # inherited by routes without their own
+
     def kept(rcfg: Any, name: str) -> Any:
         if resilience is None:
             return None
         return resilience.route(cfg.name, name, rcfg, http.request_timeout)
 
-    default = RoutePlan.build(None, DEFAULT_ROUTE, cfg.pool, http, kept(None, DEFAULT_ROUTE)) if cfg.pool else None
+    default = (RoutePlan.build(None, DEFAULT_ROUTE, cfg.pool, http, hash_key, kept(None, DEFAULT_ROUTE))
+               if cfg.pool else None)
     return Router.build(
         cfg.routes,
         registry.rules,
-        make_target=lambda rcfg, name: RoutePlan.build(rcfg, name, rcfg.pool, http, kept(rcfg, name)),
+        make_target=lambda rcfg, name: RoutePlan.build(rcfg, name, rcfg.pool, http, hash_key, kept(rcfg, name)),
         default=default,
         where=f"listener {cfg.name}: routes",
     )

@@ -32,13 +32,13 @@ import httptools
 
 from lbtwist.l7.chunked import ChunkedDecoder
 from lbtwist.l7.errors import ParseError
+# Methods safe to send twice (RFC 9110 9.2.2), defined once in lbtwist.resilience.retry.
+from lbtwist.resilience.retry import IDEMPOTENT_METHODS_BYTES as IDEMPOTENT_METHODS
 
 _HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]{0,5})?")
 _HOST_MATCH = _HOST_RE.fullmatch
 _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
-#: Methods safe to send twice (RFC 9110 9.2.2).
-IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 
 # Parser states.
 HEAD, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE, DONE, CLOSED, UPGRADED = range(7)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import attrs
 
 from lbtwist.config.model import HttpConfig, RouteConfig
+from lbtwist.config.names import parse_hash_key
 from lbtwist.l7.headers import Rewriter
 from lbtwist.l7.parser import Request
 from lbtwist.resilience.build import RouteResilience
@@ -24,12 +25,11 @@ class HashKey:
 
     @classmethod
     def parse(cls, text: str | None) -> "HashKey":
-        if text is None or text == "source":
+        """``text`` as the validator reads it (L{parse_hash_key}); None is ``source``."""
+        if text is None:
             return cls()
-        kind, sep, name = text.partition(":")
-        if sep and name and kind in ("header", "cookie"):
-            return cls(kind, name.strip().lower().encode() if kind == "header" else name.strip().encode())
-        raise ValueError(f"hash_key {text!r}: expected source, header:NAME or cookie:NAME")
+        kind, name = parse_hash_key(text)
+        return cls(kind, name.encode() if name is not None else b"")
 
     def key(self, req: Request, client_ip: bytes) -> bytes | None:
         if self.kind == "source":
@@ -73,17 +73,21 @@ class RoutePlan:
     resilience: RouteResilience | None = None
 
     @classmethod
-    def build(cls, rcfg: RouteConfig | None, name: str, pool: str, http: HttpConfig,
-              resilience: RouteResilience | None = None) -> "RoutePlan":
-        """``resilience``: the route's retry budget and rate limiter when the
-        caller keeps them across reloads; else built fresh from ``rcfg``."""
+    def build(
+        cls, rcfg: RouteConfig | None, name: str, pool: str, http: HttpConfig, hash_key: HashKey = HashKey(),
+        resilience: RouteResilience | None = None,
+    ) -> "RoutePlan":
+        """``hash_key`` is the listener's: the key of the default route and of
+        every route that does not set its own. ``resilience``: the route's
+        retry budget and rate limiter when the caller keeps them across
+        reloads; else built fresh from ``rcfg``."""
         if resilience is None:
             resilience = RouteResilience.from_config(rcfg, default_timeout=http.request_timeout, name=name)
         if rcfg is None:
             return cls(
                 name=name, pool=pool, timeout=http.request_timeout, max_body=http.max_body_size,
                 buffer_request=False, buffer_response=False, request_rewriter=None,
-                response_rewriter=None, hash_key=HashKey(), replay_limit=DEFAULT_REPLAY,
+                response_rewriter=None, hash_key=hash_key, replay_limit=DEFAULT_REPLAY,
                 idempotency_header=b"idempotency-key",
                 resilience=resilience,
             )
@@ -104,7 +108,7 @@ class RoutePlan:
             buffer_response=rcfg.buffering in ("response", "both"),
             request_rewriter=Rewriter.compile(rcfg.request_headers),
             response_rewriter=Rewriter.compile(rcfg.response_headers),
-            hash_key=HashKey.parse(rcfg.hash_key),
+            hash_key=HashKey.parse(rcfg.hash_key) if rcfg.hash_key is not None else hash_key,
             replay_limit=replay,
             idempotency_header=idem.lower().encode() if idem else None,
             config=rcfg,

@@ -33,7 +33,13 @@ from twisted.internet.interfaces import IReactorTime
 from lbtwist.resilience.breaker import BreakerSet, BreakerState
 from lbtwist.resilience.budget import RetryBudget
 from lbtwist.resilience.limits import Limit, PoolLimits, Slot
-from lbtwist.resilience.retry import Failure, RetryPolicy, parse_retry_after
+from lbtwist.resilience.retry import (
+    IDEMPOTENT_METHODS,
+    IDEMPOTENT_METHODS_BYTES,
+    Failure,
+    RetryPolicy,
+    parse_retry_after,
+)
 
 
 @attrs.frozen
@@ -59,10 +65,9 @@ REASONS = (
 )
 
 
-#: Methods that are idempotent under any policy (RFC 9110 9.2.2), as the
-#: parsers hand them over: a dict hit instead of a decode per request.
-_IDEMPOTENT = {m: True for m in ("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE")}
-_IDEMPOTENT.update({m.encode(): True for m in list(_IDEMPOTENT)})
+#: Methods that are idempotent under any policy (RFC 9110 9.2.2), as str or as
+#: the parsers hand them over (bytes): one set lookup instead of a decode per request.
+_IDEMPOTENT = IDEMPOTENT_METHODS | IDEMPOTENT_METHODS_BYTES
 _REQUESTS = Limit.REQUESTS
 _CLOSED = BreakerState.CLOSED
 #: Shared jitter source for states built without one (never seeded: not a test path).
@@ -153,7 +158,7 @@ class RequestRetryState:
             self.stats = stats
         if method is not None:
             self.method = method
-            if not _IDEMPOTENT.get(method, False):
+            if method not in _IDEMPOTENT:
                 self.eligible = policy.eligible(method) or policy.has_key(headers)
         if now is None:
             now = clock.seconds()

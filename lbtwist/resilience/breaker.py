@@ -21,6 +21,8 @@ from typing import Callable, Iterable
 import attrs
 from twisted.logger import Logger
 
+from lbtwist.config.model import CircuitBreakerConfig
+
 log = Logger(namespace="lbtwist.resilience.breaker")
 
 
@@ -36,18 +38,22 @@ _CLOSED = BreakerState.CLOSED
 TransitionListener = Callable[[object, BreakerState, BreakerState, str], None]
 
 
+#: The config model's defaults are the only ones (``pools[].circuit_breaker``).
+_DEFAULTS = CircuitBreakerConfig()
+
+
 @attrs.frozen
 class BreakerSettings:
     #: Consecutive failures that open the breaker; 0 disables it.
-    consecutive_failures: int = 5
+    consecutive_failures: int = _DEFAULTS.consecutive_failures
     #: Seconds an opened breaker keeps its backend out before trials.
-    open_for: float = 10.0
+    open_for: float = _DEFAULTS.open_for
     #: Trial requests let through when half-open; all must succeed to close.
-    half_open_requests: int = 3
+    half_open_requests: int = _DEFAULTS.half_open_requests
     #: Statuses that count as failures (gateway errors always do).
-    failure_statuses: frozenset[int] = frozenset({502, 503, 504})
+    failure_statuses: frozenset[int] = frozenset(_DEFAULTS.failure_statuses)
     #: Longest ``Retry-After`` honoured, in seconds; 0 ignores Retry-After.
-    max_retry_after: float = 30.0
+    max_retry_after: float = _DEFAULTS.max_retry_after
 
     def __attrs_post_init__(self) -> None:
         if self.consecutive_failures < 0:

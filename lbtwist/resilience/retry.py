@@ -34,7 +34,10 @@ class Failure(str, enum.Enum):
 
 
 #: RFC 9110 section 9.2.2: methods whose repetition has the same effect as one call.
+#: The one definition: every other module imports it (or its bytes form).
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+#: The same methods as the HTTP parser hands them over, for a membership test without a decode.
+IDEMPOTENT_METHODS_BYTES = frozenset(m.encode("ascii") for m in IDEMPOTENT_METHODS)
 
 #: Shorthands accepted in ``retry_on`` besides failure names and status codes.
 STATUS_ALIASES: dict[str, frozenset[int]] = {

@@ -44,6 +44,13 @@ def _file_problem(e: TLSFileError, cert_path: str, base: str) -> Found:
     return where, "error", str(e)
 
 
+def _alpn(protocols: Any) -> Iterator[Found]:
+    """RFC 7301: a protocol name is 1 to 255 bytes; lbtwist sends them as ASCII."""
+    for j, p in enumerate(protocols or ()):
+        if not 1 <= len(p) <= 255 or not p.isascii() or not p.isprintable():
+            yield f"alpn[{j}]", "error", f"ALPN protocol names are 1 to 255 bytes of printable ASCII, got {p!r}"
+
+
 def _versions_and_ciphers(cfg: Any, with_ciphers: bool) -> Iterator[Found]:
     try:
         tls_version(cfg.min_version)
@@ -106,6 +113,7 @@ def check_listener_tls(cfg: Any, mode: str, now: float) -> Iterator[Found]:
     if len(defaults) > 1:
         yield defaults[1] + ".default", "error", f"only one certificate can be the default (also {defaults[0]})"
     yield from _versions_and_ciphers(cfg, with_ciphers=True)
+    yield from _alpn(cfg.alpn)
     if mode == "http" and cfg.alpn is not None:
         for j, p in enumerate(cfg.alpn):
             if p not in HTTP_ALPN:
@@ -159,6 +167,7 @@ def check_pool_tls(cfg: Any, now: float) -> Iterator[Found]:
     elif cfg.key:
         yield "key", "error", "a client key needs its certificate (cert)"
     yield from _versions_and_ciphers(cfg, with_ciphers=False)
+    yield from _alpn(cfg.alpn)
     if cfg.server_name is not None:
         try:
             check_name_pattern(cfg.server_name)
