@@ -23,7 +23,8 @@ from lbtwist.drill.configs import Setup
 from lbtwist.drill.control import ControlError
 from lbtwist.drill.fleet import BackendFleet
 from lbtwist.drill.loadgen import ClientPolicy, LoadGenerator
-from lbtwist.drill.procs import cpu_seconds, free_port
+from lbtwist.drill.flood import raise_nofile
+from lbtwist.drill.procs import Child, cpu_seconds, free_port
 from lbtwist.drill.recorder import Recorder
 from lbtwist.drill.scenarios import Plan, evaluate
 from lbtwist.drill.targets import make_target
@@ -80,6 +81,14 @@ class DrillContext:
         self.progress = progress
         self.marks: dict[str, Any] = {}
         self.current_fault = ""
+        #: Processes the scenario's steps started (the runner ends them).
+        self.children: list[Child] = []
+
+    def spawn(self, name: str, argv: list[str]) -> Child:
+        """Start a helper process (an attacker) that the runner kills at the end."""
+        child = Child(self.reactor, name, argv)
+        self.children.append(child)
+        return child
 
     def now(self) -> float:
         """Seconds since the load started."""
@@ -147,6 +156,12 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
     poller: task.LoopingCall | None = None
     step_calls: list[IDelayedCall] = []
     gen: LoadGenerator | None = None
+    ctx: DrillContext | None = None
+    if plan.open_files:
+        limit = raise_nofile(plan.open_files)
+        result.notes.append(f"open-file limit raised to {limit} for the drill and the processes it starts")
+        if limit < plan.open_files:
+            result.notes.append(f"open-file limit {limit} is below the {plan.open_files} this drill wants")
     try:
         progress(f"[{target_kind}] starting {sum(len(g.backends) for g in plan.groups)} backends")
         await fleet.start()
@@ -255,7 +270,11 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
         except Exception as e:
             result.notes.append(f"stopping {target_kind}: {e}")
         await fleet.shutdown()
-        result.pids = [c.pid for c in fleet.all_children] + ([target.child.pid] if target.child is not None else [])
+        helpers = ctx.children if ctx is not None else []
+        for c in helpers:
+            if not c.ended:
+                await c.terminate(5.0)
+        result.pids = [c.pid for c in helpers] + [c.pid for c in fleet.all_children] + ([target.child.pid] if target.child is not None else [])
     return result
 
 
