@@ -106,7 +106,7 @@ class HttpProxyProtocol(Protocol):
             self, max_request_line=http.max_request_line, max_header_size=http.max_header_size,
             max_headers=http.max_headers,
         )
-        self.deadline = Deadline(ctx.clock, self._timeout)
+        self.deadline = Deadline(ctx.clock, self._timeout, ctx.timers)
         self.deadline.set(http.header_timeout, "idle-header")
 
     def dataReceived(self, data: bytes) -> None:
@@ -281,7 +281,7 @@ class HttpProxyProtocol(Protocol):
     def _write_blocked(self) -> None:
         self.write_blocked = True
         if self._wdeadline is None:
-            self._wdeadline = Deadline(self.ctx.clock, self._timeout)
+            self._wdeadline = Deadline(self.ctx.clock, self._timeout, self.ctx.timers)
         self._wdeadline.set(self.ctx.http.body_timeout, "write")
         target = self.tunnel or self.exchange
         if target is not None:
@@ -383,8 +383,8 @@ class HttpProxyProtocol(Protocol):
 
     def _reject(self, status: int, reason: str) -> None:
         """Answer an error outside any exchange (bad request head, header timeout) and close."""
-        log.info("client {client}: {status} {reason}", client=self.client_ip_str, status=status, reason=reason)
         ctx = self.ctx
+        ctx.note_rejection(status, reason, self.client_ip_str)
         hub = ctx.runtime.traffic
         if hub.subscribers:
             hub.publish(TrafficRecord(kind="http", listener=ctx.name, start=0.0, duration=0.0,
