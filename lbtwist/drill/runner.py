@@ -31,6 +31,9 @@ from lbtwist.drill.targets import make_target
 
 Progress = Callable[[str], None]
 
+#: How long steps still running when the load ends may take to finish.
+STEP_GRACE = 20.0
+
 
 @attrs.define
 class RunResult:
@@ -157,11 +160,12 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
     step_calls: list[IDelayedCall] = []
     gen: LoadGenerator | None = None
     ctx: DrillContext | None = None
+    limit_notes: list[str] = []
     if plan.open_files:
         limit = raise_nofile(plan.open_files)
-        result.notes.append(f"open-file limit raised to {limit} for the drill and the processes it starts")
+        limit_notes.append(f"open-file limit (RLIMIT_NOFILE) {limit} for the drill and the processes it starts")
         if limit < plan.open_files:
-            result.notes.append(f"open-file limit {limit} is below the {plan.open_files} this drill wants")
+            limit_notes.append(f"open-file limit {limit} is below the {plan.open_files} this drill wants")
     try:
         progress(f"[{target_kind}] starting {sum(len(g.backends) for g in plan.groups)} backends")
         await fleet.start()
@@ -216,8 +220,9 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
                 except Exception as e:
                     rec.notes.append(f"step {step.label!r} failed: {e.__class__.__name__}: {e}")
                     progress(f"[{target_kind}] step {step.label!r} FAILED: {e}")
-            defer.ensureDeferred(go())
+            running.append(defer.ensureDeferred(go()))
 
+        running: list[defer.Deferred] = []
         for step in plan.steps:
             step_calls.append(reactor.callLater(max(0.0, t0 + step.at - reactor.seconds()), run_step, step))
 
@@ -225,7 +230,16 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
         poller.stop()
         await poller_done
         poller = None
-        # let steps still running (a restart) finish before stopping everything
+        # let steps still running (a restart, a flood phase) finish before
+        # stopping everything and reading their marks: bounded
+        unfinished = [d for d in running if not d.called]
+        if unfinished:
+            waiting = defer.DeferredList(unfinished, consumeErrors=True)
+            waiting.addTimeout(STEP_GRACE, reactor)
+            try:
+                await waiting
+            except defer.TimeoutError:
+                rec.notes.append(f"a step was still running {STEP_GRACE:g}s after the load ended")
         result.series = rec.series()
         result.totals = rec.totals()
         a, b = plan.window
@@ -233,7 +247,7 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
             "before": rec.totals(0, a), "fault": rec.totals(a, b), "after": rec.totals(b, plan.duration),
         }
         result.events = rec.events
-        result.notes = rec.notes + poll_failures.lines()
+        result.notes = limit_notes + rec.notes + poll_failures.lines()
         result.load = attrs.asdict(stats)
         result.marks = ctx.marks
         result.recorder = rec
