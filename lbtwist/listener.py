@@ -19,7 +19,7 @@ _BACKLOG_KINDS = ("tcp", "tcp6", "ssl", "unix")
 #: Connections one accept pass takes at most (Twisted's own count adapts down
 #: to what the previous pass found, and climbs back 20 a pass: after a quiet
 #: spell a connection burst waited many loop passes in the listen queue).
-ACCEPT_BATCH = 64
+ACCEPT_BATCH = 16
 
 
 def default_backlog(path: str = _SOMAXCONN) -> int:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from twisted.internet.interfaces import IReactorTime
 
 #: Deadlines a L{TimerHeap} expires per reactor pass at most.
-EXPIRY_BATCH = 32
+EXPIRY_BATCH = 8
 
 
 class TimerHeap:
