@@ -29,12 +29,15 @@ EXPIRY_BATCH = 8
 class TimerHeap:
     """Deadlines of many connections behind one DelayedCall (see module doc).
 
-    Each entry is ``(when, seq, deadline)``; a deadline has at most one live
-    entry (its ``_seq``); entries it moved away from or cancelled stay in the
-    heap as stale ones until popped, or until they outnumber the live ones
-    and the heap is rebuilt. Push and pop are O(log n); a deadline pushed
-    later than its live entry is not pushed at all (it re-arms when that
-    entry comes due), so a deadline moved on every request costs nothing.
+    Each entry is ``[when, seq, deadline]``; a deadline has at most one live
+    entry. An entry it moved away from, or cancelled, is made stale by
+    dropping its deadline reference (so a closed connection is not kept
+    alive by its old entry, as Twisted's cancelled DelayedCalls drop their
+    function); stale entries are skipped when popped, and the heap is
+    rebuilt when they outnumber the live ones. Push and pop are O(log n); a
+    deadline pushed later than its live entry is not pushed at all (it
+    re-arms when that entry comes due), so a deadline moved on every request
+    costs nothing.
     """
 
     def __init__(self, clock: IReactorTime, batch: int = EXPIRY_BATCH) -> None:
@@ -42,7 +45,7 @@ class TimerHeap:
             raise ValueError("a TimerHeap expires at least one deadline per pass")
         self._clock = clock
         self.batch = batch
-        self._heap: list[tuple[float, int, "Deadline"]] = []
+        self._heap: list[list[Any]] = []
         self._seq = 0
         self._call: Any = None
         self._at = float("inf")
@@ -55,27 +58,33 @@ class TimerHeap:
         return self.live
 
     def _push(self, d: "Deadline", when: float) -> None:
-        if d._seq is None:
+        old = d._entry
+        if old is None:
             self.live += 1
+        else:
+            old[2] = None
         self._seq += 1
-        d._seq = self._seq
+        entry = [when, self._seq, d]
+        d._entry = entry
         d._at = when
         heap = self._heap
-        heapq.heappush(heap, (when, self._seq, d))
-        if len(heap) > 1024 and len(heap) > 2 * self.live:
+        heapq.heappush(heap, entry)
+        if len(heap) > 2 * self.live + 64:
             self._compact()
         if when < self._at:
             self._arm(when)
 
     def _drop(self, d: "Deadline") -> None:
-        if d._seq is not None:
-            d._seq = None
+        entry = d._entry
+        if entry is not None:
+            entry[2] = None
+            d._entry = None
             self.live -= 1
             if not self.live:
                 self.close()  # nothing left: leave the reactor clean
 
     def _compact(self) -> None:
-        self._heap = [e for e in self._heap if e[2]._seq == e[1]]
+        self._heap = [e for e in self._heap if e[2] is not None]
         heapq.heapify(self._heap)
 
     def _arm(self, when: float) -> None:
@@ -89,8 +98,7 @@ class TimerHeap:
     def _run(self) -> None:
         self._call = None
         self._at = float("inf")
-        clock = self._clock
-        now = clock.seconds()
+        now = self._clock.seconds()
         fired = 0
         while self._heap and self._heap[0][0] <= now:
             if fired >= self.batch:
@@ -98,10 +106,11 @@ class TimerHeap:
                 self.deferred_passes += 1
                 self._arm(now)
                 return
-            when, seq, d = heapq.heappop(self._heap)
-            if d._seq != seq:
+            entry = heapq.heappop(self._heap)
+            d = entry[2]
+            if d is None:
                 continue  # stale: moved or cancelled
-            d._seq = None
+            d._entry = None
             self.live -= 1
             if d._due(now):
                 fired += 1
@@ -110,8 +119,9 @@ class TimerHeap:
 
     def close(self) -> None:
         """Forget every deadline and the pending call (listener stopped)."""
-        for _, _, d in self._heap:
-            d._seq = None
+        for e in self._heap:
+            if e[2] is not None:
+                e[2]._entry = None
         self._heap = []
         self.live = 0
         if self._call is not None and self._call.active():
@@ -126,7 +136,7 @@ class Deadline:
     With ``heap`` the deadline lives in that shared L{TimerHeap} (one
     DelayedCall for all of them); without, it keeps its own DelayedCall."""
 
-    __slots__ = ("_clock", "_fire", "_call", "_at", "when", "kind", "_heap", "_seq")
+    __slots__ = ("_clock", "_fire", "_call", "_at", "when", "kind", "_heap", "_entry")
 
     def __init__(self, clock: IReactorTime, fire: Callable[[Any], None], heap: TimerHeap | None = None) -> None:
         self._clock = clock
@@ -137,8 +147,8 @@ class Deadline:
         self.when: float | None = None
         self.kind: Any = None
         self._heap = heap
-        #: The live heap entry's sequence number (None: no entry).
-        self._seq: int | None = None
+        #: The live heap entry (None: none).
+        self._entry: list[Any] | None = None
 
     def set(self, delay: float, kind: Any) -> None:
         """Expire ``delay`` seconds from now with ``kind`` (replaces any previous)."""
@@ -148,7 +158,7 @@ class Deadline:
         self.kind = kind
         heap = self._heap
         if heap is not None:
-            if self._seq is None or self._at > when:
+            if self._entry is None or self._at > when:
                 heap._push(self, when)
             return
         if self._call is None:
@@ -165,7 +175,7 @@ class Deadline:
         self.kind = kind
         heap = self._heap
         if heap is not None:
-            if self._seq is None or self._at > when:
+            if self._entry is None or self._at > when:
                 heap._push(self, when)
             return
         if self._call is None:
