@@ -11,15 +11,153 @@ from twisted.logger import Logger
 
 log = Logger(namespace="lbtwist.listener")
 
+#: Listen queue when the kernel's limit cannot be read (Linux's own default since 5.4).
+FALLBACK_BACKLOG = 4096
+_SOMAXCONN = "/proc/sys/net/core/somaxconn"
+#: Endpoint types whose description takes ``backlog=``.
+_BACKLOG_KINDS = ("tcp", "tcp6", "ssl", "unix")
+#: Connections one accept pass takes at most (Twisted's own count adapts down
+#: to what the previous pass found, and climbs back 20 a pass: after a quiet
+#: spell a connection burst waited many loop passes in the listen queue).
+ACCEPT_BATCH = 16
+
+
+def default_backlog(path: str = _SOMAXCONN) -> int:
+    """The kernel's ``net.core.somaxconn`` (listen() silently caps any backlog
+    there), else L{FALLBACK_BACKLOG}."""
+    try:
+        with open(path) as f:
+            value = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return FALLBACK_BACKLOG
+    return value if value > 0 else FALLBACK_BACKLOG
+
+
+def with_backlog(bind: str, backlog: int | None) -> str:
+    """``bind`` with ``:backlog=N`` appended (``backlog`` None: L{default_backlog}),
+    unless the description sets its own or its endpoint type takes none."""
+    from lbtwist.config.binds import split_description
+
+    kind, args, kwargs = split_description(bind)
+    if kind.isdigit() and not args:  # the bare "8080" form is tcp
+        kind = "tcp"
+    if kind not in _BACKLOG_KINDS or "backlog" in kwargs:
+        return bind
+    return f"{bind}:backlog={backlog if backlog is not None else default_backlog()}"
+
+
+def accept_in_batches(port: Any, batch: int = ACCEPT_BATCH) -> bool:
+    """Make a listening TCP port accept up to ``batch`` queued connections per
+    readable event (all that are queued, bounded so a flood cannot starve
+    established connections of a loop pass). False when ``port`` is not
+    Twisted's TCP port (then it keeps its own policy)."""
+    from twisted.internet import tcp
+
+    cls = type(port)
+    if not isinstance(port, tcp.Port):
+        return False
+    if not getattr(cls, "_lbtwist_batched", False):
+        cls = _batched_class(cls)
+        port.__class__ = cls
+    port._accept_batch = batch
+    return True
+
+
+class PerClientLimit:
+    """Open connections per client address, capped (``max_connections_per_client``;
+    0: no cap, nothing counted). A dict lookup per accept and per close."""
+
+    __slots__ = ("cap", "counts")
+
+    def __init__(self, cap: int = 0) -> None:
+        self.cap = cap
+        self.counts: dict[str, int] = {}
+
+    def admit(self, host: str) -> bool:
+        """Count one more connection from ``host``; False (not counted) at the cap."""
+        if not self.cap:
+            return True
+        n = self.counts.get(host, 0)
+        if n >= self.cap:
+            return False
+        self.counts[host] = n + 1
+        return True
+
+    def release(self, host: str) -> None:
+        n = self.counts.get(host)
+        if n is None:
+            return
+        if n <= 1:
+            del self.counts[host]
+        else:
+            self.counts[host] = n - 1
+
+    def open_from(self, host: str) -> int:
+        return self.counts.get(host, 0)
+
+
+class RefusalLog:
+    """One warning per ``interval`` for a kind of refusal, with how many
+    happened since the last (a flood must not cost a log line per connection)."""
+
+    __slots__ = ("_clock", "interval", "_last", "_since")
+
+    def __init__(self, clock: Any, interval: float = 10.0) -> None:
+        self._clock = clock
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._since: dict[str, int] = {}
+
+    def note(self, what: str, detail: str) -> None:
+        """Count a refusal of kind ``what``; logs when the interval has passed."""
+        now = self._clock.seconds()
+        n = self._since.get(what, 0) + 1
+        if now - self._last.get(what, float("-inf")) >= self.interval:
+            log.warn("{what}: {n} in the last {interval:g}s (latest: {detail})",
+                     what=what, n=n, interval=self.interval, detail=detail)
+            self._last[what] = now
+            n = 0
+        self._since[what] = n
+
+
+_batched: dict[type, type] = {}
+
+
+class _FixedAccepts:
+    """``numberAccepts`` as ``_accept_batch`` whatever ``doRead`` stores: its
+    adaptive count is the only thing replaced; the accept loop itself (EAGAIN,
+    EMFILE handling) stays Twisted's."""
+
+    _lbtwist_batched = True
+    _accept_batch = ACCEPT_BATCH
+
+    @property
+    def numberAccepts(self) -> int:
+        return self._accept_batch
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        pass
+
+
+def _batched_class(cls: type) -> type:
+    out = _batched.get(cls)
+    if out is None:
+        out = type(f"Batched{cls.__name__}", (_FixedAccepts, cls), {})
+        _batched[cls] = out
+    return out
+
 
 class ListenerService(Service):
     """Listens on ``bind`` with ``factory``. Subclasses/factories register each
     connection with L{track} / L{untrack}; connections provide ``drain()``
     (finish current work, then close) and ``abort()``."""
 
-    def __init__(self, name: str, bind: str, factory: Any, reactor: Any) -> None:
+    def __init__(self, name: str, bind: str, factory: Any, reactor: Any, backlog: int | None = None) -> None:
         self.setName(name)
         self.bind = bind
+        #: Listen queue length (None: L{default_backlog}).
+        self.backlog = backlog
         self.factory = factory
         self.reactor = reactor
         self.port: IListeningPort | None = None
@@ -36,7 +174,7 @@ class ListenerService(Service):
 
     def listen(self) -> IListeningPort:
         """Bind synchronously; CannotListenError propagates so twistd exits non-zero."""
-        ep = endpoints.serverFromString(self.reactor, self.bind)
+        ep = endpoints.serverFromString(self.reactor, with_backlog(self.bind, self.backlog))
         d = ep.listen(self.factory)
         result: list[Any] = []
         d.addBoth(result.append)
@@ -44,6 +182,7 @@ class ListenerService(Service):
             raise RuntimeError(f"listener {self.name}: endpoint {self.bind!r} did not bind synchronously")
         if isinstance(result[0], Exception) or hasattr(result[0], "raiseException"):
             result[0].raiseException()
+        accept_in_batches(result[0])
         return result[0]
 
     #: Which listening sockets this service can take over from another

@@ -322,6 +322,8 @@ class ListenerConfig:
     pool: str | None = _f(None, "default pool (required unless routes cover every request)")
     routes: list[RouteConfig] = _f(factory=list, doc="http: first match wins, else the default pool")
     max_connections: int = _f(10000, "refuse connections above this many at once")
+    max_connections_per_client: int = _f(0, "refuse a client address's connections above this many at once (0: no cap)")
+    backlog: int | None = _f(None, "listen queue length; default: the kernel's net.core.somaxconn (4096 when unreadable)")
     idle_timeout: Duration | None = _f(None, "close an idle connection/flow (tcp default 1h, udp 30s)")
     hash_key: str = _f("source", "key for hashing algorithms at L4: source (client address)")
     proxy_protocol: ProxyProtocolConfig = _f(factory=ProxyProtocolConfig, doc="tcp: PROXY protocol from clients and/or to backends")

@@ -222,6 +222,30 @@ def listener_modes(ctx: CheckContext) -> Iterator[Problem]:
             )
 
 
+@check
+def listener_connection_caps(ctx: CheckContext) -> Iterator[Problem]:
+    """``backlog`` and ``max_connections_per_client`` within sense."""
+    from lbtwist.config.binds import split_description
+
+    for lpath, lst in _listeners(ctx.config):
+        if lst.backlog is not None:
+            bp = key_path(lpath, "backlog")
+            if lst.backlog < 1:
+                yield ctx.error(bp, f"must be at least 1 (got {lst.backlog})")
+            elif lst.mode == "udp":
+                yield ctx.warning(bp, "ignored: a udp listener has no listen queue")
+            elif "backlog" in split_description(lst.bind)[2]:
+                yield ctx.error(bp, f"set the listen queue in one place: bind {lst.bind!r} has its own backlog=")
+        per = lst.max_connections_per_client
+        pp = key_path(lpath, "max_connections_per_client")
+        if per < 0:
+            yield ctx.error(pp, f"must be 0 (no cap) or above (got {per})")
+        elif per and lst.mode == "udp":
+            yield ctx.warning(pp, "ignored: udp flows are not capped per client")
+        elif per > lst.max_connections:
+            yield ctx.warning(pp, f"{per} is above max_connections ({lst.max_connections}): it never applies")
+
+
 # -- backends -----------------------------------------------------------------
 
 

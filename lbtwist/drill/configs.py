@@ -19,6 +19,8 @@ from typing import Any
 import attrs
 import yaml
 
+from lbtwist.config.model import HttpConfig
+
 TARGETS = ("lbtwist", "naive", "haproxy")
 
 
@@ -96,6 +98,10 @@ def to_yaml(cfg: dict[str, Any]) -> str:
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
 
 
+#: lbtwist's default header timeout, so both cut a slowloris at the same moment.
+_HEADER_TIMEOUT = HttpConfig().header_timeout
+
+
 def haproxy_config(setup: Setup, socket_path: str) -> str:
     """An HAProxy config equivalent to L{lbtwist_config} (see module doc).
     ``admin_port`` serves HAProxy's stats page (CSV at ``/stats;csv``)."""
@@ -115,6 +121,7 @@ defaults
     timeout connect 3s
     timeout client 60s
     timeout server 60s
+    timeout http-request {_HEADER_TIMEOUT:g}s
     retries 1
     option redispatch 1
 

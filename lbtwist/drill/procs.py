@@ -228,6 +228,18 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def rss_kib(pid: int) -> int | None:
+    """Resident set size of ``pid`` in KiB (Linux /proc), None when gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def wait_port(reactor: Any, port: int, timeout: float, host: str = "127.0.0.1") -> defer.Deferred:
     """Fires once ``host:port`` accepts a TCP connection; fails after ``timeout``."""
     from twisted.internet.endpoints import TCP4ClientEndpoint

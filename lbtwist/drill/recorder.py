@@ -218,6 +218,7 @@ class Recorder:
             "success_rate": 100.0 * ok / fin if fin else None,
             "attempts": att, "retries": ret,
             "p50": percentile(lat, 50), "p99": percentile(lat, 99), "p999": percentile(lat, 99.9),
+            "max": lat[-1] if lat else None,
         }
 
 

@@ -23,12 +23,16 @@ from lbtwist.drill.configs import Setup
 from lbtwist.drill.control import ControlError
 from lbtwist.drill.fleet import BackendFleet
 from lbtwist.drill.loadgen import ClientPolicy, LoadGenerator
-from lbtwist.drill.procs import cpu_seconds, free_port
+from lbtwist.drill.flood import raise_nofile
+from lbtwist.drill.procs import Child, cpu_seconds, free_port
 from lbtwist.drill.recorder import Recorder
 from lbtwist.drill.scenarios import Plan, evaluate
 from lbtwist.drill.targets import make_target
 
 Progress = Callable[[str], None]
+
+#: How long steps still running when the load ends may take to finish.
+STEP_GRACE = 20.0
 
 
 @attrs.define
@@ -80,6 +84,14 @@ class DrillContext:
         self.progress = progress
         self.marks: dict[str, Any] = {}
         self.current_fault = ""
+        #: Processes the scenario's steps started (the runner ends them).
+        self.children: list[Child] = []
+
+    def spawn(self, name: str, argv: list[str]) -> Child:
+        """Start a helper process (an attacker) that the runner kills at the end."""
+        child = Child(self.reactor, name, argv)
+        self.children.append(child)
+        return child
 
     def now(self) -> float:
         """Seconds since the load started."""
@@ -147,6 +159,13 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
     poller: task.LoopingCall | None = None
     step_calls: list[IDelayedCall] = []
     gen: LoadGenerator | None = None
+    ctx: DrillContext | None = None
+    limit_notes: list[str] = []
+    if plan.open_files:
+        limit = raise_nofile(plan.open_files)
+        limit_notes.append(f"open-file limit (RLIMIT_NOFILE) {limit} for the drill and the processes it starts")
+        if limit < plan.open_files:
+            limit_notes.append(f"open-file limit {limit} is below the {plan.open_files} this drill wants")
     try:
         progress(f"[{target_kind}] starting {sum(len(g.backends) for g in plan.groups)} backends")
         await fleet.start()
@@ -201,8 +220,9 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
                 except Exception as e:
                     rec.notes.append(f"step {step.label!r} failed: {e.__class__.__name__}: {e}")
                     progress(f"[{target_kind}] step {step.label!r} FAILED: {e}")
-            defer.ensureDeferred(go())
+            running.append(defer.ensureDeferred(go()))
 
+        running: list[defer.Deferred] = []
         for step in plan.steps:
             step_calls.append(reactor.callLater(max(0.0, t0 + step.at - reactor.seconds()), run_step, step))
 
@@ -210,7 +230,16 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
         poller.stop()
         await poller_done
         poller = None
-        # let steps still running (a restart) finish before stopping everything
+        # let steps still running (a restart, a flood phase) finish before
+        # stopping everything and reading their marks: bounded
+        unfinished = [d for d in running if not d.called]
+        if unfinished:
+            waiting = defer.DeferredList(unfinished, consumeErrors=True)
+            waiting.addTimeout(STEP_GRACE, reactor)
+            try:
+                await waiting
+            except defer.TimeoutError:
+                rec.notes.append(f"a step was still running {STEP_GRACE:g}s after the load ended")
         result.series = rec.series()
         result.totals = rec.totals()
         a, b = plan.window
@@ -218,7 +247,7 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
             "before": rec.totals(0, a), "fault": rec.totals(a, b), "after": rec.totals(b, plan.duration),
         }
         result.events = rec.events
-        result.notes = rec.notes + poll_failures.lines()
+        result.notes = limit_notes + rec.notes + poll_failures.lines()
         result.load = attrs.asdict(stats)
         result.marks = ctx.marks
         result.recorder = rec
@@ -255,7 +284,11 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
         except Exception as e:
             result.notes.append(f"stopping {target_kind}: {e}")
         await fleet.shutdown()
-        result.pids = [c.pid for c in fleet.all_children] + ([target.child.pid] if target.child is not None else [])
+        helpers = ctx.children if ctx is not None else []
+        for c in helpers:
+            if not c.ended:
+                await c.terminate(5.0)
+        result.pids = [c.pid for c in helpers] + [c.pid for c in fleet.all_children] + ([target.child.pid] if target.child is not None else [])
     return result
 
 

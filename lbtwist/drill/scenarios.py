@@ -68,6 +68,9 @@ class Plan:
     #: The shortest load that still runs every step and leaves every
     #: criterion's window something to judge; L{plan_for} refuses less.
     min_duration: float = 0.0
+    #: Open files the drill (and so every process it starts) needs; the
+    #: runner raises RLIMIT_NOFILE to at least this (0: leave it).
+    open_files: int = 0
 
 
 def evaluate(plan: Plan, result: "RunResult") -> list[dict[str, Any]]:
@@ -687,6 +690,197 @@ def reload(short: bool = False, duration: float | None = None, rate: float | Non
     )
 
 
+# -- flood ---------------------------------------------------------------------
+
+#: Graded background p99 while the flood is held (the issue's bar; no 3x-baseline rule).
+FLOOD_P99 = 0.050
+#: A probe of the admin port counts as failed when slower than this.
+ADMIN_PROBE_LIMIT = 1.0
+#: RSS growth allowed per held hostile connection.
+RSS_PER_CONN_KIB = 64.0
+
+
+def _flood_argv(port: int, **opts: Any) -> list[str]:
+    from lbtwist.drill.procs import python
+
+    argv = [python(), "-m", "lbtwist.drill.flood", "--port", str(port)]
+    for k, v in opts.items():
+        argv += [f"--{k.replace('_', '-')}", f"{v:g}" if isinstance(v, float) else str(v)]
+    return argv
+
+
+def _latest_status(child: Any) -> dict[str, Any] | None:
+    from lbtwist.drill.flood import parse_status
+
+    for line in reversed(child.lines):
+        st = parse_status(line)
+        if st is not None:
+            return st
+    return None
+
+
+async def _run_attack(ctx: "DrillContext", key: str, port: int, duration: float, settle: float,
+                      **opts: Any) -> None:
+    """Start a flood process on ``port``; once a second sample what it holds and
+    the balancer's RSS; when it has exited, mark the summary under ``key``."""
+    child = ctx.spawn(f"flood-{key}", _flood_argv(port, duration=duration, **opts))
+    want = int(opts.get("slowloris", 0)) + int(opts.get("idle", 0))
+    rss0 = ctx.target.rss_kib()
+    start = ctx.now()
+    held: list[int] = []
+    peak = (0, rss0 or 0)  # (held, rss) at the most connections held
+    rss_max = rss0 or 0
+    deadline = start + duration + 15.0
+    st: dict[str, Any] | None = None
+    while not child.ended and ctx.now() < deadline:
+        await ctx.sleep(1.0)
+        st = _latest_status(child) or st
+        rss = ctx.target.rss_kib()
+        if st is None:
+            continue
+        n = st["held_slow"] + st["held_idle"]
+        if ctx.now() - start >= settle:
+            held.append(n)
+        if rss is not None:
+            rss_max = max(rss_max, rss)
+            if n >= peak[0]:
+                peak = (n, rss)
+    if not child.ended:
+        child.kill()
+    st = _latest_status(child) or st or {}
+    summary: dict[str, Any] = {
+        "want": want, "held_median": int(statistics.median(held)) if held else 0,
+        "held_min": min(held) if held else 0, "held_max": max(held) if held else 0,
+        "opened": st.get("opened", 0), "cut": st.get("cut", 0), "connects": st.get("connects", 0),
+        "connect_failed": st.get("connect_failed", 0), "exit": child.exit_code,
+    }
+    if rss0 is not None and peak[0]:
+        summary.update(rss_before_kib=rss0, rss_peak_kib=rss_max,
+                       rss_per_conn_kib=round(max(0, peak[1] - rss0) / peak[0], 2))
+    ctx.mark(key, summary)
+    ctx.event(f"{key} flood ended: held median {summary['held_median']} of {want}, "
+              f"{summary['cut']} cut by the target, {summary['connects']} flash connects")
+
+
+async def _admin_phase(ctx: "DrillContext", duration: float, slowloris: int, drain: str) -> None:
+    """A slowloris on the admin port while its monitoring endpoint is polled
+    every 250 ms and a backend is drained and undrained through it."""
+    from lbtwist.drill.control import ControlError
+
+    child = ctx.spawn("flood-admin", _flood_argv(ctx.setup.admin_port, duration=duration,
+                                                 slowloris=slowloris, interval=5.0))
+    probes: list[float] = []
+    failures: list[str] = []
+    drain_result = "not tried"
+    start = ctx.now()
+    drained = False
+    while not child.ended and ctx.now() < start + duration + 10.0:
+        t = ctx.reactor.seconds()
+        try:
+            await ctx.target.admin_probe()
+            took = ctx.reactor.seconds() - t
+            probes.append(took)
+            if took > ADMIN_PROBE_LIMIT:
+                failures.append(f"probe took {took * 1000:.0f} ms")
+        except ControlError as e:
+            failures.append(str(e)[:120])
+            probes.append(ctx.reactor.seconds() - t)
+        if not drained and ctx.now() - start >= duration / 2:
+            drained = True
+            t = ctx.reactor.seconds()
+            try:
+                await ctx.drain(drain)
+                await ctx.undrain(drain)
+                drain_result = f"ok in {(ctx.reactor.seconds() - t) * 1000:.0f} ms"
+            except ControlError as e:
+                drain_result = f"failed: {str(e)[:120]}"
+        await ctx.sleep(0.25)
+    if not child.ended:
+        child.kill()
+    st = _latest_status(child) or {}
+    ctx.mark("admin", {"held_max": st.get("held_slow", 0), "probes": len(probes), "failed": len(failures),
+                       "max_ms": round(max(probes) * 1000, 1) if probes else None,
+                       "drain": drain_result, "first_failures": failures[:3]})
+
+
+def flood(short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
+    slow_n, idle_n = (500, 500) if short else (2000, 2000)
+    connect_rate = 100.0 if short else 200.0
+    admin_n = 300 if short else 1000
+    at = 3.0 if short else 5.0
+    length = 11.0 if short else 50.0
+    settle = 3.0 if short else 5.0
+    admin_len = 8.0 if short else 14.0
+    admin_at = at + length + 1.0
+    dur = duration or (admin_at + admin_len + 2.0)
+    rate = rate or 50.0
+    names = _names("b", 4)
+    held_from = at + settle
+
+    async def attack(ctx: "DrillContext") -> None:
+        await _run_attack(ctx, "flood", ctx.setup.listen_port, length, settle, slowloris=slow_n, idle=idle_n,
+                          connect_rate=connect_rate, interval=5.0)
+
+    async def admin(ctx: "DrillContext") -> None:
+        await _admin_phase(ctx, admin_len, admin_n, names[0])
+
+    def held_p99(r: "RunResult") -> tuple[bool, str, str]:
+        tot = r.recorder.totals(held_from, at + length) if r.recorder is not None else r.phases["fault"]
+        p99, mx = tot["p99"], tot.get("max")
+        return (p99 is not None and p99 <= FLOOD_P99), f"p99 {_ms(p99)}, max {_ms(mx)}", (
+            f"<= {_ms(FLOOD_P99)} for arrivals t={held_from:g}s..{at + length:g}s")
+
+    def attack_held(r: "RunResult") -> tuple[bool, str, str]:
+        m = r.marks.get("flood") or {}
+        want = slow_n + idle_n
+        got = m.get("held_median", 0)
+        return got >= 0.9 * want, (f"median {got}, min {m.get('held_min', 0)} of {want} held "
+                                   f"({m.get('cut', 0)} cut and reopened, {m.get('connects', 0)} flash connects)"), (
+            f">= {0.9 * want:.0f} (90%): the drill measures something only if the flood is really held")
+
+    def rss_per_conn(r: "RunResult") -> tuple[bool, str, str]:
+        m = r.marks.get("flood") or {}
+        per = m.get("rss_per_conn_kib")
+        return (per is not None and per <= RSS_PER_CONN_KIB), (
+            "not measured" if per is None else
+            f"{per:.1f} KiB ({m['rss_before_kib'] / 1024:.0f} -> {m['rss_peak_kib'] / 1024:.0f} MiB)"), (
+            f"<= {RSS_PER_CONN_KIB:g} KiB")
+
+    def admin_ok(r: "RunResult") -> tuple[bool, str, str]:
+        m = r.marks.get("admin") or {}
+        ok = bool(m.get("probes")) and m.get("failed") == 0 and str(m.get("drain", "")).startswith("ok")
+        return ok, (f"{m.get('probes', 0)} probes, {m.get('failed', '?')} failed, max {m.get('max_ms')} ms; "
+                    f"drain+undrain {m.get('drain', 'not tried')}"
+                    + (f"; e.g. {m['first_failures'][0]}" if m.get("first_failures") else "")), (
+            f"every probe answered within {ADMIN_PROBE_LIMIT * 1000:.0f} ms, the drain call succeeds")
+
+    return Plan(
+        name="flood",
+        title="Floods: slowloris, idle and connect floods while a normal client is measured",
+        story=(f"4 backends, a background client at {rate:g} req/s. At t={at:g}s a hostile process opens "
+               f"{slow_n} slowloris connections (one header byte every 5 s, reopened when cut) and {idle_n} "
+               f"connections that never send a byte, and opens and closes {connect_rate:g} more a second, for "
+               f"{length:g} s. Then {admin_n} slowloris connections on the admin port for {admin_len:g} s while "
+               "its monitoring endpoint (/metrics; HAProxy: /stats;csv) is polled every 250 ms and a backend "
+               "is drained and undrained (HAProxy: over its stats socket, not the flooded port)."),
+        rate=rate, duration=dur,
+        groups=(GroupSpec("fleet", names, capacity=16),),
+        in_pool=names,
+        steps=(Step(at, f"flood: {slow_n} slowloris + {idle_n} idle + {connect_rate:g} connects/s", attack),
+               Step(admin_at, f"admin port: {admin_n} slowloris, /metrics polled, drain call", admin)),
+        window=(at, at + length),
+        criteria=(
+            Criterion(f"background p99 <= {FLOOD_P99 * 1000:.0f} ms while the flood is held", held_p99),
+            failures_at_most(lambda r: 0, 0, dur, "no background failure", lambda r: "0"),
+            Criterion("the flood was held", attack_held),
+            Criterion("RSS growth per held connection", rss_per_conn),
+            Criterion("the admin port answers through a slowloris on it", admin_ok),
+        ),
+        compare="haproxy",
+        open_files=2 * (slow_n + idle_n + admin_n) + 4096,
+    )
+
+
 SCENARIOS: dict[str, Callable[..., Plan]] = {
     "gray-failure": gray_failure,
     "retry-storm": retry_storm,
@@ -696,6 +890,7 @@ SCENARIOS: dict[str, Callable[..., Plan]] = {
     "cold-start": cold_start,
     "reload": reload,
     "two-liars": two_liars,
+    "flood": flood,
 }
 
 

@@ -21,7 +21,7 @@ from twisted.internet.task import deferLater
 
 from lbtwist.drill.configs import Setup, haproxy_config, haproxy_states, lbtwist_config, to_yaml
 from lbtwist.drill.control import ControlError, http_call
-from lbtwist.drill.procs import Child, ProcessGone, cpu_seconds, guarded, wait_port
+from lbtwist.drill.procs import Child, ProcessGone, cpu_seconds, guarded, rss_kib, wait_port
 
 Echo = Callable[[str, str], None]
 
@@ -41,6 +41,19 @@ def tree_cpu(pid: int) -> float | None:
     for k in kids:
         total += cpu_seconds(k) or 0.0
     return total
+
+
+def tree_rss_kib(pid: int) -> int | None:
+    """Resident KiB of ``pid`` and its direct children (HAProxy's worker)."""
+    own = rss_kib(pid)
+    if own is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(x) for x in f.read().split()]
+    except OSError:
+        kids = []
+    return own + sum(rss_kib(k) or 0 for k in kids)
 
 
 class _Target:
@@ -63,6 +76,14 @@ class _Target:
     def cpu(self) -> float | None:
         pid = self.pid
         return tree_cpu(pid) if pid is not None else None
+
+    def rss_kib(self) -> int | None:
+        pid = self.pid
+        return tree_rss_kib(pid) if pid is not None else None
+
+    async def admin_probe(self) -> bytes:  # pragma: no cover - overridden
+        """One read of the target's monitoring endpoint (raises ControlError)."""
+        raise NotImplementedError
 
     async def _wait_listening(self, port: int) -> None:
         assert self.child is not None
@@ -143,6 +164,10 @@ class LbtwistTarget(_Target):
             out[b.get("name") or b.get("address")] = word
         return out
 
+    async def admin_probe(self) -> bytes:
+        """``GET /metrics`` on the admin listener."""
+        return await http_call(self.reactor, "GET", self._admin("/metrics"), timeout=2.0, raw=True)
+
     async def inflight(self, name: str) -> int:
         """Requests the balancer has outstanding on backend ``name``."""
         pool = await http_call(self.reactor, "GET", self._admin("/api/pools/app?history=0"), timeout=2.0)
@@ -200,6 +225,12 @@ class HAProxyTarget(_Target):
         raw = await http_call(self.reactor, "GET", f"http://127.0.0.1:{self.setup.admin_port}/stats;csv",
                               timeout=2.0, raw=True)
         return haproxy_states(raw.decode("utf-8", "replace"))
+
+    async def admin_probe(self) -> bytes:
+        """``GET /stats;csv`` on the stats listener (HAProxy's /metrics equivalent)."""
+        assert self.setup is not None
+        return await http_call(self.reactor, "GET", f"http://127.0.0.1:{self.setup.admin_port}/stats;csv",
+                               timeout=2.0, raw=True)
 
     async def inflight(self, name: str) -> int:
         """Current sessions HAProxy has on server ``name`` (stats ``scur``)."""

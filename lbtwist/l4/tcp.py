@@ -26,7 +26,7 @@ from lbtwist.config.model import ListenerConfig, PoolConfig
 from lbtwist.config.names import parse_hash_key
 from lbtwist.l4.failover import ConnectAttempts, connect_retry
 from lbtwist.l4.proxy_protocol import ProxyHeaderParser, ProxyProtocolError, encode
-from lbtwist.listener import ListenerService
+from lbtwist.listener import ListenerService, PerClientLimit
 from lbtwist.pool import Backend
 from lbtwist.traffic import TrafficRecord
 
@@ -58,6 +58,8 @@ class RelayFactory(protocol.ServerFactory):
         self.runtime = runtime
         self.reactor = runtime.reactor
         self.service = service
+        #: Open connections per client address (max_connections_per_client).
+        self.clients = PerClientLimit()
         self.configure(cfg)
         #: Speed levers (see L{lbtwist.fastio}); switchable to measure them.
         self.eager = True
@@ -82,6 +84,7 @@ class RelayFactory(protocol.ServerFactory):
         self.cfg = cfg
         self.pool_name = cfg.pool
         self.max_connections = cfg.max_connections
+        self.clients.cap = cfg.max_connections_per_client
         self.idle_timeout = cfg.idle_timeout if cfg.idle_timeout is not None else DEFAULT_IDLE_TIMEOUT
         pp = cfg.proxy_protocol
         self.accept_proxy = pp.accept
@@ -93,7 +96,13 @@ class RelayFactory(protocol.ServerFactory):
         cfg = self.runtime.pool_configs.get(name)
         return cfg if cfg is not None else PoolConfig(name=name or "")
 
-    def buildProtocol(self, addr: Any) -> "Frontend":
+    def buildProtocol(self, addr: Any) -> "Frontend | None":
+        """A relay, or None (Twisted closes the socket at once) for a client
+        at max_connections_per_client: nothing is built for it."""
+        clients = self.clients
+        if clients.cap and clients.open_from(getattr(addr, "host", "")) >= clients.cap:
+            self.note_refusal(self.reactor.seconds(), per_client=True)
+            return None
         p = Frontend(self)
         return p
 
@@ -104,13 +113,15 @@ class RelayFactory(protocol.ServerFactory):
         p.pool_name = pool_name
         return p
 
-    def note_refusal(self, now: float) -> None:
+    def note_refusal(self, now: float, per_client: bool = False) -> None:
         self.refused += 1
         self._refused_since_log += 1
         if now - self._refusal_logged_at >= REFUSAL_LOG_INTERVAL:
+            cap = (f"max_connections_per_client={self.clients.cap}" if per_client
+                   else f"max_connections={self.max_connections}")
             log.warn(
-                "listener {listener}: at max_connections={cap}, refused {n} connection(s)",
-                listener=self.cfg.name, cap=self.max_connections, n=self._refused_since_log,
+                "listener {listener}: at {cap}, refused {n} connection(s)",
+                listener=self.cfg.name, cap=cap, n=self._refused_since_log,
             )
             self._refusal_logged_at = now
             self._refused_since_log = 0
@@ -194,6 +205,8 @@ class Frontend(protocol.Protocol):
         self.attempt: _BackendConnector | None = None
         self.connector: Any = None
         self.client: tuple[str, int] | None = None
+        #: The peer address counted against max_connections_per_client.
+        self.counted_host: str | None = None
         self.dest: tuple[str, int] | None = None
         self.pending: list[bytes] = []
         self.pending_len = 0
@@ -239,13 +252,19 @@ class Frontend(protocol.Protocol):
                     )
                 )
             return
+        peer = self.transport.getPeer()
+        if not f.clients.admit(peer.host):
+            self.refused = True
+            f.note_refusal(now, per_client=True)
+            self.transport.loseConnection()
+            return
+        self.counted_host = peer.host
         f.active += 1
         f.total += 1
         if f.service is not None:
             f.service.track(self)
         self.started = self.last_activity = now
         self.wall_start = time.time()
-        peer = self.transport.getPeer()
         self.client = (peer.host, peer.port)
         if f.accept_proxy:
             self.parser = ProxyHeaderParser()
@@ -589,6 +608,8 @@ class Frontend(protocol.Protocol):
             self.attempts.finish()
         f = self.factory
         f.active -= 1
+        if self.counted_host is not None:
+            f.clients.release(self.counted_host)
         if f.service is not None:
             f.service.untrack(self)
         now = self.seconds()
@@ -628,7 +649,7 @@ class TCPListenerService(ListenerService):
 
     def __init__(self, cfg: ListenerConfig, runtime: Any) -> None:
         self.relay = RelayFactory(cfg, runtime)
-        super().__init__(cfg.name, cfg.bind, self.relay, runtime.reactor)
+        super().__init__(cfg.name, cfg.bind, self.relay, runtime.reactor, backlog=cfg.backlog)
         self.relay.service = self
 
     def prepare_reconfigure(self, cfg: ListenerConfig) -> Any:

@@ -120,7 +120,7 @@ class HttpProxyProtocol(Protocol):
             self, max_request_line=http.max_request_line, max_header_size=http.max_header_size,
             max_headers=http.max_headers,
         )
-        self.deadline = Deadline(ctx.clock, self._timeout)
+        self.deadline = Deadline(ctx.clock, self._timeout, ctx.timers)
         self.deadline.set(http.header_timeout, "idle-header")
 
     def dataReceived(self, data: bytes) -> None:
@@ -296,7 +296,7 @@ class HttpProxyProtocol(Protocol):
     def _write_blocked(self) -> None:
         self.write_blocked = True
         if self._wdeadline is None:
-            self._wdeadline = Deadline(self.ctx.clock, self._timeout)
+            self._wdeadline = Deadline(self.ctx.clock, self._timeout, self.ctx.timers)
         self._wdeadline.set(self.ctx.http.body_timeout, "write")
         target = self.tunnel or self.exchange
         if target is not None:
@@ -398,9 +398,9 @@ class HttpProxyProtocol(Protocol):
 
     def _reject(self, status: int, reason: str) -> None:
         """Answer an error outside any exchange (bad request head, header timeout) and close."""
-        log.info("client {client}: {status} {reason}", client=self.client_ip_str, status=status, reason=reason)
         ctx = self.ctx
         page = error_page(status, reason)
+        ctx.note_rejection(status, reason, self.client_ip_str)
         hub = ctx.runtime.traffic
         if hub.subscribers:
             # The request began when its head started arriving: in an earlier

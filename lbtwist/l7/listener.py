@@ -6,16 +6,18 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 
 from lbtwist.config.model import ConnectionPoolConfig, ListenerConfig
 from lbtwist.l7.affinity import StickyCookie
 from lbtwist.l7.client import HttpProxyProtocol
 from lbtwist.l7.connpool import ConnectionPools
+from lbtwist.l7.errors import error_page
 from lbtwist.l7.headers import ForwardingPolicy, RequestIds
 from lbtwist.l7.plan import HashKey, RoutePlan
-from lbtwist.listener import ListenerService
+from lbtwist.l7.timers import TimerHeap
+from lbtwist.listener import ListenerService, PerClientLimit, RefusalLog
 from lbtwist.resilience.wiring import runtime_resilience
 from lbtwist.routing import DEFAULT_ROUTE, Router
 
@@ -56,6 +58,26 @@ def build_router(cfg: ListenerConfig, registry: Any, resilience: Any = None) -> 
     )
 
 
+#: The whole answer to a connection refused at a cap, built once.
+OVERLOADED = error_page(503, "too many connections to this listener")
+PER_CLIENT = error_page(429, "too many connections from this client")
+
+
+class _Refusal(Protocol):
+    """A refused connection: the canned answer, then close. No parser, no
+    timer, no producer: cheaper than any accepted connection."""
+
+    __slots__ = ("answer",)
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+
+    def connectionMade(self) -> None:
+        t = self.transport
+        t.write(self.answer)
+        t.loseConnection()
+
+
 class HttpProxyFactory(ServerFactory):
     """Shared by the client connections of one listener."""
 
@@ -88,6 +110,12 @@ class HttpProxyFactory(ServerFactory):
         self.rng = random.Random()
         self.default_connection_pool = ConnectionPoolConfig()
         self.max_connections = cfg.max_connections
+        #: Open connections per client address (cap 0: off).
+        self.clients = PerClientLimit(cfg.max_connections_per_client)
+        #: Client deadlines (header, keep-alive, body, write) of this listener's connections.
+        self.timers = TimerHeap(self.clock)
+        self.refusals = RefusalLog(self.clock)
+        self.refused = 0
         #: Apply fastio's eager write to client connections (benchmarks turn it off).
         self.eager = True
         self.active = 0
@@ -105,16 +133,41 @@ class HttpProxyFactory(ServerFactory):
             if getattr(r.target, "resilience", None) is not None
         })
 
-    def buildProtocol(self, addr: Any) -> HttpProxyProtocol:
+    def buildProtocol(self, addr: Any) -> Protocol:
+        """A proxy connection, or the canned refusal at a connection cap
+        (decided here, before any per-connection state is built)."""
+        if self.active >= self.max_connections:
+            self.refused += 1
+            self.refusals.note(f"listener {self.name}: refused at max_connections={self.max_connections}",
+                               getattr(addr, "host", "?"))
+            return _Refusal(OVERLOADED)
+        clients = self.clients
+        if clients.cap and clients.open_from(getattr(addr, "host", "")) >= clients.cap:
+            self.refused += 1
+            self.refusals.note(f"listener {self.name}: refused at max_connections_per_client={clients.cap}",
+                               getattr(addr, "host", "?"))
+            return _Refusal(PER_CLIENT)
         p = HttpProxyProtocol(self)
         p.factory = self
         return p
 
+    def note_rejection(self, status: int, reason: str, client: str) -> None:
+        """A request refused before it reached a pool (bad head, header timeout)."""
+        self.refusals.note(f"listener {self.name}: {status} {reason}", client)
+
     def track(self, proto: HttpProxyProtocol) -> bool:
-        """Count a new connection; False when over max_connections."""
+        """Count a new connection; False when over max_connections or over
+        max_connections_per_client (connections made without
+        L{buildProtocol}, e.g. behind a TLS wrapper that built it earlier)."""
         if self.active >= self.max_connections:
+            self.refusals.note(f"listener {self.name}: refused at max_connections={self.max_connections}",
+                               proto.client_ip_str)
             self.refused += 1
-            log.warn("listener {name}: {n} connections, refusing more", name=self.name, n=self.active)
+            return False
+        if not self.clients.admit(proto.client_ip_str):
+            self.refused += 1
+            self.refusals.note(f"listener {self.name}: refused at max_connections_per_client={self.clients.cap}",
+                               proto.client_ip_str)
             return False
         self.active += 1
         self.total += 1
@@ -127,6 +180,7 @@ class HttpProxyFactory(ServerFactory):
         if getattr(proto, "_tracked", False):
             proto._tracked = False
             self.active -= 1
+            self.clients.release(proto.client_ip_str)
             if self.service is not None:
                 self.service.untrack(proto)
 
@@ -136,7 +190,7 @@ class HttpListenerService(ListenerService):
 
     def __init__(self, cfg: ListenerConfig, runtime: Any) -> None:
         self.proxy = HttpProxyFactory(cfg, runtime, register=False)
-        super().__init__(cfg.name, cfg.bind, self.proxy, runtime.reactor)
+        super().__init__(cfg.name, cfg.bind, self.proxy, runtime.reactor, backlog=cfg.backlog)
         self.proxy.service = self
         self.cfg = cfg
         self.runtime = runtime
@@ -150,12 +204,14 @@ class HttpListenerService(ListenerService):
         without changing the running listener; the callable returned
         switches to it (a reload calls it once every part is ready)."""
         fresh = HttpProxyFactory(cfg, self.runtime, register=False)
-        keep = {"active", "total", "refused", "service", "ids", "connection_pools", "eager"}
+        keep = {"active", "total", "refused", "service", "ids", "connection_pools", "eager",
+                "clients", "timers", "refusals"}
 
         def commit() -> None:
             for name, value in vars(fresh).items():
                 if name not in keep:
                     setattr(self.proxy, name, value)
+            self.proxy.clients.cap = cfg.max_connections_per_client
             self.cfg = cfg
             self.proxy.register_routes()
 
