@@ -864,6 +864,7 @@ def flood(short: bool = False, duration: float | None = None, rate: float | None
                "its monitoring endpoint (/metrics; HAProxy: /stats;csv) is polled every 250 ms and a backend "
                "is drained and undrained (HAProxy: over its stats socket, not the flooded port)."),
         rate=rate, duration=dur,
+        min_duration=admin_at + admin_len + 2.0,  # both attack phases run to their end
         groups=(GroupSpec("fleet", names, capacity=16),),
         in_pool=names,
         steps=(Step(at, f"flood: {slow_n} slowloris + {idle_n} idle + {connect_rate:g} connects/s", attack),

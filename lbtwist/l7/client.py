@@ -97,15 +97,10 @@ class HttpProxyProtocol(Protocol):
         host = self.client_ip_str
         self.client_addr = host if port is None else f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.tls = ISSLTransport.providedBy(t)
-        if not ctx.track(self):
+        refusal = ctx.track(self)
+        if refusal is not None:
             self.closed = True
-            page = error_page(503, f"too many connections to this listener (max_connections={ctx.max_connections})")
-            hub = ctx.runtime.traffic
-            if hub.subscribers:  # logged like a refused L4 connection
-                hub.publish(TrafficRecord(kind="http", listener=ctx.name, start=time.time(), duration=0.0,
-                                          client=self.client_addr, status=503, bytes_out=page_body_size(page),
-                                          outcome="rejected", error=f"at max_connections={ctx.max_connections}"))
-            t.write(page)
+            t.write(refusal)
             t.loseConnection()
             return
         if ctx.eager:

@@ -4,6 +4,7 @@ router, forwarding policy, limits, sticky cookie, connection pools)."""
 from __future__ import annotations
 
 import random
+import time
 from typing import Any, Callable
 
 from twisted.internet.protocol import Protocol, ServerFactory
@@ -13,13 +14,14 @@ from lbtwist.config.model import ConnectionPoolConfig, ListenerConfig
 from lbtwist.l7.affinity import StickyCookie
 from lbtwist.l7.client import HttpProxyProtocol
 from lbtwist.l7.connpool import ConnectionPools
-from lbtwist.l7.errors import error_page
+from lbtwist.l7.errors import error_page, page_body_size
 from lbtwist.l7.headers import ForwardingPolicy, RequestIds
 from lbtwist.l7.plan import HashKey, RoutePlan
 from lbtwist.l7.timers import TimerHeap
 from lbtwist.listener import ListenerService, PerClientLimit, RefusalLog
 from lbtwist.resilience.wiring import runtime_resilience
 from lbtwist.routing import DEFAULT_ROUTE, Router
+from lbtwist.traffic import TrafficRecord
 
 log = Logger(namespace="lbtwist.l7")
 
@@ -136,17 +138,12 @@ class HttpProxyFactory(ServerFactory):
     def buildProtocol(self, addr: Any) -> Protocol:
         """A proxy connection, or the canned refusal at a connection cap
         (decided here, before any per-connection state is built)."""
-        if self.active >= self.max_connections:
-            self.refused += 1
-            self.refusals.note(f"listener {self.name}: refused at max_connections={self.max_connections}",
-                               getattr(addr, "host", "?"))
-            return _Refusal(OVERLOADED)
-        clients = self.clients
-        if clients.cap and clients.open_from(getattr(addr, "host", "")) >= clients.cap:
-            self.refused += 1
-            self.refusals.note(f"listener {self.name}: refused at max_connections_per_client={clients.cap}",
-                               getattr(addr, "host", "?"))
-            return _Refusal(PER_CLIENT)
+        host = getattr(addr, "host", "?")
+        page = self.over_cap(host)
+        if page is not None:
+            port = getattr(addr, "port", None)
+            self.refuse(host, host if port is None else f"[{host}]:{port}" if ":" in host else f"{host}:{port}", page)
+            return _Refusal(page)
         p = HttpProxyProtocol(self)
         p.factory = self
         return p
@@ -155,26 +152,44 @@ class HttpProxyFactory(ServerFactory):
         """A request refused before it reached a pool (bad head, header timeout)."""
         self.refusals.note(f"listener {self.name}: {status} {reason}", client)
 
-    def track(self, proto: HttpProxyProtocol) -> bool:
-        """Count a new connection; False when over max_connections or over
-        max_connections_per_client (connections made without
-        L{buildProtocol}, e.g. behind a TLS wrapper that built it earlier)."""
+    def over_cap(self, host: str) -> bytes | None:
+        """The canned refusal when a connection from ``host`` would go over
+        max_connections or max_connections_per_client; None when admitted."""
         if self.active >= self.max_connections:
-            self.refusals.note(f"listener {self.name}: refused at max_connections={self.max_connections}",
-                               proto.client_ip_str)
-            self.refused += 1
-            return False
-        if not self.clients.admit(proto.client_ip_str):
-            self.refused += 1
-            self.refusals.note(f"listener {self.name}: refused at max_connections_per_client={self.clients.cap}",
-                               proto.client_ip_str)
-            return False
+            return OVERLOADED
+        clients = self.clients
+        if clients.cap and clients.open_from(host) >= clients.cap:
+            return PER_CLIENT
+        return None
+
+    def refuse(self, host: str, client: str, page: bytes) -> None:
+        """Count, log (once per interval) and access-log a connection refused
+        at a cap; ``client`` is host:port as the access log shows it."""
+        why = (f"max_connections={self.max_connections}" if page is OVERLOADED
+               else f"max_connections_per_client={self.clients.cap}")
+        self.refused += 1
+        self.refusals.note(f"listener {self.name}: refused at {why}", host)
+        hub = self.runtime.traffic
+        if hub.subscribers:  # logged like a refused L4 connection
+            hub.publish(TrafficRecord(kind="http", listener=self.name, start=time.time(), duration=0.0,
+                                      client=client, status=int(page[9:12]), bytes_out=page_body_size(page),
+                                      outcome="rejected", error=f"at {why}"))
+
+    def track(self, proto: HttpProxyProtocol) -> bytes | None:
+        """Count a new connection, or refuse it (connections made without
+        L{buildProtocol}, e.g. behind a TLS wrapper that built it earlier):
+        None when admitted, else the answer to send before closing."""
+        page = self.over_cap(proto.client_ip_str)
+        if page is not None or not self.clients.admit(proto.client_ip_str):
+            page = page or PER_CLIENT
+            self.refuse(proto.client_ip_str, proto.client_addr, page)
+            return page
         self.active += 1
         self.total += 1
         proto._tracked = True
         if self.service is not None:
             self.service.track(proto)
-        return True
+        return None
 
     def untrack(self, proto: HttpProxyProtocol) -> None:
         if getattr(proto, "_tracked", False):

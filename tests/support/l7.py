@@ -135,8 +135,9 @@ class MemHarness:
     def client(self, peer: str = "192.0.2.7") -> tuple[Any, StringTransport]:
         from twisted.internet.address import IPv4Address
 
-        proto = self.factory.buildProtocol(None)
-        t = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+        addr = IPv4Address("TCP", peer, 40000)
+        proto = self.factory.buildProtocol(addr)  # as the reactor does: refusals are decided here
+        t = StringTransport(peerAddress=addr)
         proto.makeConnection(t)
         return proto, t
 
