@@ -93,7 +93,7 @@ class FileSource:
             self._notifier = None
 
     def _event(self, watch: Any, path: Any, mask: int) -> None:
-        if path.basename() != os.path.basename(self.path):
+        if os.fsdecode(path.basename()) != os.path.basename(self.path):  # inotify hands bytes paths
             return
         # several events per write: check once, on the next turn
         if self._pending is None or not self._pending.active():
