@@ -6,13 +6,18 @@ from __future__ import annotations
 import collections
 import math
 import random
+import time
 
 import pytest
-from twisted.internet import task
+import pytest_twisted
+from twisted.internet import protocol, reactor as real_reactor, task
 
 from lbtwist.balancers.hashing import Maglev, RingHash
+from lbtwist.config import load_config
 from lbtwist.pool import Backend, PickContext, Pool
 from lbtwist.registry import Registry
+from lbtwist.service import LbtwistService
+from support.procs import free_port
 
 ALGOS = ["ring_hash", "maglev"]
 CLASSES = {"ring_hash": RingHash, "maglev": Maglev}
@@ -208,3 +213,83 @@ def test_balance_factor_is_read(registry):
     assert make(registry, "ring_hash", {"balance_factor": 1.25}).balance_factor == 1.25
     assert make(registry, "maglev", {"balance_factor": 2}).balance_factor == 2.0
     assert make(registry, "maglev", {}).balance_factor is None
+
+
+# -- end to end: real sockets ------------------------------------------------------
+
+
+class _Slow:
+    """An HTTP origin that holds every request until released."""
+
+    def __init__(self, name: bytes, reactor):
+        from twisted.web import resource, server
+
+        outer = self
+        self.name = name
+        self.held: list = []
+        self.gone: set[int] = set()
+
+        class Res(resource.Resource):
+            isLeaf = True
+
+            def render_GET(self, request):
+                outer.held.append(request)
+                request.notifyFinish().addErrback(lambda _: outer.gone.add(id(request)))
+                return server.NOT_DONE_YET
+
+        site = server.Site(Res())
+        site.noisy = False
+        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+
+    def release(self):
+        for r in self.held:
+            if not r.finished and id(r) not in self.gone:
+                r.write(self.name)
+                r.finish()
+        self.held.clear()
+
+
+@pytest.mark.parametrize("name", ALGOS)
+@pytest_twisted.ensureDeferred
+async def test_hot_key_over_real_slow_origins_is_bounded(name):
+    """40 concurrent requests from one client address (the hot key with
+    ``hash_key: source``) through an http listener to 4 origins that hold
+    every request: with balance_factor 1.25 no origin holds more than
+    ceil(1.25 x 10) + 1 = 14 at once."""
+    origins = [_Slow(b"%d" % i, real_reactor) for i in range(4)]
+    web = free_port()
+    backends = ", ".join(f'{{address: "127.0.0.1:{o.port.getHost().port}"}}' for o in origins)
+    opts = "{balance_factor: 1.25, table_size: 1021}" if name == "maglev" else "{balance_factor: 1.25}"
+    text = (
+        "listeners:\n"
+        f'  - {{name: web, bind: "tcp:{web}:interface=127.0.0.1", mode: http, pool: app}}\n'
+        "pools:\n"
+        f"  - {{name: app, algorithm: {name}, algorithm_options: {opts}, backends: [{backends}]}}\n"
+    )
+    reg = Registry.default(entry_points=False)
+    svc = LbtwistService(load_config(text, reg).config, real_reactor, reg)
+    svc.privilegedStartService()
+    svc.startService()
+    clients = []
+    try:
+        class C(protocol.Protocol):
+            def connectionMade(self):
+                self.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+
+        for _ in range(40):
+            clients.append(await protocol.ClientCreator(real_reactor, C).connectTCP("127.0.0.1", web, timeout=10))
+        end = time.monotonic() + 30
+        while sum(len(o.held) for o in origins) < 40:
+            assert time.monotonic() < end, [len(o.held) for o in origins]
+            await task.deferLater(real_reactor, 0.05, lambda: None)
+        counts = [len(o.held) for o in origins]
+        assert max(counts) <= math.ceil(1.25 * 40 / 4) + 1, counts
+        assert sum(counts) == 40
+    finally:
+        for o in origins:
+            o.release()
+        for c in clients:
+            c.transport.loseConnection()
+        await svc.stopService()
+        for o in origins:
+            await o.port.stopListening()
