@@ -201,16 +201,17 @@ class LbtwistService(MultiService):
 
     # -- discovery -----------------------------------------------------------
 
-    def _set_discovery(self, pcfg: PoolConfig | None, name: str | None = None) -> None:
-        """(Re)build the discovery of a pool (stopping the old one); started
-        now when the service runs, else in startService. ``pcfg`` None: the
-        pool is gone."""
+    def _set_discovery(self, pcfg: PoolConfig | None, name: str | None = None, *, start: bool = True) -> Any:
+        """(Re)build the discovery of a pool (stopping the old one, whose
+        backends the new one carries until its sources answered); started now
+        when the service runs and ``start``, else in startService (or by the
+        caller). ``pcfg`` None: the pool is gone. Returns the new one or None."""
         name = pcfg.name if pcfg is not None else name
         old = self.discovery.pop(name, None)
         if old is not None:
             old.stop()
         if pcfg is None or not pcfg.discovery:
-            return
+            return None
         from lbtwist.discovery import pool_discovery
 
         disc = pool_discovery(pcfg, self.runtime.pools[name], self.reactor, self.runtime.registry,
@@ -218,8 +219,9 @@ class LbtwistService(MultiService):
         if old is not None:
             disc.seed(old.endpoints())
         self.discovery[name] = disc
-        if self.running:
+        if self.running and start:
             disc.start()
+        return disc
 
     def _discovery_state(self, pool: Pool) -> dict | None:
         disc = self.discovery.get(pool.name)
@@ -405,9 +407,13 @@ class LbtwistService(MultiService):
                 self._set_discovery(pcfg)
                 log.info("lbtwist: pool {pool} added", pool=name)
             else:
+                fresh = None
                 if rt.pool_configs[name].discovery != pcfg.discovery:
-                    self._set_discovery(pcfg)  # new sources: backends follow their first answers
+                    # new sources start once the pool has its new config
+                    fresh = self._set_discovery(pcfg, start=False)
                 waits += self._reconfigure_pool(rt.pools[name], pcfg, first, ph)
+                if fresh is not None and self.running:
+                    fresh.start()
         # pools no longer named anywhere: stop health, keep objects for in-flight work
         names = {p.name for p in new.pools}
         for name in [n for n in rt.pools if n not in names]:

@@ -372,3 +372,29 @@ def test_bad_discovery_config_is_named(item, message):
     with pytest.raises(ConfigError) as e:
         load_config(text, reg)
     assert message in str(e.value)
+
+
+def test_reload_replacing_the_sources_keeps_the_backends_until_the_new_ones_answer(tmp_path):
+    reactor = MemoryReactorClock()
+    reg = Registry.default(entry_points=False)
+    first = tmp_path / "a.yaml"
+    first.write_text('- "127.0.0.1:9001"\n- "127.0.0.1:9002"\n')
+    svc = LbtwistService(load_config(_config(str(first)), reg).config, reactor, reg)
+    svc.startService()
+    pool = svc.runtime.pools["web"]
+    b2 = pool.get("127.0.0.1:9002")
+    second = tmp_path / "b.yaml"  # not written yet: the new source fails first
+    d = svc.apply(load_config(_config(str(second)), reg).config)
+    assert d.called
+    live = lambda: {b.address for b in pool.backends() if not b.draining}  # noqa: E731
+    assert live() == {"127.0.0.1:9001", "127.0.0.1:9002"}
+    assert svc.discovery["web"].trackers[0].state == "failing"
+    reactor.advance(1.0)
+    assert live() == {"127.0.0.1:9001", "127.0.0.1:9002"}
+    second.write_text('- "127.0.0.1:9002"\n- "127.0.0.1:9003"\n')
+    reactor.advance(1.0)
+    assert live() == {"127.0.0.1:9002", "127.0.0.1:9003"} and pool.get("127.0.0.1:9002") is b2
+    first.write_text('- "127.0.0.1:9009"\n')  # the old source is stopped: not read any more
+    reactor.advance(1.0)
+    assert pool.get("127.0.0.1:9009") is None
+    svc.stopService()

@@ -105,6 +105,8 @@ class DnsSource:
             for rr in srvs:
                 p = rr.payload
                 target = str(p.target).lower()
+                if target in ("", "."):
+                    continue  # RFC 2782: "." means the service is not offered here
                 addrs = known.get(target)
                 if addrs is None:
                     addrs = yield self._addresses(target)
