@@ -398,3 +398,38 @@ def test_reload_replacing_the_sources_keeps_the_backends_until_the_new_ones_answ
     reactor.advance(1.0)
     assert pool.get("127.0.0.1:9009") is None
     svc.stopService()
+
+
+def test_admin_pool_json_and_metrics_exposition_show_the_sources(tmp_path):
+    from lbtwist.admin.live import Live
+    from lbtwist.admin.metrics import exposition, make_registry
+    from lbtwist.admin.state import StateView
+
+    reactor = MemoryReactorClock()
+    reg = Registry.default(entry_points=False)
+    path = tmp_path / "b.yaml"
+    path.write_text('- "127.0.0.1:9001"\n')
+    svc = LbtwistService(load_config(_config(str(path)), reg).config, reactor, reg)
+    svc.startService()
+    live = Live(svc.runtime, reactor)
+    live.attach()
+    pool = svc.runtime.pools["web"]
+    view = StateView(svc.runtime, live, reactor).pool(pool, reactor.seconds(), history=False)
+    (source,) = view["discovery"]["sources"]
+    assert source["kind"] == "file" and source["state"] == "ok" and source["backends"] == 1
+    text = exposition(make_registry(svc.runtime, live, reactor, process=False)).decode()
+    assert 'lbtwist_discovery_up{pool="web",source="file"' in text
+    assert "lbtwist_discovery_failures_total" in text
+    svc.stopService()
+
+
+def test_srv_target_dot_means_no_service():
+    clock = task.Clock()
+    res = FakeResolver()
+    name = "_http._tcp.none.test"
+    res.srv = ([_srv(name, "", 0, 30)], [])  # the root name, "." on the wire
+    src = DnsSource(DnsDiscoveryConfig(name=name), clock, resolver=res)
+    t = tracker(clock, [])
+    src.start(t)
+    assert t.accepted is None and t.last_error == "empty answer"
+    src.stop()
