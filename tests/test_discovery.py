@@ -150,6 +150,7 @@ class FakeResolver:
     def __init__(self):
         self.srv: object = ([], [])
         self.a: dict[str, object] = {}
+        self.aaaa: dict[str, object] = {}
         self.queries: list[str] = []
 
     def _answer(self, what):
@@ -168,7 +169,7 @@ class FakeResolver:
 
     def lookupIPV6Address(self, name, timeout=None):
         self.queries.append(f"AAAA {name}")
-        return defer.fail(error.DNSNameError())
+        return self._answer(self.aaaa.get(name, error.DNSNameError()))
 
 
 def test_dns_srv_follows_ttl_and_keeps_the_set_through_failures():
@@ -432,4 +433,16 @@ def test_srv_target_dot_means_no_service():
     t = tracker(clock, [])
     src.start(t)
     assert t.accepted is None and t.last_error == "empty answer"
+    src.stop()
+
+
+def test_dns_aaaa_addresses_are_bracketed():
+    clock = task.Clock()
+    res = FakeResolver()
+    rr = dns.RRHeader(name="v6.test", type=dns.AAAA, ttl=30, payload=dns.Record_AAAA("::1", ttl=30))
+    res.aaaa["v6.test"] = ([rr], [])
+    src = DnsSource(DnsDiscoveryConfig(name="v6.test", type="AAAA", port=8080), clock, resolver=res)
+    t = tracker(clock, [])
+    src.start(t)
+    assert addrs(t.accepted) == {"[::1]:8080"} and src.next_in == 30.0
     src.stop()
