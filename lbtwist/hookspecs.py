@@ -22,3 +22,9 @@ def lbtwist_health_probes() -> Iterable["lbtwist.registry.ProbeSpec"]:  # type: 
 @hookspec
 def lbtwist_routing_rules() -> Iterable["lbtwist.registry.RuleSpec"]:  # type: ignore[name-defined]
     """Route match kinds (keys under a route's ``match:``) this plugin offers."""
+
+
+@hookspec
+def lbtwist_discovery() -> Iterable["lbtwist.registry.DiscoverySpec"]:  # type: ignore[name-defined]
+    """Backend discovery sources (``pools[].discovery: [{plugin: NAME}]``) this
+    plugin offers: Consul, Kubernetes EndpointSlices, a cloud API..."""

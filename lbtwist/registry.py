@@ -60,6 +60,19 @@ class RuleSpec:
     description: str = ""
 
 
+@attrs.frozen
+class DiscoverySpec:
+    """``factory(options, *, reactor) -> source`` for ``pools[].discovery:
+    [{plugin: name, options: {...}}]``: an object with ``kind``, ``target``,
+    ``start(tracker)`` and ``stop()`` (L{lbtwist.discovery.base.Source}) that
+    reports ``tracker.update(endpoints)`` / ``tracker.failed(reason)``.
+    Raises ValueError with a message naming a bad option."""
+
+    name: str
+    factory: Callable[..., Any]
+    description: str = ""
+
+
 def suggest(name: str, valid: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` or an empty string."""
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
@@ -76,6 +89,7 @@ class Registry:
         self.balancers: dict[str, BalancerSpec] = {}
         self.probes: dict[str, ProbeSpec] = {}
         self.rules: dict[str, RuleSpec] = {}
+        self.discovery: dict[str, DiscoverySpec] = {}
         #: name -> plugin label, to say where a duplicate came from.
         self._origin: dict[tuple[str, str], str] = {}
         #: plugin label -> " (dist NAME VERSION)" for plugins found by entry point.
@@ -134,13 +148,14 @@ class Registry:
                         f"{self.describe(impl.plugin_name)}: unknown hook {name!r}"
                         f"{suggest(name, specced)}; lbtwist hooks: {', '.join(specced)}"
                     )
-        for table in (self.balancers, self.probes, self.rules):
+        for table in (self.balancers, self.probes, self.rules, self.discovery):
             table.clear()
         self._origin.clear()
         for hook, table, spec_type, what in (
             (self.pm.hook.lbtwist_balancers, self.balancers, BalancerSpec, "algorithm"),
             (self.pm.hook.lbtwist_health_probes, self.probes, ProbeSpec, "health probe kind"),
             (self.pm.hook.lbtwist_routing_rules, self.rules, RuleSpec, "routing rule"),
+            (self.pm.hook.lbtwist_discovery, self.discovery, DiscoverySpec, "discovery source"),
         ):
             for impl in hook.get_hookimpls():
                 label = impl.plugin_name
@@ -186,3 +201,14 @@ class Registry:
                 f"built {balancer!r}, which does not provide IBalancer: {e}"
             ) from None
         return balancer
+
+    def make_discovery(self, name: str, options: Mapping[str, Any], *, reactor: Any) -> Any:
+        """Build a plugin discovery source; KeyError/ValueError messages are user-facing."""
+        try:
+            spec = self.discovery[name]
+        except KeyError:
+            raise KeyError(
+                f"unknown discovery source {name!r}{suggest(name, self.discovery)}; "
+                f"registered: {', '.join(sorted(self.discovery)) or '(none)'}"
+            ) from None
+        return spec.factory(dict(options), reactor=reactor)

@@ -41,6 +41,8 @@ class Runtime:
     #: lbtwist.resilience.wiring.RuntimeResilience: each pool's breakers,
     #: limits and budget (created by the first L4/L7 listener).
     resilience: Any = None
+    #: pool name -> lbtwist.discovery.PoolDiscovery, for pools with ``discovery:``.
+    discovery: dict[str, Any] = attrs.Factory(dict)
 
     def clock_seconds(self) -> float:
         return self.reactor.seconds()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import signal
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import attrs
 
@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from lbtwist.config.model import Config, ListenerConfig, PoolConfig
+from lbtwist.config.model import BackendConfig, Config, ListenerConfig, PoolConfig
 from lbtwist.pool import Backend, Health, Pool
 from lbtwist.registry import Registry
 from lbtwist.runtime import Runtime
@@ -163,6 +163,10 @@ class LbtwistService(MultiService):
         self.listeners: MultiService = MultiService()
         self.listeners.setName("listeners")
         self.health: Any = None  # HealthService, set in _build
+        #: (pool, address) of backends draining toward removal
+        self._removing: set[tuple[str, str]] = set()
+        #: pool name -> lbtwist.discovery.PoolDiscovery (shared with the runtime: admin, metrics)
+        self.discovery: dict[str, Any] = self.runtime.discovery
         self._build(config)
 
     def _build(self, config: Config) -> None:
@@ -176,6 +180,8 @@ class LbtwistService(MultiService):
             rt.pools[pcfg.name] = build_pool(pcfg, rt)
             rt.pools[pcfg.name].subscribe(self._on_pool_state)
             rt.pool_configs[pcfg.name] = pcfg
+            self._set_discovery(pcfg)
+        rt.pool_state.setdefault("discovery", self._discovery_state)
         if config.demo is not None:
             from lbtwist.demo import demo_service
 
@@ -192,6 +198,34 @@ class LbtwistService(MultiService):
         for lcfg in config.listeners:
             build_listener(lcfg, rt).setServiceParent(self.listeners)
         self.listeners.setServiceParent(self)
+
+    # -- discovery -----------------------------------------------------------
+
+    def _set_discovery(self, pcfg: PoolConfig | None, name: str | None = None, *, start: bool = True) -> Any:
+        """(Re)build the discovery of a pool (stopping the old one, whose
+        backends the new one carries until its sources answered); started now
+        when the service runs and ``start``, else in startService (or by the
+        caller). ``pcfg`` None: the pool is gone. Returns the new one or None."""
+        name = pcfg.name if pcfg is not None else name
+        old = self.discovery.pop(name, None)
+        if old is not None:
+            old.stop()
+        if pcfg is None or not pcfg.discovery:
+            return None
+        from lbtwist.discovery import pool_discovery
+
+        disc = pool_discovery(pcfg, self.runtime.pools[name], self.reactor, self.runtime.registry,
+                              self.sync_discovered)
+        if old is not None:
+            disc.seed(old.endpoints())
+        self.discovery[name] = disc
+        if self.running and start:
+            disc.start()
+        return disc
+
+    def _discovery_state(self, pool: Pool) -> dict | None:
+        disc = self.discovery.get(pool.name)
+        return disc.status() if disc is not None else None
 
     def _health_service(self) -> IService:
         from lbtwist.health.service import HealthService
@@ -222,6 +256,8 @@ class LbtwistService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        for disc in self.discovery.values():
+            disc.start()
         if self.install_signals:
             self.reactor.callWhenRunning(self._install_signal_handlers)
 
@@ -368,12 +404,20 @@ class LbtwistService(MultiService):
                 first.subscribe(self._on_pool_state)
                 rt.pool_configs[name] = pcfg
                 self.health.install(ph)
+                self._set_discovery(pcfg)
                 log.info("lbtwist: pool {pool} added", pool=name)
             else:
+                fresh = None
+                if rt.pool_configs[name].discovery != pcfg.discovery:
+                    # new sources start once the pool has its new config
+                    fresh = self._set_discovery(pcfg, start=False)
                 waits += self._reconfigure_pool(rt.pools[name], pcfg, first, ph)
+                if fresh is not None and self.running:
+                    fresh.start()
         # pools no longer named anywhere: stop health, keep objects for in-flight work
         names = {p.name for p in new.pools}
         for name in [n for n in rt.pools if n not in names]:
+            self._set_discovery(None, name)
             self.health.remove_pool(name)
             del rt.pools[name]
             del rt.pool_configs[name]
@@ -391,27 +435,62 @@ class LbtwistService(MultiService):
         pool.slow_start = new.slow_start
         pool.drain_timeout = new.drain_timeout
         pool.panic_threshold = new.health.panic_threshold
-        wanted = {b.address: b for b in new.backends}
         for b in pool.backends():
             b.slow_start = new.slow_start
+        rt.pool_configs[pool.name] = new
+        disc = self.discovery.get(pool.name)
+        if disc is not None:
+            disc.set_static(new.backends)
+            wanted = disc.wanted()
+        else:
+            wanted = {b.address: b for b in new.backends}
+        waits += self._sync_backends(pool, wanted, "config")
+        if health is not None:
+            self.health.install(health)
+        pool.version += 1
+        return waits
+
+    def _sync_backends(self, pool: Pool, wanted: Mapping[str, BackendConfig], why: str) -> list[defer.Deferred]:
+        """The backend diff, for a reload and for discovery: backends not in
+        ``wanted`` drain (in-flight work gets up to drain_timeout) and are
+        removed; new ones are added in the initial health state (probes and
+        slow start let them in); kept ones keep their state, weight updated."""
+        waits: list[defer.Deferred] = []
+        for b in pool.backends():
             bc = wanted.get(b.address)
             if bc is None:
-                # drain first: in-flight work gets up to drain_timeout, then removal
-                waits.append(self.health.remove_backend(pool.name, b.address, "removed from config"))
+                key = (pool.name, b.address)
+                if key not in self._removing:  # a second diff during the drain does not drain twice
+                    self._removing.add(key)
+                    d = self.health.remove_backend(pool.name, b.address, f"removed from {why}")
+                    d.addBoth(self._removed, key)
+                    waits.append(d)
             elif bc.weight != b.weight:
-                pool.set_weight(b, bc.weight, "weight changed in config")
-        initial = _initial_health(new)
+                pool.set_weight(b, bc.weight, f"weight changed in {why}")
+        initial = _initial_health(self.runtime.pool_configs[pool.name])
         for address, bc in wanted.items():
             if pool.get(address) is None:
                 b = Backend(address=bc.address, weight=bc.weight, name=bc.name)
                 b.health = initial
-                b.joined_at = rt.reactor.seconds()
-                pool.add_backend(b, "added by reload")
-        if health is not None:
-            self.health.install(health)
-        rt.pool_configs[pool.name] = new
-        pool.version += 1
+                b.joined_at = self.runtime.reactor.seconds()
+                pool.add_backend(b, f"added by {why}")
         return waits
+
+    def _removed(self, result: Any, key: tuple[str, str]) -> Any:
+        self._removing.discard(key)
+        disc = self.discovery.get(key[0])
+        if disc is not None and key[1] in disc.wanted():
+            # discovery brought it back while it drained: add it again, fresh
+            self.sync_discovered(key[0], disc.wanted(), "discovery (back while draining)")
+        return result
+
+    def sync_discovered(self, pool_name: str, wanted: Mapping[str, BackendConfig], why: str) -> None:
+        """Discovery's entry into L{_sync_backends} (drains finish in the background)."""
+        pool = self.runtime.pools.get(pool_name)
+        if pool is None:
+            return
+        for w in self._sync_backends(pool, wanted, why):
+            w.addErrback(lambda f: log.failure("lbtwist: drain after a discovery change", f))
 
     def _prepare_listeners(self, old: Config, new: Config, bound: list[Any]) -> "_ListenerPlan":
         """Sort the running listeners into kept (same socket: reconfigured in
@@ -503,6 +582,8 @@ class LbtwistService(MultiService):
 
     def stopService(self) -> defer.Deferred:
         self._restore_signal_handlers()
+        for disc in self.discovery.values():
+            disc.stop()
         return self._stop_in_order()
 
     def _stop_in_order(self) -> defer.Deferred:

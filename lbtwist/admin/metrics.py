@@ -132,6 +132,7 @@ class LbtwistCollector:
         yield from self._backends(now)
         yield from self._pools(now)
         yield from self._listeners(now)
+        yield from discovery_metrics(self.runtime, now)
 
     # -- per backend ----------------------------------------------------------
 
@@ -244,6 +245,32 @@ class LbtwistCollector:
                 dyn.add(pname, section, v)
         yield from (finished, nbytes, responses, rejected)
         yield from dyn.families.values()
+
+
+def discovery_metrics(runtime: Any, now: float) -> Iterable[Metric]:
+    """``lbtwist_discovery_*``: one series per pool and discovery source."""
+    found = getattr(runtime, "discovery", None)
+    if not found:
+        return
+    L = ["pool", "source", "target"]
+    up = GaugeMetricFamily("lbtwist_discovery_up", "1 when the source's last answer was good (ok or held); 0 while failing (the last known backends stay)", labels=L)
+    state = GaugeMetricFamily("lbtwist_discovery_state", "Source state, one-hot: starting, ok, held (a large shrink awaiting confirmation), failing", labels=L + ["state"])
+    age = GaugeMetricFamily("lbtwist_discovery_age_seconds", "Seconds since the source last answered well", labels=L)
+    backends = GaugeMetricFamily("lbtwist_discovery_backends", "Backends the source currently contributes", labels=L)
+    failures = CounterMetricFamily("lbtwist_discovery_failures", "Failed resolutions or reads of the source", labels=L)
+    updates = CounterMetricFamily("lbtwist_discovery_updates", "Changes of the source's backend set applied to the pool", labels=L)
+    for pool_name, disc in sorted(found.items()):
+        for st in disc.status()["sources"]:
+            v = [pool_name, st["kind"], st["target"]]
+            up.add_metric(v, 1.0 if st["up"] else 0.0)
+            for s_ in ("starting", "ok", "held", "failing"):
+                state.add_metric(v + [s_], 1.0 if st["state"] == s_ else 0.0)
+            if st["age_seconds"] is not None:
+                age.add_metric(v, st["age_seconds"])
+            backends.add_metric(v, float(st["backends"]))
+            failures.add_metric(v, float(st["failures_total"]))
+            updates.add_metric(v, float(st["updates_total"]))
+    yield from (up, state, age, backends, failures, updates)
 
 
 def make_registry(runtime: Any, live: Live, clock: Any, process: bool = True) -> CollectorRegistry:

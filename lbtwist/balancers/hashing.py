@@ -16,20 +16,31 @@ Shared rules:
   - without a key (``ctx.key is None``) the pick is uniformly random;
   - tables are cached per candidate tuple (the pool hands out the same tuple
     until membership, health or weights change) plus a few recent member sets,
-    so a flapping backend does not rebuild a 65537-slot table on every flap.
+    so a flapping backend does not rebuild a 65537-slot table on every flap;
+  - bounded loads (``balance_factor`` c, "Consistent Hashing with Bounded
+    Loads", Mirrokni, Thorup, Zadimoghaddam; HAProxy's
+    ``hash-balance-factor``): a backend already carrying its capacity
+    ``ceil(c * (in_flight + 1) * weight / total_weight)`` passes the key on
+    to the next candidate of the same walk a retry takes. Without pressure
+    every key keeps its backend;
+  - slow start: a backend still ramping (``Backend.ramp`` below 1) admits
+    only the keys whose own fixed fraction (a second hash of the key) is
+    below the ramp; the others go to their next candidate. The ramp only
+    grows, so a key that moved to the new backend stays there.
 """
 from __future__ import annotations
 
 import bisect
 import hashlib
+import math
 import random
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 from zope.interface import implementer
 
 from lbtwist.balancers.base import NoFeedback, eligible
-from lbtwist.balancers.options import check_known, integer
+from lbtwist.balancers.options import check_known, integer, number
 from lbtwist.interfaces import IBalancer
 from lbtwist.pool import Backend, PickContext
 
@@ -38,6 +49,11 @@ MAX_VNODES = 10_000
 DEFAULT_TABLE_SIZE = 65537
 MAX_TABLE_SIZE = 5_000_011
 _RECENT_TABLES = 4
+#: ``balance_factor`` bounds: 1.0 is the strictest (no backend above the mean);
+#: HAProxy and Envoy take the same range (as a percentage).
+MIN_BALANCE_FACTOR = 1.0
+MAX_BALANCE_FACTOR = 100.0
+_TWO64 = float(1 << 64)
 
 
 def stable_hash(data: bytes) -> int:
@@ -80,14 +96,22 @@ class _TableCache:
 
 
 class _HashBalancer(NoFeedback):
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, balance_factor: float | None = None) -> None:
         self._rng = rng
         self._tables = _TableCache(self._build)
+        #: None: no load bound (every key keeps its backend whatever the load).
+        self.balance_factor = balance_factor
 
     def _build(self, members: list[Backend]) -> Any:
         raise NotImplementedError
 
-    def _lookup(self, table: Any, h: int, exclude: Any) -> Backend | None:
+    def _first(self, table: Any, h: int) -> Backend:
+        """The key's own backend (no exclusions, no pressure)."""
+        raise NotImplementedError
+
+    def _walk(self, table: Any, h: int) -> Iterator[Backend]:
+        """Every entry in the order the key tries them: its own backend first,
+        then the next candidates (repeats allowed), the same in every process."""
         raise NotImplementedError
 
     def pick(self, candidates: Sequence[Backend], ctx: PickContext) -> Backend | None:
@@ -100,11 +124,51 @@ class _HashBalancer(NoFeedback):
             return self._rng.choice(pool) if pool else None
         if exclude and all(b in exclude for b in members):
             return None
-        found = self._lookup(table, stable_hash(ctx.key), exclude)
+        h = stable_hash(ctx.key)
+        if not exclude and self.balance_factor is None:
+            b = self._first(table, h)
+            if b.slow_start <= 0 or b.ramp(ctx.now) >= 1.0:
+                return b  # the common case: one lookup
+        found = self._search(members, table, h, ctx)
         if found is None:  # no slot left for any non-excluded backend (tiny tables)
             pool = eligible(members, ctx)
             return self._rng.choice(pool) if pool else None
         return found
+
+    def _search(self, members: list[Backend], table: Any, h: int, ctx: PickContext) -> Backend | None:
+        """Walk the key's candidates: skip excluded ones, ramping ones that do
+        not admit this key yet, and ones at their load bound. When every
+        backend is passed over for ramp or load, the first one not excluded
+        takes the key (a bound must never turn work away)."""
+        exclude = ctx.exclude
+        now = ctx.now
+        fraction = -1.0  # this key's fixed place in every slow-start ramp, computed on demand
+        capacity: Callable[[Backend], float] | None = None
+        if self.balance_factor is not None:
+            total_w = sum(b.weight for b in members)
+            scale = self.balance_factor * (sum(b.active for b in members) + 1) / total_w
+            capacity = lambda b: math.ceil(scale * b.weight)  # noqa: E731
+        fallback: Backend | None = None
+        seen: set[int] = set()
+        limit = len(members) - (sum(1 for b in members if b in exclude) if exclude else 0)
+        for b in self._walk(table, h):
+            if (exclude and b in exclude) or id(b) in seen:
+                continue
+            seen.add(id(b))
+            if fallback is None:
+                fallback = b
+            admitted = True
+            if b.slow_start > 0:
+                ramp = b.ramp(now)
+                if ramp < 1.0:
+                    if fraction < 0.0:
+                        fraction = stable_hash(b"ramp:" + ctx.key) / _TWO64  # type: ignore[operator]
+                    admitted = fraction < ramp
+            if admitted and (capacity is None or b.active + 1 <= capacity(b)):
+                return b
+            if len(seen) == limit:
+                break  # every backend that may take it was passed over
+        return fallback
 
 
 @implementer(IBalancer)
@@ -113,8 +177,9 @@ class RingHash(_HashBalancer):
     to the first point clockwise from its hash. Removing a backend hands only
     its own arcs to the neighbours: no other key moves."""
 
-    def __init__(self, rng: random.Random, vnodes: int = DEFAULT_VNODES) -> None:
-        super().__init__(rng)
+    def __init__(self, rng: random.Random, vnodes: int = DEFAULT_VNODES,
+                 balance_factor: float | None = None) -> None:
+        super().__init__(rng, balance_factor)
         self.vnodes = vnodes
 
     def _build(self, members: list[Backend]) -> tuple[list[int], list[Backend]]:
@@ -127,19 +192,17 @@ class RingHash(_HashBalancer):
         points.sort(key=lambda p: (p[0], p[1]))
         return [p[0] for p in points], [p[2] for p in points]
 
-    def _lookup(self, table: tuple[list[int], list[Backend]], h: int, exclude: Any) -> Backend | None:
+    def _first(self, table: tuple[list[int], list[Backend]], h: int) -> Backend:
+        hashes, owners = table
+        i = bisect.bisect_left(hashes, h)
+        return owners[i if i < len(hashes) else 0]
+
+    def _walk(self, table: tuple[list[int], list[Backend]], h: int) -> Iterator[Backend]:
         hashes, owners = table
         n = len(hashes)
         i = bisect.bisect_left(hashes, h)
-        if i == n:
-            i = 0
-        if not exclude:
-            return owners[i]
         for step in range(n):
-            b = owners[(i + step) % n]
-            if b not in exclude:
-                return b
-        return None
+            yield owners[(i + step) % n]
 
 
 @implementer(IBalancer)
@@ -150,8 +213,9 @@ class Maglev(_HashBalancer):
     shares; removing a backend moves its keys plus a small extra fraction.
     Keep ``table_size`` at least 100 times the number of backends."""
 
-    def __init__(self, rng: random.Random, table_size: int = DEFAULT_TABLE_SIZE) -> None:
-        super().__init__(rng)
+    def __init__(self, rng: random.Random, table_size: int = DEFAULT_TABLE_SIZE,
+                 balance_factor: float | None = None) -> None:
+        super().__init__(rng, balance_factor)
         self.table_size = table_size
 
     def _build(self, members: list[Backend]) -> list[Backend]:
@@ -193,19 +257,16 @@ class Maglev(_HashBalancer):
             turn += 1
         return [order[i] for i in table]
 
-    def _lookup(self, table: list[Backend], h: int, exclude: Any) -> Backend | None:
+    def _first(self, table: list[Backend], h: int) -> Backend:
+        return table[h % len(table)]
+
+    def _walk(self, table: list[Backend], h: int) -> Iterator[Backend]:
+        # Neighbouring slots belong to unrelated permutations, so probing
+        # forward spreads a passed-over backend's keys over the others.
         m = len(table)
         i = h % m
-        b = table[i]
-        if not exclude or b not in exclude:
-            return b
-        # Neighbouring slots belong to unrelated permutations, so probing
-        # forward spreads an excluded backend's keys over the others.
-        for step in range(1, m):
-            b = table[(i + step) % m]
-            if b not in exclude:
-                return b
-        return None
+        for step in range(m):
+            yield table[(i + step) % m]
 
 
 def _is_prime(n: int) -> bool:
@@ -219,16 +280,23 @@ def _is_prime(n: int) -> bool:
     return True
 
 
+def _balance_factor(algorithm: str, options: dict[str, Any]) -> float | None:
+    value = options.get("balance_factor")
+    if value is None:
+        return None
+    return number(algorithm, "balance_factor", value, minimum=MIN_BALANCE_FACTOR, maximum=MAX_BALANCE_FACTOR)
+
+
 def make_ring_hash(options: dict[str, Any], *, clock: Any = None, rng: random.Random) -> RingHash:
-    check_known("ring_hash", options, ("vnodes",))
+    check_known("ring_hash", options, ("vnodes", "balance_factor"))
     vnodes = integer("ring_hash", "vnodes", options.get("vnodes", DEFAULT_VNODES), maximum=MAX_VNODES)
-    return RingHash(rng, vnodes)
+    return RingHash(rng, vnodes, _balance_factor("ring_hash", options))
 
 
 def make_maglev(options: dict[str, Any], *, clock: Any = None, rng: random.Random) -> Maglev:
-    check_known("maglev", options, ("table_size",))
+    check_known("maglev", options, ("table_size", "balance_factor"))
     size = integer("maglev", "table_size", options.get("table_size", DEFAULT_TABLE_SIZE),
                    minimum=3, maximum=MAX_TABLE_SIZE)
     if not _is_prime(size):
         raise ValueError(f"maglev: table_size must be a prime number (e.g. 65537), not {size}")
-    return Maglev(rng, size)
+    return Maglev(rng, size, _balance_factor("maglev", options))

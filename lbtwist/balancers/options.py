@@ -53,6 +53,15 @@ def integer(algorithm: str, name: str, value: Any, *, minimum: int = 1, maximum:
     return value
 
 
+def number(algorithm: str, name: str, value: Any, *, minimum: float, maximum: float) -> float:
+    """A real number within bounds (YAML ``1.25`` or ``2``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{algorithm}: {name} must be a number, not {value!r}")
+    if not minimum <= value <= maximum:  # also rejects NaN
+        raise ValueError(f"{algorithm}: {name} must be between {minimum:g} and {maximum:g}, not {value!r}")
+    return float(value)
+
+
 def choice(algorithm: str, name: str, value: Any, allowed: Iterable[str]) -> str:
     allowed = list(allowed)
     if value not in allowed:

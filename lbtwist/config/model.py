@@ -214,11 +214,38 @@ class TLSPassthroughConfig:
 
 
 @attrs.frozen(kw_only=True)
+class DnsDiscoveryConfig:
+    """Backends from DNS, re-resolved at the record TTL clamped to [refresh_min, refresh_max]."""
+
+    name: str = _f(doc="the name to resolve, e.g. _http._tcp.app.example (SRV) or app.example (A/AAAA)")
+    type: Literal["SRV", "A", "AAAA"] = _f("SRV", "record type: SRV gives ports, weights and priorities; A/AAAA need port")
+    port: int | None = _f(None, "A/AAAA: backend port")
+    resolver: str | None = _f(None, "host:port of the DNS server; default: the system's (/etc/resolv.conf)")
+    refresh: Duration = _f(Duration(5.0), "retry interval after a failure")
+    refresh_min: Duration = _f(Duration(1.0), "never re-resolve sooner than this, whatever the TTL")
+    refresh_max: Duration = _f(Duration(60.0), "re-resolve at least this often, whatever the TTL")
+    timeout: Duration = _f(Duration(2.0), "a query not answered within this fails")
+
+
+@attrs.frozen(kw_only=True)
+class DiscoveryConfig:
+    """One discovery source of a pool: exactly one of dns, file, plugin."""
+
+    dns: DnsDiscoveryConfig | None = _f(None, "backends from DNS")
+    file: str | None = _f(None, "path of a YAML/JSON list of backends (same shape as backends), watched")
+    poll_interval: Duration = _f(Duration(1.0), "file: how often the file is checked (inotify makes changes seen sooner)")
+    plugin: str | None = _f(None, "a discovery source from a plugin (lbtwist_discovery hook)")
+    options: dict[str, Any] = _f(factory=dict, doc="plugin: its options")
+    max_shrink: float = _f(50.0, "an answer removing more than this percentage of the source's backends at once is held until the next answer confirms it")
+
+
+@attrs.frozen(kw_only=True)
 class PoolConfig:
     name: str = _f(doc="pool name referenced by listeners and routes")
     algorithm: str = _f("p2c", "a name from the algorithm registry")
     algorithm_options: dict[str, Any] = _f(factory=dict, doc="passed to the algorithm")
     backends: list[BackendConfig] = _f(factory=list, doc="the servers")
+    discovery: list[DiscoveryConfig] = _f(factory=list, doc="sources adding backends at run time (DNS, a file, plugins)")
     connect_timeout: Duration = _f(Duration(3.0), "give up a backend connect after this")
     connect_attempts: int = _f(3, "L4: backends tried for one client connection before refusing it")
     connection_pool: ConnectionPoolConfig = _f(factory=ConnectionPoolConfig, doc="L7 backend connection reuse")

@@ -254,7 +254,7 @@ def backends(ctx: CheckContext) -> Iterator[Problem]:
     for ppath, pool in _pools(ctx.config):
         bpath = key_path(ppath, "backends")
         if not pool.backends:
-            if not ctx.was_rejected(ppath):
+            if not ctx.was_rejected(ppath) and not pool.discovery:
                 yield ctx.warning(bpath, f"pool {pool.name!r} has no backends: its traffic fails until some are added")
             continue
         first: dict[tuple[str, int], str] = {}
@@ -753,3 +753,68 @@ def admin_access(ctx: CheckContext) -> Iterator[Problem]:
 
     for path, message in admin_config_problems(ctx.config.admin):
         yield ctx.error(path, message)
+
+
+# -- discovery ------------------------------------------------------------------
+
+
+@check
+def discovery_sources(ctx: CheckContext) -> Iterator[Problem]:
+    """Each ``pools[].discovery`` item names exactly one source, complete."""
+    for ppath, pool in _pools(ctx.config):
+        for i, d in enumerate(pool.discovery):
+            dpath = index_path(key_path(ppath, "discovery"), i)
+            given = [k for k in ("dns", "file", "plugin") if getattr(d, k) is not None]
+            if len(given) != 1:
+                what = ", ".join(given) if given else "none"
+                yield ctx.error(dpath, f"a discovery source takes exactly one of dns, file, plugin (got {what})")
+                continue
+            if not 0 <= d.max_shrink <= 100:
+                yield ctx.error(key_path(dpath, "max_shrink"), f"{d.max_shrink:g} is a percentage: 0-100")
+            if d.options and d.plugin is None:
+                yield ctx.error(key_path(dpath, "options"), "options only apply to a plugin source")
+            if d.dns is not None:
+                yield from _dns_problems(ctx, key_path(dpath, "dns"), d.dns)
+            elif d.file is not None:
+                if not d.file:
+                    yield ctx.error(key_path(dpath, "file"), "an empty path")
+                if d.poll_interval <= 0:
+                    yield ctx.error(key_path(dpath, "poll_interval"), "must be above 0")
+            elif ctx.registry is not None:
+                reg = ctx.registry
+                ppath_ = key_path(dpath, "plugin")
+                if d.plugin not in reg.discovery:
+                    yield ctx.error(
+                        ppath_,
+                        f"unknown discovery source {d.plugin!r}{suggest(d.plugin, reg.discovery)}; "
+                        f"registered: {', '.join(sorted(reg.discovery)) or '(none)'}",
+                    )
+                    continue
+                try:
+                    reg.make_discovery(d.plugin, d.options, reactor=Clock())
+                except ValueError as e:
+                    yield ctx.error(key_path(dpath, "options"), str(e))
+                except Exception as e:
+                    yield ctx.error(key_path(dpath, "options"),
+                                    f"{d.plugin}: cannot be built with these options: {type(e).__name__}: {e}")
+
+
+def _dns_problems(ctx: CheckContext, path: str, d: Any) -> Iterator[Problem]:
+    if not d.name:
+        yield ctx.error(key_path(path, "name"), "an empty name")
+    if d.type == "SRV" and d.port is not None:
+        yield ctx.error(key_path(path, "port"), "SRV records carry their ports; port only applies to A/AAAA")
+    if d.type != "SRV" and d.port is None:
+        yield ctx.error(path, f"type {d.type} needs port: the backends' port")
+    if d.port is not None and not 0 < d.port < 65536:
+        yield ctx.error(key_path(path, "port"), f"{d.port} is not a port (1-65535)")
+    if d.resolver is not None:
+        try:
+            split_address(d.resolver)
+        except ValueError:
+            yield ctx.error(key_path(path, "resolver"), f"{d.resolver!r} is not host:port")
+    if d.refresh_min > d.refresh_max:
+        yield ctx.error(key_path(path, "refresh_min"), f"{d.refresh_min:g}s is above refresh_max {d.refresh_max:g}s")
+    for k in ("refresh", "refresh_max", "timeout"):
+        if getattr(d, k) <= 0:
+            yield ctx.error(key_path(path, k), "must be above 0")

@@ -217,3 +217,93 @@ def lbtwist_health_probes() -> Iterable[ProbeSpec]:
             "connect, optionally send a line, pass when the answer contains 'expect'",
         )
     ]
+
+
+# -- discovery source: http_json -----------------------------------------------
+
+
+class HttpJsonSource:
+    """Backends from an HTTP endpoint answering a JSON list in the shape of
+    ``backends`` (a minimal service registry, or a cloud API behind a small
+    adapter), fetched every ``interval``. A failed fetch, a non-2xx status or
+    a bad body is reported as a failure: lbtwist keeps the last known set."""
+
+    kind = "http_json"
+
+    def __init__(self, reactor: Any, url: str, interval: float, timeout: float) -> None:
+        self.reactor = reactor
+        self.url = url
+        self.target = url
+        self.interval = interval
+        self.timeout = timeout
+        self._loop: Any = None
+        self._tracker: Any = None
+        self._inflight: defer.Deferred | None = None
+
+    def start(self, tracker: Any) -> None:
+        from twisted.internet import task
+
+        self._tracker = tracker
+        self._loop = task.LoopingCall(self.fetch)
+        self._loop.clock = self.reactor
+        self._loop.start(self.interval, now=True)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._inflight is not None:
+            self._inflight.cancel()
+
+    def fetch(self) -> defer.Deferred | None:
+        if self._inflight is not None:
+            return None  # the previous fetch is still running
+        from twisted.web.client import Agent, readBody
+
+        from lbtwist.discovery.file import parse_backends
+
+        async def go() -> None:
+            response = await Agent(self.reactor, connectTimeout=self.timeout).request(b"GET", self.url.encode())
+            body = await readBody(response)
+            if not 200 <= response.code < 300:
+                raise ValueError(f"HTTP {response.code}")
+            self._tracker.update(parse_backends(body.decode("utf-8"), self.url))
+
+        d = defer.ensureDeferred(go())
+        d.addTimeout(self.timeout, self.reactor)
+        self._inflight = d
+
+        def failed(f: Any) -> None:
+            if not f.check(defer.CancelledError) or self._loop is None or self._loop.running:
+                self._tracker.failed(f"{type(f.value).__name__}: {f.getErrorMessage()}")
+
+        def done(result: Any) -> None:
+            self._inflight = None
+
+        d.addErrback(failed)
+        d.addBoth(done)
+        return d
+
+
+def make_http_json(options: dict[str, Any], *, reactor: Any) -> HttpJsonSource:
+    """Options: ``url`` (http:// or https://, required), ``interval`` and
+    ``timeout`` (seconds; defaults 5 and 2)."""
+    unknown = sorted(set(options) - {"url", "interval", "timeout"})
+    if unknown:
+        raise ValueError(f"http_json: unknown option(s) {', '.join(map(repr, unknown))}; takes url, interval, timeout")
+    url = options.get("url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ValueError(f"http_json: 'url' must be an http:// or https:// URL, not {url!r}")
+    values = {}
+    for name, default in (("interval", 5.0), ("timeout", 2.0)):
+        v = options.get(name, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"http_json: {name!r} must be a number of seconds above 0, not {v!r}")
+        values[name] = float(v)
+    return HttpJsonSource(reactor, url, values["interval"], values["timeout"])
+
+
+@hookimpl
+def lbtwist_discovery() -> Iterable[Any]:
+    from lbtwist.registry import DiscoverySpec
+
+    return [DiscoverySpec("http_json", make_http_json, "backends from an HTTP endpoint answering a JSON list")]
