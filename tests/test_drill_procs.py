@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -37,13 +38,15 @@ def test_guarded_children_die_with_the_drill():
     try:
         grandchild = int(middle.stdout.readline())
         assert _alive(grandchild)
-        middle.send_signal(signal.SIGKILL)
-        middle.wait(10)
-        for _ in range(200):
-            if not _alive(grandchild):
-                break
-            subprocess.run(["true"], timeout=5)  # yield without sleeping
-        assert not _alive(grandchild)
+        gone = os.pidfd_open(grandchild)  # readable once the process has exited: an event, not a poll
+        try:
+            middle.send_signal(signal.SIGKILL)
+            middle.wait(10)
+            # bounded by the event (a loaded box may take a while to schedule the dying child)
+            readable, _, _ = select.select([gone], [], [], 30)
+        finally:
+            os.close(gone)
+        assert readable and not _alive(grandchild)
     finally:
         middle.kill()
         middle.wait(10)
