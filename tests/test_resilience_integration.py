@@ -227,8 +227,10 @@ async def test_no_retry_after_a_response_byte_reached_the_client():
 
 @pytest_twisted.ensureDeferred
 async def test_max_pending_answers_503_at_once_and_memory_stays_flat():
+    # the stuck requests must stay stuck for the whole test, however slow a
+    # loaded box makes the 400 traced refusals: a route timeout far above it
     lb, origins = await lb_with(
-        [silent], route="        retry: {max_attempts: 1}",
+        [silent], route="        retry: {max_attempts: 1}\n        timeout: 300s",
         pool="    limits: {max_connections: 2, max_pending: 2}",
     )
     stuck = []
@@ -319,7 +321,8 @@ async def test_backend_retry_after_on_503_is_respected():
 async def test_breaker_opens_then_half_opens():
     lb, origins = await lb_with(
         [status(502), status(200)], route="        retry: {max_attempts: 1}",
-        pool="    circuit_breaker: {consecutive_failures: 3, open_for: 400ms, half_open_requests: 1}\n"
+        # open_for outlasts the 10 requests below on a loaded box (they take ~50 ms on a quiet one)
+        pool="    circuit_breaker: {consecutive_failures: 3, open_for: 2s, half_open_requests: 1}\n"
              "    health: {passive: {enabled: false}}",
     )
     pool = lb.runtime.pools["app"]
@@ -330,7 +333,7 @@ async def test_breaker_opens_then_half_opens():
             await get(lb.port, f"/{i}")
         assert len(origins[0].requests) == 3  # opened after 3 failures in a row
         assert state() == "open"
-        await pause(0.45)
+        await pause(2.05)
         assert state() == "half-open"
         for i in range(3):
             await get(lb.port, f"/again{i}")
