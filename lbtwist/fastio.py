@@ -297,11 +297,35 @@ def install_lean_reactor() -> Any:
     return reactor
 
 
+def install_supported_reactor(warn: Any = None) -> bool:
+    """Install the lean reactor if this Twisted is one its internals were
+    checked against (L{twisted_supported}); else Twisted's default reactor,
+    saying so in one line on ``warn`` (stderr by default). Returns True when
+    the lean reactor was installed. Every entry point installs through this
+    (``python -m lbtwist.l4/.l7 --lean-reactor``, ``twistd lbtwist``,
+    ``twistd --reactor=lbtwist-lean``, the test suite), so an unchecked
+    Twisted never runs code that reaches into its internals by default."""
+    if twisted_supported():
+        install_lean_reactor()
+        return True
+    from twisted.internet import default
+
+    print(
+        f"lbtwist: Twisted {twisted.__version__} is not a version lbtwist.fastio was checked against "
+        f"(major {', '.join(map(str, CHECKED_TWISTED_MAJOR)) or 'none'}); using Twisted's default reactor, "
+        "not the lean one",
+        file=warn if warn is not None else sys.stderr,
+        flush=True,
+    )
+    default.install()
+    return False
+
+
 def install() -> None:
     """For a twistd reactor plugin (``twisted.application.reactors.Reactor(
     "lbtwist-lean", "lbtwist.fastio", ...)``), whose installer calls the
     module's ``install()``: then ``twistd --reactor=lbtwist-lean lbtwist ...``."""
-    install_lean_reactor()
+    install_supported_reactor()
 
 
 def twisted_supported() -> bool:

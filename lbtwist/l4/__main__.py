@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> None:
 
         globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     if args.lean_reactor:
-        from lbtwist.fastio import install_lean_reactor
+        from lbtwist.fastio import install_supported_reactor
 
-        install_lean_reactor()
+        install_supported_reactor()
     from twisted.internet import task
 
     task.react(_main, (args,))
