@@ -316,7 +316,12 @@ def main() -> None:
                     conns_cpu[n].append(cu)
                     print(f"  round {r} {n:16s} {rate_label} {c:10.0f}   proxy CPU {cu:6.0f} {cost_label}", flush=True)
                 if not args.skip_bulk:
-                    b, bu = measure_bulk(*ports[n][1], args.bulk, n)
+                    try:
+                        b, bu = measure_bulk(*ports[n][1], args.bulk, n)
+                    except BulkFailed as e:
+                        log = logs.get(n)
+                        tail = log.read_text()[-4000:] if log is not None and log.exists() else ""
+                        raise SystemExit(f"{e}\n{n} log (end):\n{tail}")
                     bulk[n].append(b)
                     bulk_cpu[n].append(bu)
                     print(f"  round {r} {n:16s} bulk MB/s {b:8.1f}   proxy CPU {bu:6.2f} s/GiB", flush=True)
