@@ -82,19 +82,25 @@ def run_source(port: int, total: int) -> None:
     """Send ``total`` bytes, half-close, wait for the sink's count; print MB/s."""
     chunk = memoryview(os.urandom(1 << 20))
     s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    local = s.getsockname()
     t0 = time.perf_counter()
     left = total
-    while left > 0:
-        n = min(left, len(chunk))
-        s.sendall(chunk[:n])
-        left -= n
-    s.shutdown(socket.SHUT_WR)
-    got = b""
-    while not got.endswith(b"\n"):
-        d = s.recv(64)
-        if not d:
-            break
-        got += d
+    try:
+        while left > 0:
+            n = min(left, len(chunk))
+            s.sendall(chunk[:n])
+            left -= n
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while not got.endswith(b"\n"):
+            d = s.recv(64)
+            if not d:
+                break
+            got += d
+    except OSError as e:
+        # What the soak needs to tell one failure from another: where it stopped and when.
+        raise SystemExit(f"{type(e).__name__} {e} from 127.0.0.1:{local[1]} after {total - left} of {total} bytes "
+                         f"sent, {time.perf_counter() - t0:.2f}s in")
     dt = time.perf_counter() - t0
     s.close()
     if int(got or b"0") != total:
@@ -148,11 +154,11 @@ backend be_bulk
     return (fe_http, p.pid), (fe_bulk, p.pid)
 
 
-def start_lbtwist(procs: Procs, backend_port: int, extra: list[str]) -> tuple[int, int]:
+def start_lbtwist(procs: Procs, backend_port: int, extra: list[str], stderr=None) -> tuple[int, int]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     p = procs.start(
         [PY, "-m", "lbtwist.l4", "--backend", f"127.0.0.1:{backend_port}", "--max-connections", "8000", *extra],
-        PROXY_CPU, stdout=subprocess.PIPE, env=env, text=True,
+        PROXY_CPU, stdout=subprocess.PIPE, env=env, text=True, stderr=stderr,
     )
     line = p.stdout.readline()
     if not line.startswith("LISTENING"):
@@ -184,17 +190,69 @@ def measure_conns(port: int, pid: int, duration: int, connections: int, keepaliv
     return float(m.group(1)), cpu / int(n.group(1)) * 1e6
 
 
+class BulkFailed(Exception):
+    """A bulk transfer through a named contender did not complete."""
+
+
 def measure_bulk(port: int, pid: int, total: int, name: str) -> tuple[float, float]:
-    """(MB/s, proxy CPU seconds per GiB)."""
+    """(MB/s, proxy CPU seconds per GiB); BulkFailed names the contender."""
     c0 = cpu_seconds(pid)
     out = subprocess.run(
         ["taskset", "-c", LOAD_CPU, PY, __file__, "--role", "source", str(port), str(total)],
         capture_output=True, text=True, timeout=300,
     )
     if out.returncode != 0:
-        raise SystemExit(f"bulk source through {name} failed: {out.stderr}")
+        raise BulkFailed(f"bulk source through {name} failed: {out.stderr.strip()}")
     cpu = cpu_seconds(pid) - c0
     return float(out.stdout.strip()), cpu / (total / 2**30)
+
+
+def soak(ports: dict, args: argparse.Namespace, logs: dict[str, Path]) -> None:
+    """Up to ``--soak`` runs (or ``--soak-minutes``): per run and contender, a
+    ``--duration`` conns/s burst, then one bulk transfer, 256 MiB and 1 GiB
+    alternately. Failures are counted per contender, never raised, and each is
+    printed with the contender's log lines written since the run started."""
+    names = list(ports)
+    sizes = (256 << 20, 1 << 30)
+    mbs: dict[str, list[float]] = {n: [] for n in names}
+    fails: dict[str, list[str]] = {n: [] for n in names}
+    deadline = time.monotonic() + args.soak_minutes * 60
+    runs = 0
+    print(f"soak: up to {args.soak} runs or {args.soak_minutes:g} min; contenders {', '.join(names)}; "
+          f"burst {args.duration}s wrk -c{args.connections}, bulk 256 MiB / 1 GiB alternately", flush=True)
+    for i in range(args.soak):
+        if time.monotonic() > deadline:
+            break
+        total = sizes[i % 2]
+        order = names if i % 2 else list(reversed(names))
+        for n in order:
+            if not args.skip_conns:
+                measure_conns(*ports[n][0], args.duration, args.connections, args.keepalive)
+            log = logs.get(n)
+            mark = log.stat().st_size if log is not None and log.exists() else 0
+            try:
+                b, _ = measure_bulk(*ports[n][1], total, n)
+            except (BulkFailed, subprocess.TimeoutExpired) as e:
+                fails[n].append(f"run {i + 1} {total >> 20} MiB: {e}")
+                print(f"  FAIL run {i + 1} {n} {total >> 20} MiB: {e}", flush=True)
+                if log is not None and log.exists():
+                    with open(log) as f:
+                        f.seek(mark)
+                        print("    log: " + f.read()[-4000:].replace("\n", "\n    log: "), flush=True)
+                continue
+            mbs[n].append(b)
+        runs += 1
+        if runs % 10 == 0 or runs == 1:
+            line = "; ".join(f"{n} {statistics.median(mbs[n]) if mbs[n] else 0:.0f} MB/s {len(fails[n])} fail"
+                             for n in names)
+            print(f"  after {runs} runs (load {os.getloadavg()[0]:.2f}): {line}", flush=True)
+    print(f"\nsoak done: {runs} runs")
+    for n in names:
+        v = mbs[n]
+        fig = f"median {statistics.median(v):.0f} min {min(v):.0f} max {max(v):.0f} MB/s" if v else "no transfers"
+        print(f"  {n:16s} {len(v)} ok, {len(fails[n])} failed; {fig}")
+        for f in fails[n]:
+            print(f"    {f}")
 
 
 def main() -> None:
@@ -208,6 +266,9 @@ def main() -> None:
                     help="wrk over persistent connections (requests/s through the relay) instead of Connection: close")
     ap.add_argument("--skip-conns", action="store_true")
     ap.add_argument("--skip-bulk", action="store_true")
+    ap.add_argument("--soak", type=int, default=0, metavar="N",
+                    help="reproduction loop: N runs of (conns/s burst, bulk 256 MiB / 1 GiB) per contender")
+    ap.add_argument("--soak-minutes", type=float, default=120.0, help="time bound of --soak")
     ap.add_argument("--role", help=argparse.SUPPRESS)
     ap.add_argument("role_args", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -227,11 +288,17 @@ def main() -> None:
         http_port = start_origin(procs, tmp)
         sink_port = start_sink(procs, tmp)
         ports = {"haproxy": start_haproxy(procs, tmp, http_port, sink_port)}
+        logs = {"haproxy": tmp / "haproxy.stderr"}
         for v in variants:
+            # the relay's log (connect failures, closes) goes to a file the soak shows on a failure
+            logs[f"lbtwist-{v}"] = tmp / f"lbtwist-{v}.log"
+            log = open(logs[f"lbtwist-{v}"], "w")
             ports[f"lbtwist-{v}"] = (
-                start_lbtwist(procs, http_port, VARIANTS[v]),
-                start_lbtwist(procs, sink_port, VARIANTS[v]),
+                start_lbtwist(procs, http_port, [*VARIANTS[v], "--log"], stderr=log),
+                start_lbtwist(procs, sink_port, [*VARIANTS[v], "--log"], stderr=log),
             )
+        if args.soak:
+            return soak(ports, args, logs)
         names = list(ports)
         rate_label, cost_label = ("req/s", "us/req") if args.keepalive else ("conns/s", "us/conn")
         conns: dict[str, list[float]] = {n: [] for n in names}
@@ -249,7 +316,12 @@ def main() -> None:
                     conns_cpu[n].append(cu)
                     print(f"  round {r} {n:16s} {rate_label} {c:10.0f}   proxy CPU {cu:6.0f} {cost_label}", flush=True)
                 if not args.skip_bulk:
-                    b, bu = measure_bulk(*ports[n][1], args.bulk, n)
+                    try:
+                        b, bu = measure_bulk(*ports[n][1], args.bulk, n)
+                    except BulkFailed as e:
+                        log = logs.get(n)
+                        tail = log.read_text()[-4000:] if log is not None and log.exists() else ""
+                        raise SystemExit(f"{e}\n{n} log (end):\n{tail}")
                     bulk[n].append(b)
                     bulk_cpu[n].append(bu)
                     print(f"  round {r} {n:16s} bulk MB/s {b:8.1f}   proxy CPU {bu:6.2f} s/GiB", flush=True)

@@ -22,7 +22,11 @@ Why each lever exists (measured, see the performance notes):
     then get their data in one burst instead of one send per event, so a
     sleeping peer is woken once per pass rather than once per message: the
     kernel's wake-up work is most of a small message's send cost (measured:
-    about 30% less system time per proxied HTTP request). Anything that
+    about 30% less system time per proxied HTTP request). A transport holds
+    at most ``BATCH_MAX`` bytes (more is sent at once), and what it holds
+    counts as buffered for Twisted's producer logic: a streaming producer is
+    paused when held plus buffered bytes pass ``bufferSize``, and resumed once
+    they are sent, as Twisted does for its own buffer. Anything that
     depends on the transport's buffer (close, half-close, writeSequence, a
     large write) sends what is held first; an abort drops it, as Twisted
     drops its own buffer.
@@ -53,9 +57,9 @@ _eager_classes: dict[type, type] = {}
 _inline_read_classes: set[type] = set()
 
 
-#: Writes up to this size are held for the end of a poll pass (larger ones
-#: are sent at once, so a batch holds at most this much per transport).
-#: 0 turns batching off (benchmarks compare both).
+#: Bytes a transport holds for the end of a poll pass: a write that would
+#: take it past this sends what is held at once (with that write when it is
+#: small). 0 turns batching off (benchmarks compare both).
 BATCH_MAX = 64 * 1024
 
 
@@ -99,12 +103,21 @@ class _EagerWriteMixin:
 
     #: Small writes held for the end of the poll pass (a list while some are).
     _held: list[bytes] | None = None
+    #: Their total size (at most BATCH_MAX).
+    _held_len = 0
 
     def write(self, data: bytes) -> None:
         held = self._held
         if held is not None:
             if type(data) is bytes and len(data) <= BATCH_MAX:
+                n = self._held_len + len(data)
                 held.append(data)
+                if n > BATCH_MAX:
+                    self._send_held()  # this write with them: one send, in order
+                    return
+                self._held_len = n
+                if self.producer is not None:
+                    self._maybe_pause_held()
                 return
             self._send_held()
         elif _batch.active and type(data) is bytes and len(data) <= BATCH_MAX:
@@ -112,15 +125,47 @@ class _EagerWriteMixin:
             # the held data is sent: _send() takes Twisted's path when it must,
             # and close/half-close send what is held first.
             self._held = [data]
+            self._held_len = len(data)
             _batch.held.append(self)
+            if self.producer is not None:
+                self._maybe_pause_held()
             return
         self._send(data)
+
+    def held_size(self) -> int:
+        """Bytes held for the end of the poll pass."""
+        return self._held_len
+
+    def _isSendBufferFull(self) -> bool:
+        # Twisted's test, with held bytes counted as buffered (it pauses the
+        # producer from write() when this is true).
+        return len(self.dataBuffer) + self._tempDataLen + self._held_len > self.bufferSize  # type: ignore[attr-defined]
+
+    def _maybe_pause_held(self) -> None:
+        """Pause a streaming producer once held + buffered bytes pass bufferSize
+        (what Twisted's write does for its own buffer)."""
+        if self.streamingProducer and not self.producerPaused and self._isSendBufferFull():  # type: ignore[attr-defined]
+            self.producerPaused = True
+            self.producer.pauseProducing()  # type: ignore[attr-defined]
 
     def _send_held(self) -> None:
         held = self._held
         if held is not None:
             self._held = None
+            self._held_len = 0
             self._send(held[0] if len(held) == 1 else b"".join(held))
+            if (
+                self.producerPaused  # type: ignore[attr-defined]
+                and not self.dataBuffer  # type: ignore[attr-defined]
+                and not self._tempDataLen  # type: ignore[attr-defined]
+                and self.producer is not None  # type: ignore[attr-defined]
+                and self.streamingProducer  # type: ignore[attr-defined]
+                and not self.disconnecting  # type: ignore[attr-defined]
+            ):
+                # All sent at once: no write event will come to resume the
+                # producer (Twisted's doWrite would, on draining its buffer).
+                self.producerPaused = False
+                self.producer.resumeProducing()  # type: ignore[attr-defined]
 
     def writeSequence(self, iovec: Any) -> None:
         self._send_held()  # keep the order of held data
@@ -132,6 +177,7 @@ class _EagerWriteMixin:
 
     def abortConnection(self) -> None:
         self._held = None  # dropped, like Twisted's own buffer
+        self._held_len = 0
         super().abortConnection()  # type: ignore[misc]
 
     def _send(self, data: bytes) -> None:
@@ -297,11 +343,35 @@ def install_lean_reactor() -> Any:
     return reactor
 
 
+def install_supported_reactor(warn: Any = None) -> bool:
+    """Install the lean reactor if this Twisted is one its internals were
+    checked against (L{twisted_supported}); else Twisted's default reactor,
+    saying so in one line on ``warn`` (stderr by default). Returns True when
+    the lean reactor was installed. Every entry point installs through this
+    (``python -m lbtwist.l4/.l7 --lean-reactor``, ``twistd lbtwist``,
+    ``twistd --reactor=lbtwist-lean``, the test suite), so an unchecked
+    Twisted never runs code that reaches into its internals by default."""
+    if twisted_supported():
+        install_lean_reactor()
+        return True
+    from twisted.internet import default
+
+    print(
+        f"lbtwist: Twisted {twisted.__version__} is not a version lbtwist.fastio was checked against "
+        f"(major {', '.join(map(str, CHECKED_TWISTED_MAJOR)) or 'none'}); using Twisted's default reactor, "
+        "not the lean one",
+        file=warn if warn is not None else sys.stderr,
+        flush=True,
+    )
+    default.install()
+    return False
+
+
 def install() -> None:
     """For a twistd reactor plugin (``twisted.application.reactors.Reactor(
     "lbtwist-lean", "lbtwist.fastio", ...)``), whose installer calls the
     module's ``install()``: then ``twistd --reactor=lbtwist-lean lbtwist ...``."""
-    install_lean_reactor()
+    install_supported_reactor()
 
 
 def twisted_supported() -> bool:

@@ -20,4 +20,4 @@ if sys.path[0] != _root:
 if os.environ.get("LBTWIST_TEST_REACTOR", "lean") == "lean":
     from lbtwist import fastio
 
-    fastio.install_lean_reactor()
+    fastio.install_supported_reactor()

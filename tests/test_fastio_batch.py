@@ -174,3 +174,97 @@ def test_stock_reactor_sends_at_once():
         assert peer.recv(10) == b"direct"
     finally:
         r.close()
+
+
+class _Producer:
+    """A streaming producer that records the calls its consumer makes."""
+
+    def __init__(self):
+        self.paused = False
+        self.pauses = 0
+        self.resumes = 0
+
+    def pauseProducing(self):
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self):
+        self.paused = False
+        self.resumes += 1
+
+    def stopProducing(self):
+        pass
+
+
+def _small_buffers(t, peer):
+    """Kernel buffers small enough that a non-reading peer fills them at once."""
+    t.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+
+
+def test_a_flood_of_small_writes_to_a_peer_that_does_not_read_pauses_the_producer(rig):
+    """One pass's small writes are held, but held bytes count as buffered: the
+    transport's producer is paused once they (plus Twisted's buffer) pass the
+    buffer size, and no more than BATCH_MAX is ever held."""
+    chunk = b"z" * 512
+    cap = 64 << 20  # what an unbounded hold would take in before anyone paused it
+    state = {"written": 0, "max_held": 0}
+    producer = _Producer()
+
+    def flood(t):
+        if state["written"]:
+            return
+        while not producer.paused and state["written"] < cap:
+            t.write(chunk)
+            state["written"] += len(chunk)
+            state["max_held"] = max(state["max_held"], t.held_size())
+
+    proto = _Replier(flood)
+    t, peer = rig.connect(proto)
+    _small_buffers(t, peer)
+    t.registerProducer(producer, True)
+    peer.sendall(b"go")
+    rig.poll_until(lambda: proto.data)
+    assert producer.pauses >= 1, f"wrote {state['written']} bytes to a peer that does not read, never paused"
+    assert state["written"] < 8 << 20
+    assert state["max_held"] <= fastio.BATCH_MAX
+    # The peer reads again: everything arrives in order and the producer is resumed.
+    got = 0
+    peer.setblocking(False)
+    for _ in range(2000):
+        if got >= state["written"] and producer.resumes:
+            break
+        rig.reactor.doPoll(0.01)
+        try:
+            while True:
+                d = peer.recv(1 << 20)
+                assert d.count(b"z") == len(d)
+                got += len(d)
+        except BlockingIOError:
+            pass
+    assert got == state["written"]
+    assert producer.resumes >= 1 and not producer.paused
+
+
+def test_a_producer_paused_by_held_bytes_alone_is_resumed_once_they_are_sent(rig):
+    """Twisted resumes a producer when its buffer drains, from a write event;
+    held bytes that the end of the pass sends at once never make one, so the
+    flush resumes the producer itself."""
+    producer = _Producer()
+    seen = {}
+
+    def burst(t):
+        for _ in range(10):
+            t.write(b"y" * 1000)
+        seen["paused_in_pass"] = producer.paused
+
+    proto = _Replier(burst)
+    t, peer = rig.connect(proto)
+    t.bufferSize = 4096  # held bytes alone exceed it
+    t.registerProducer(producer, True)
+    peer.sendall(b"go")
+    rig.poll_until(lambda: proto.data)
+    assert seen["paused_in_pass"] is True
+    assert not producer.paused and producer.resumes == 1
+    assert t.held_size() == 0 and t.dataBuffer == b"" and t._tempDataLen == 0
+    assert _recv_all(peer, 10000) == b"y" * 10000

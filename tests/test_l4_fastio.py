@@ -29,6 +29,14 @@ def test_twisted_internals_still_as_assumed():
     # Read size: one recv of bufferSize per read event; pause threshold is bufferSize too.
     assert "self.socket.recv(self.bufferSize)" in inspect.getsource(tcp.Connection.doRead)
     assert "> self.bufferSize" in inspect.getsource(fd._isSendBufferFull)
+    # Held bytes in the producer logic: write() pauses through _isSendBufferFull
+    # (which fastio overrides); doWrite resumes a paused streaming producer on draining.
+    assert "self._isSendBufferFull()" in inspect.getsource(fd._maybePauseProducer)
+    assert "self._maybePauseProducer()" in inspect.getsource(fd.write)
+    assert (
+        "if self.producer is not None and ( (not self.streamingProducer) or self.producerPaused ): "
+        "self.producerPaused = False self.producer.resumeProducing()"
+    ) in _flat(fd.doWrite)
     assert hasattr(tcp.Connection, "TLS")
     # Lean reactor: the dispatcher catches and logs errors itself.
     src = inspect.getsource(posixbase._PollLikeMixin._doReadOrWrite)

@@ -26,6 +26,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-eager", action="store_true", help="disable the eager-write lever")
     p.add_argument("--read-size", type=int, default=None, help="bytes per read (default: fastio.L4_READ_SIZE; 0 = Twisted's 64 KiB)")
     p.add_argument("--lean-reactor", action="store_true", help="use fastio's lean epoll reactor")
+    p.add_argument("--log", action="store_true", help="write the relay's log (connect failures, closes) to stderr")
     return p.parse_args(argv)
 
 
@@ -63,10 +64,14 @@ def _main(reactor: Any, args: argparse.Namespace) -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     args = _args(sys.argv[1:] if argv is None else argv)
-    if args.lean_reactor:
-        from lbtwist.fastio import install_lean_reactor
+    if args.log:
+        from twisted.logger import globalLogBeginner, textFileLogObserver
 
-        install_lean_reactor()
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    if args.lean_reactor:
+        from lbtwist.fastio import install_supported_reactor
+
+        install_supported_reactor()
     from twisted.internet import task
 
     task.react(_main, (args,))

@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.lean_reactor:
         from lbtwist import fastio
 
-        fastio.install_lean_reactor()
-        if args.no_batch:
+        if fastio.install_supported_reactor() and args.no_batch:
             fastio.BATCH_MAX = 0
     from twisted.internet import task
 
