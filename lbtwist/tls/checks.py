@@ -10,11 +10,10 @@ from __future__ import annotations
 import datetime
 from typing import Any, Iterator
 
-from OpenSSL import SSL
-
-from lbtwist.tls.context import OPENSSL_CACHE_SIZE, tls_version
+from lbtwist.tls.context import OPENSSL_CACHE_SIZE, session_timeout, ticket_lifetime_problem, tls_version
 from lbtwist.tls.files import TLSFileError, load_ca_bundle, load_certificate_pair
 from lbtwist.tls.sni import check_name_pattern
+from lbtwist.tls.suites import SuiteError, check_ciphers, check_ciphersuites, check_groups
 
 __all__ = ["check_listener_tls", "check_passthrough", "check_pool_tls", "EXPIRY_WARNING"]
 
@@ -51,16 +50,11 @@ def _versions_and_ciphers(cfg: Any, with_ciphers: bool) -> Iterator[Found]:
         yield "min_version", "error", str(e)
     if not with_ciphers:
         return
-    ctx = SSL.Context(SSL.TLS_METHOD)
-    try:
-        ctx.set_cipher_list(cfg.ciphers.encode("ascii"))
-    except (SSL.Error, UnicodeEncodeError):
-        yield "ciphers", "error", f"OpenSSL accepts no cipher from {cfg.ciphers!r}"
-    try:
-        ctx.set_tls13_ciphersuites(cfg.ciphersuites.encode("ascii"))
-        SSL.Connection(ctx)  # unknown 1.3 suites only show here
-    except (SSL.Error, UnicodeEncodeError):
-        yield "ciphersuites", "error", f"OpenSSL rejects the TLS 1.3 suites {cfg.ciphersuites!r}"
+    for key, check in (("ciphers", check_ciphers), ("ciphersuites", check_ciphersuites), ("groups", check_groups)):
+        try:
+            check(getattr(cfg, key))
+        except SuiteError as e:
+            yield key, "error", str(e)
 
 
 def check_listener_tls(cfg: Any, mode: str, now: float) -> Iterator[Found]:
@@ -118,11 +112,14 @@ def check_listener_tls(cfg: Any, mode: str, now: float) -> Iterator[Found]:
     if st.enabled:
         if st.keep < 1:
             yield "session_tickets.keep", "error", "must be at least 1 (the current key)"
-        elif st.rotate > 0 and st.rotate * (st.keep - 1) < sc.timeout:
+        elif st.rotate > 0 and st.rotate * (st.keep - 1) < session_timeout(cfg):
             yield "session_tickets.rotate", "warning", (
                 f"a ticket's key is dropped {st.rotate * (st.keep - 1):g}s after its rotation, before the "
-                f"session timeout ({sc.timeout:g}s): raise keep or rotate, or clients fall back to full handshakes"
+                f"ticket lifetime ({st.lifetime:g}s): raise keep or rotate, or clients fall back to full handshakes"
             )
+        problem = ticket_lifetime_problem(st)
+        if problem is not None:
+            yield "session_tickets.lifetime", "error", problem
 
 
 def check_passthrough(cfg: Any, mode: str, has_listener_pool: bool) -> Iterator[Found]:

@@ -37,6 +37,7 @@ from lbtwist.config.model import TLS12_CIPHERS, TLS13_CIPHERSUITES, ListenerConf
 from lbtwist.tls.clienthello import ClientHello
 from lbtwist.tls.files import CertificateFile, TLSFileError, load_certificate_pair
 from lbtwist.tls.sni import NameTable, check_name_pattern
+from lbtwist.tls.suites import SuiteError, check_ciphers, check_ciphersuites, check_groups, set_groups
 from lbtwist.tls.tickets import Generation, TicketKeyRing, ticket_key_name
 
 __all__ = [
@@ -46,6 +47,8 @@ __all__ = [
     "TLSConfigError",
     "TLSStats",
     "session_reused",
+    "session_timeout",
+    "ticket_lifetime_problem",
     "tls_version",
 ]
 
@@ -71,6 +74,29 @@ def tls_version(text: str) -> int:
         return _VERSIONS[str(text)]
     except KeyError:
         raise ValueError(f"TLS version {text!r}: expected one of {', '.join(repr(v) for v in _VERSIONS)}") from None
+
+
+#: RFC 8446 4.6.1: a ticket lifetime above seven days is not allowed.
+MAX_TICKET_LIFETIME = 7 * 86400
+
+
+def ticket_lifetime_problem(tickets: Any) -> str | None:
+    """What is wrong with ``session_tickets.lifetime``, or None."""
+    if tickets.lifetime < 1:
+        return "must be at least 1s"
+    if tickets.lifetime > MAX_TICKET_LIFETIME:
+        return f"{tickets.lifetime:g}s is above the 7 days TLS allows (RFC 8446 4.6.1)"
+    return None
+
+
+def session_timeout(cfg: Any) -> int:
+    """The session timeout of the front contexts, in whole seconds. OpenSSL
+    keeps one timeout per session: it bounds both resumption and the lifetime
+    hint in NewSessionTicket (TLS 1.2 and 1.3). With tickets on it is
+    ``session_tickets.lifetime`` (cached session ids then live as long),
+    otherwise ``session_cache.timeout``."""
+    t = cfg.session_tickets.lifetime if cfg.session_tickets.enabled else cfg.session_cache.timeout
+    return max(1, int(t))
 
 
 def session_reused(conn: SSL.Connection) -> bool:
@@ -182,10 +208,14 @@ class ServerTLS:
         opts = SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_IGNORE_UNEXPECTED_EOF
         if not self.tickets:
             opts |= SSL.OP_NO_TICKET
+        if cfg.prefer_server_ciphers:
+            # OpenSSL applies it to the TLS 1.2 cipher, the TLS 1.3 suite and the group.
+            opts |= SSL.OP_CIPHER_SERVER_PREFERENCE
         ctx.set_options(opts)
         ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
         ctx.set_cipher_list(cfg.ciphers.encode("ascii"))
         ctx.set_tls13_ciphersuites(cfg.ciphersuites.encode("ascii"))
+        set_groups(ctx, cfg.groups)
         if self.alpn:
             ctx.set_alpn_select_callback(self._select_alpn)
         ctx.set_info_callback(self._info)
@@ -195,7 +225,7 @@ class ServerTLS:
         ctx = SSL.Context(SSL.TLS_METHOD)
         self._configure(ctx)
         ctx.set_session_id(sid_ctx)
-        ctx.set_timeout(max(1, int(cfg.session_cache.timeout)))
+        ctx.set_timeout(session_timeout(cfg))
         ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER if cfg.session_cache.size > 0 else SSL.SESS_CACHE_OFF)
         return ctx
 
@@ -219,16 +249,16 @@ class ServerTLS:
     def _check_settings(self, cfg: Any) -> None:
         try:
             tls_version(cfg.min_version)
-            probe = SSL.Context(SSL.TLS_METHOD)
-            probe.set_cipher_list(cfg.ciphers.encode("ascii"))
-        except (ValueError, SSL.Error, UnicodeEncodeError) as e:
-            raise TLSConfigError(f"ciphers/min_version: {e}") from None
-        try:
-            probe.set_tls13_ciphersuites(cfg.ciphersuites.encode("ascii"))
-            # an unknown TLS 1.3 suite name is only noticed when a connection is made
-            SSL.Connection(probe)
-        except (SSL.Error, UnicodeEncodeError) as e:
-            raise TLSConfigError(f"ciphersuites {cfg.ciphersuites!r}: {e}") from None
+        except ValueError as e:
+            raise TLSConfigError(f"min_version: {e}") from None
+        for key, check in (("ciphers", check_ciphers), ("ciphersuites", check_ciphersuites), ("groups", check_groups)):
+            try:
+                check(getattr(cfg, key))
+            except SuiteError as e:
+                raise TLSConfigError(f"{key}: {e}") from None
+        problem = ticket_lifetime_problem(cfg.session_tickets)
+        if problem is not None:
+            raise TLSConfigError(f"session_tickets.lifetime: {problem}")
         if not cfg.certificates:
             raise TLSConfigError("tls: at least one certificate is needed")
         if cfg.session_cache.size > OPENSSL_CACHE_SIZE:
