@@ -303,3 +303,26 @@ def test_pool_tls_checked(d):
     assert "pools[0].tls.min_version: " in errs
     errs = only(problems(base.replace("TLS", f"{{key: {d}/client.key}}")))
     assert any("pools[0].tls.key: a client key needs its certificate" in e for e in errs)
+
+
+def test_hsts_checks(d):
+    text = listener(d, f"""
+    tls:
+      certificates: [{{cert: {d}/good.pem, key: {d}/good.key}}]
+      hsts: {{max_age: 1h, preload: true}}
+    """)
+    errs = "\n".join(only(problems(text)))
+    assert "tls.hsts.preload: preload lists require include_subdomains: true" in errs
+    assert "tls.hsts.preload: preload lists require max_age of at least one year" in errs
+    text = listener(d, f"""
+    tls:
+      certificates: [{{cert: {d}/good.pem, key: {d}/good.key}}]
+      hsts: {{max_age: 1h}}
+    """, mode="tcp")
+    assert any("tls.hsts: HSTS is an HTTP header: it needs mode: http" in e for e in only(problems(text)))
+    text = listener(d, f"""
+    tls:
+      certificates: [{{cert: {d}/good.pem, key: {d}/good.key}}]
+      hsts: {{max_age: 8760h, include_subdomains: true, preload: true}}
+    """)
+    assert only(problems(text)) == []

@@ -91,7 +91,7 @@ class HttpProxyProtocol(Protocol):
         self.tls = ISSLTransport.providedBy(t)
         if not ctx.track(self):
             self.closed = True
-            t.write(error_page(503, "too many connections to this listener"))
+            t.write(error_page(503, "too many connections to this listener", extra=ctx.forwarding.response_fields))
             t.loseConnection()
             return
         if ctx.eager:
@@ -389,7 +389,7 @@ class HttpProxyProtocol(Protocol):
         if hub.subscribers:
             hub.publish(TrafficRecord(kind="http", listener=ctx.name, start=0.0, duration=0.0,
                                       client=self.client_ip_str, status=status, outcome="rejected", error=reason))
-        self.write(error_page(status, reason))
+        self.write(error_page(status, reason, extra=ctx.forwarding.response_fields))
         self._linger()
 
 

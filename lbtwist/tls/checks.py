@@ -22,6 +22,9 @@ Found = tuple[str, str, str]
 #: Warn when a certificate expires sooner than this.
 EXPIRY_WARNING = 14 * 86400.0
 
+#: The shortest max_age browsers' HSTS preload lists accept.
+HSTS_PRELOAD_MIN_AGE = 31536000
+
 #: ALPN protocols lbtwist can actually speak on an http listener.
 HTTP_ALPN = ("http/1.1",)
 
@@ -104,6 +107,16 @@ def check_listener_tls(cfg: Any, mode: str, now: float) -> Iterator[Found]:
         for j, p in enumerate(cfg.alpn):
             if p not in HTTP_ALPN:
                 yield f"alpn[{j}]", "error", f"an http listener speaks only {', '.join(HTTP_ALPN)}; {p!r} would break clients that pick it"
+    h = cfg.hsts
+    if h is not None:
+        if mode != "http":
+            yield "hsts", "error", f"HSTS is an HTTP header: it needs mode: http (this listener is {mode})"
+        if h.max_age < 0:
+            yield "hsts.max_age", "error", "must not be negative (0 tells browsers to forget the policy)"
+        if h.preload and not h.include_subdomains:
+            yield "hsts.preload", "error", "preload lists require include_subdomains: true"
+        if h.preload and h.max_age < HSTS_PRELOAD_MIN_AGE:
+            yield "hsts.preload", "error", f"preload lists require max_age of at least one year ({HSTS_PRELOAD_MIN_AGE}s)"
     sc, st = cfg.session_cache, cfg.session_tickets
     if sc.size > OPENSSL_CACHE_SIZE:
         yield "session_cache.size", "error", f"above OpenSSL's fixed cache limit of {OPENSSL_CACHE_SIZE}"
