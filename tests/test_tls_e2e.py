@@ -738,7 +738,7 @@ class OwnSTS(resource.Resource):
         return b"own"
 
 
-def plain_get(port: int, path: str = "/") -> tuple[int, dict, bytes]:
+def plain_fields(port: int, path: str = "/") -> tuple[int, dict, bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         buf = b""
@@ -831,9 +831,9 @@ listeners:
         assert sts(own_resp) == [want], own_resp                        # replaces the backend's max-age=1
         [err] = await in_thread(tls_fields, lb.port("secure"), ctx, "/dead")
         assert err[0][0] == 502 and sts(err) == [want], err             # lbtwist's own error page
-        status, fields, _ = await in_thread(plain_get, lb.port("plain"))
+        status, fields, _ = await in_thread(plain_fields, lb.port("plain"))
         assert status == 200 and sts(fields) == [], fields
-        status, fields, _ = await in_thread(plain_get, lb.port("plain"), "/own")
+        status, fields, _ = await in_thread(plain_fields, lb.port("plain"), "/own")
         assert status == 200 and sts(fields) == ["max-age=1"], fields   # plain: the backend's, untouched
     finally:
         dead.close()

@@ -159,3 +159,129 @@ async def test_ticket_lifetime_hint(listen, files, tmp_path, flag):
     # the server honours what it announced: the ticket resumes
     rc, out = await in_thread(s_client, three_hours.addr, flag, "-CAfile", files.ca, "-sess_in", sess)
     assert rc == 0 and "\nReused, " in out, out
+
+
+# -- OCSP stapling ------------------------------------------------------------------------
+
+
+def ocsp_response(ca, tmp_path, cert_pem: str, status: str = "V", ndays: int = 2, name: str = "resp.der") -> str:
+    """A real OCSP response for ``cert_pem``, made by ``openssl ocsp`` acting as
+    the CA's responder (request file in, response file out)."""
+    from cryptography import x509 as cx509
+    from cryptography.hazmat.primitives import serialization
+
+    key = tmp_path / "ca.key"
+    key.write_bytes(ca.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))
+    cafile = ca.write_ca(tmp_path / "ca.pem")
+    leaf = cx509.load_pem_x509_certificate(open(cert_pem, "rb").read())
+    revoked = "250101000000Z" if status == "R" else ""
+    (tmp_path / "index.txt").write_text(
+        f"{status}\t{leaf.not_valid_after_utc:%y%m%d%H%M%SZ}\t{revoked}\t{leaf.serial_number:X}\tunknown\t/CN={leaf.subject.rfc4514_string()}\n"
+    )
+    req, out = tmp_path / "req.der", tmp_path / name
+    for argv in (
+        ["ocsp", "-issuer", cafile, "-cert", cert_pem, "-no_nonce", "-reqout", str(req)],
+        ["ocsp", "-index", str(tmp_path / "index.txt"), "-rsigner", cafile, "-rkey", str(key), "-CA", cafile,
+         "-reqin", str(req), "-respout", str(out), "-ndays", str(ndays)],
+    ):
+        p = subprocess.run([OPENSSL, *argv], capture_output=True, timeout=10)
+        assert p.returncode == 0, p.stderr
+    return str(out)
+
+
+def stapled(out: str) -> str | None:
+    if "OCSP response: no response sent" in out:
+        return None
+    m = re.search(r"Cert Status: (\w+)", out)
+    assert "OCSP Response Status: successful" in out and m, out
+    return m.group(1)
+
+
+@pytest.mark.parametrize("flag", ["-tls1_2", "-tls1_3"])
+@pytest_twisted.ensureDeferred
+async def test_ocsp_staple_served_and_reloaded(listen, ca, files, tmp_path, flag):
+    resp = ocsp_response(ca, tmp_path, files.a[0])
+    srv = listen(cert=CertificateConfig(cert=files.a[0], key=files.a[1], ocsp=resp))
+    rc, out = await in_thread(s_client, srv.addr, flag, "-CAfile", files.ca, "-status")
+    assert rc == 0 and "ping" in out, out
+    assert stapled(out) == "good"
+    assert srv.state.stats.ocsp_stapled == 1
+    # the responder now says revoked: after a reload (what SIGHUP does) that is not stapled
+    ocsp_response(ca, tmp_path, files.a[0], status="R")
+    srv.state.reload()
+    rc, out = await in_thread(s_client, srv.addr, flag, "-CAfile", files.ca, "-status")
+    assert rc == 0 and stapled(out) is None, out
+    # good again, reloaded again
+    ocsp_response(ca, tmp_path, files.a[0])
+    srv.state.reload()
+    rc, out = await in_thread(s_client, srv.addr, flag, "-CAfile", files.ca, "-status")
+    assert rc == 0 and stapled(out) == "good", out
+
+
+@pytest_twisted.ensureDeferred
+async def test_stale_ocsp_response_is_not_stapled(ca, files, tmp_path):
+    import time
+
+    resp = ocsp_response(ca, tmp_path, files.a[0], ndays=1)
+    later = [time.time()]
+    cfg = ListenerTLSConfig(certificates=[CertificateConfig(cert=files.a[0], key=files.a[1], ocsp=resp)])
+    state = ServerTLS(cfg, task.Clock(), name="edge", wallclock=lambda: later[0])
+    port = reactor.listenTCP(0, wrap_server_factory(Factory.forProtocol(CloseAfterEcho), state, reactor),
+                             interface="127.0.0.1")
+    try:
+        addr = ("127.0.0.1", port.getHost().port)
+        rc, out = await in_thread(s_client, addr, "-CAfile", files.ca, "-status")
+        assert rc == 0 and stapled(out) == "good", out
+        later[0] += 2 * 86400  # past nextUpdate, without any reload
+        rc, out = await in_thread(s_client, addr, "-CAfile", files.ca, "-status")
+        assert rc == 0 and stapled(out) is None, out
+    finally:
+        await port.stopListening()
+
+
+def test_ocsp_file_checks(ca, files, tmp_path):
+    import time
+
+    from lbtwist.tls.context import TLSConfigError
+    from lbtwist.tls.files import TLSFileError
+    from lbtwist.tls.ocsp import OCSP_WARNING, load_staple
+
+    other = ca.issue("b.test").write(tmp_path, "b")
+    wrong = ocsp_response(ca, tmp_path, other[0], name="b.der")
+    cfg = ListenerTLSConfig(certificates=[CertificateConfig(cert=files.a[0], key=files.a[1], ocsp=wrong)])
+    with pytest.raises(TLSConfigError, match=r"b\.der: the OCSP response is for another certificate"):
+        ServerTLS(cfg, task.Clock())
+    garbage = tmp_path / "garbage.der"
+    garbage.write_bytes(b"not ocsp")
+    cfg = ListenerTLSConfig(certificates=[CertificateConfig(cert=files.a[0], key=files.a[1], ocsp=str(garbage))])
+    with pytest.raises(TLSConfigError, match=r"garbage\.der: not a DER OCSP response"):
+        ServerTLS(cfg, task.Clock())
+    with pytest.raises(TLSFileError, match="cannot read OCSP response"):
+        load_staple(str(tmp_path / "missing.der"), ca.issue("c.test").cert)
+    from cryptography import x509 as cx509
+
+    leaf = cx509.load_pem_x509_certificate(open(files.a[0], "rb").read())
+    st = load_staple(ocsp_response(ca, tmp_path, files.a[0], ndays=3), leaf)
+    now = time.time()
+    assert st.problem(now) is None and st.usable(now)
+    assert "expires soon" in st.problem(st.next_update - OCSP_WARNING / 2) and st.usable(st.next_update - 1)
+    assert "is stale" in st.problem(st.next_update + 1) and not st.usable(st.next_update + 1)
+    revoked = load_staple(ocsp_response(ca, tmp_path, files.a[0], status="R"), leaf)
+    assert "revoked" in revoked.problem(now) and not revoked.usable(now)
+
+
+def test_ocsp_config_check_places_problems_on_the_key(ca, files, tmp_path):
+    import time
+
+    from lbtwist.tls.checks import check_listener_tls
+
+    good = ocsp_response(ca, tmp_path, files.a[0], ndays=3, name="good.der")
+    cfg = ListenerTLSConfig(certificates=[CertificateConfig(cert=files.a[0], key=files.a[1], ocsp=good)])
+    now = time.time()
+    assert [f for f in check_listener_tls(cfg, "http", now) if f[0].endswith("ocsp")] == []
+    found = [f for f in check_listener_tls(cfg, "http", now + 4 * 86400) if f[0].endswith("ocsp")]
+    assert len(found) == 1 and found[0][:2] == ("certificates[0].ocsp", "warning") and "stale" in found[0][2]
+    cfg = ListenerTLSConfig(certificates=[CertificateConfig(cert=files.a[0], key=files.a[1], ocsp=str(tmp_path / "nope.der"))])
+    found = [f for f in check_listener_tls(cfg, "http", now) if f[0].endswith("ocsp")]
+    assert len(found) == 1 and found[0][:2] == ("certificates[0].ocsp", "error") and "nope.der" in found[0][2]

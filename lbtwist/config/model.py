@@ -147,6 +147,7 @@ class CertificateConfig:
     key: str | None = _f(None, "PEM file with the unencrypted private key (omitted: the key is in the cert file)")
     names: list[str] = _f(factory=list, doc="SNI names served, exact or *.wildcard (default: the certificate's DNS subjectAltNames)")
     default: bool = _f(False, "serve it to clients sending no SNI or an unknown name (default: the first certificate)")
+    ocsp: str | None = _f(None, "DER OCSP response file to staple (re-read on reload)")
 
 
 @attrs.frozen(kw_only=True)

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 from lbtwist.tls.context import OPENSSL_CACHE_SIZE, session_timeout, ticket_lifetime_problem, tls_version
 from lbtwist.tls.files import TLSFileError, load_ca_bundle, load_certificate_pair
+from lbtwist.tls.ocsp import load_staple
 from lbtwist.tls.sni import check_name_pattern
 from lbtwist.tls.suites import SuiteError, check_ciphers, check_ciphersuites, check_groups
 
@@ -81,6 +82,14 @@ def check_listener_tls(cfg: Any, mode: str, now: float) -> Iterator[Found]:
         if cf is not None and cf.not_after - now < EXPIRY_WARNING:
             when = datetime.datetime.fromtimestamp(cf.not_after, datetime.timezone.utc).strftime("%Y-%m-%d")
             yield f"{base}.cert", "warning", f"{c.cert}: certificate expires soon ({when})"
+        if cf is not None and c.ocsp:
+            try:
+                problem = load_staple(c.ocsp, cf.leaf).problem(now)
+            except TLSFileError as e:
+                yield f"{base}.ocsp", "error", str(e)
+            else:
+                if problem is not None:
+                    yield f"{base}.ocsp", "warning", problem
         if cf is not None and not c.names and not cf.names:
             yield f"{base}.cert", "warning", (
                 f"{c.cert}: the certificate has no DNS subjectAltName, so no SNI name selects it "

@@ -36,6 +36,7 @@ from zope.interface import implementer
 from lbtwist.config.model import TLS12_CIPHERS, TLS13_CIPHERSUITES, ListenerConfig, ListenerTLSConfig
 from lbtwist.tls.clienthello import ClientHello
 from lbtwist.tls.files import CertificateFile, TLSFileError, load_certificate_pair
+from lbtwist.tls.ocsp import Staple, load_staple
 from lbtwist.tls.sni import NameTable, check_name_pattern
 from lbtwist.tls.suites import SuiteError, check_ciphers, check_ciphersuites, check_groups, set_groups
 from lbtwist.tls.tickets import Generation, TicketKeyRing, ticket_key_name
@@ -124,6 +125,8 @@ class TLSStats:
     versions: dict[str, int] = attrs.Factory(dict)
     rotations: int = 0
     reloads: int = 0
+    #: Handshakes that got a stapled OCSP response.
+    ocsp_stapled: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -139,6 +142,8 @@ class _Slot:
     ring: TicketKeyRing
     #: The certificate context new generations are probed with (shared with the ring).
     cell: list[SSL.Context]
+    #: The OCSP response stapled for this certificate (``certificates[].ocsp``).
+    staple: Staple | None = None
 
 
 def _front_settings(cfg: Any) -> Any:
@@ -273,21 +278,27 @@ class ServerTLS:
         try:
             now = self._wallclock()
             files = []
+            staples: list[Staple | None] = []
             for c in cfg.certificates:
                 try:
                     files.append(load_certificate_pair(c.cert, c.key, now))
+                    staples.append(load_staple(c.ocsp, files[-1].leaf) if c.ocsp else None)
                 except TLSFileError as e:
                     raise TLSConfigError(str(e)) from None
             old = {s.key: s for s in getattr(self, "_slots", ())} if keep_fronts else {}
             slots: list[_Slot] = []
             table: NameTable[_Slot] = NameTable()
-            for c, cf in zip(cfg.certificates, files):
+            for c, cf, staple in zip(cfg.certificates, files, staples):
                 key = c.cert
                 sid = self._sid_ctx(key)
                 try:
                     cctx = self._cert_context(cf, sid)
                 except SSL.Error as e:
                     raise TLSConfigError(f"{c.cert}: OpenSSL refuses the certificate or key: {e}") from None
+                if staple is not None:
+                    # OpenSSL asks the context the connection was switched to
+                    # (the certificate context) for the status response.
+                    cctx.set_ocsp_server_callback(self._staple_callback(staple))
                 prev = old.get(key)
                 if prev is not None:
                     ring, cell = prev.ring, prev.cell
@@ -295,7 +306,7 @@ class ServerTLS:
                     cell = [cctx]
                     ring = self._ring(sid, cell)
                 names = tuple(check_name_pattern(n) for n in c.names) if c.names else cf.names
-                slot = _Slot(key, sid, cf, cctx, names, ring, cell)
+                slot = _Slot(key, sid, cf, cctx, names, ring, cell, staple)
                 slots.append(slot)
                 for n in names:
                     table.add(n, slot)
@@ -308,6 +319,18 @@ class ServerTLS:
             s.cell[0] = s.cert_context
         self._slots = slots
         self._table = table
+        for s in slots:
+            problem = s.staple.problem(now) if s.staple is not None else None
+            if problem is not None:
+                log.warn("tls {name}: {problem}", name=self.name, problem=problem)
+
+    def _staple_callback(self, staple: Staple) -> Callable[[SSL.Connection, Any], bytes]:
+        def staple_for(conn: SSL.Connection, data: Any) -> bytes:
+            if staple.usable(self._wallclock()):
+                self.stats.ocsp_stapled += 1
+                return staple.der
+            return b""  # no staple: the client checks for itself
+        return staple_for
 
     def _ring(self, sid: bytes, cell: list[SSL.Context]) -> TicketKeyRing:
         t = self.config.session_tickets
