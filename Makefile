@@ -12,11 +12,12 @@ run: $(VENV)/.installed
 test: system-deps $(VENV)/.installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# Tools the tests drive for real: openssl s_client (TLS), headless Chromium (dashboard).
+# Tools the tests drive for real: openssl s_client (TLS), headless Chromium (dashboard),
+# testssl.sh (the TLS listener's scan, a slow test).
 system-deps:
-	@command -v openssl >/dev/null && command -v chromium >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl chromium >/dev/null; \
-	  else echo "make test needs: sudo apt-get install -y openssl chromium" >&2; exit 1; fi; }
+	@command -v openssl >/dev/null && command -v chromium >/dev/null && command -v testssl >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl chromium testssl.sh >/dev/null; \
+	  else echo "make test needs: sudo apt-get install -y openssl chromium testssl.sh" >&2; exit 1; fi; }
 
 quick: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
