@@ -17,6 +17,14 @@ full-handshake rate is probably client-bound: its ratio is a lower bound.
 
 Usage: .venv/bin/python bench/bench_tls.py [--rounds 3] [--duration 5]
        [--clients 4] [--versions 1.3,1.2]
+
+``--mode keepalive``: HTTPS throughput instead of handshakes. ``twistd
+lbtwist`` (an http listener with ``tls:``, the lean reactor) and HAProxy
+(``mode http``, ``ssl crt``, one thread, ``http-reuse always``) proxy to one
+nginx origin; ``wrk -t1 -c50`` over TLS keep-alive connections fetches a
+2-byte answer (``small``) and a 16 KiB one with 1 KiB of request headers
+(``16k``), and the same 16 KiB run over a plain listener of each proxy
+(``plain-16k``) for reference.
 """
 from __future__ import annotations
 
@@ -172,6 +180,143 @@ def s_time(port: int, mode: str, version: str, duration: int, clients: int) -> t
     return total / wall, total, reused
 
 
+# -- keep-alive throughput (--mode keepalive) ----------------------------------------------
+
+
+def _origin_conf(tmp: Path, port: int) -> str:
+    www = Path(tempfile.mkdtemp(prefix="bench-tls-www-"))  # readable by nginx's unprivileged worker
+    os.chmod(www, 0o755)
+    (www / "16k").write_bytes(b"x" * 16384)
+    os.chmod(www / "16k", 0o644)
+    return f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/origin.pid;
+error_log {tmp}/origin-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+""" + "".join(f"    {k}_temp_path {tmp}/origin-{k};\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")) + f"""
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    large_client_header_buffers 4 16k;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = / {{ return 200 "ok"; }}
+        location = /16k {{ root {www}; }}
+    }}
+}}
+"""
+
+
+def keepalive(args: argparse.Namespace, cert: str, key: str, combined: str, work: str) -> None:
+    tmp = Path(work)
+    origin = free_port()
+    (tmp / "origin.conf").write_text(_origin_conf(tmp, origin))
+    procs: list[subprocess.Popen] = []
+
+    def start(argv: list[str], cpu: str, **kw: object) -> subprocess.Popen:
+        p = subprocess.Popen(["taskset", "-c", cpu, *argv], **kw)  # type: ignore[arg-type]
+        procs.append(p)
+        return p
+
+    start(["nginx", "-p", str(tmp), "-c", str(tmp / "origin.conf")], LOAD_CPU, stderr=subprocess.DEVNULL)
+    wait_port(origin, "origin nginx")
+    lb_tls, lb_plain, hp_tls, hp_plain = (free_port() for _ in range(4))
+    (tmp / "lb.yaml").write_text(f"""
+listeners:
+  - name: tls
+    bind: "tcp:{lb_tls}:interface=127.0.0.1"
+    mode: http
+    pool: origin
+    tls:
+      certificates: [{{cert: "{cert}", key: "{key}"}}]
+  - name: plain
+    bind: "tcp:{lb_plain}:interface=127.0.0.1"
+    mode: http
+    pool: origin
+pools:
+  - name: origin
+    backends: [{{address: "127.0.0.1:{origin}"}}]
+""")
+    twistd = str(Path(PY).with_name("twistd"))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    lb = start([twistd, "-n", "--pidfile=", "lbtwist", "--config", str(tmp / "lb.yaml")], SERVER_CPU,
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=work)
+    (tmp / "hp.cfg").write_text(f"""
+global
+  nbthread 1
+  maxconn 4000
+  tune.ssl.cachesize 20000
+  ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+  mode http
+  option http-keep-alive
+  http-reuse always
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend tls
+  bind 127.0.0.1:{hp_tls} ssl crt {combined}
+  default_backend origin
+frontend plain
+  bind 127.0.0.1:{hp_plain}
+  default_backend origin
+backend origin
+  server o1 127.0.0.1:{origin}
+""")
+    hp = start(["haproxy", "-f", str(tmp / "hp.cfg"), "-db"], SERVER_CPU,
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for port in (lb_tls, lb_plain, hp_tls, hp_plain):
+        wait_port(port, "proxy")
+    targets = {"lbtwist": (lb, lb_tls, lb_plain), "haproxy": (hp, hp_tls, hp_plain)}
+    pad = "x" * 1024
+    cases = {
+        "small": ("https", "/", []),
+        "16k": ("https", "/16k", ["-H", f"X-Pad: {pad}"]),
+        "plain-16k": ("http", "/16k", ["-H", f"X-Pad: {pad}"]),
+    }
+    results: dict[tuple[str, str], list[float]] = {}
+    try:
+        for r in range(args.rounds):
+            for case, (scheme, path, extra) in cases.items():
+                order = list(targets) if r % 2 == 0 else list(targets)[::-1]
+                for name in order:
+                    p, tls_port, plain_port = targets[name]
+                    port = tls_port if scheme == "https" else plain_port
+                    cpu0 = cpu_seconds(p.pid)
+                    out = subprocess.run(
+                        ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s",
+                         *extra, f"{scheme}://127.0.0.1:{port}{path}"],
+                        capture_output=True, text=True, timeout=args.duration + 60,
+                    ).stdout
+                    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+                    n = re.search(r"(\d+) requests in", out)
+                    if not (m and n):
+                        raise SystemExit(f"wrk output not understood:\n{out}")
+                    bad = re.search(r"Socket errors:.*|Non-2xx.*", out)
+                    cpu = max(cpu_seconds(p.pid) - cpu0, 1e-3)
+                    results.setdefault((name, case), []).append(float(m.group(1)))
+                    print(f"round {r + 1}: {name:8s} {case:10s} {float(m.group(1)):9.0f} req/s"
+                          f" {int(n.group(1)) / cpu:9.0f} req per proxy CPU-second"
+                          + (f"  ({bad.group(0).strip()})" if bad else ""), flush=True)
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    print(f"\nmedians of {args.rounds} rounds, wrk -t1 -c{args.connections} x {args.duration}s "
+          f"(proxies on CPU {SERVER_CPU}, wrk and nginx on CPU {LOAD_CPU})")
+    print(f"{'':12s}{'lbtwist':>10s}{'haproxy':>10s}{'lbtwist/haproxy':>17s}")
+    for case in cases:
+        lbm, hpm = statistics.median(results[("lbtwist", case)]), statistics.median(results[("haproxy", case)])
+        print(f"{case:12s}{lbm:10.0f}{hpm:10.0f}{lbm / hpm:17.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
@@ -179,6 +324,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4, help="concurrent s_time processes")
     ap.add_argument("--versions", default="1.3,1.2")
     ap.add_argument("--key", default="p256", choices=["p256", "rsa2048"], help="certificate key type")
+    ap.add_argument("--mode", default="handshakes", choices=["handshakes", "keepalive"])
+    ap.add_argument("--connections", type=int, default=50, help="keepalive: wrk connections")
     ap.add_argument("--serve", nargs=3, metavar=("PORT", "CERT", "KEY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -197,6 +344,12 @@ def main() -> None:
     combined = os.path.join(work, "combined.pem")
     Path(combined).write_bytes(leaf.cert_pem + leaf.key_pem)
 
+    if args.mode == "keepalive":
+        try:
+            keepalive(args, cert, key, combined, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     contenders = [Lbtwist(cert, key), HAProxy(combined, work)]
     for c in contenders:
         c.start()

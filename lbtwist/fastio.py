@@ -376,3 +376,15 @@ def install() -> None:
 
 def twisted_supported() -> bool:
     return int(twisted.__version__.split(".")[0]) in CHECKED_TWISTED_MAJOR
+
+
+def hold_until_pass_end(obj: Any) -> bool:
+    """For layered transports (TLS) that batch like the eager TCP one: when a
+    lean reactor is dispatching a poll pass, queue ``obj._send_held()`` for
+    the end of the pass (before the TCP transports' own held data is sent,
+    so what it writes then goes out in the same pass) and return True; else
+    return False and queue nothing."""
+    if _batch.active:
+        _batch.held.append(obj)
+        return True
+    return False

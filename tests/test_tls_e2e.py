@@ -723,3 +723,119 @@ pools:
     assert states() == want
     assert good_r.hits >= 1  # the http probe's request reached the mTLS backend over TLS
     await lb.stop()
+
+
+# -- HSTS ------------------------------------------------------------------------------------
+
+
+class OwnSTS(resource.Resource):
+    """An origin that sets its own (weaker) Strict-Transport-Security."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        request.setHeader(b"strict-transport-security", b"max-age=1")
+        return b"own"
+
+
+def plain_fields(port: int, path: str = "/") -> tuple[int, dict, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = [tuple(x.strip() for x in line.partition(":")[::2]) for line in lines[1:]]
+    return int(lines[0].split()[1]), fields, body
+
+
+def tls_fields(port: int, ctx: ssl.SSLContext, path: str = "/", keep_alive: bool = False) -> list[list[tuple]]:
+    """The header fields of one (or two keep-alive) responses over TLS."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with ctx.wrap_socket(raw, server_hostname="a.example.com") as s:
+        out = []
+        for conn in ((b"keep-alive", b"close") if keep_alive else (b"close",)):
+            s.sendall(b"GET %s HTTP/1.1\r\nHost: a.example.com\r\nConnection: %s\r\n\r\n" % (path.encode(), conn))
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise ConnectionError(buf)
+                buf += chunk
+            head, _, rest = buf.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            fields = [tuple(x.strip() for x in line.partition(":")[::2]) for line in lines[1:]]
+            n = int(dict((k.lower(), v) for k, v in fields).get("content-length", "0"))
+            while len(rest) < n:
+                rest += s.recv(65536)
+            out.append([(int(lines[0].split()[1]), "")] + fields)
+        return out
+
+
+def sts(fields) -> list[str]:
+    return [v for k, v in fields if isinstance(k, str) and k.lower() == "strict-transport-security"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_hsts_on_tls_listener_only_replacing_the_backends_and_on_error_pages(pki, origins, lbs):
+    web, _ = origins.http("web")
+    own = server.Site(OwnSTS())
+    own_port = reactor.listenTCP(0, own, interface="127.0.0.1")
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    a, ak = pki["a_files"]
+    pools = f"""
+pools:
+  - name: web
+    backends: [{{address: "127.0.0.1:{web}"}}]
+  - name: own
+    backends: [{{address: "127.0.0.1:{own_port.getHost().port}"}}]
+  - name: dead
+    backends: [{{address: "127.0.0.1:{dead.getsockname()[1]}"}}]
+    health: {{passive: {{enabled: false}}}}
+"""
+    routes = """
+    routes:
+      - match: {path_prefix: /own}
+        pool: own
+      - match: {path_prefix: /dead}
+        pool: dead
+"""
+    lb = lbs(f"""
+listeners:
+  - name: secure
+    bind: "tcp:0:interface=127.0.0.1"
+    mode: http
+    pool: web
+{routes}
+    tls:
+      certificates: [{{cert: "{a}", key: "{ak}"}}]
+      hsts: {{max_age: 8760h, include_subdomains: true, preload: true}}
+  - name: plain
+    bind: "tcp:0:interface=127.0.0.1"
+    mode: http
+    pool: web
+{routes}
+""" + pools)
+    try:
+        want = "max-age=31536000; includeSubDomains; preload"
+        ctx = client_ctx(pki["ca_file"])
+        first, second = await in_thread(tls_fields, lb.port("secure"), ctx, "/", True)
+        assert first[0][0] == 200 and sts(first) == [want], first       # the common keep-alive answer
+        assert second[0][0] == 200 and sts(second) == [want], second    # the general (closing) path
+        [own_resp] = await in_thread(tls_fields, lb.port("secure"), ctx, "/own")
+        assert sts(own_resp) == [want], own_resp                        # replaces the backend's max-age=1
+        [err] = await in_thread(tls_fields, lb.port("secure"), ctx, "/dead")
+        assert err[0][0] == 502 and sts(err) == [want], err             # lbtwist's own error page
+        status, fields, _ = await in_thread(plain_fields, lb.port("plain"))
+        assert status == 200 and sts(fields) == [], fields
+        status, fields, _ = await in_thread(plain_fields, lb.port("plain"), "/own")
+        assert status == 200 and sts(fields) == ["max-age=1"], fields   # plain: the backend's, untouched
+    finally:
+        dead.close()
+        await own_port.stopListening()
+        await lb.stop()

@@ -168,13 +168,57 @@ def test_names_defaults_versions_and_alpn(d):
     assert "certificates[1].names[0]: server name 'a.test' is already served by certificates[0]" in errs
     assert "certificates[1].default: only one certificate can be the default" in errs
     assert "tls.min_version: TLS version '1.1': expected one of '1.2', '1.3'" in errs
-    assert "tls.ciphers: OpenSSL accepts no cipher" in errs
-    assert "tls.ciphersuites: OpenSSL rejects" in errs
+    assert "tls.ciphers: unknown cipher 'NOPE-CIPHER'" in errs
+    assert "tls.ciphersuites: unknown TLS 1.3 suite 'TLS_NOPE'" in errs
     assert "tls.alpn[0]: an http listener speaks only http/1.1" in errs
     assert "session_cache.size: above OpenSSL's fixed cache limit of 20480" in errs
     assert "session_tickets.keep: must be at least 1" in errs
     warns = "\n".join(only(ps, "warning"))
     assert "names[2]: 'other.test' is not among the certificate's names" in warns
+
+
+def test_an_unknown_suite_among_known_ones_is_an_error_naming_it_on_its_line(d):
+    """OpenSSL itself skips an unknown name when another one matches; the
+    check (and the listener, through the same parser) must not."""
+    text = listener(d, f"""
+    tls:
+      certificates: [{{cert: {d}/good.pem, key: {d}/good.key}}]
+      ciphers: "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES256-GCM-SHA999"
+      ciphersuites: "TLS_AES_256_GCM_SHA384:TLS_AES_512_GCM_SHA999"
+      groups: "X25519:P-999"
+      session_tickets: {{lifetime: 200h}}
+    """)
+    errs = only(problems(text))
+    assert len(errs) == 4, errs
+    line = {k: i + 1 for i, l in enumerate(text.splitlines()) for k in ("ciphers:", "ciphersuites:", "groups:")
+            if l.strip().startswith(k)}
+    by_key = {k: [e for e in errs if f"tls.{k[:-1]}:" in e] for k in line}
+    for k, n in line.items():
+        assert len(by_key[k]) == 1 and f":{n}:" in by_key[k][0], (k, n, by_key[k])
+    assert "unknown cipher 'ECDHE-ECDSA-AES256-GCM-SHA999'" in by_key["ciphers:"][0]
+    assert "unknown TLS 1.3 suite 'TLS_AES_512_GCM_SHA999'" in by_key["ciphersuites:"][0]
+    assert "unknown group 'P-999'" in by_key["groups:"][0]
+    assert any("session_tickets.lifetime: 720000s is above the 7 days" in e for e in errs)
+
+
+def test_cipher_list_syntax_accepted(d):
+    text = listener(d, f"""
+    tls:
+      certificates: [{{cert: {d}/good.pem, key: {d}/good.key}}]
+      ciphers: "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:-SHA1:@STRENGTH"
+      ciphersuites: "TLS_CHACHA20_POLY1305_SHA256"
+      groups: "P-256:X448"
+    """)
+    assert only(problems(text)) == []
+
+
+def test_tls13_name_in_the_tls12_list_is_pointed_to_ciphersuites(d):
+    text = listener(d, f"""
+    tls:
+      certificates: [{{cert: {d}/good.pem, key: {d}/good.key}}]
+      ciphers: "ECDHE-ECDSA-AES256-GCM-SHA384:TLS_AES_256_GCM_SHA384"
+    """)
+    assert any("'TLS_AES_256_GCM_SHA384' is a TLS 1.3 suite: list it under ciphersuites" in e for e in only(problems(text)))
 
 
 def test_unquoted_version_gets_a_hint(d):
@@ -259,3 +303,26 @@ def test_pool_tls_checked(d):
     assert "pools[0].tls.min_version: " in errs
     errs = only(problems(base.replace("TLS", f"{{key: {d}/client.key}}")))
     assert any("pools[0].tls.key: a client key needs its certificate" in e for e in errs)
+
+
+def test_hsts_checks(d):
+    text = listener(d, f"""
+    tls:
+      certificates: [{{cert: {d}/good.pem, key: {d}/good.key}}]
+      hsts: {{max_age: 1h, preload: true}}
+    """)
+    errs = "\n".join(only(problems(text)))
+    assert "tls.hsts.preload: preload lists require include_subdomains: true" in errs
+    assert "tls.hsts.preload: preload lists require max_age of at least one year" in errs
+    text = listener(d, f"""
+    tls:
+      certificates: [{{cert: {d}/good.pem, key: {d}/good.key}}]
+      hsts: {{max_age: 1h}}
+    """, mode="tcp")
+    assert any("tls.hsts: HSTS is an HTTP header: it needs mode: http" in e for e in only(problems(text)))
+    text = listener(d, f"""
+    tls:
+      certificates: [{{cert: {d}/good.pem, key: {d}/good.key}}]
+      hsts: {{max_age: 8760h, include_subdomains: true, preload: true}}
+    """)
+    assert only(problems(text)) == []

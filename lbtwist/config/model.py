@@ -139,14 +139,17 @@ class RetryBudgetConfig:
     window: Duration = _f(Duration(10.0), "sliding window over which requests and retries are counted")
 
 
-#: TLS 1.2 default: forward-secret AEAD suites only, for ECDSA and RSA certificates.
+#: TLS 1.2 default: forward-secret AEAD suites only, for ECDSA and RSA
+#: certificates, strongest first (the server's order wins: prefer_server_ciphers).
 TLS12_CIPHERS = (
-    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
     "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
 )
-#: TLS 1.3 default: the three standard AEAD suites.
-TLS13_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+#: TLS 1.3 default: the three standard AEAD suites, strongest first.
+TLS13_CIPHERSUITES = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
+#: Key-exchange groups, preferred first.
+TLS_GROUPS = "X25519:P-256:P-384"
 
 
 @attrs.frozen(kw_only=True)
@@ -157,6 +160,7 @@ class CertificateConfig:
     key: str | None = _f(None, "PEM file with the unencrypted private key (omitted: the key is in the cert file)")
     names: list[str] = _f(factory=list, doc="SNI names served, exact or *.wildcard (default: the certificate's DNS subjectAltNames)")
     default: bool = _f(False, "serve it to clients sending no SNI or an unknown name (default: the first certificate)")
+    ocsp: str | None = _f(None, "DER OCSP response file to staple (re-read on reload)")
 
 
 @attrs.frozen(kw_only=True)
@@ -167,6 +171,7 @@ class SessionTicketsConfig:
     rotate: Duration = _f(Duration(12 * 3600.0), "start issuing tickets with a new key this often (0: never)")
     keep: int = _f(2, "ticket keys accepted at once, the current one included (tickets survive keep-1 rotations)")
     prepare: int = _f(0, "future keys made at start-up, so workers forked later share them for this many rotations")
+    lifetime: Duration = _f(Duration(7200.0), "how long a ticket resumes; sent to clients as the ticket lifetime hint (at most 7 days)")
 
 
 @attrs.frozen(kw_only=True)
@@ -178,6 +183,15 @@ class SessionCacheConfig:
 
 
 @attrs.frozen(kw_only=True)
+class HSTSConfig:
+    """HTTP Strict Transport Security (RFC 6797), added on TLS listeners only."""
+
+    max_age: Duration = _f(Duration(31536000.0), "browsers use only HTTPS for the site this long after a response")
+    include_subdomains: bool = _f(False, "the policy covers every subdomain too")
+    preload: bool = _f(False, "ask to be listed in browsers' preload lists (needs include_subdomains and max_age >= 1 year)")
+
+
+@attrs.frozen(kw_only=True)
 class ListenerTLSConfig:
     """TLS termination on a listener (lbtwist.tls.context)."""
 
@@ -185,10 +199,13 @@ class ListenerTLSConfig:
     min_version: str = _f("1.2", 'lowest TLS version accepted: "1.2" or "1.3"')
     ciphers: str = _f(TLS12_CIPHERS, "TLS 1.2 cipher list (OpenSSL syntax)")
     ciphersuites: str = _f(TLS13_CIPHERSUITES, "TLS 1.3 cipher suites (OpenSSL syntax)")
+    groups: str = _f(TLS_GROUPS, "key-exchange groups, preferred first (OpenSSL syntax)")
+    prefer_server_ciphers: bool = _f(True, "choose by the server's order of ciphers and groups, not the client's")
     alpn: list[str] | None = _f(None, "ALPN protocols, preferred first (default: http/1.1 on http listeners, none on tcp)")
     session_tickets: SessionTicketsConfig = _f(factory=SessionTicketsConfig, doc="ticket resumption and key rotation")
     session_cache: SessionCacheConfig = _f(factory=SessionCacheConfig, doc="session-id resumption")
     handshake_timeout: Duration = _f(Duration(10.0), "close a connection whose handshake has not finished within this")
+    hsts: HSTSConfig | None = _f(None, "send Strict-Transport-Security on every response of this (http) listener")
 
 
 @attrs.frozen(kw_only=True)

@@ -394,7 +394,7 @@ class HttpProxyProtocol(Protocol):
     def _reject(self, status: int, reason: str) -> None:
         """Answer an error outside any exchange (bad request head, header timeout) and close."""
         ctx = self.ctx
-        page = error_page(status, reason)
+        page = error_page(status, reason, extra=ctx.forwarding.response_fields)
         ctx.note_rejection(status, reason, self.client_ip_str)
         hub = ctx.runtime.traffic
         if hub.subscribers:

@@ -647,6 +647,7 @@ class Exchange:
         keep = self.req.keep_alive and self.request_complete and not self.client.draining
         if self.request_id:
             extra = ((self.ctx.forwarding.request_id_header, self.request_id), *extra)
+        extra = (*extra, *self.ctx.forwarding.response_fields)
         page = error_page(status, cause, close=not keep, head_only=self.req.method == b"HEAD", extra=extra)
         self.bytes_out += page_body_size(page)
         self.out.append(page)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import itertools
+from typing import Any
+
 import attrs
 
 from lbtwist.config.model import HeaderRewrite
@@ -93,6 +95,37 @@ class ForwardingPolicy:
     mode: str = "x-forwarded"  # x-forwarded | forwarded | both | none
     request_id_header: bytes = b"x-request-id"
     via: bool = True
+    #: Strict-Transport-Security value (TLS listeners with ``tls.hsts``), else None.
+    hsts: bytes | None = None
+    #: Fields lbtwist adds to every response it sends, and the same serialised
+    #: (``b"\r\nname: value"...``), both made once here.
+    response_fields: tuple[tuple[bytes, bytes], ...] = attrs.field(init=False)
+    response_tail: bytes = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.response_fields = ((STS, self.hsts),) if self.hsts is not None else ()
+        self.response_tail = _lines(list(self.response_fields)) if self.response_fields else b""
+
+
+#: The HSTS field name (RFC 6797 6.1).
+STS = b"strict-transport-security"
+
+
+def hsts_value(cfg: Any) -> bytes:
+    """``max-age=N[; includeSubDomains][; preload]`` from a
+    L{lbtwist.config.model.HSTSConfig}."""
+    value = b"max-age=%d" % max(0, int(cfg.max_age))
+    if cfg.include_subdomains:
+        value += b"; includeSubDomains"
+    if cfg.preload:
+        value += b"; preload"
+    return value
+
+
+def _drop_sts(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The backend's own Strict-Transport-Security fields removed (lbtwist's
+    replaces them; a browser would obey only the first)."""
+    return [f for f in fields if len(f[0]) != 25 or f[0].lower() != STS]
 
 
 def _lines(fields: list[tuple[bytes, bytes]]) -> bytes:
@@ -112,7 +145,7 @@ def _drop_named(fields: list[tuple[bytes, bytes]], tokens: tuple[bytes, ...]) ->
 _VIA = {b"1.1": b"1.1 " + VIA_NAME, b"1.0": b"1.0 " + VIA_NAME}
 _COMMON_REQUEST = (b"%s %s HTTP/1.1\r\nhost: %s%s\r\nx-forwarded-for: %s\r\nx-forwarded-proto: %s"
                    b"\r\nx-forwarded-host: %s\r\nvia: %s\r\nx-request-id: %s\r\n\r\n")
-_COMMON_RESPONSE = b"HTTP/1.1 %d %s\r\n%s\r\ncontent-length: %d\r\nvia: %s\r\nx-request-id: %s\r\n\r\n"
+_COMMON_RESPONSE = b"HTTP/1.1 %d %s\r\n%s\r\ncontent-length: %d\r\nvia: %s\r\nx-request-id: %s%s\r\n\r\n"
 _COLON_JOIN = b": ".join
 _KEEP_ALIVE = (b"keep-alive",)
 _CLOSE = (b"close",)
@@ -280,6 +313,8 @@ def client_response_head(
     tokens = resp.connection_tokens
     if tokens and tokens != _KEEP_ALIVE and tokens != _CLOSE:
         fields = _drop_named(fields, tokens)
+    if policy.hsts is not None:
+        fields = _drop_sts(fields)
     reason = resp.reason
     if (
         framing == FRAME_LENGTH and keep_alive and client_version == b"1.1" and reason and fields
@@ -289,7 +324,7 @@ def client_response_head(
         # The common answer (length-framed, keep-alive, HTTP/1.1 client, no
         # rewrites), in one formatting call: what the general path below builds.
         return _COMMON_RESPONSE % (resp.status, reason, b"\r\n".join(map(_COLON_JOIN, fields)),
-                                   resp.content_length, _VIA[resp.version], request_id)
+                                   resp.content_length, _VIA[resp.version], request_id, policy.response_tail)
     parts = [b"HTTP/1.1 %d %s" % (resp.status, reason) if reason else status_line(resp.status)[:-2]]
     if fields:
         parts += (b"\r\n", b"\r\n".join(map(_COLON_JOIN, fields)))  # _lines(), inlined
@@ -319,6 +354,8 @@ def client_response_head(
                 parts += (b"\r\nx-request-id: ", request_id)
         elif resp.header(rid_name) is None:
             parts += (b"\r\n", rid_name, b": ", request_id)
+    if policy.response_tail:
+        parts.append(policy.response_tail)
     if extra:
         parts.append(_lines(list(extra)))
     if rewriter is not None:

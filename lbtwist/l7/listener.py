@@ -15,7 +15,7 @@ from lbtwist.l7.affinity import StickyCookie
 from lbtwist.l7.client import HttpProxyProtocol
 from lbtwist.l7.connpool import ConnectionPools
 from lbtwist.l7.errors import error_page, page_body_size
-from lbtwist.l7.headers import ForwardingPolicy, RequestIds
+from lbtwist.l7.headers import ForwardingPolicy, RequestIds, hsts_value
 from lbtwist.l7.plan import HashKey, RoutePlan
 from lbtwist.l7.timers import TimerHeap
 from lbtwist.listener import ListenerService, PerClientLimit, RefusalLog
@@ -100,9 +100,11 @@ class HttpProxyFactory(ServerFactory):
         self.router = router if router is not None else build_router(cfg, runtime.registry, self.resilience)
         #: The route every request takes when there are no match rules (skips routing).
         self.fixed_route = self.router.default if not self.router.routes else None
+        hsts = cfg.tls.hsts if cfg.tls is not None else None  # TLS listeners only (RFC 6797 8.1)
         self.forwarding = ForwardingPolicy(
             mode=cfg.http.forwarded,
             request_id_header=cfg.http.request_id_header.lower().encode(),
+            hsts=hsts_value(hsts) if hsts is not None else None,
         )
         self.ids = RequestIds()
         self.sticky = StickyCookie(cfg.http.sticky_cookie) if cfg.http.sticky_cookie else None

@@ -10,11 +10,11 @@ from __future__ import annotations
 import datetime
 from typing import Any, Iterator
 
-from OpenSSL import SSL
-
-from lbtwist.tls.context import OPENSSL_CACHE_SIZE, tls_version
+from lbtwist.tls.context import OPENSSL_CACHE_SIZE, session_timeout, ticket_lifetime_problem, tls_version
 from lbtwist.tls.files import TLSFileError, load_ca_bundle, load_certificate_pair
+from lbtwist.tls.ocsp import load_staple
 from lbtwist.tls.sni import check_name_pattern
+from lbtwist.tls.suites import SuiteError, check_ciphers, check_ciphersuites, check_groups
 
 __all__ = ["check_listener_tls", "check_passthrough", "check_pool_tls", "EXPIRY_WARNING"]
 
@@ -22,6 +22,9 @@ Found = tuple[str, str, str]
 
 #: Warn when a certificate expires sooner than this.
 EXPIRY_WARNING = 14 * 86400.0
+
+#: The shortest max_age browsers' HSTS preload lists accept.
+HSTS_PRELOAD_MIN_AGE = 31536000
 
 #: ALPN protocols lbtwist can actually speak on an http listener.
 HTTP_ALPN = ("http/1.1",)
@@ -58,16 +61,11 @@ def _versions_and_ciphers(cfg: Any, with_ciphers: bool) -> Iterator[Found]:
         yield "min_version", "error", str(e)
     if not with_ciphers:
         return
-    ctx = SSL.Context(SSL.TLS_METHOD)
-    try:
-        ctx.set_cipher_list(cfg.ciphers.encode("ascii"))
-    except (SSL.Error, UnicodeEncodeError):
-        yield "ciphers", "error", f"OpenSSL accepts no cipher from {cfg.ciphers!r}"
-    try:
-        ctx.set_tls13_ciphersuites(cfg.ciphersuites.encode("ascii"))
-        SSL.Connection(ctx)  # unknown 1.3 suites only show here
-    except (SSL.Error, UnicodeEncodeError):
-        yield "ciphersuites", "error", f"OpenSSL rejects the TLS 1.3 suites {cfg.ciphersuites!r}"
+    for key, check in (("ciphers", check_ciphers), ("ciphersuites", check_ciphersuites), ("groups", check_groups)):
+        try:
+            check(getattr(cfg, key))
+        except SuiteError as e:
+            yield key, "error", str(e)
 
 
 def check_listener_tls(cfg: Any, mode: str, now: float) -> Iterator[Found]:
@@ -91,6 +89,14 @@ def check_listener_tls(cfg: Any, mode: str, now: float) -> Iterator[Found]:
         if cf is not None and cf.not_after - now < EXPIRY_WARNING:
             when = datetime.datetime.fromtimestamp(cf.not_after, datetime.timezone.utc).strftime("%Y-%m-%d")
             yield f"{base}.cert", "warning", f"{c.cert}: certificate expires soon ({when})"
+        if cf is not None and c.ocsp:
+            try:
+                problem = load_staple(c.ocsp, cf.leaf).problem(now)
+            except TLSFileError as e:
+                yield f"{base}.ocsp", "error", str(e)
+            else:
+                if problem is not None:
+                    yield f"{base}.ocsp", "warning", problem
         if cf is not None and not c.names and not cf.names:
             yield f"{base}.cert", "warning", (
                 f"{c.cert}: the certificate has no DNS subjectAltName, so no SNI name selects it "
@@ -118,6 +124,16 @@ def check_listener_tls(cfg: Any, mode: str, now: float) -> Iterator[Found]:
         for j, p in enumerate(cfg.alpn):
             if p not in HTTP_ALPN:
                 yield f"alpn[{j}]", "error", f"an http listener speaks only {', '.join(HTTP_ALPN)}; {p!r} would break clients that pick it"
+    h = cfg.hsts
+    if h is not None:
+        if mode != "http":
+            yield "hsts", "error", f"HSTS is an HTTP header: it needs mode: http (this listener is {mode})"
+        if h.max_age < 0:
+            yield "hsts.max_age", "error", "must not be negative (0 tells browsers to forget the policy)"
+        if h.preload and not h.include_subdomains:
+            yield "hsts.preload", "error", "preload lists require include_subdomains: true"
+        if h.preload and h.max_age < HSTS_PRELOAD_MIN_AGE:
+            yield "hsts.preload", "error", f"preload lists require max_age of at least one year ({HSTS_PRELOAD_MIN_AGE}s)"
     sc, st = cfg.session_cache, cfg.session_tickets
     if sc.size > OPENSSL_CACHE_SIZE:
         yield "session_cache.size", "error", f"above OpenSSL's fixed cache limit of {OPENSSL_CACHE_SIZE}"
@@ -126,11 +142,14 @@ def check_listener_tls(cfg: Any, mode: str, now: float) -> Iterator[Found]:
     if st.enabled:
         if st.keep < 1:
             yield "session_tickets.keep", "error", "must be at least 1 (the current key)"
-        elif st.rotate > 0 and st.rotate * (st.keep - 1) < sc.timeout:
+        elif st.rotate > 0 and st.rotate * (st.keep - 1) < session_timeout(cfg):
             yield "session_tickets.rotate", "warning", (
                 f"a ticket's key is dropped {st.rotate * (st.keep - 1):g}s after its rotation, before the "
-                f"session timeout ({sc.timeout:g}s): raise keep or rotate, or clients fall back to full handshakes"
+                f"ticket lifetime ({st.lifetime:g}s): raise keep or rotate, or clients fall back to full handshakes"
             )
+        problem = ticket_lifetime_problem(st)
+        if problem is not None:
+            yield "session_tickets.lifetime", "error", problem
 
 
 def check_passthrough(cfg: Any, mode: str, has_listener_pool: bool) -> Iterator[Found]:

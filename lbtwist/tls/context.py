@@ -36,7 +36,9 @@ from zope.interface import implementer
 from lbtwist.config.model import TLS12_CIPHERS, TLS13_CIPHERSUITES, ListenerConfig, ListenerTLSConfig
 from lbtwist.tls.clienthello import ClientHello
 from lbtwist.tls.files import CertificateFile, TLSFileError, load_certificate_pair
+from lbtwist.tls.ocsp import Staple, load_staple
 from lbtwist.tls.sni import NameTable, check_name_pattern
+from lbtwist.tls.suites import SuiteError, check_ciphers, check_ciphersuites, check_groups, set_groups
 from lbtwist.tls.tickets import Generation, TicketKeyRing, ticket_key_name
 
 __all__ = [
@@ -46,6 +48,8 @@ __all__ = [
     "TLSConfigError",
     "TLSStats",
     "session_reused",
+    "session_timeout",
+    "ticket_lifetime_problem",
     "tls_version",
 ]
 
@@ -73,6 +77,29 @@ def tls_version(text: str) -> int:
         raise ValueError(f"TLS version {text!r}: expected one of {', '.join(repr(v) for v in _VERSIONS)}") from None
 
 
+#: RFC 8446 4.6.1: a ticket lifetime above seven days is not allowed.
+MAX_TICKET_LIFETIME = 7 * 86400
+
+
+def ticket_lifetime_problem(tickets: Any) -> str | None:
+    """What is wrong with ``session_tickets.lifetime``, or None."""
+    if tickets.lifetime < 1:
+        return "must be at least 1s"
+    if tickets.lifetime > MAX_TICKET_LIFETIME:
+        return f"{tickets.lifetime:g}s is above the 7 days TLS allows (RFC 8446 4.6.1)"
+    return None
+
+
+def session_timeout(cfg: Any) -> int:
+    """The session timeout of the front contexts, in whole seconds. OpenSSL
+    keeps one timeout per session: it bounds both resumption and the lifetime
+    hint in NewSessionTicket (TLS 1.2 and 1.3). With tickets on it is
+    ``session_tickets.lifetime`` (cached session ids then live as long),
+    otherwise ``session_cache.timeout``."""
+    t = cfg.session_tickets.lifetime if cfg.session_tickets.enabled else cfg.session_cache.timeout
+    return max(1, int(t))
+
+
 def session_reused(conn: SSL.Connection) -> bool:
     """Was this handshake a resumption? pyOpenSSL has no public call for it
     (pyca/pyopenssl PR #1276); the binding exists, so wrap it here, once."""
@@ -98,6 +125,8 @@ class TLSStats:
     versions: dict[str, int] = attrs.Factory(dict)
     rotations: int = 0
     reloads: int = 0
+    #: Handshakes that got a stapled OCSP response.
+    ocsp_stapled: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -113,6 +142,8 @@ class _Slot:
     ring: TicketKeyRing
     #: The certificate context new generations are probed with (shared with the ring).
     cell: list[SSL.Context]
+    #: The OCSP response stapled for this certificate (``certificates[].ocsp``).
+    staple: Staple | None = None
 
 
 def _front_settings(cfg: Any) -> Any:
@@ -182,10 +213,14 @@ class ServerTLS:
         opts = SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_IGNORE_UNEXPECTED_EOF
         if not self.tickets:
             opts |= SSL.OP_NO_TICKET
+        if cfg.prefer_server_ciphers:
+            # OpenSSL applies it to the TLS 1.2 cipher, the TLS 1.3 suite and the group.
+            opts |= SSL.OP_CIPHER_SERVER_PREFERENCE
         ctx.set_options(opts)
         ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
         ctx.set_cipher_list(cfg.ciphers.encode("ascii"))
         ctx.set_tls13_ciphersuites(cfg.ciphersuites.encode("ascii"))
+        set_groups(ctx, cfg.groups)
         if self.alpn:
             ctx.set_alpn_select_callback(self._select_alpn)
         ctx.set_info_callback(self._info)
@@ -195,7 +230,7 @@ class ServerTLS:
         ctx = SSL.Context(SSL.TLS_METHOD)
         self._configure(ctx)
         ctx.set_session_id(sid_ctx)
-        ctx.set_timeout(max(1, int(cfg.session_cache.timeout)))
+        ctx.set_timeout(session_timeout(cfg))
         ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER if cfg.session_cache.size > 0 else SSL.SESS_CACHE_OFF)
         return ctx
 
@@ -219,16 +254,16 @@ class ServerTLS:
     def _check_settings(self, cfg: Any) -> None:
         try:
             tls_version(cfg.min_version)
-            probe = SSL.Context(SSL.TLS_METHOD)
-            probe.set_cipher_list(cfg.ciphers.encode("ascii"))
-        except (ValueError, SSL.Error, UnicodeEncodeError) as e:
-            raise TLSConfigError(f"ciphers/min_version: {e}") from None
-        try:
-            probe.set_tls13_ciphersuites(cfg.ciphersuites.encode("ascii"))
-            # an unknown TLS 1.3 suite name is only noticed when a connection is made
-            SSL.Connection(probe)
-        except (SSL.Error, UnicodeEncodeError) as e:
-            raise TLSConfigError(f"ciphersuites {cfg.ciphersuites!r}: {e}") from None
+        except ValueError as e:
+            raise TLSConfigError(f"min_version: {e}") from None
+        for key, check in (("ciphers", check_ciphers), ("ciphersuites", check_ciphersuites), ("groups", check_groups)):
+            try:
+                check(getattr(cfg, key))
+            except SuiteError as e:
+                raise TLSConfigError(f"{key}: {e}") from None
+        problem = ticket_lifetime_problem(cfg.session_tickets)
+        if problem is not None:
+            raise TLSConfigError(f"session_tickets.lifetime: {problem}")
         if not cfg.certificates:
             raise TLSConfigError("tls: at least one certificate is needed")
         if cfg.session_cache.size > OPENSSL_CACHE_SIZE:
@@ -243,21 +278,27 @@ class ServerTLS:
         try:
             now = self._wallclock()
             files = []
+            staples: list[Staple | None] = []
             for c in cfg.certificates:
                 try:
                     files.append(load_certificate_pair(c.cert, c.key, now))
+                    staples.append(load_staple(c.ocsp, files[-1].leaf) if c.ocsp else None)
                 except TLSFileError as e:
                     raise TLSConfigError(str(e)) from None
             old = {s.key: s for s in getattr(self, "_slots", ())} if keep_fronts else {}
             slots: list[_Slot] = []
             table: NameTable[_Slot] = NameTable()
-            for c, cf in zip(cfg.certificates, files):
+            for c, cf, staple in zip(cfg.certificates, files, staples):
                 key = c.cert
                 sid = self._sid_ctx(key)
                 try:
                     cctx = self._cert_context(cf, sid)
                 except SSL.Error as e:
                     raise TLSConfigError(f"{c.cert}: OpenSSL refuses the certificate or key: {e}") from None
+                if staple is not None:
+                    # OpenSSL asks the context the connection was switched to
+                    # (the certificate context) for the status response.
+                    cctx.set_ocsp_server_callback(self._staple_callback(staple))
                 prev = old.get(key)
                 if prev is not None:
                     ring, cell = prev.ring, prev.cell
@@ -265,7 +306,7 @@ class ServerTLS:
                     cell = [cctx]
                     ring = self._ring(sid, cell)
                 names = tuple(check_name_pattern(n) for n in c.names) if c.names else cf.names
-                slot = _Slot(key, sid, cf, cctx, names, ring, cell)
+                slot = _Slot(key, sid, cf, cctx, names, ring, cell, staple)
                 slots.append(slot)
                 for n in names:
                     table.add(n, slot)
@@ -278,6 +319,18 @@ class ServerTLS:
             s.cell[0] = s.cert_context
         self._slots = slots
         self._table = table
+        for s in slots:
+            problem = s.staple.problem(now) if s.staple is not None else None
+            if problem is not None:
+                log.warn("tls {name}: {problem}", name=self.name, problem=problem)
+
+    def _staple_callback(self, staple: Staple) -> Callable[[SSL.Connection, Any], bytes]:
+        def staple_for(conn: SSL.Connection, data: Any) -> bytes:
+            if staple.usable(self._wallclock()):
+                self.stats.ocsp_stapled += 1
+                return staple.der
+            return b""  # no staple: the client checks for itself
+        return staple_for
 
     def _ring(self, sid: bytes, cell: list[SSL.Context]) -> TicketKeyRing:
         t = self.config.session_tickets
