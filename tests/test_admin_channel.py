@@ -243,6 +243,21 @@ def test_total_cap_pushes_out_the_oldest_untrusted_connection_of_any_client():
     assert env.svc.gate.evicted == 2
 
 
+def test_total_cap_evicts_from_the_busiest_client_not_an_older_monitor():
+    """At the total cap the flood pays: the victim is the oldest untrusted
+    connection of the address holding the most, so a monitoring client's
+    one connection (older, its head not read yet) survives the burst."""
+    env = Env(max_connections_per_client=8, max_connections=4)
+    monitor, mt = env.connect("127.0.0.1")  # connected first, head still in flight
+    flood = [env.connect("127.0.0.9", 50000 + i) for i in range(3)]
+    more = [env.connect("127.0.0.9", 50100 + i) for i in range(5)]  # a burst past the cap
+    assert not mt.disconnecting
+    assert all(ft.disconnected for _, ft in flood) and env.svc.gate.count("127.0.0.9") == 3
+    assert not any(t.disconnecting for _, t in more[2:])
+    monitor.dataReceived(METRICS + AUTH + b"\r\n")
+    assert status_of(mt) == 200
+
+
 def test_a_closed_connection_frees_its_place():
     env = Env(max_connections_per_client=1)
     proto, t = env.connect("127.0.0.9")

@@ -111,13 +111,21 @@ class ConnectionGate:
             del self._per_client[client]
 
     def _make_room(self, client: str | None, cap: str) -> bool:
-        victim = next((c for c, who in self._open.items()
-                       if c not in self._trusted and (client is None or who == client)), None)
+        """Close the oldest untrusted connection of ``client`` (at the
+        per-client cap) or, at the total cap, of the client holding the most
+        connections: a flood from some addresses evicts its own connections,
+        never a monitoring client's single one from another address."""
+        if client is None:
+            busiest = max((who for c, who in self._open.items() if c not in self._trusted),
+                          key=self.count, default=None)
+            client = busiest
+        victim = None if client is None else next(
+            (c for c, who in self._open.items() if c not in self._trusted and who == client), None)
         now = self.clock.seconds()
         if self._warned_at is None or now - self._warned_at >= WARN_EVERY:
             self._warned_at = now
             log.warn("admin: admin.{cap} reached ({what}); {done}; {evicted} evicted and {refused} refused so far",
-                     cap=cap, what=f"client {client}" if client else f"{len(self._open)} open",
+                     cap=cap, what=f"client {client}" if cap.endswith("per_client") else f"{len(self._open)} open",
                      done="closing the oldest connection still without a request" if victim else "refusing the new connection",
                      evicted=self.evicted, refused=self.refused)
         if victim is None:

@@ -70,10 +70,16 @@ class Flood:
     """One attacker process's state and loop (blocking; run from ``main``)."""
 
     def __init__(self, host: str, port: int, *, slowloris: int, idle: int, connect_rate: float,
-                 interval: float, ramp: float, duration: float) -> None:
+                 interval: float, ramp: float, duration: float, sources: int = 0) -> None:
         if host not in ("127.0.0.1", "localhost") and not host.startswith("127."):
             raise ValueError(f"the flood attacks loopback only, not {host!r}")
+        if not 0 <= sources <= 250:
+            raise ValueError(f"sources must be 0..250 loopback addresses, not {sources}")
         self.addr = (host, port)
+        #: Source addresses the connections are spread over (127.0.0.2 ...),
+        #: as a flood from many hosts; none: the kernel's choice (127.0.0.1).
+        self.sources = [f"127.0.0.{2 + i}" for i in range(sources)]
+        self._next_source = 0
         self.want = {SLOW: slowloris, IDLE: idle}
         self.connect_rate = connect_rate
         self.interval = interval
@@ -91,6 +97,9 @@ class Flood:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setblocking(False)
         try:
+            if self.sources:
+                s.bind((self.sources[self._next_source % len(self.sources)], 0))
+                self._next_source += 1
             s.connect_ex(self.addr)
         except OSError:
             s.close()
@@ -235,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between two slowloris bytes")
     ap.add_argument("--ramp", type=float, default=2000.0, help="new held connections a second at most")
     ap.add_argument("--duration", type=float, required=True)
+    ap.add_argument("--sources", type=int, default=0,
+                    help="spread connections over this many loopback source addresses (127.0.0.2 ...), 0..250")
     a = ap.parse_args(argv)
     if a.duration <= 0 or a.duration > 3600:
         ap.error("--duration must be in (0, 3600] seconds")
@@ -248,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
     die_with_parent()
     Flood(a.host, a.port, slowloris=a.slowloris, idle=a.idle, connect_rate=a.connect_rate,
-          interval=a.interval, ramp=a.ramp, duration=a.duration).run()
+          interval=a.interval, ramp=a.ramp, duration=a.duration, sources=a.sources).run()
     return 0
 
 

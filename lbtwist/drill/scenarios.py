@@ -694,6 +694,8 @@ def reload(short: bool = False, duration: float | None = None, rate: float | Non
 
 #: Graded background p99 while the flood is held (the issue's bar; no 3x-baseline rule).
 FLOOD_P99 = 0.050
+#: Loopback source addresses the admin-port slowloris comes from.
+ADMIN_FLOOD_SOURCES = 32
 #: A probe of the admin port counts as failed when slower than this.
 ADMIN_PROBE_LIMIT = 1.0
 #: RSS growth allowed per held hostile connection.
@@ -767,8 +769,10 @@ async def _admin_phase(ctx: "DrillContext", duration: float, slowloris: int, dra
     every 250 ms and a backend is drained and undrained through it."""
     from lbtwist.drill.control import ControlError
 
+    # from 32 other loopback addresses: the attacker is not the monitoring host
+    # (a flood from the monitor's own address can only be met by its per-client cap)
     child = ctx.spawn("flood-admin", _flood_argv(ctx.setup.admin_port, duration=duration,
-                                                 slowloris=slowloris, interval=5.0))
+                                                 slowloris=slowloris, interval=5.0, sources=ADMIN_FLOOD_SOURCES))
     probes: list[float] = []
     failures: list[str] = []
     drain_result = "not tried"
@@ -860,7 +864,7 @@ def flood(short: bool = False, duration: float | None = None, rate: float | None
         story=(f"4 backends, a background client at {rate:g} req/s. At t={at:g}s a hostile process opens "
                f"{slow_n} slowloris connections (one header byte every 5 s, reopened when cut) and {idle_n} "
                f"connections that never send a byte, and opens and closes {connect_rate:g} more a second, for "
-               f"{length:g} s. Then {admin_n} slowloris connections on the admin port for {admin_len:g} s while "
+               f"{length:g} s. Then {admin_n} slowloris connections (from {ADMIN_FLOOD_SOURCES} loopback addresses) on the admin port for {admin_len:g} s while "
                "its monitoring endpoint (/metrics; HAProxy: /stats;csv) is polled every 250 ms and a backend "
                "is drained and undrained (HAProxy: over its stats socket, not the flooded port)."),
         rate=rate, duration=dur,
