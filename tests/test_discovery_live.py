@@ -9,7 +9,7 @@ import os
 import time
 
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor as real_reactor, task
+from twisted.internet import defer, reactor as real_reactor, task
 from twisted.names import common, dns, error, server
 from twisted.web import resource, server as web_server
 
@@ -20,6 +20,7 @@ from lbtwist.discovery.dns import DnsSource
 from lbtwist.discovery.file import FileSource
 from lbtwist.registry import Registry
 from lbtwist.service import LbtwistService
+from support.l7 import connect
 from support.procs import free_port
 
 DEADLINE = 30.0
@@ -96,23 +97,12 @@ class Origins:
             await p.stopListening()
 
 
-class _Client(protocol.Protocol):
-    def __init__(self):
-        self.data = b""
-        self.closed = defer.Deferred()
-
-    def dataReceived(self, data):
-        self.data += data
-
-    def connectionLost(self, reason):
-        self.closed.callback(self.data)
 
 
 async def http_get(port: int) -> bytes:
-    c = _Client()
-    await protocol.ClientCreator(real_reactor, lambda: c).connectTCP("127.0.0.1", port, timeout=10)
-    c.transport.write(f"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-    data = await c.closed.addTimeout(20, real_reactor)
+    c = await connect(real_reactor, port)
+    c.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = await c.closed(real_reactor, 20)
     return data.rpartition(b"\r\n\r\n")[2]
 
 

@@ -3,13 +3,14 @@ flight finishes until drain_timeout, then is cut (L7 and L4)."""
 from __future__ import annotations
 
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import protocol, reactor, task
 from twisted.web import resource, server
 
 from lbtwist.config import load_config
 from lbtwist.health.drain import drain_backend
 from lbtwist.registry import Registry
 from lbtwist.service import LbtwistService
+from support.l7 import Echo, RawClient, connect
 
 
 class _Hang(resource.Resource):
@@ -23,29 +24,12 @@ class _Hang(resource.Resource):
         return b"ok"
 
 
-class _Echo(protocol.Protocol):
-    def dataReceived(self, data):
-        self.transport.write(data)
 
 
-class _Client(protocol.Protocol):
-    """Collects what arrives; ``closed`` fires when the connection ends."""
-
-    def __init__(self):
-        self.data = b""
-        self.closed = defer.Deferred()
-
-    def dataReceived(self, data):
-        self.data += data
-
-    def connectionLost(self, reason):
-        self.closed.callback(self.data)
 
 
-async def _connect(port: int) -> _Client:
-    c = _Client()
-    await protocol.ClientCreator(reactor, lambda: c).connectTCP("127.0.0.1", port, timeout=5)
-    return c
+async def _connect(port: int) -> RawClient:
+    return await connect(reactor, port)
 
 
 @pytest_twisted.ensureDeferred
@@ -54,7 +38,7 @@ async def test_drain_timeout_cuts_work_still_in_flight_l7_and_l4():
     site.noisy = False
     web_a = reactor.listenTCP(0, site, interface="127.0.0.1")
     web_b = reactor.listenTCP(0, site, interface="127.0.0.1")
-    echo_f = protocol.Factory.forProtocol(_Echo)
+    echo_f = protocol.Factory.forProtocol(Echo)
     echo = reactor.listenTCP(0, echo_f, interface="127.0.0.1")
     a, b, e = (p.getHost().port for p in (web_a, web_b, echo))
     text = f"""
@@ -94,7 +78,7 @@ pools:
         # while draining: new HTTP work goes to b; the relay still works
         fresh = await _connect(web)
         fresh.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        body = await fresh.closed.addTimeout(5, reactor)
+        body = await fresh.closed(reactor, 5)
         assert body.startswith(b"HTTP/1.1 200") and body.endswith(b"ok")
         relay.transport.write(b"pong")
         while relay.data != b"pingpong":
@@ -103,7 +87,7 @@ pools:
         # then drain_timeout passes with both still in flight: both are cut
         assert await d_web.addTimeout(5, reactor) == "expired"
         assert await d_tcp.addTimeout(5, reactor) == "expired"
-        await relay.closed.addTimeout(5, reactor)
+        await relay.closed(reactor, 5)
         while not hung.data and reactor.seconds() - started < 5:
             await task.deferLater(reactor, 0.01, lambda: None)
         elapsed = reactor.seconds() - started
@@ -123,7 +107,7 @@ async def _admin_post(port: int, path: str) -> bytes:
     c.transport.write(
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
     )
-    return await c.closed.addTimeout(10, reactor)
+    return await c.closed(reactor, 10)
 
 
 @pytest_twisted.ensureDeferred
@@ -133,7 +117,7 @@ async def test_admin_api_drain_cuts_at_drain_timeout_l7_and_l4():
     site = server.Site(_Hang())
     site.noisy = False
     web_a = reactor.listenTCP(0, site, interface="127.0.0.1")
-    echo = reactor.listenTCP(0, protocol.Factory.forProtocol(_Echo), interface="127.0.0.1")
+    echo = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
     a, e = web_a.getHost().port, echo.getHost().port
     text = f"""
 listeners:
@@ -163,7 +147,7 @@ pools:
         for pool, port in (("web", a), ("tcp", e)):
             answer = await _admin_post(admin, f"/api/pools/{pool}/backends/127.0.0.1:{port}/drain")
             assert answer.startswith(b"HTTP/1.1 200"), answer
-        await relay.closed.addTimeout(10, reactor)
+        await relay.closed(reactor, 10)
         while not hung.data and reactor.seconds() - started < 10:
             await task.deferLater(reactor, 0.01, lambda: None)
         elapsed = reactor.seconds() - started

@@ -11,7 +11,7 @@ import urllib.request
 import attrs
 import pytest
 import pytest_twisted
-from twisted.internet import defer, error, protocol, reactor as real_reactor, task
+from twisted.internet import error, protocol, reactor as real_reactor, task
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web import resource, server
 
@@ -19,6 +19,7 @@ from lbtwist.config import load_config
 from lbtwist.pool import Health
 from lbtwist.registry import Registry
 from lbtwist.service import LbtwistService, ReloadError
+from support.l7 import Echo, RawClient, connect
 from support.procs import Proc, free_port, twistd_cmd
 
 
@@ -288,34 +289,19 @@ class _Named(resource.Resource):
         return self.name
 
 
-class _Echo(protocol.Protocol):
-    def dataReceived(self, data):
-        self.transport.write(data)
 
 
-class _Client(protocol.Protocol):
-    def __init__(self):
-        self.data = b""
-        self.closed = defer.Deferred()
-
-    def dataReceived(self, data):
-        self.data += data
-
-    def connectionLost(self, reason):
-        self.closed.callback(self.data)
 
 
-async def _open(port: int) -> _Client:
-    c = _Client()
-    await protocol.ClientCreator(real_reactor, lambda: c).connectTCP("127.0.0.1", port, timeout=10)
-    return c
+async def _open(port: int) -> RawClient:
+    return await connect(real_reactor, port)
 
 
 async def _http(port: int, method: str = "GET", path: str = "/") -> bytes:
     c = await _open(port)
     c.transport.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n"
                       "Connection: close\r\n\r\n".encode())
-    return await c.closed.addTimeout(20, real_reactor)
+    return await c.closed(real_reactor, 20)
 
 
 async def _refused(port: int) -> bool:
@@ -351,7 +337,7 @@ class _Origins:
             site = server.Site(_Named(name))
             site.noisy = False
             self.ports.append(real_reactor.listenTCP(0, site, interface="127.0.0.1"))
-        self.ports.append(real_reactor.listenTCP(0, protocol.Factory.forProtocol(_Echo), interface="127.0.0.1"))
+        self.ports.append(real_reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1"))
         self.a, self.b, self.echo = (p.getHost().port for p in self.ports)
 
     async def stop(self):

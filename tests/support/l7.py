@@ -275,6 +275,13 @@ class Origin(protocol.ServerFactory):
         await self.port.stopListening()
 
 
+class Echo(protocol.Protocol):
+    """Sends back what it receives (a TCP backend for relays)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
 class RawClient(protocol.Protocol):
     """Writes raw bytes, collects everything received."""
 
