@@ -26,6 +26,14 @@ class Health(enum.Enum):
     UNHEALTHY = "unhealthy"
 
 
+def join_address(host: str, port: int | None) -> str:
+    """(host, port) -> ``"127.0.0.1:9001"`` / ``"[::1]:9001"`` (the inverse of
+    L{split_address}); ``host`` alone when ``port`` is None."""
+    if port is None:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def split_address(address: str) -> tuple[str, int]:
     """``"127.0.0.1:9001"`` / ``"[::1]:9001"`` -> (host, port). Raises ValueError."""
     host, sep, port = address.rpartition(":")

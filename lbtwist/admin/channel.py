@@ -11,7 +11,8 @@ drain every backend is not itself an attack surface:
   - at most ``admin.max_connections`` connections, and
     ``admin.max_connections_per_client`` from one address, are open at once.
     When full, the oldest connection that has not yet sent an authorized
-    request head makes room (it is the one a slowloris holds); if there is
+    request head makes room (it is the one a slowloris holds), at the total
+    cap taken from the address holding the most connections; if there is
     none, the new connection is answered 503 and closed. A connection that
     has been served is never pushed out, so a dashboard or a Prometheus
     scraper keeps its keep-alive connection through a flood.

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.names import client, dns, error
 
 from lbtwist.discovery.base import Endpoint, Tracker
-from lbtwist.pool import split_address
+from lbtwist.pool import join_address, split_address
 
 log = Logger(namespace="lbtwist.discovery.dns")
 
@@ -33,10 +33,6 @@ def make_resolver(resolver: str | None, reactor: Any) -> Any:
         return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
     host, port = split_address(resolver)
     return client.Resolver(servers=[(host, port)], reactor=reactor)
-
-
-def _format(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def describe_dns_failure(f: Any) -> str:
@@ -112,13 +108,13 @@ class DnsSource:
                     addrs = yield self._addresses(target)
                 for addr, ttl in addrs:
                     ttls.append(ttl)
-                    out.append(Endpoint(address=_format(addr, p.port), weight=float(p.weight),
+                    out.append(Endpoint(address=join_address(addr, p.port), weight=float(p.weight),
                                         name=None, priority=p.priority))
             return out, min(ttls)
         addrs = yield self._addresses(cfg.name, cfg.type)
         if not addrs:
             return [], None
-        return [Endpoint(address=_format(a, cfg.port)) for a, _ in addrs], min(t for _, t in addrs)
+        return [Endpoint(address=join_address(a, cfg.port)) for a, _ in addrs], min(t for _, t in addrs)
 
     @defer.inlineCallbacks
     def _addresses(self, name: str, kind: str | None = None) -> Any:

@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from lbtwist.health import ProbeResult
 from lbtwist.interfaces import IHealthProbe
-from lbtwist.pool import Backend
+from lbtwist.pool import Backend, join_address
 
 #: The body an ``http`` probe reads at most (for ``body_match``); the rest is dropped.
 BODY_LIMIT = 64 * 1024
@@ -222,7 +222,7 @@ class _EndpointFactory:
         btls = self.tls_lookup() if self.tls_lookup is not None else None
         if btls is None:
             return ep
-        address = f"[{host}]:{uri.port}" if ":" in host else f"{host}:{uri.port}"
+        address = join_address(host, uri.port)
         return _TLSEndpoint(ep, btls.creator_for(host, key=address), self.reactor)
 
 

@@ -27,7 +27,7 @@ from lbtwist.config.names import parse_hash_key
 from lbtwist.l4.failover import ConnectAttempts, connect_retry
 from lbtwist.l4.proxy_protocol import ProxyHeaderParser, ProxyProtocolError, encode
 from lbtwist.listener import ListenerService, PerClientLimit
-from lbtwist.pool import Backend
+from lbtwist.pool import Backend, join_address
 from lbtwist.traffic import TrafficRecord
 
 log = Logger(namespace="lbtwist.l4.tcp")
@@ -640,8 +640,7 @@ class Frontend(protocol.Protocol):
     def _client_str(self) -> str:
         if self.client is None:
             return "?"
-        host, port = self.client
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return join_address(*self.client)
 
 
 class TCPListenerService(ListenerService):

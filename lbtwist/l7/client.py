@@ -23,6 +23,7 @@ from lbtwist.l7.errors import ParseError, error_page, page_body_size
 from lbtwist.l7.exchange import Exchange
 from lbtwist.l7.parser import DONE, HEAD, Request, RequestParser
 from lbtwist.l7.timers import Deadline
+from lbtwist.pool import join_address
 from lbtwist.traffic import TrafficRecord
 
 if TYPE_CHECKING:
@@ -93,9 +94,7 @@ class HttpProxyProtocol(Protocol):
         peer = t.getPeer()
         self.client_ip_str = getattr(peer, "host", "") or ""
         self.client_ip = self.client_ip_str.encode("ascii", "replace")
-        port = getattr(peer, "port", None)
-        host = self.client_ip_str
-        self.client_addr = host if port is None else f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.client_addr = join_address(self.client_ip_str, getattr(peer, "port", None))
         self.tls = ISSLTransport.providedBy(t)
         refusal = ctx.track(self)
         if refusal is not None:

@@ -19,6 +19,7 @@ from lbtwist.l7.headers import ForwardingPolicy, RequestIds, hsts_value
 from lbtwist.l7.plan import HashKey, RoutePlan
 from lbtwist.l7.timers import TimerHeap
 from lbtwist.listener import ListenerService, PerClientLimit, RefusalLog
+from lbtwist.pool import join_address
 from lbtwist.resilience.wiring import runtime_resilience
 from lbtwist.routing import DEFAULT_ROUTE, Router
 from lbtwist.traffic import TrafficRecord
@@ -119,7 +120,6 @@ class HttpProxyFactory(ServerFactory):
         #: Client deadlines (header, keep-alive, body, write) of this listener's connections.
         self.timers = TimerHeap(self.clock)
         self.refusals = RefusalLog(self.clock)
-        self.refused = 0
         #: Apply fastio's eager write to client connections (benchmarks turn it off).
         self.eager = True
         self.active = 0
@@ -143,8 +143,7 @@ class HttpProxyFactory(ServerFactory):
         host = getattr(addr, "host", "?")
         page = self.over_cap(host)
         if page is not None:
-            port = getattr(addr, "port", None)
-            self.refuse(host, host if port is None else f"[{host}]:{port}" if ":" in host else f"{host}:{port}", page)
+            self.refuse(host, join_address(host, getattr(addr, "port", None)), page)
             return _Refusal(page)
         p = HttpProxyProtocol(self)
         p.factory = self
