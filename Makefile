@@ -13,11 +13,14 @@ test: system-deps $(VENV)/.installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # Tools the tests drive for real: openssl s_client (TLS), headless Chromium (dashboard),
-# ss from iproute2 (a listen socket's backlog, tests/test_flood_real.py), testssl.sh (the TLS listener's scan, a slow test).
+# ss from iproute2 (a listen socket's backlog, tests/test_flood_real.py), testssl.sh (the TLS listener's scan, a slow test),
+# redis-server (fleet state), keepalived (the HA pair's VIP), h2load from nghttp2-client (HTTP/2), haproxy (comparisons).
+DEBS := openssl chromium iproute2 testssl.sh redis-server keepalived nghttp2-client haproxy
 system-deps:
-	@command -v openssl >/dev/null && command -v chromium >/dev/null && command -v ss >/dev/null && command -v testssl >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl chromium iproute2 testssl.sh >/dev/null; \
-	  else echo "make test needs: sudo apt-get install -y openssl chromium iproute2 testssl.sh" >&2; exit 1; fi; }
+	@for c in openssl chromium ss testssl redis-server keepalived h2load haproxy; do command -v $$c >/dev/null || missing=1; done; \
+	[ -z "$$missing" ] || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBS) >/dev/null; \
+	  else echo "make test needs: sudo apt-get install -y $(DEBS)" >&2; exit 1; fi; }
 
 quick: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
