@@ -333,6 +333,21 @@ class RouteConfig:
 
 
 @attrs.frozen(kw_only=True)
+class Http2Config:
+    """HTTP/2 from clients (ALPN ``h2`` on TLS listeners, h2c prior knowledge with ``http2: true``)."""
+
+    max_concurrent_streams: int = _f(100, "streams one client connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS); one more is a protocol error")
+    max_header_list_size: Size = _f(Size(32768), "decoded header list of one request above this ends the connection (SETTINGS_MAX_HEADER_LIST_SIZE; HPACK bombs, CONTINUATION floods)")
+    initial_window_size: Size = _f(Size(262144), "request body bytes a stream may send before lbtwist's backend side consumed them (per-stream flow-control window)")
+    connection_window_size: Size = _f(Size(1048576), "request body bytes all streams of a connection may have unconsumed at once")
+    max_resets: int = _f(200, "rapid reset (CVE-2023-44487): streams a client may reset in a burst before GOAWAY ENHANCE_YOUR_CALM")
+    resets_per_second: float = _f(50.0, "rapid reset: the reset allowance refills at this rate")
+    max_control_frames: int = _f(200, "SETTINGS and PING frames a client may send in a burst before GOAWAY ENHANCE_YOUR_CALM (floods of frames lbtwist must answer)")
+    control_frames_per_second: float = _f(50.0, "the control frame allowance refills at this rate")
+    max_age: Duration | None = _f(None, "send GOAWAY to an h2 client connection this old (in-flight streams finish), so long-lived clients reconnect and rebalance")
+
+
+@attrs.frozen(kw_only=True)
 class HttpConfig:
     """Client-side HTTP/1.1 limits and timeouts for ``mode: http`` listeners."""
 
@@ -347,6 +362,7 @@ class HttpConfig:
     forwarded: Literal["x-forwarded", "forwarded", "both", "none"] = _f("x-forwarded", "which forwarding headers to set")
     request_id_header: str = _f("x-request-id", "generated when absent, passed through when present")
     sticky_cookie: str | None = _f(None, "pin clients to a backend with this cookie (set by lbtwist)")
+    h2: Http2Config = _f(factory=Http2Config, doc="HTTP/2 client connection limits")
 
 
 @attrs.frozen(kw_only=True)
@@ -374,6 +390,7 @@ class ListenerConfig:
     http: HttpConfig = _f(factory=HttpConfig, doc="http-mode limits and timeouts")
     tls: ListenerTLSConfig | None = _f(None, "terminate TLS (http and tcp listeners)")
     tls_passthrough: TLSPassthroughConfig | None = _f(None, "tcp: route TLS by SNI to pools without terminating it")
+    http2: bool = _f(False, "http listeners without tls: also accept HTTP/2 with prior knowledge (h2c), told apart from HTTP/1.1 by the connection preface")
 
 
 @attrs.frozen(kw_only=True)

@@ -223,6 +223,22 @@ def listener_modes(ctx: CheckContext) -> Iterator[Problem]:
 
 
 @check
+def listener_http2(ctx: CheckContext) -> Iterator[Problem]:
+    """``http2`` and ``http.h2`` limits (the values the runtime accepts, one definition)."""
+    from lbtwist.l7.h2.settings import problems
+
+    for lpath, lst in _listeners(ctx.config):
+        hp = key_path(lpath, "http2")
+        if lst.http2 and lst.mode != "http":
+            yield ctx.error(hp, f"HTTP/2 needs mode: http (this listener is {lst.mode})")
+        elif lst.http2 and lst.tls is not None:
+            yield ctx.warning(hp, "ignored with tls: HTTP/2 is negotiated by ALPN (tls.alpn, h2 by default)")
+        h2path = key_path(key_path(lpath, "http"), "h2")
+        for key, msg in problems(lst.http.h2):
+            yield ctx.error(key_path(h2path, key), msg)
+
+
+@check
 def listener_connection_caps(ctx: CheckContext) -> Iterator[Problem]:
     """``backlog`` and ``max_connections_per_client`` within sense."""
     from lbtwist.config.binds import split_description

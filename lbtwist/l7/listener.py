@@ -15,6 +15,9 @@ from lbtwist.l7.affinity import StickyCookie
 from lbtwist.l7.client import HttpProxyProtocol
 from lbtwist.l7.connpool import ConnectionPools
 from lbtwist.l7.errors import error_page, page_body_size
+from lbtwist.l7.h2 import settings as h2_settings
+from lbtwist.l7.h2.connection import H2ServerProtocol
+from lbtwist.l7.h2.negotiate import ProtocolChooser
 from lbtwist.l7.headers import ForwardingPolicy, RequestIds, hsts_value
 from lbtwist.l7.plan import HashKey, RoutePlan
 from lbtwist.l7.timers import TimerHeap
@@ -22,6 +25,7 @@ from lbtwist.listener import ListenerService, PerClientLimit, RefusalLog
 from lbtwist.pool import join_address
 from lbtwist.resilience.wiring import runtime_resilience
 from lbtwist.routing import DEFAULT_ROUTE, Router
+from lbtwist.tls.context import listener_alpn
 from lbtwist.traffic import TrafficRecord
 
 log = Logger(namespace="lbtwist.l7")
@@ -120,6 +124,10 @@ class HttpProxyFactory(ServerFactory):
         #: Client deadlines (header, keep-alive, body, write) of this listener's connections.
         self.timers = TimerHeap(self.clock)
         self.refusals = RefusalLog(self.clock)
+        h2_settings.check(cfg.http.h2)
+        #: HTTP/2 from clients: ALPN h2 on TLS, h2c prior knowledge on plain ``http2: true``.
+        self.h2c = bool(cfg.http2) and cfg.tls is None
+        self.h2 = self.h2c or (cfg.tls is not None and "h2" in listener_alpn(cfg))
         #: Apply fastio's eager write to client connections (benchmarks turn it off).
         self.eager = True
         self.active = 0
@@ -145,6 +153,8 @@ class HttpProxyFactory(ServerFactory):
         if page is not None:
             self.refuse(host, join_address(host, getattr(addr, "port", None)), page)
             return _Refusal(page)
+        if self.h2:
+            return ProtocolChooser(self, self.h2c, HttpProxyProtocol, H2ServerProtocol)
         p = HttpProxyProtocol(self)
         p.factory = self
         return p

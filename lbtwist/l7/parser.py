@@ -40,6 +40,16 @@ _HOST_MATCH = _HOST_RE.fullmatch
 _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
+def valid_host(value: bytes) -> bool:
+    """A Host (or HTTP/2 ``:authority``) value lbtwist forwards: host[:port]."""
+    return _HOST_MATCH(value) is not None
+
+
+def valid_token(value: bytes) -> bool:
+    """An RFC 9110 token (methods, field names)."""
+    return _TOKEN_RE.fullmatch(value) is not None
+
+
 # Parser states.
 HEAD, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE, DONE, CLOSED, UPGRADED = range(7)
 

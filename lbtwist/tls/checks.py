@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 from typing import Any, Iterator
 
-from lbtwist.tls.context import OPENSSL_CACHE_SIZE, session_timeout, ticket_lifetime_problem, tls_version
+from lbtwist.tls.context import HTTP_ALPN, OPENSSL_CACHE_SIZE, session_timeout, ticket_lifetime_problem, tls_version
 from lbtwist.tls.files import TLSFileError, load_ca_bundle, load_certificate_pair
 from lbtwist.tls.ocsp import load_staple
 from lbtwist.tls.sni import check_name_pattern
@@ -26,8 +26,6 @@ EXPIRY_WARNING = 14 * 86400.0
 #: The shortest max_age browsers' HSTS preload lists accept.
 HSTS_PRELOAD_MIN_AGE = 31536000
 
-#: ALPN protocols lbtwist can actually speak on an http listener.
-HTTP_ALPN = ("http/1.1",)
 
 
 def _covers(pattern: str, names: tuple[str, ...]) -> bool:

@@ -65,6 +65,21 @@ _VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 OPENSSL_CACHE_SIZE = 20 * 1024
 
 
+#: ALPN protocols lbtwist can actually speak on an http listener, preferred
+#: first: also the default an http listener offers.
+HTTP_ALPN = ("h2", "http/1.1")
+
+
+def listener_alpn(listener: Any, default_only: bool = False) -> tuple[str, ...]:
+    """The ALPN protocols a TLS listener offers: ``tls.alpn``, else
+    L{HTTP_ALPN} on http listeners and none on tcp (``default_only``: the
+    latter whatever ``tls.alpn`` says)."""
+    a = listener.tls.alpn if listener.tls is not None and not default_only else None
+    if a is not None:
+        return tuple(a)
+    return HTTP_ALPN if listener.mode == "http" else ()
+
+
 class TLSConfigError(ValueError):
     """The TLS settings cannot be applied; nothing was changed."""
 
@@ -159,7 +174,7 @@ class ServerTLS:
     @param clock: schedules ticket-key rotation (handshake deadlines run on
         the reactor given to L{lbtwist.tls.server.wrap_server_factory}).
     @param alpn: protocols to negotiate when the config does not say
-        (``["http/1.1"]`` for http listeners, none for tcp).
+        (``["h2", "http/1.1"]`` for http listeners, none for tcp).
     @param wallclock: POSIX time, for certificate validity checks.
     """
 
@@ -184,9 +199,8 @@ class ServerTLS:
     @classmethod
     def for_listener(cls, listener: ListenerConfig, clock: IReactorTime, **kw: Any) -> "ServerTLS":
         """From a L{lbtwist.config.model.ListenerConfig} with ``tls:``; ALPN
-        defaults to ``http/1.1`` on http listeners, none on tcp."""
-        alpn = ("http/1.1",) if listener.mode == "http" else ()
-        return cls(listener.tls, clock, name=listener.name, alpn=alpn, **kw)
+        defaults to ``h2, http/1.1`` on http listeners, none on tcp."""
+        return cls(listener.tls, clock, name=listener.name, alpn=listener_alpn(listener, default_only=True), **kw)
 
     # -- settings ---------------------------------------------------------
 
