@@ -74,6 +74,11 @@ class Stream:
         self._ack_held()
 
     def data(self, data: bytes, flow_len: int) -> None:
+        if not data:  # padding only, or an empty DATA carrying END_STREAM: no body bytes
+            self.unacked += flow_len
+            if self.bridge is not None and not self.held:
+                self._ack_held()
+            return
         self.body_size += len(data)
         bridge = self.bridge
         if self.finished:
