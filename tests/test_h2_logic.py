@@ -345,6 +345,8 @@ def test_drain_sends_goaway_with_last_stream_lets_it_finish_and_refuses_newer():
     frames = c.frames
     c.recv()
     assert any(isinstance(f, DataFrame) and f.stream_id == 1 and f.data == b"ok" for f in frames)
+    # the stream's end went out before the close
+    assert any(f.stream_id == 1 and "END_STREAM" in f.flags for f in frames)
     assert c.t.disconnecting  # closed once the last stream ended
 
 
@@ -397,3 +399,37 @@ def test_http_errors_stay_http_for_non_grpc():
     c = client(h)
     r = c.replies[c.request("/")]
     assert r.status == 503 and r.header(b"grpc-status") is None
+
+
+# -- config -----------------------------------------------------------------------------------------
+
+def _problems(text):
+    import textwrap
+
+    from lbtwist.config import load_config
+    from lbtwist.config.problems import ConfigError
+    from lbtwist.registry import Registry
+
+    try:
+        return [str(p) for p in load_config(textwrap.dedent(text), Registry.default(), source_name="t.yaml").warnings]
+    except ConfigError as e:
+        return [str(p) for p in e.problems]
+
+
+def test_config_http2_keys_are_validated():
+    ps = "\n".join(_problems("""
+    listeners:
+      - {name: l4, bind: "tcp:0", mode: tcp, pool: p, http2: true}
+      - name: web
+        bind: "tcp:1"
+        mode: http
+        pool: p
+        http2: true
+        http: {h2: {max_concurrent_streams: 0, max_header_list_size: 100, max_age: 0s}}
+    pools:
+      - {name: p, backends: [{address: "127.0.0.1:1"}]}
+    """))
+    assert "listeners[0].http2" in ps and "HTTP/2 needs mode: http" in ps
+    assert "listeners[1].http.h2.max_concurrent_streams" in ps and "must be 1 to" in ps
+    assert "listeners[1].http.h2.max_header_list_size" in ps
+    assert "listeners[1].http.h2.max_age" in ps

@@ -373,7 +373,7 @@ def test_for_listener_picks_alpn_by_mode(ca, certs):
     tls = tls_config(certs)
     http = ServerTLS.for_listener(ListenerConfig(name="w", bind="tcp:0", mode="http", tls=tls), task.Clock())
     tcp = ServerTLS.for_listener(ListenerConfig(name="t", bind="tcp:0", mode="tcp", tls=tls), task.Clock())
-    assert http.alpn == ("http/1.1",) and tcp.alpn == () and http.name == "w"
+    assert http.alpn == ("h2", "http/1.1") and tcp.alpn == () and http.name == "w"
     for state, want in ((http, "http/1.1"), (tcp, None)):
         app = echo_factory()
         clock = task.Clock()

@@ -158,7 +158,7 @@ def test_names_defaults_versions_and_alpn(d):
       min_version: "1.1"
       ciphers: "NOPE-CIPHER"
       ciphersuites: "TLS_NOPE"
-      alpn: [h2, http/1.1]
+      alpn: [spdy/3.1, h2, http/1.1]
       session_cache: {{size: 50000}}
       session_tickets: {{keep: 0}}
     """)
@@ -170,7 +170,8 @@ def test_names_defaults_versions_and_alpn(d):
     assert "tls.min_version: TLS version '1.1': expected one of '1.2', '1.3'" in errs
     assert "tls.ciphers: unknown cipher 'NOPE-CIPHER'" in errs
     assert "tls.ciphersuites: unknown TLS 1.3 suite 'TLS_NOPE'" in errs
-    assert "tls.alpn[0]: an http listener speaks only http/1.1" in errs
+    assert "tls.alpn[0]: an http listener speaks only h2, http/1.1; 'spdy/3.1'" in errs
+    assert "tls.alpn[1]" not in errs  # h2 is spoken now
     assert "session_cache.size: above OpenSSL's fixed cache limit of 20480" in errs
     assert "session_tickets.keep: must be at least 1" in errs
     warns = "\n".join(only(ps, "warning"))

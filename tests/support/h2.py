@@ -170,3 +170,94 @@ def headers_frame_bytes(sid: int, headers: list[tuple[bytes, bytes]], *, end_str
 
 def get_headers(path: bytes = b"/", authority: bytes = b"example.com") -> list[tuple[bytes, bytes]]:
     return [(b":method", b"GET"), (b":path", path), (b":scheme", b"http"), (b":authority", authority)]
+
+
+# -- real sockets -------------------------------------------------------------------------------
+
+from twisted.internet import defer, protocol  # noqa: E402
+
+
+class H2SocketClient(protocol.Protocol):
+    """A hyper-h2 client on a real connection (h2c prior knowledge); replies
+    collected per stream, waits bounded by events."""
+
+    def __init__(self) -> None:
+        self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.replies: dict[int, Reply] = {}
+        #: Everything received (hyper-h2's client stops reading at a GOAWAY; the frames do not).
+        self.raw = b""
+        self.terminated: Any = None
+        self.lost = False
+        self._waiters: list[tuple[Any, defer.Deferred]] = []
+
+    def connectionMade(self) -> None:
+        self.h2.initiate_connection()
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.lost:
+            self.transport.write(data)
+
+    def request(self, path: str = "/", method: str = "GET", body: bytes | None = None, headers: tuple = (),
+                authority: str = "example.com") -> int:
+        sid = self.h2.get_next_available_stream_id()
+        self.replies[sid] = Reply()
+        self.h2.send_headers(sid, [(b":method", method.encode()), (b":path", path.encode()), (b":scheme", b"http"),
+                                   (b":authority", authority.encode()), *headers], end_stream=body is None)
+        if body is not None:
+            self.h2.send_data(sid, body, end_stream=True)
+        self.flush()
+        return sid
+
+    @property
+    def frames(self) -> list[Any]:
+        return split_frames(self.raw)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.raw += data
+        try:
+            events = self.h2.receive_data(data)
+        except ProtocolError:
+            events = []
+        for e in events:
+            r = self.replies.setdefault(getattr(e, "stream_id", 0) or 0, Reply())
+            if isinstance(e, ev.ResponseReceived):
+                r.headers = list(e.headers)
+            elif isinstance(e, ev.TrailersReceived):
+                r.trailers = list(e.headers)
+            elif isinstance(e, ev.DataReceived):
+                r.body += e.data
+                self.h2.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+            elif isinstance(e, ev.StreamEnded):
+                r.ended = True
+            elif isinstance(e, ev.StreamReset):
+                r.reset = e.error_code
+            elif isinstance(e, ev.ConnectionTerminated):
+                self.terminated = e
+        self.flush()
+        self._check()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = True
+        self._check()
+
+    def _check(self) -> None:
+        for w in list(self._waiters):
+            pred, d = w
+            if self.lost or pred(self):
+                self._waiters.remove(w)
+                d.callback(self)
+
+    def wait(self, pred: Any, reactor: Any, timeout: float = 10.0) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        if pred(self) or self.lost:
+            d.callback(self)
+            return d
+        self._waiters.append((pred, d))
+        return d.addTimeout(timeout, reactor)
+
+
+async def h2_connect(reactor: Any, port: int) -> H2SocketClient:
+    cc = protocol.ClientCreator(reactor, H2SocketClient)
+    return await cc.connectTCP("127.0.0.1", port, timeout=5).addTimeout(5, reactor)

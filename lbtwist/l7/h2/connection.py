@@ -313,6 +313,7 @@ class H2ServerProtocol(Protocol):
     def close(self) -> None:
         if self.closed:
             return
+        self.flush()  # what hyper-h2 still holds (the last END_STREAM, a GOAWAY)
         self.closed = True
         if self.deadline is not None:
             self.deadline.cancel()
