@@ -22,6 +22,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--body-timeout", type=float, default=60.0)
     p.add_argument("--request-timeout", type=float, default=60.0)
     p.add_argument("--no-eager", action="store_true", help="disable the eager-write lever")
+    p.add_argument("--http2", action="store_true", help="also accept HTTP/2 with prior knowledge (h2c)")
     p.add_argument("--lean-reactor", action="store_true", help="use fastio's lean epoll reactor")
     p.add_argument("--no-batch", action="store_true",
                    help="lean reactor: send each write at once instead of at the end of the poll pass")
@@ -38,6 +39,7 @@ def _main(reactor: Any, args: argparse.Namespace) -> Any:
                       connection_pool=ConnectionPoolConfig(max_per_backend=args.max_per_backend))
     lcfg = ListenerConfig(
         name="http", bind=args.listen, mode="http", pool="bench", max_connections=args.max_connections,
+        http2=args.http2,
         http=HttpConfig(max_body_size=args.max_body_size, body_timeout=args.body_timeout,
                         request_timeout=args.request_timeout),
     )
