@@ -17,7 +17,7 @@ from lbtwist.l7.connpool import ConnectionPools
 from lbtwist.l7.errors import error_page, page_body_size
 from lbtwist.l7.headers import ForwardingPolicy, RequestIds, hsts_value
 from lbtwist.l7.plan import HashKey, RoutePlan
-from lbtwist.l7.timers import TimerHeap
+from lbtwist.l7.timers import ExchangeTimers, TimerHeap
 from lbtwist.listener import ListenerService, PerClientLimit, RefusalLog
 from lbtwist.pool import join_address
 from lbtwist.resilience.wiring import runtime_resilience
@@ -148,6 +148,10 @@ class HttpProxyFactory(ServerFactory):
         p = HttpProxyProtocol(self)
         p.factory = self
         return p
+
+    def exchange_timers(self, exchange: Any) -> ExchangeTimers:
+        """The reactor timers of one exchange (queue wait, retry backoff)."""
+        return ExchangeTimers(self.clock, exchange)
 
     def note_rejection(self, status: int, reason: str, client: str) -> None:
         """A request refused before it reached a pool (bad head, header timeout)."""

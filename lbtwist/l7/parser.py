@@ -339,7 +339,9 @@ class _Framer:
         # more than max_headers fields and need not be counted.
         self._short_head = 4 * max_headers + 8
         self.state = HEAD
-        self._buf = b""
+        #: Bytes received but not parsed yet (a pipelined request, or bytes
+        #: after a response for the connection to judge).
+        self.held = b""
         self._left = 0
         self._chunked: ChunkedDecoder | None = None
         self.body_size = 0
@@ -347,18 +349,18 @@ class _Framer:
 
     def buffered(self) -> int:
         """Bytes held but not yet parsed (pipelined data while DONE)."""
-        return len(self._buf)
+        return len(self.held)
 
     def take_buffer(self) -> bytes:
         """Hand over unparsed bytes (after an upgrade) and stop parsing."""
-        b, self._buf = self._buf, b""
+        b, self.held = self.held, b""
         self.state = UPGRADED
         return b
 
     def stop(self) -> None:
         """Parse nothing more (the connection is closing)."""
         self.state = CLOSED
-        self._buf = b""
+        self.held = b""
 
     #: Skip empty lines before a head (RFC 9112 2.2: requests only).
     _skip_blank = False
@@ -368,11 +370,11 @@ class _Framer:
 
     def feed(self, data: bytes) -> None:
         """Parse ``data``, calling the handler; raises L{ParseError}."""
-        if self._buf:
-            data = self._buf + data
-            self._buf = b""
+        if self.held:
+            data = self.held + data
+            self.held = b""
         if self._feeding:  # re-entered from a handler callback: queue
-            self._buf = data
+            self.held = data
             return
         self._feeding = True
         try:
@@ -387,7 +389,7 @@ class _Framer:
                     if end < 3 or end > self.max_head:
                         end = self._find_head_end(data)
                         if end < 0:
-                            self._buf = data
+                            self.held = data
                             return
                     if end == len(data):
                         self._head(data)
@@ -425,7 +427,7 @@ class _Framer:
                     return
                 else:
                     if state in self._hold_in:
-                        self._buf += data
+                        self.held += data
                     return
         finally:
             self._feeding = False
@@ -485,8 +487,8 @@ class RequestParser(_Framer):
         self.state = HEAD
         self.max_body = 0
         self.body_size = 0
-        if self._buf and not self._feeding:
-            data, self._buf = self._buf, b""
+        if self.held and not self._feeding:
+            data, self.held = self.held, b""
             self.feed(data)
 
     def _body_data(self, data: bytes) -> None:
@@ -689,8 +691,8 @@ class ResponseParser(_Framer):
         self.head_request = head_request
         self.state = HEAD
         self.body_size = 0
-        if self._buf and not self._feeding:
-            data, self._buf = self._buf, b""
+        if self.held and not self._feeding:
+            data, self.held = self.held, b""
             self.feed(data)
 
     def eof(self) -> bool:
