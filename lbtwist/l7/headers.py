@@ -366,6 +366,37 @@ def client_response_head(
     return b"".join(parts)
 
 
+def response_fields(
+    resp: Response,
+    request_id: bytes | None,
+    policy: ForwardingPolicy,
+    rewriter: Rewriter | None = None,
+    extra: tuple[tuple[bytes, bytes], ...] = (),
+) -> list[tuple[bytes, bytes]]:
+    """The response's fields for the client as one protocol-neutral list:
+    what L{client_response_head} writes minus the HTTP/1.1 framing and
+    connection fields (Content-Length, Transfer-Encoding, Connection), for
+    a client protocol that frames and serialises itself (HTTP/2)."""
+    fields = resp.headers
+    if resp.connection_tokens:
+        fields = _drop_named(fields, resp.connection_tokens)
+    if policy.hsts is not None:
+        fields = _drop_sts(fields)
+    out = list(fields)
+    if policy.via:
+        out.append((b"via", _VIA[resp.version]))
+    if request_id is not None:
+        rid_name = policy.request_id_header
+        if rid_name == b"x-request-id":
+            if resp.request_id is None:
+                out.append((rid_name, request_id))
+        elif resp.header(rid_name) is None:
+            out.append((rid_name, request_id))
+    out += policy.response_fields
+    out += extra
+    return rewriter.apply(out) if rewriter is not None else out
+
+
 def interim_head(resp: Response) -> bytes:
     """A 1xx response relayed as is (minus hop-by-hop fields)."""
     return _serialise(b"HTTP/1.1 %d %s" % (resp.status, resp.reason or b"Continue"), resp.headers)

@@ -206,6 +206,10 @@ class ClientGone:
     pass
 
 
+_EVENTS = frozenset((RequestHead, BodyData, BodyEnd, ConnectionReady, ResponseHead, ResponseData, ResponseEnd,
+                     FailureEvent, TimerFired, ClientGone))
+
+
 # -- what the machine is given ------------------------------------------------------------------
 
 class ClientSide(Protocol):
@@ -456,8 +460,11 @@ class Exchange:
             self.request_complete = False
 
     def handle(self, event: Any) -> None:
-        """Dispatch an event object (tables, generic adapters)."""
+        """Dispatch an event object (tables, generic adapters); after DONE
+        every event is ignored."""
         t = type(event)
+        if self.done and t is not RequestHead and t in _EVENTS:
+            return
         if t is RequestHead:
             self.start()
         elif t is BodyData:
@@ -901,8 +908,10 @@ class Exchange:
         the response and its connection are dropped) or relay it (False)."""
         status = resp.status
         st = self.st
-        self._report(att, "5xx" if status >= 500 else "ok", status,
-                     resp.header(b"retry-after") if status == 503 else None, None)
+        # The retry state hears of it before it decides (the pool only once
+        # the attempt is over: now if it is retried, else at the response's end).
+        self.record(att, status < 500, "5xx" if status >= 500 else "ok", status,
+                    resp.header(b"retry-after") if status == 503 else None, pool=False)
         if st.attempts >= st.policy.max_attempts:
             return False
         backend = self.pick()
@@ -949,26 +958,24 @@ class Exchange:
 
     # -- the outcome, recorded once ----------------------------------------------------------
 
-    def _report(self, att: Attempt, outcome: str, status: int | None, retry_after: Any, now: float | None) -> None:
-        """Tell the breakers and limits how the attempt ended (once per attempt)."""
+    def record(self, att: Attempt, ok: bool, outcome: str, status: int | None = None,
+               retry_after: Any = None, pool: bool = True) -> None:
+        """How the attempt went, told once to each that counts it: the retry
+        state (breakers, limits, Retry-After holds; once per attempt) and,
+        with ``pool``, the pool (balancer, passive health, drain) as the
+        attempt ends. ``outcome`` as in L{lbtwist.pool.OUTCOMES}."""
+        now = self.clock.seconds()
+        if pool:
+            if self.attempt is att:
+                self.attempt = None
+            if self._queue_armed:
+                self._cancel_timer(QUEUE_TIMER)
+            self.ended = now
+            self.pool.on_finish(att.backend, now - att.started, ok, outcome, now)  # type: ignore[union-attr]
         st = self.st
         if st is not None and not self._reported:
             self._reported = True
             st.on_attempt_finish(att.backend, outcome, status, retry_after, now)
-
-    def record(self, att: Attempt, ok: bool, outcome: str, status: int | None = None,
-               retry_after: Any = None) -> None:
-        """The attempt is over: the pool (balancer, passive health, drain) and
-        the retry state learn how it went. ``outcome`` as in
-        L{lbtwist.pool.OUTCOMES}."""
-        if self.attempt is att:
-            self.attempt = None
-        if self._queue_armed:
-            self._cancel_timer(QUEUE_TIMER)
-        now = self.ended = self.clock.seconds()
-        self.pool.on_finish(att.backend, now - att.started, ok, outcome, now)  # type: ignore[union-attr]
-        if self.st is not None and not self._reported:
-            self._report(att, outcome, status, retry_after, now)
 
     # -- timers -------------------------------------------------------------------------------
 
