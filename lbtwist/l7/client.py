@@ -86,6 +86,8 @@ class HttpProxyProtocol(Protocol):
         self.lingering = False
         self.half_closed = False
         self.requests = 0
+        #: Counted by the listener (L{HttpProxyFactory.track}); uncounted once.
+        self.tracked = False
         self.client_ip = b""
         self.client_ip_str = ""
         #: ``host:port`` of the client, as the access log shows it.

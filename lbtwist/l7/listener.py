@@ -191,14 +191,14 @@ class HttpProxyFactory(ServerFactory):
             return page
         self.active += 1
         self.total += 1
-        proto._tracked = True
+        proto.tracked = True
         if self.service is not None:
             self.service.track(proto)
         return None
 
     def untrack(self, proto: HttpProxyProtocol) -> None:
-        if getattr(proto, "_tracked", False):
-            proto._tracked = False
+        if proto.tracked:
+            proto.tracked = False
             self.active -= 1
             self.clients.release(proto.client_ip_str)
             if self.service is not None:

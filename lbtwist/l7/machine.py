@@ -43,7 +43,8 @@ While it runs, ``ex.request_id``, ``ex.plan`` (the route's L{RoutePlan}:
 Actions out, on the client side (the L{ClientSide} an adapter implements:
 the HTTP/1.1 connection in L{lbtwist.l7.client}, an HTTP/2 stream adapter):
 
-    send_interim(resp)        a 1xx (status, reason, headers); 100 Continue too
+    send_interim(resp) -> bool a 1xx (status, reason, headers); 100 Continue too;
+                              False when this client cannot take it (HTTP/1.0)
     send_head(resp, extra, content_length)
                               the response head: ``resp.status``,
                               ``resp.reason``, ``resp.headers`` (end-to-end
@@ -77,7 +78,7 @@ recorded in one place, L{Exchange.record}: the pool (balancer, passive
 health), the breakers and limits, and the access log at the end.
 
 Facts defined once: idempotent methods (L{lbtwist.resilience.retry}), the
-hop-by-hop fields (L{lbtwist.l7.headers.HOP_BY_HOP}), the failure codes and
+hop-by-hop fields (L{lbtwist.l7.parser.HOP_BY_HOP}), the failure codes and
 their statuses (L{lbtwist.l7.errors.FAILURE_STATUS}) and how a failure code
 maps to the retry policy's kinds (L{FAILURE_KIND}).
 """
@@ -226,7 +227,7 @@ class ClientSide(Protocol):
     feeding: bool
 
     def tls_info(self) -> Any: ...
-    def send_interim(self, resp: Any) -> None: ...
+    def send_interim(self, resp: Any) -> bool: ...
     def send_head(self, resp: Any, extra: tuple, content_length: int | None) -> None: ...
     def send_data(self, data: bytes) -> None: ...
     def send_end(self, trailers: tuple) -> None: ...

@@ -278,16 +278,23 @@ class _HeadCollector:
         # kind 13, x-forwarded-proto/host: set by us
 
 
+#: Fields never forwarded in either direction (names lower case): they
+#: describe one connection (RFC 9110 7.6.1); framing is re-declared for the
+#: next hop. The parsers pull them out of the forwarded fields (the kinds
+#: below); L{lbtwist.l7.headers} re-exports this set.
+HOP_BY_HOP = frozenset((
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade",
+))
+#: The hop-by-hop fields the parsers interpret (the rest are only dropped: kind 5).
+_HOP_KIND = {b"transfer-encoding": 3, b"connection": 4, b"proxy-connection": 4, b"upgrade": 6}
+_HOP = {name: _HOP_KIND.get(name, 5) for name in HOP_BY_HOP}
+
+#: Request fields the proxy interprets or sets, by kind (see _HeadCollector).
 _SPECIAL = {
     b"host": 1,
     b"content-length": 2,
-    b"transfer-encoding": 3,
-    b"connection": 4,
-    b"proxy-connection": 4,
-    b"keep-alive": 5,
-    b"te": 5,
-    b"trailer": 5,
-    b"upgrade": 6,
+    **_HOP,
     b"expect": 7,
     b"x-forwarded-for": 8,
     b"forwarded": 9,
@@ -301,13 +308,7 @@ _SPECIAL = {
 #: Response fields the proxy interprets: framing and hop-by-hop ones.
 _SPECIAL_RESPONSE = {
     b"content-length": 2,
-    b"transfer-encoding": 3,
-    b"connection": 4,
-    b"proxy-connection": 4,
-    b"keep-alive": 5,
-    b"te": 5,
-    b"trailer": 5,
-    b"upgrade": 6,
+    **_HOP,
     b"x-request-id": 11,
 }
 
