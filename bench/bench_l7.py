@@ -215,7 +215,7 @@ BUCKETS = [
     ("routing, balancing, accounting", ("Exchange.pick", "Pool.", "balancers/", "routing.py", "traffic.py")),
     ("resilience (retry state, breakers, limits)", ("lbtwist/resilience/",)),
     ("access log / metrics subscribers", ("accesslog.py", "metrics")),
-    ("exchange / attempt / pool glue", ("l7/exchange.py", "l7/forward.py", "l7/connpool.py", "l7/backend.py",
+    ("exchange / attempt / pool glue", ("l7/machine.py", "l7/connpool.py", "l7/backend.py",
                                         "l7/client.py", "l7/timers.py")),
     ("reactor dispatch + epoll", ("LeanEPollReactor.doPoll", "epollreactor.py", "posixbase.py", "log.py",
                                   "context.py", "base.py")),

@@ -251,10 +251,7 @@ class BackendConnections:
             self.reused += 1
             attempt.connection_ready(conn)
             return
-        conn.state = IDLE  # conn.go_idle(now), inlined
-        conn.idle_since = now
-        if conn.read_paused:
-            conn.resume_reading()  # an idle connection must notice the backend closing
+        conn.go_idle(now)
         self.idle.append(conn)
         if self._sweeper is None:
             self._sweeper = self.clock.callLater(self.idle_timeout + 0.001, self._sweep)
@@ -290,7 +287,8 @@ class ConnectionPools:
         self.reactor = reactor
         #: Apply fastio's eager write to backend connections.
         self.eager = True
-        #: Backend -> its connections (the exchange reads it directly, once per request).
+        #: Backend -> its connections (the exchange reads it directly, once per request;
+        #: L{for_backend} when absent).
         self.by_backend: dict[Backend, BackendConnections] = {}
         self._watched: set[int] = set()
         #: pool name -> lbtwist.tls BackendTLS or None (set by the listener wiring).
@@ -306,6 +304,16 @@ class ConnectionPools:
                 self._watched.add(id(pool))
                 pool.subscribe(self._pool_changed)
         return bc
+
+    def for_backend(self, pool: Pool, backend: Backend, pcfg: Any, default: ConnectionPoolConfig) -> BackendConnections:
+        """``backend``'s connections, made on first use from its pool's config
+        ``pcfg`` (a PoolConfig, or None: ``default`` and a 3 s connect timeout)."""
+        bc = self.by_backend.get(backend)
+        if bc is not None:
+            return bc
+        if pcfg is not None:
+            return self.get(pool, backend, pcfg.connection_pool, pcfg.connect_timeout)
+        return self.get(pool, backend, default, 3.0)
 
     def find(self, backend: Backend) -> BackendConnections | None:
         return self.by_backend.get(backend)
