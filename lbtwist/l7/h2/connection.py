@@ -335,5 +335,13 @@ class H2ServerProtocol(Protocol):
         if kind == "idle" and not self.streams and not self.closed:
             self.drain()
 
+    def tls_info(self) -> Any:
+        """Version, cipher, SNI and resumption of this TLS connection (None on plain TCP)."""
+        if not self.tls or self.transport is None:
+            return None
+        from lbtwist.tls.server import tls_info
+
+        return tls_info(self.transport)
+
     def _note(self, what: str) -> None:
         self.ctx.refusals.note(f"listener {self.ctx.name}: h2 {what}", self.client_ip_str)
