@@ -42,6 +42,7 @@ class ConnectionPoolConfig:
     idle_timeout: Duration = _f(Duration(4.0), "close an idle pooled connection after this; keep it below the backend's keep-alive timeout")
     max_age: Duration = _f(Duration(300.0), "retire a connection after this age, so new backends receive traffic")
     max_requests: int = _f(10000, "retire a connection after this many requests")
+    max_streams: int = _f(100, "protocol h2: requests one connection carries at once (also capped by the backend's SETTINGS_MAX_CONCURRENT_STREAMS)")
 
 
 @attrs.frozen(kw_only=True)
@@ -266,6 +267,7 @@ class PoolConfig:
     connect_timeout: Duration = _f(Duration(3.0), "give up a backend connect after this")
     connect_attempts: int = _f(3, "L4: backends tried for one client connection before refusing it")
     connection_pool: ConnectionPoolConfig = _f(factory=ConnectionPoolConfig, doc="L7 backend connection reuse")
+    protocol: Literal["http1", "h2"] = _f("http1", "L7: HTTP/1.1 keep-alive connections, or HTTP/2 (h2c without tls, ALPN h2 with tls) multiplexing many requests per connection; gRPC backends need h2")
     slow_start: Duration = _f(Duration(0.0), "ramp a joining backend's weight over this time")
     drain_timeout: Duration = _f(Duration(30.0), "how long in-flight work on a draining backend may run")
     health: HealthConfig = _f(factory=HealthConfig, doc="active probes, passive outlier detection, panic threshold")

@@ -239,6 +239,15 @@ def listener_http2(ctx: CheckContext) -> Iterator[Problem]:
 
 
 @check
+def pool_h2_streams(ctx: CheckContext) -> Iterator[Problem]:
+    """``connection_pool.max_streams`` of HTTP/2 pools."""
+    for ppath, pool in _pools(ctx.config):
+        n = pool.connection_pool.max_streams
+        if n < 1:
+            yield ctx.error(key_path(key_path(ppath, "connection_pool"), "max_streams"), f"must be at least 1 (got {n})")
+
+
+@check
 def listener_connection_caps(ctx: CheckContext) -> Iterator[Problem]:
     """``backlog`` and ``max_connections_per_client`` within sense."""
     from lbtwist.config.binds import split_description

@@ -294,10 +294,18 @@ class ConnectionPools:
         #: pool name -> lbtwist.tls BackendTLS or None (set by the listener wiring).
         self.tls_lookup: Any = None
 
-    def get(self, pool: Pool, backend: Backend, cfg: ConnectionPoolConfig, connect_timeout: float) -> BackendConnections:
+    def get(self, pool: Pool, backend: Backend, cfg: ConnectionPoolConfig, connect_timeout: float,
+            protocol: str = "http1") -> BackendConnections:
+        """``protocol`` ``h2``: multiplexed HTTP/2 connections (L{lbtwist.l7.h2.upstream})."""
         bc = self.by_backend.get(backend)
         if bc is None:
-            bc = self.by_backend[backend] = BackendConnections(backend, self.reactor, cfg, connect_timeout)
+            if protocol == "h2":
+                from lbtwist.l7.h2.upstream import H2BackendConnections
+
+                bc = H2BackendConnections(backend, self.reactor, cfg, connect_timeout)  # type: ignore[assignment]
+            else:
+                bc = BackendConnections(backend, self.reactor, cfg, connect_timeout)
+            self.by_backend[backend] = bc
             bc.pools = self
             bc.pool_name = pool.name
             if id(pool) not in self._watched:
@@ -312,7 +320,8 @@ class ConnectionPools:
         if bc is not None:
             return bc
         if pcfg is not None:
-            return self.get(pool, backend, pcfg.connection_pool, pcfg.connect_timeout)
+            return self.get(pool, backend, pcfg.connection_pool, pcfg.connect_timeout,
+                            getattr(pcfg, "protocol", "http1"))
         return self.get(pool, backend, default, 3.0)
 
     def find(self, backend: Backend) -> BackendConnections | None:

@@ -63,12 +63,15 @@ class RuntimeTLS:
         for p in pools:
             if p.tls is None:
                 continue
+            tls = p.tls
+            if p.protocol == "h2" and not tls.alpn:
+                tls = attrs.evolve(tls, alpn=["h2"])  # an h2 pool asks for h2 by ALPN
             old = self.backends.get(p.name)
-            if old is not None and self._backend_cfgs.get(p.name) == p.tls:
+            if old is not None and self._backend_cfgs.get(p.name) == tls:
                 out[p.name] = old
                 continue
             try:
-                out[p.name] = BackendTLS(p.tls)
+                out[p.name] = BackendTLS(tls)
             except TLSConfigError as e:
                 raise TLSConfigError(f"pool {p.name}: tls: {e}") from None
         return out

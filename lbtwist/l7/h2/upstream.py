@@ -182,23 +182,24 @@ class UpstreamStream:
         self.sink = _DISCARD
 
     def finish(self, reusable: bool) -> None:
-        """The exchange is done with this stream (its response ended)."""
-        self.user = None
-        self.sink = None
-        self.deadline.cancel()
-        if not self.finished:
-            self.finished = True
-            self.conn.reset_stream(self, ErrorCodes.CANCEL)
-        self.conn.stream_done(self, reusable)
+        """The exchange is done with this stream (its response ended). Whether
+        the connection may be reused does not depend on one stream: a request
+        body still being sent is stopped with RST_STREAM."""
+        self._close_stream()
 
     def abort(self) -> None:
         """The request was abandoned: reset the stream (the connection stays)."""
+        self._close_stream()
+
+    def _close_stream(self) -> None:
         self.user = None
         self.sink = None
         self.deadline.cancel()
-        if not self.finished:
-            self.finished = True
+        self.pending.clear()
+        self.pending_size = 0
+        if not (self.finished and self.request_ended):
             self.conn.reset_stream(self, ErrorCodes.CANCEL)
+        self.finished = True
         self.conn.stream_done(self, True)
 
     cut = abort
@@ -381,6 +382,8 @@ class H2Upstream(Protocol):
         #: Attempts waiting for this connection to come up.
         self.pending: list[Any] = []
         self.limit_slot: Any = None
+        #: Closes the connection once it carried no stream for idle_timeout.
+        self.idle = Deadline(owner.clock, self._idle)
 
     @property
     def capacity(self) -> int:
@@ -484,6 +487,7 @@ class H2Upstream(Protocol):
         self._lost(code, "backend closed the connection" if code == "closed" else "connection reset by backend")
 
     def _lost(self, code: str, detail: str) -> None:
+        self.idle.cancel()
         if self.closed:
             return
         self.closed = True
@@ -495,6 +499,7 @@ class H2Upstream(Protocol):
     # -- streams ------------------------------------------------------------------------
 
     def new_stream(self) -> UpstreamStream:
+        self.idle.clear()
         self.requests += 1
         s = UpstreamStream(self)
         s.requests = self.requests - 1
@@ -526,7 +531,14 @@ class H2Upstream(Protocol):
         if not reusable:
             self.retired = True
         self.owner.stream_done(self)
-        if self.retired and not self.streams:
+        if not self.streams:
+            if self.retired:
+                self.close()
+            elif not self.closed:
+                self.idle.set(self.owner.idle_timeout, "idle")
+
+    def _idle(self, kind: str) -> None:
+        if not self.streams and not self.closed:
             self.close()
 
     def acknowledge(self, n: int, sid: int) -> None:
@@ -553,6 +565,7 @@ class H2Upstream(Protocol):
     def close(self) -> None:
         if self.closed:
             return
+        self.idle.cancel()
         try:
             self.h2.close_connection()
         except ProtocolError:
@@ -671,7 +684,7 @@ class H2BackendConnections:
         if btls is not None:
             from twisted.protocols.tls import TLSMemoryBIOFactory
 
-            factory = TLSMemoryBIOFactory(btls.creator_for(b.host, key=b.address, alpn=(b"h2",)), True, factory,
+            factory = TLSMemoryBIOFactory(btls.creator_for(b.host, key=b.address), True, factory,
                                           clock=self.reactor)
         self.reactor.connectTCP(b.host, b.port, factory, timeout=self.connect_timeout)
 
