@@ -168,3 +168,24 @@ def test_max_age_and_idle_close():
     http1(h, "/3")
     assert h.pending_connects() == 1
     assert split_responses(t.value())[0].body == b"1"
+
+
+def test_a_trailers_only_answer_stays_one_headers_frame():
+    """gRPC's trailers-only response (HEADERS with END_STREAM, grpc-status in
+    it) must reach the client as one HEADERS frame, not headers then an
+    empty DATA: a gRPC client reads the status only from the last HEADERS."""
+    from hyperframe.frame import DataFrame, HeadersFrame
+
+    h = harness(h2_client=True)
+    proto, t = h.client()
+    c = MemH2Client(proto, t)
+    sid = c.request("/t.Echo/NF", method="POST", body=b"\x00\x00\x00\x00\x00",
+                    headers=((b"content-type", b"application/grpc"),))
+    b = H2Backend(h.accept())
+    b.h2.send_headers(1, [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                          (b"grpc-status", b"5"), (b"grpc-message", b"nope")], end_stream=True)
+    b.mem.reply(b.h2.data_to_send())
+    c.recv()
+    frames = [f for f in c.frames if getattr(f, "stream_id", 0) == sid and isinstance(f, (HeadersFrame, DataFrame))]
+    assert len(frames) == 1 and isinstance(frames[0], HeadersFrame) and "END_STREAM" in frames[0].flags
+    assert c.replies[sid].header(b"grpc-status") == b"5"

@@ -133,7 +133,7 @@ class StreamClient:
         if cl is not None and resp.te is None:
             head.append((b"content-length", b"%d" % cl))
         head += [(n.lower(), v) for n, v in fields]
-        self.stream.send_head(head)
+        self.stream.send_head(head, hold=True)
 
     def send_data(self, data: bytes) -> None:
         self.stream.send_data(data)
@@ -160,6 +160,7 @@ class StreamClient:
         return size
 
     def flush(self) -> None:
+        self.stream.flush_head()
         self.stream.conn.flush()
 
     def pause_reading(self, reason: str) -> None:
@@ -194,6 +195,7 @@ class StreamClient:
         if ex is None or ex.done or self.closed:
             return
         self.closed = True
+        self.stream.flush_head()
         if not self.stream.head_sent:
             # Nothing answered yet: the call ends with DEADLINE_EXCEEDED, trailers-only.
             self.stream.send_head(grpc.trailers_only(504, "lbtwist: grpc-timeout passed"), end=True)

@@ -47,6 +47,8 @@ class Stream:
         self.end_pending = False
         self.trailers: list[tuple[bytes, bytes]] | None = None
         self.head_sent = False
+        #: A response head not yet sent (see L{send_head}'s ``hold``).
+        self.held_head: list[tuple[bytes, bytes]] | None = None
         self.response_ended = False
         #: Nothing more is sent on this stream (response ended or stream reset).
         self.finished = False
@@ -127,8 +129,15 @@ class Stream:
 
     # -- response side (from the bridge) ---------------------------------------------
 
-    def send_head(self, headers: list[tuple[bytes, bytes]], end: bool = False, interim: bool = False) -> None:
+    def send_head(self, headers: list[tuple[bytes, bytes]], end: bool = False, interim: bool = False,
+                  hold: bool = False) -> None:
+        """``hold``: keep the head until the first DATA, the end or a flush,
+        so a response without a body leaves as one HEADERS frame with
+        END_STREAM (what gRPC's trailers-only responses must be)."""
         if self.finished:
+            return
+        if hold:
+            self.held_head = headers
             return
         conn = self.conn
         try:
@@ -142,9 +151,16 @@ class Stream:
             self._response_done()
         conn.flush()
 
+    def flush_head(self) -> None:
+        head, self.held_head = self.held_head, None
+        if head is not None:
+            self.send_head(head)
+
     def send_data(self, data: bytes) -> None:
         if self.finished or not data:
             return
+        if self.held_head is not None:
+            self.flush_head()
         self.pending.append(data)
         self.pending_size += len(data)
         self.pump()
@@ -152,6 +168,13 @@ class Stream:
     def send_end(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
         if self.finished:
             return
+        head = self.held_head
+        if head is not None:
+            self.held_head = None
+            if not self.pending and trailers is None:
+                self.send_head(head, end=True)
+                return
+            self.send_head(head)
         self.end_pending = True
         self.trailers = trailers
         self.pump()
