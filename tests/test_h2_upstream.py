@@ -189,3 +189,29 @@ def test_a_trailers_only_answer_stays_one_headers_frame():
     frames = [f for f in c.frames if getattr(f, "stream_id", 0) == sid and isinstance(f, (HeadersFrame, DataFrame))]
     assert len(frames) == 1 and isinstance(frames[0], HeadersFrame) and "END_STREAM" in frames[0].flags
     assert c.replies[sid].header(b"grpc-status") == b"5"
+
+
+def test_a_stream_the_backend_never_processed_is_retried_elsewhere_even_for_post():
+    """GOAWAY below the stream's id (or REFUSED_STREAM) means the backend
+    never acted on it (RFC 9113 8.7): like a refused connect, a POST (a gRPC
+    call) may go to another backend where the route retries connect failures
+    of any method; UNAVAILABLE only when none is left."""
+    from lbtwist.config.model import RetryConfig, RouteConfig
+
+    lcfg = listener_config(pool=None, routes=[RouteConfig(pool="app", retry=RetryConfig(max_attempts=2, connect_failure_any_method=True))])
+    h = MemHarness({"app": ["10.0.0.1:80", "10.0.0.2:80"]}, listener=lcfg)
+    h.runtime.pool_configs["app"] = attrs.evolve(h.runtime.pool_configs["app"], protocol="h2")
+    from lbtwist.l7.listener import HttpProxyFactory
+
+    h.factory = HttpProxyFactory(lcfg, h.runtime)
+    proto, t = h.client()
+    proto.dataReceived(b"POST /call HTTP/1.1\r\nHost: s\r\ncontent-length: 2\r\n\r\nhi")
+    b1 = H2Backend(h.accept())
+    assert b1.requests[1]["body"] == b"hi"
+    b1.h2.close_connection(last_stream_id=0)
+    b1.mem.reply(b1.h2.data_to_send())
+    h.advance(1.0)  # the retry backoff
+    b2 = H2Backend(h.accept())
+    assert b2.requests[1]["body"] == b"hi" and b2.mem.address != b1.mem.address
+    b2.respond(1, b"done")
+    assert split_responses(t.value())[0].body == b"done"

@@ -456,9 +456,12 @@ class H2Upstream(Protocol):
                     s.ended()
             elif t is ev.StreamReset:
                 if s is not None:
-                    code = "closed" if e.error_code == ErrorCodes.REFUSED_STREAM else "reset"
                     self.streams.pop(s.sid, None)
-                    s.failed(code, f"backend reset the stream ({ErrorCodes(e.error_code).name if e.error_code in ErrorCodes._value2member_map_ else e.error_code})")
+                    if e.error_code == ErrorCodes.REFUSED_STREAM:
+                        # Never processed (RFC 9113 8.7): as safe to send elsewhere as a refused connect.
+                        s.failed("connect-refused", "backend refused the stream (REFUSED_STREAM)")
+                    else:
+                        s.failed("reset", f"backend reset the stream (error code {e.error_code})")
             elif t is ev.WindowUpdated or t is ev.RemoteSettingsChanged:
                 self.pump_all()
             elif t is ev.ConnectionTerminated:
@@ -467,7 +470,7 @@ class H2Upstream(Protocol):
                 for sid, st in list(self.streams.items()):
                     if sid > last:  # never processed: safe to send elsewhere
                         del self.streams[sid]
-                        st.failed("closed", "backend sent GOAWAY before this stream")
+                        st.failed("connect-refused", "backend sent GOAWAY before this stream (not processed)")
             if s is not None and s.sink is not None and s.sink not in sinks:
                 sinks.append(s.sink)
         self.flush()
