@@ -450,3 +450,25 @@ def test_every_state_is_named_and_events_reject_strangers():
     assert len(set(m.STATES)) == 9
     with pytest.raises(TypeError):
         Rig().ex.handle(object())
+
+
+def test_a_response_too_large_to_buffer_is_dropped_with_the_rest_of_its_read(monkeypatch):
+    monkeypatch.setattr(m, "MAX_BUFFERED_RESPONSE", 3)
+    rig = Rig(routes=[RouteConfig(pool="app", buffering="response")])
+    rig.run(START, m.ResponseHead(response(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")))
+    assert rig.run(m.ResponseData(b"12345")) == [("a0", "discard-rest"), ("a0", "discard"), ("error", 502),
+                                                 ("done", True)]
+
+
+def test_a_response_too_large_to_buffer_in_one_read_with_its_end_is_a_502(monkeypatch):
+    """Through the real adapters: head, body and end in one backend read."""
+    from tests.support.l7 import MemHarness
+
+    monkeypatch.setattr(m, "MAX_BUFFERED_RESPONSE", 3)
+    h = MemHarness(listener=listener_config(routes=[RouteConfig(pool="app", buffering="response")]))
+    proto, t = h.client()
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    b = h.accept()
+    b.reply(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n12345")
+    assert t.value().startswith(b"HTTP/1.1 502 ") and b"too large to buffer" in t.value()
+    assert b.transport.disconnecting or b.transport.disconnected

@@ -810,6 +810,8 @@ class Exchange:
             if self.resp_buffered > MAX_BUFFERED_RESPONSE:
                 att = self.attempt
                 if att is not None:
+                    if att.conn is not None:
+                        att.conn.discard_rest()  # the rest of this read (the end, too) belongs to no one
                     att.cancel()
                     self.attempt_failed(att, Failed("garbage", "response too large to buffer", sent=True))
                 return
