@@ -16,10 +16,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from h2.errors import ErrorCodes
+from hpack import NeverIndexedHeaderTuple
 
 from lbtwist.l7.errors import error_page, page_body_size
 from lbtwist.l7.h2 import grpc
-from lbtwist.l7.headers import response_fields
+from lbtwist.l7.headers import HOP_BY_HOP, response_fields
 from lbtwist.l7.machine import Exchange
 from lbtwist.l7.parser import Request
 
@@ -122,7 +123,9 @@ class StreamClient:
     def send_interim(self, resp: Any) -> bool:
         if resp.status == 100:
             return False  # no 100-continue handshake to relay on HTTP/2
-        self.stream.send_head([(b":status", b"%d" % resp.status), *resp.headers], interim=True)
+        self.stream.send_head([(b":status", b"%d" % resp.status),
+                               *((n.lower(), v) for n, v in resp.headers if n.lower() not in HOP_BY_HOP)],
+                              interim=True)
         return True
 
     def send_head(self, resp: Any, extra: tuple, content_length: int | None) -> None:
@@ -132,7 +135,14 @@ class StreamClient:
         cl = content_length if content_length is not None else resp.content_length
         if cl is not None and resp.te is None:
             head.append((b"content-length", b"%d" % cl))
-        head += [(n.lower(), v) for n, v in fields]
+        rid = ex.request_id
+        for n, v in fields:
+            n = n.lower()
+            if n in HOP_BY_HOP or n == b"content-length":
+                continue  # a route rewrite may name them; HTTP/2 frames itself
+            # A value unique to this response (the request id) is never indexed:
+            # it would only churn the HPACK table every response has to search.
+            head.append(NeverIndexedHeaderTuple(n, v) if v == rid else (n, v))
         self.stream.send_head(head, hold=True)
 
     def send_data(self, data: bytes) -> None:

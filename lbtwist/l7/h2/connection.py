@@ -109,9 +109,13 @@ class H2ServerProtocol(Protocol):
         except Exception:  # not TCP (tests, TLS wrappers without it)
             pass
         cfg = ctx.http.h2
+        # Inbound blocks are validated (RFC 9113 8.2); outbound ones are built
+        # here from parsed, checked fields, lower-cased, hop-by-hop dropped.
         conn = self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None,
                                                       validate_inbound_headers=True,
-                                                      normalize_inbound_headers=True))
+                                                      normalize_inbound_headers=True,
+                                                      validate_outbound_headers=False,
+                                                      normalize_outbound_headers=False))
         conn.local_settings = Settings(client=False, initial_values=h2settings.local_settings(cfg))
         conn.decoder.max_header_list_size = cfg.max_header_list_size
         conn.initiate_connection()
