@@ -47,7 +47,7 @@ def grpc_server():
 
 
 class LB:
-    def __init__(self, backends: list[str], route: str = "") -> None:
+    def __init__(self, backends: list[str], route: str = "", pool: str = "") -> None:
         bl = ", ".join(f"{{address: '{b}'}}" for b in backends)
         text = f"""
         listeners:
@@ -63,6 +63,7 @@ class LB:
             algorithm: round_robin
             drain_timeout: 1s
             backends: [{bl}]
+            {pool}
         """
         self.svc = LbtwistService(load_config(textwrap.dedent(text), Registry.default()).config, reactor,
                                   Registry.default(), install_signals=False)
@@ -143,3 +144,28 @@ async def test_lbtwist_own_failures_are_grpc_statuses(grpc_server):
         assert got[1][0] == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate limit" in got[1][1]
     finally:
         await lb.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_grpc_to_a_tls_backend_negotiates_h2_by_alpn(tmp_path):
+    from lbtwist.tls.testing import TestCA
+
+    ca = TestCA()
+    issued = ca.issue("127.0.0.1", "localhost")
+    ca_file = ca.write_ca(tmp_path / "ca.pem")
+    handlers = grpc.method_handlers_generic_handler("t.Echo", {
+        "U": grpc.unary_unary_rpc_method_handler(lambda r, c: b"tls:" + r)})
+    srv = grpc.server(futures.ThreadPoolExecutor(2))
+    srv.add_generic_rpc_handlers((handlers,))
+    port = srv.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(issued.key_pem, issued.cert_pem)]))
+    srv.start()
+    lb = LB([f"127.0.0.1:{port}"], pool=f"tls: {{ca: '{ca_file}'}}")
+    try:
+        def call(p: int) -> bytes:
+            with grpc.insecure_channel(f"127.0.0.1:{p}", options=OPTIONS) as ch:
+                return ch.unary_unary("/t.Echo/U")(b"x", timeout=10)
+
+        assert await threads.deferToThread(call, lb.port).addTimeout(TIMEOUT, reactor) == b"tls:x"
+    finally:
+        await lb.stop()
+        srv.stop(0)
