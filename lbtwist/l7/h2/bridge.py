@@ -188,6 +188,8 @@ class StreamClient:
     def exchange_done(self, ex: Exchange, clean: bool) -> None:
         self._cancel_deadline()
         stream = self.stream
+        stream.flush_head()
+        stream.conn.flush()  # the machine's last event ends here, without a flush of its own
         if not stream.finished and not stream.end_pending:
             # Over without a complete response (cancelled, aborted).
             self.closed = True
@@ -213,6 +215,7 @@ class StreamClient:
             self.stream.send_end([(b"grpc-status", b"%d" % grpc.DEADLINE_EXCEEDED),
                                   (b"grpc-message", grpc.encode_message("lbtwist: grpc-timeout passed"))])
         ex.client_lost()
+        self.stream.conn.flush()
 
     def _cancel_deadline(self) -> None:
         d, self._deadline = self._deadline, None

@@ -34,6 +34,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from lbtwist import fastio
 from lbtwist.l7.errors import ParseError, error_page
 from lbtwist.l7.h2 import settings as h2settings
 from lbtwist.l7.h2.bridge import StreamClient
@@ -104,6 +105,8 @@ class H2ServerProtocol(Protocol):
             self.closed = True
             t.loseConnection()  # an h2 client cannot read the HTTP/1.1 refusal page
             return
+        if ctx.eager:
+            fastio.accelerate(t)  # write responses at once, not on the next writable event
         try:
             t.setTcpNoDelay(True)
         except Exception:  # not TCP (tests, TLS wrappers without it)
@@ -270,6 +273,7 @@ class H2ServerProtocol(Protocol):
     def transport_unblocked(self) -> None:
         self.transport_blocked = False
         self.pump_all()
+        self.flush()
 
     # -- output and closing ---------------------------------------------------------------
 

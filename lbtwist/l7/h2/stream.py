@@ -149,7 +149,7 @@ class Stream:
             self.head_sent = True
         if end:
             self._response_done()
-        conn.flush()
+        # Written by the connection's flush at the end of the event (one send for head, data and end).
 
     def flush_head(self) -> None:
         head, self.held_head = self.held_head, None
@@ -204,7 +204,6 @@ class Stream:
                 h2.send_data(sid, piece, end_stream=last)
                 if last:
                     self._response_done()
-                    conn.flush()
                     return
             if not pending and self.end_pending:
                 if self.trailers is not None:
@@ -212,13 +211,11 @@ class Stream:
                 else:
                     h2.end_stream(sid)
                 self._response_done()
-                conn.flush()
                 return
         except ProtocolError:
             self.lost()
             conn.flush()
             return
-        conn.flush()
         if self.pending_size > HIGH or (pending and conn.transport_blocked):
             if not self.blocked:
                 self.blocked = True
