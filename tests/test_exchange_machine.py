@@ -142,6 +142,9 @@ class Conns:
     order, queues when there are none."""
 
     limits = None
+    #: The machine asks take_idle() only when there are idle ones; these
+    #: hand theirs out through acquire().
+    idle = ()
 
     def __init__(self, log: Log, ready: list[Conn]) -> None:
         self.log = log

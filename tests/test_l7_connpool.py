@@ -266,12 +266,6 @@ class _SlowCloseConn:
         self.read_paused = False
         self.closed_at = None
 
-    def go_idle(self, now):
-        from lbtwist.l7.connpool import IDLE
-
-        self.state = IDLE
-        self.idle_since = now
-
     def close(self):
         self.closed_at = self.clock.seconds()
         self.clock.clock.rightNow += self.cost  # time passes while closing

@@ -207,13 +207,6 @@ class BackendConnection(Protocol):
             code, detail = "connect-failed", f"connect failed: {reason.getErrorMessage()}"
         self.owner.connect_failed(self, code, detail)
 
-    def go_idle(self, now: float) -> None:
-        """Back in the pool; the pool's sweep closes it after idle_timeout."""
-        self.state = IDLE
-        self.idle_since = now
-        if self.read_paused:
-            self.resume_reading()  # an idle connection must notice the backend closing
-
     # -- used by the request ---------------------------------------------------------
 
     def start(self, user: Any, sink: Any, head_request: bool, body_timeout: float) -> None:

@@ -72,19 +72,11 @@ class BackendConnections:
         (idle reuse) or later, or ``attempt.connect_failed(code, detail)``.
         ``fresh`` skips idle connections (the keep-alive race re-send).
         Returns False when the attempt was queued behind the cap."""
-        if not fresh:
-            idle = self.idle
-            if idle:
-                now = attempt.started
-                while idle:
-                    conn = idle.pop()
-                    if (conn.state == IDLE and now - conn.created < self.max_age
-                            and now - conn.idle_since < self.idle_timeout):
-                        conn.state = BUSY
-                        self.reused += 1
-                        attempt.connection_ready(conn)
-                        return True
-                    conn.close()
+        if not fresh and self.idle:
+            conn = self.take_idle(attempt.started)
+            if conn is not None:
+                attempt.connection_ready(conn)
+                return True
         limits = self.limits
         if self.open >= self.max_open:
             return self._queue(attempt)
@@ -96,6 +88,21 @@ class BackendConnections:
             return True
         self._connect(attempt)
         return True
+
+    def take_idle(self, now: float) -> BackendConnection | None:
+        """The newest idle connection still fit to reuse (marked busy), or
+        None; stale ones met on the way are closed. The exchange asks this
+        first, so the common request gets its connection without a callback."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if (conn.state == IDLE and now - conn.created < self.max_age
+                    and now - conn.idle_since < self.idle_timeout):
+                conn.state = BUSY
+                self.reused += 1
+                return conn
+            conn.close()
+        return None
 
     def _queue(self, attempt: Any) -> bool:
         """Wait for a connection, within the pool's max_pending: over it the
@@ -251,7 +258,10 @@ class BackendConnections:
             self.reused += 1
             attempt.connection_ready(conn)
             return
-        conn.go_idle(now)
+        conn.state = IDLE
+        conn.idle_since = now
+        if conn.read_paused:
+            conn.resume_reading()  # an idle connection must notice the backend closing
         self.idle.append(conn)
         if self._sweeper is None:
             self._sweeper = self.clock.callLater(self.idle_timeout + 0.001, self._sweep)

@@ -653,6 +653,11 @@ class Exchange:
         if st is not None:
             st.on_attempt_start(backend, now)
         pool.on_start(backend, now)  # type: ignore[union-attr]
+        if conns.idle:  # the common case: a pooled connection, without the callback
+            conn = conns.take_idle(now)
+            if conn is not None:
+                self.connection_ready(att, conn)
+                return att
         if not conns.acquire(att) and self.attempt is att:
             # Queued behind the backend's connection cap: bound the wait.
             self._start_timer(QUEUE_TIMER, timeout)
