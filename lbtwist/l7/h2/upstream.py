@@ -640,7 +640,18 @@ class H2BackendConnections:
 
     @property
     def idle(self) -> list:
-        return [c for c in self.conns if c.ready and not c.streams]
+        """Connections that can take another stream now (the exchange asks
+        L{take_idle} when there are some)."""
+        return [c for c in self.conns if c.ready and not c.retired and not c.closed and len(c.streams) < c.capacity]
+
+    def take_idle(self, now: float) -> UpstreamStream | None:
+        """A new stream on a connection with room, or None (then L{acquire})."""
+        for c in reversed(self.conns):
+            if c.ready and c.usable(now) and len(c.streams) < c.capacity:
+                if c.requests:
+                    self.reused += 1
+                return c.new_stream()
+        return None
 
     def __repr__(self) -> str:
         return f"<H2BackendConnections {self.backend.address} conns={len(self.conns)} waiting={len(self.waiting)}>"
