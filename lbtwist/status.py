@@ -32,7 +32,10 @@ import sys
 import time
 from typing import Any, Callable
 
-import attrs
+from dataclasses import dataclass, field
+
+# dataclasses, not attrs (the project's habit): keepalived runs this every
+# second on each node and importing attrs was half of a cached run's CPU.
 
 #: Deadline of the whole check, seconds (admin answer and listener connects).
 DEFAULT_TIMEOUT = 1.0
@@ -44,7 +47,7 @@ OK, NOT_SERVING, UNUSABLE = 0, 1, 2
 MAX_ANSWER = 8 << 20
 
 
-@attrs.frozen
+@dataclass(frozen=True)
 class Target:
     """Where to connect: ``family`` AF_INET/AF_INET6 with ``(host, port)``,
     or AF_UNIX with a path."""
@@ -86,7 +89,7 @@ def connect_target(what: str, bind: str) -> Target | str:
     return Target(what, bind, family, (host, int(key.where)))
 
 
-@attrs.define
+@dataclass
 class Probe:
     """One connection the check made and how it ended."""
 
@@ -96,7 +99,7 @@ class Probe:
     connected_after: float | None = None
     answered_after: float | None = None
     error: str | None = None
-    buf: bytearray = attrs.Factory(bytearray)
+    buf: bytearray = field(default_factory=bytearray)
     sent: int = 0
     done: bool = False
     answer_status: int = 0
@@ -106,7 +109,7 @@ class Probe:
         return self.error is None and self.done
 
 
-@attrs.define
+@dataclass
 class Report:
     """What one check found; L{problems} names everything that failed."""
 
@@ -114,7 +117,7 @@ class Report:
     admin: Probe | None
     listeners: list[Probe]
     skipped: list[str]
-    pools: list[dict[str, Any]] = attrs.Factory(list)
+    pools: list[dict[str, Any]] = field(default_factory=list)
     admin_problem: str | None = None
     config_problem: str | None = None
 
@@ -329,8 +332,36 @@ def read_config(path: str) -> tuple[Any, str | None]:
     return result.config, None
 
 
-def check(config: Any, timeout: float = DEFAULT_TIMEOUT, clock: Callable[[], float] = time.monotonic) -> Report:
-    """Run the three checks against the instance ``config`` describes."""
+@dataclass(frozen=True)
+class CheckPlan:
+    """What to probe, read from the config: the admin target (or why there
+    is none), its token, the listeners to connect and the ones skipped."""
+
+    admin: Target | None
+    token: str | None
+    listeners: tuple[Target, ...]
+    skipped: tuple[str, ...]
+    problem: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        def t(x: Target) -> list[Any]:
+            return [x.what, x.bind, x.family, list(x.address) if isinstance(x.address, tuple) else x.address]
+
+        return {"admin": t(self.admin) if self.admin else None, "listeners": [t(x) for x in self.listeners],
+                "skipped": list(self.skipped), "problem": self.problem}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CheckPlan":
+        def t(x: list[Any]) -> Target:
+            what, bind, family, addr = x
+            return Target(what, bind, int(family), tuple(addr) if isinstance(addr, list) else addr)
+
+        return cls(t(d["admin"]) if d["admin"] else None, None, tuple(t(x) for x in d["listeners"]),
+                   tuple(d["skipped"]), d.get("problem"))
+
+
+def plan_for(config: Any) -> CheckPlan:
+    """The probes ``config`` calls for (the admin's token read here)."""
     admin = connect_target("admin", config.admin.bind)
     token = None
     if config.admin.token or config.admin.token_file:
@@ -339,8 +370,8 @@ def check(config: Any, timeout: float = DEFAULT_TIMEOUT, clock: Callable[[], flo
         try:
             token = read_token(config.admin)
         except ValueError as e:
-            return Report(timeout, None, [], [], config_problem=str(e))
-    listeners: list[Probe] = []
+            return CheckPlan(None, None, (), (), problem=str(e))
+    listeners: list[Target] = []
     skipped: list[str] = []
     for lc in config.listeners:
         if lc.mode == "udp":
@@ -350,12 +381,26 @@ def check(config: Any, timeout: float = DEFAULT_TIMEOUT, clock: Callable[[], flo
         if isinstance(t, str):
             skipped.append(f"listener {lc.name}: {t}")
         else:
-            listeners.append(Probe(t))
+            listeners.append(t)
     if isinstance(admin, str):
-        return Report(timeout, None, listeners, skipped, config_problem=f"admin: {admin}")
-    ap = Probe(admin, request=_admin_request(admin, token))
+        return CheckPlan(None, token, tuple(listeners), tuple(skipped), problem=f"admin: {admin}")
+    return CheckPlan(admin, token, tuple(listeners), tuple(skipped))
+
+
+def check(config: Any, timeout: float = DEFAULT_TIMEOUT, clock: Callable[[], float] = time.monotonic) -> Report:
+    """Run the three checks against the instance ``config`` describes."""
+    return check_plan(plan_for(config), timeout, clock)
+
+
+def check_plan(plan: CheckPlan, timeout: float = DEFAULT_TIMEOUT,
+               clock: Callable[[], float] = time.monotonic) -> Report:
+    listeners = [Probe(t) for t in plan.listeners]
+    if plan.problem is not None or plan.admin is None:
+        return Report(timeout, None, listeners, list(plan.skipped), config_problem=plan.problem or "admin: no target")
+    admin = plan.admin
+    ap = Probe(admin, request=_admin_request(admin, plan.token))
     probe_all([ap, *listeners], timeout, clock)
-    report = Report(timeout, ap, listeners, skipped)
+    report = Report(timeout, ap, listeners, list(plan.skipped))
     if not ap.ok:
         report.admin_problem = f"admin API {admin.show()}: {ap.error}"
         return report
@@ -369,6 +414,50 @@ def check(config: Any, timeout: float = DEFAULT_TIMEOUT, clock: Callable[[], flo
     except (ValueError, KeyError, TypeError) as e:
         report.admin_problem = f"admin API {admin.show()}: answer is not the pools JSON ({e.__class__.__name__}: {e})"
     return report
+
+
+# -- the plan cache ------------------------------------------------------------
+# Loading the config (YAML, the typed model) is two thirds of a run's CPU;
+# keepalived runs the check every second on each node. With --cache FILE the
+# plan is kept there, keyed by the config file's identity (path, inode, size,
+# mtime): any edit of the file, or a new file renamed over it, reads it again.
+
+CACHE_FORMAT = 1
+
+
+def _identity(config_path: str) -> list[Any]:
+    st = os.stat(config_path)
+    return [CACHE_FORMAT, os.path.realpath(config_path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def load_cached(cache: str, config_path: str) -> CheckPlan | None:
+    """The cached plan when it was made from this very file, else None."""
+    try:
+        with open(cache, encoding="utf-8") as f:
+            d = json.load(f)
+        if d.get("key") != _identity(config_path):
+            return None
+        return CheckPlan.from_json(d["plan"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_cached(cache: str, config_path: str, plan: CheckPlan) -> None:
+    """Keep ``plan`` for the next runs (not when the admin has a token: a
+    secret is not copied into a cache file; best effort otherwise)."""
+    if plan.token is not None or plan.problem is not None:
+        return
+    tmp = f"{cache}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"key": _identity(config_path), "plan": plan.as_json()}, f)
+        os.replace(tmp, cache)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 def summary(report: Report) -> str:
@@ -392,16 +481,21 @@ def summary(report: Report) -> str:
     return "\n".join(out)
 
 
-def run(config_path: str, *, check_only: bool, timeout: float = DEFAULT_TIMEOUT) -> int:
+def run(config_path: str, *, check_only: bool, timeout: float = DEFAULT_TIMEOUT, cache: str | None = None) -> int:
     """Entry point of ``lbtwist status``; returns the exit status."""
     if not timeout > 0:
         print(f"lbtwist status: --timeout {timeout:g} must be above 0 seconds", file=sys.stderr)
         return UNUSABLE
-    config, problem = read_config(config_path)
-    if problem is not None:
-        print(f"lbtwist status: {problem}", file=sys.stderr)
-        return UNUSABLE
-    report = check(config, timeout)
+    plan = load_cached(cache, config_path) if cache else None
+    if plan is None:
+        config, problem = read_config(config_path)
+        if problem is not None:
+            print(f"lbtwist status: {problem}", file=sys.stderr)
+            return UNUSABLE
+        plan = plan_for(config)
+        if cache:
+            save_cached(cache, config_path, plan)
+    report = check_plan(plan, timeout)
     if report.config_problem:
         print(f"lbtwist status: {report.config_problem}", file=sys.stderr)
         return UNUSABLE
