@@ -70,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     from twisted.internet import defer, task
 
     if args.scenario == FAILOVER:
+        if args.compare or args.target != "lbtwist":
+            print(f"lbtwist drill {FAILOVER}: --compare and --target do not apply (it drills an lbtwist pair)",
+                  file=sys.stderr)
+            return EXIT_ERROR
         return _react(lambda reactor: _failover(reactor, args))
     try:
         plans = plans_for(args)
@@ -135,10 +139,6 @@ async def drill(reactor: Any, args: argparse.Namespace, plans: list[Plan] | None
 async def _failover(reactor: Any, args: argparse.Namespace) -> int:
     from lbtwist.drill.failover import drill as failover_drill
 
-    if args.compare or args.target != "lbtwist":
-        print(f"lbtwist drill {FAILOVER}: --compare and --target do not apply (it drills an lbtwist pair)",
-              file=sys.stderr)
-        return EXIT_ERROR
     return await failover_drill(reactor, args)
 
 

@@ -246,7 +246,8 @@ def grade_case(case: Case, reqs: list[Req], vip_polls: list[tuple[float, list[st
          "passed": not before and not late and len(explained) == len(failed),
          "measured": f"{len(failed)} failed ({len(in_flight)} in flight at the fault, {len(sent_in_gap)} sent in the gap); "
                      f"{len(before)} before the fault, {len(late)} after the VIP served again"
-                     + (f" (first late: {late[0].outcome} at +{late[0].sched - f:.2f} s)" if late else ""),
+                     + (f" (first late: {late[0].outcome} at +{late[0].sched - f:.2f} s; the client sent it "
+                        f"{(late[0].sent - late[0].sched) * 1000:.0f} ms late)" if late else ""),
          "threshold": "0 before, 0 after"},
         {"name": "no flap when the old node returns",
          "passed": recovered is not None and case.backup_at is not None and not flaps and not via_old and bool(polls),
@@ -536,6 +537,8 @@ track script <code>lbtwist status --check --timeout {STATUS_TIMEOUT:g}</code> ev
 rise {CHECK_RISE}), backends in namespace be, an open-loop client in namespace cli sending to the VIP, one try per
 request on a fresh connection with a 1 s timeout. Faults: kill = SIGKILL of the active instance's whole process tree,
 then a restart; freeze = SIGSTOP of it, then SIGCONT.</p>
+<p>Box: 1/5/15-minute load average {_loadavg()} on {os.cpu_count()} cores at the end of the run (other work
+shares the CPUs; a starved box delays the track script and the client alike).</p>
 {('<p class=note>drill error: ' + html.escape(error) + '</p>') if error else ''}
 {''.join(rows)}
 """
@@ -598,6 +601,14 @@ def _charts(out: Path, drill: FailoverDrill, reqs: list[Req]) -> list[Path]:
     return paths
 
 
+def _loadavg() -> list[float] | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(x) for x in f.read().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
 # -- entry point ------------------------------------------------------------------
 
 async def drill(reactor: Any, args: Any) -> int:
@@ -650,9 +661,14 @@ async def drill(reactor: Any, args: Any) -> int:
         "scenario": NAME, "title": TITLE, "short": args.short, "rate": rate,
         "phases": {"warmup": phases[0], "hold": phases[1], "settle": phases[2]},
         "lab": {"namespaces": [d.lab.ns(r) for r in ROLES], "addresses": d.lab.addresses, "vip": d.vip},
+        "loadavg": _loadavg(), "cores": os.cpu_count(),
         "error": error, "passed": error is None and bool(cases) and all(c["passed"] for c in cases),
         "cases": cases,
     }, indent=1, default=str))
+    with open(out / "requests.tsv", "w") as fh:  # every request, for a closer look
+        fh.write("scheduled\tsent\tdone\toutcome\tvia\n")
+        for r in d.reqs:
+            fh.write(f"{r.sched:.4f}\t{r.sent:.4f}\t{r.done:.4f}\t{r.outcome}\t{r.via or '-'}\n")
     write_report(out, cases, d.reqs, d, error)
     for c in cases:
         print(f"{c['fault']:>7}: {'PASS' if c['passed'] else 'FAIL'}  failover {c['failover_seconds']} s, "
