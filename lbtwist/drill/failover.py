@@ -73,7 +73,7 @@ VIP_HOST = 100
 #: returned node is BACKUP. ``--duration`` scales them, down to the minimum.
 SHORT, FULL = (2.0, 5.0, 3.0), (5.0, 10.0, 10.0)
 MIN_CASE = (1.0, FAILOVER_LIMIT + 1.0, 2.0)
-RATE_SHORT, RATE_FULL = 100.0, 200.0
+RATE_SHORT, RATE_FULL = 50.0, 100.0
 #: Bounded waits (seconds) for things that normally take one or two.
 START_TIMEOUT, STATE_TIMEOUT, BACK_TIMEOUT = 60.0, 60.0, 30.0
 
@@ -444,7 +444,7 @@ class FailoverDrill:
             await self._case(case)
             active = other
         self.client.transport.writeToChild(0, b"stop\n")
-        await self.until(lambda: self.client_done, 15, "the client finishing")
+        await self.until(lambda: self.client_done, 30, "the client finishing")
         return [grade_case(c, self.reqs, self.vip_polls, self.lab.addresses) for c in self.cases]
 
     async def _case(self, case: Case) -> None:
