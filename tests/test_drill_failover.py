@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -241,3 +242,35 @@ def test_drill_runs_and_grades(tmp_path):
     assert (out / "report.html").exists() and (out / "case-kill.png").exists() and (out / "case-freeze.png").exists()
     assert not [n for n in netns.existing() if any(n == x for x in res["lab"]["namespaces"])]
     assert r.returncode == (0 if res["passed"] else 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_drill_leaves_nothing(tmp_path, sig):
+    """Ctrl-C (or SIGTERM) in the middle of a case: the processes and the
+    namespaces are gone."""
+    if netns.missing_requirements():
+        pytest.skip("needs root, ip netns and keepalived")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO)
+    p = subprocess.Popen([str(BIN / "python"), "-m", "lbtwist.cli", "drill", failover.NAME, "--short",
+                          "--out", str(tmp_path / "r")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    tag = None
+    try:
+        for line in p.stdout:  # bounded by the drill's own start-up deadlines
+            m = re.search(r"namespaces (lbtw-\d+-[0-9a-f]+)-", line)
+            if m:
+                tag = m.group(1)
+            if ">> kill" in line:
+                break
+        assert tag, "the drill never built its lab"
+        p.send_signal(sig)
+        p.wait(120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(30)
+    assert not [n for n in netns.existing() if n.startswith(tag + "-")]
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path / "r") not in ps

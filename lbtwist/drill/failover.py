@@ -665,7 +665,10 @@ async def drill(reactor: Any, args: Any) -> int:
             cases = [grade_case(c, d.reqs, d.vip_polls, d.lab.addresses) for c in d.cases if c.end]
     finally:
         problems = d.cleanup()
-        reactor.removeSystemEventTrigger(trigger)
+        try:
+            reactor.removeSystemEventTrigger(trigger)
+        except ValueError:  # already fired: the reactor is stopping (Ctrl-C, SIGTERM)
+            pass
     if problems:
         error = (error + "; " if error else "") + "teardown: " + "; ".join(problems)
     (out / "result.json").write_text(json.dumps({
