@@ -154,10 +154,6 @@ class Lab:
         self.created.append(name)
         self.run(["ip", "-n", name, "link", "set", "lo", "up"])
 
-    def sysctl(self, role: str, key: str, value: str) -> None:
-        """Set a per-namespace sysctl inside ``role``'s namespace (never the host's)."""
-        self.run(["ip", "netns", "exec", self.ns(role), "sysctl", "-q", "-w", f"{key}={value}"])
-
     def exec_argv(self, role: str, argv: Sequence[str]) -> list[str]:
         """``argv`` run inside ``role``'s namespace."""
         return ["ip", "netns", "exec", self.ns(role), *argv]
