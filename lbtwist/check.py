@@ -307,7 +307,7 @@ def _failover(cfg: Any) -> Iterator[Finding]:
             "single-instance", (key,),
             "one balancer in the critical path: when it dies, every backend is unreachable however healthy",
             "run at least two instances with health-checked failover (keepalived VIP, anycast or DNS) and "
-            "declare it: deployment: {instances: 2, failover: \"keepalived VIP\"}",
+            "declare it: deployment: {instances: 2, failover: \"keepalived VIP\"} (docs/ha.md: a tested keepalived pair)",
         )
 
 

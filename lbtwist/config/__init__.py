@@ -13,11 +13,21 @@ from typing import Any
 
 import attrs
 
-from lbtwist.config.binds import parse_udp_bind
 from lbtwist.config.loader import load, parse_duration, parse_size
 from lbtwist.config.model import Config
 from lbtwist.config.problems import ConfigError, Positions, Problem, sort_problems
-from lbtwist.config.validate import validate
+
+# binds and validate import Twisted's endpoint machinery (most of a second on a
+# loaded box): loaded on first use, so ``lbtwist status --check``, run by
+# keepalived every second, only pays for the YAML loader.
+
+
+def __getattr__(name: str) -> Any:
+    if name == "parse_udp_bind":
+        from lbtwist.config.binds import parse_udp_bind
+
+        return parse_udp_bind
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "Config",
@@ -76,6 +86,8 @@ def load_config(
                 registry = Registry.default()
             except Exception as e:  # PluginError, or a broken plugin module
                 problems.append(Problem("error", "", f"cannot load plugins: {type(e).__name__}: {e}", source))
+        from lbtwist.config.validate import validate
+
         # a value the loader rejected was replaced by a stand-in: do not judge it twice
         problems += validate(result.config, result.positions, registry, source=source, rejected=result.bad)
     if result.config is None or any(p.severity == "error" for p in problems):

@@ -10,9 +10,6 @@ from __future__ import annotations
 import ipaddress
 from typing import NamedTuple
 
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.testing import MemoryReactor
-
 from lbtwist.registry import suggest
 
 UDP_SYNTAX = "udp:PORT[:interface=ADDR]"
@@ -81,6 +78,11 @@ def parse_udp_bind(bind: str) -> tuple[int, str]:
 def check_stream_bind(bind: str) -> None:
     """Parse a TCP/TLS/UNIX server endpoint description as twistd will, on a
     MemoryReactor so nothing is bound. Raises ValueError with a readable message."""
+    # imported here: Twisted's endpoints take most of a second to import, and
+    # split_description (lbtwist status --check, every second) needs none of it
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
     try:
         serverFromString(MemoryReactor(), bind)
     except Exception as e:  # Twisted raises ValueError, TypeError, KeyError, OSError (ssl files)...

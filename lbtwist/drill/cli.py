@@ -19,11 +19,15 @@ from typing import Any
 
 from lbtwist.drill.scenarios import SCENARIOS, Plan, plan_for
 
+#: The HA pair drill (lbtwist.drill.failover): its own lab, not a Plan.
+FAILOVER = "balancer-failover"
+
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("scenario", choices=[*SCENARIOS, "all"], help="which drill ('all' runs every one)")
+    p.add_argument("scenario", choices=[*SCENARIOS, "all", FAILOVER],
+                   help=f"which drill ('all' runs every one but {FAILOVER}, which needs root and keepalived)")
     p.add_argument("--compare", type=_compare, default=[],
                    help="also run the scenario against naive, haproxy or both (naive,haproxy), side by side in the report")
     p.add_argument("--target", choices=("lbtwist", "naive", "haproxy"), default="lbtwist",
@@ -65,6 +69,12 @@ def run(args: argparse.Namespace) -> int:
     """Entry point for ``lbtwist drill`` (argparse namespace from L{add_arguments})."""
     from twisted.internet import defer, task
 
+    if args.scenario == FAILOVER:
+        if args.compare or args.target != "lbtwist":
+            print(f"lbtwist drill {FAILOVER}: --compare and --target do not apply (it drills an lbtwist pair)",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        return _react(lambda reactor: _failover(reactor, args))
     try:
         plans = plans_for(args)
     except ValueError as e:
@@ -124,6 +134,28 @@ async def drill(reactor: Any, args: argparse.Namespace, plans: list[Plan] | None
         code = EXIT_ERROR if main.error else (EXIT_PASS if main.passed else EXIT_FAIL)
         worst = max(worst, code)
     return worst
+
+
+async def _failover(reactor: Any, args: argparse.Namespace) -> int:
+    from lbtwist.drill.failover import drill as failover_drill
+
+    return await failover_drill(reactor, args)
+
+
+def _react(fn: Any) -> int:
+    from twisted.internet import defer, task
+
+    rc: list[int] = []
+
+    async def main(reactor: Any) -> None:
+        rc.append(await fn(reactor))
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return rc[0] if rc else EXIT_ERROR
+    return rc[0] if rc else EXIT_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:

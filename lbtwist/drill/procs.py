@@ -240,6 +240,56 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (children of any of its threads, and
+    theirs), from /proc; empty when it has none or is gone."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            for k in kids:
+                if k not in out:
+                    out.append(k)
+                    todo.append(k)
+    return out
+
+
+def signal_tree(pid: int, sig: int) -> list[int]:
+    """Send ``sig`` to ``pid`` and all its descendants (a balancer's master
+    and its workers); returns the pids signalled. SIGKILL first stops the
+    whole tree, so no member can fork or respawn a worker between the scan
+    and the kill; SIGSTOP rescans until nothing new appears."""
+    def send(p: int, s: int) -> bool:
+        try:
+            os.kill(p, s)
+            return True
+        except ProcessLookupError:
+            return False
+
+    if sig == signal.SIGCONT:
+        done = [p for p in [pid, *descendants(pid)] if send(p, sig)]
+        return done
+    stopped: list[int] = []
+    for _ in range(10):  # a stopped process cannot fork: a few rounds settle it
+        new = [p for p in [pid, *descendants(pid)] if p not in stopped]
+        if not new:
+            break
+        stopped += [p for p in new if send(p, signal.SIGSTOP)]
+    if sig == signal.SIGSTOP:
+        return stopped
+    return [p for p in stopped if send(p, sig)]
+
+
 def wait_port(reactor: Any, port: int, timeout: float, host: str = "127.0.0.1") -> defer.Deferred:
     """Fires once ``host:port`` accepts a TCP connection; fails after ``timeout``."""
     from twisted.internet.endpoints import TCP4ClientEndpoint
