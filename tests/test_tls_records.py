@@ -49,6 +49,7 @@ def test_pyopenssl_and_twisted_internals_still_as_assumed():
     w = _flat(p._write)
     assert "if self._lostTLSConnection: return" in w
     assert "except WantReadError: self._bufferedWrite(bytes[alreadySent:]) break except Error: self._tlsShutdownFinished(Failure()) break" in w
+    assert "if self.disconnecting and self._producer is None: return self._write(bytes)" in _flat(p.write)
     assert "self._flushReceiveBIO()" in _flat(p.connectionLost)  # after bio_shutdown: may run mid-handshake
     for name in ("_handshakeDone", "_lostTLSConnection", "_aborted"):
         assert hasattr(p, name), name

@@ -87,7 +87,10 @@ class TLSServerProtocol(TLSMemoryBIOProtocol):
             self._held = None
             self._held_len = 0
             if not self._lbtwist_closed:
-                super().write(held[0] if len(held) == 1 else b"".join(held))
+                data = held[0] if len(held) == 1 else b"".join(held)
+                if self._producer is None and self.disconnecting:
+                    return  # what TLSMemoryBIOProtocol.write does after loseConnection
+                self._write(data)
 
     def writeSequence(self, iovec: Any) -> None:
         self._send_held()  # keep the order
@@ -105,8 +108,19 @@ class TLSServerProtocol(TLSMemoryBIOProtocol):
         if not self._handshakeDone or self._appSendBuffer or not self.lbtwist_records:
             super().dataReceived(data)
             return
-        records.feed_ciphertext(self._tlsConnection, data)
-        self._flushReceiveBIO()
+        conn = self._tlsConnection
+        records.feed_ciphertext(conn, data)
+        if self._lostTLSConnection:
+            self._flushSendBIO()
+            return
+        # _flushReceiveBIO below, inlined for the common case (no error).
+        data, err = records.read_plaintext(conn)
+        if err is None:
+            if data and not self._aborted:
+                self.wrappedProtocol.dataReceived(data)  # = ProtocolWrapper.dataReceived
+            self._flushSendBIO()
+            return
+        self._received(data, err)
 
     def _flushReceiveBIO(self) -> None:
         if not self._handshakeDone or not self.lbtwist_records:
@@ -114,16 +128,21 @@ class TLSServerProtocol(TLSMemoryBIOProtocol):
             return
         if not self._lostTLSConnection:
             data, err = records.read_plaintext(self._tlsConnection)
-            if data and not self._aborted:
-                # All the records of this read at once (Twisted: one call per record).
-                ProtocolWrapper.dataReceived(self, data)
-            if err is not None and not self._lostTLSConnection:
-                if isinstance(err, SSL.ZeroReturnError):
-                    # close_notify: TLS is shut down; the reason comes from the transport.
-                    self._shutdownTLS()
-                    self._tlsShutdownFinished(None)
-                else:
-                    self._tlsShutdownFinished(Failure(err))
+            self._received(data, err)
+            return
+        self._flushSendBIO()
+
+    def _received(self, data: bytes, err: SSL.Error | None) -> None:
+        if data and not self._aborted:
+            # All the records of this read at once (Twisted: one call per record).
+            ProtocolWrapper.dataReceived(self, data)
+        if err is not None and not self._lostTLSConnection:
+            if isinstance(err, SSL.ZeroReturnError):
+                # close_notify: TLS is shut down; the reason comes from the transport.
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            else:
+                self._tlsShutdownFinished(Failure(err))
         self._flushSendBIO()
 
     def _flushSendBIO(self) -> None:
