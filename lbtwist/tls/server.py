@@ -55,9 +55,18 @@ class TLSServerProtocol(TLSMemoryBIOProtocol):
     sends at the end of the lean reactor's poll pass, inline reads), and the
     TLS layer writes through at once instead of Twisted's
     L{BufferingTLSTransport}, whose per-write ``callLater(0)`` costs a delayed
-    call and a loop pass per response. Coalescing still happens: the L7
-    proxy joins each flush into one write, and the batched TCP transport
-    sends a pass's records in one ``send()``."""
+    call and a loop pass per response. Coalescing still happens: plaintext
+    written during a poll pass is held and encrypted as one write at its end,
+    and the batched TCP transport sends a pass's records in one ``send()``.
+
+    Once the handshake is done, records move through L{lbtwist.tls.records}
+    (Twisted's ``dataReceived``/``_flushReceiveBIO``/``_flushSendBIO``/``_write``
+    are overridden): a read decrypts every record the TCP read brought and
+    hands the wrapped protocol one ``dataReceived``, a write encrypts the
+    whole buffer and hands the TCP transport one ``write``, with no
+    ``WantReadError`` raised for "nothing more". Errors, close_notify, early
+    writes (buffered until the handshake ends) and aborts end as in Twisted
+    (tests/test_tls_records.py runs both)."""
 
     #: Accelerate the TCP transport underneath (benchmarks compare without).
     lbtwist_eager = True
