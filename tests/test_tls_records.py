@@ -28,7 +28,7 @@ def _flat(fn) -> str:
 
 
 def test_pyopenssl_and_twisted_internals_still_as_assumed():
-    assert records.supported() and records.FAST, f"records was checked against pyOpenSSL {records.CHECKED_PYOPENSSL_MAJOR}, not {OpenSSL.__version__}"
+    assert records.supported() and records.FAST and TLSServerProtocol.lbtwist_records, f"records was checked against pyOpenSSL {records.CHECKED_PYOPENSSL_MAJOR}, not {OpenSSL.__version__}"
     # pyOpenSSL: memory BIOs, partial-write mode (SSL_write takes one record per call), the error mapper.
     init = _flat(SSL.Connection.__init__)
     assert "self._into_ssl = _lib.BIO_new(_lib.BIO_s_mem())" in init and "self._from_ssl = _lib.BIO_new(_lib.BIO_s_mem())" in init

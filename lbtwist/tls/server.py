@@ -110,8 +110,9 @@ class TLSServerProtocol(TLSMemoryBIOProtocol):
     # move one record per call and end each read with two WantReadError exceptions;
     # these drain the BIOs in one call each, with the same outcomes.
 
-    #: Use the record I/O below (benchmarks and tests compare with Twisted's own).
-    lbtwist_records = records.FAST
+    #: Use the record I/O below: only on a pyOpenSSL and a Twisted whose internals
+    #: were checked (else Twisted's own throughout; tests compare both).
+    lbtwist_records = records.FAST and fastio.twisted_supported()
 
     def dataReceived(self, data: bytes) -> None:
         if not self._handshakeDone or self._appSendBuffer or not self.lbtwist_records:
