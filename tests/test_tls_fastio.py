@@ -156,3 +156,88 @@ def test_abort_drops_what_is_held(pki):
     finally:
         fastio._batch.flush()
     assert not fastio._batch.held and not fastio._batch.active
+
+
+class Streamer(Protocol):
+    """On the first read registers itself as a streaming producer and writes
+    CHUNK-sized pieces until paused or TOTAL is written; resumes when told."""
+
+    CHUNK = 64 * 1024
+    TOTAL = 16 * 1024 * 1024
+
+    def __init__(self):
+        self.sent = 0
+        self.paused = False
+        self.pauses = self.resumes = 0
+
+    def dataReceived(self, data):
+        self.transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def pauseProducing(self):
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self):
+        if self.sent:
+            self.resumes += 1
+        self.paused = False
+        while not self.paused and self.sent < self.TOTAL:
+            self.transport.write(_pattern(self.sent, self.CHUNK))
+            self.sent += self.CHUNK
+        if self.sent >= self.TOTAL:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+
+    def stopProducing(self):
+        pass
+
+
+def _pattern(offset, size):
+    return bytes((offset + i) % 251 for i in range(0, size, 4096)) * 4096
+
+
+def test_a_slow_reader_pauses_the_producer_and_gets_every_byte_in_order(pki):
+    import threading as _t
+
+    rig = _Rig(LEAN)
+    cert, key, cafile = pki
+    state = ServerTLS(ListenerTLSConfig(certificates=[CertificateConfig(cert=cert, key=key)]), task.Clock())
+    app = Streamer()
+    factory = wrap_server_factory(Factory.forProtocol(lambda: app), state, rig.reactor)
+    t, peer = rig.connect(factory.buildProtocol(("127.0.0.1", 0)), accelerated=False)
+    go, got = _t.Event(), {}
+
+    def client():
+        try:
+            ctx = ssl.create_default_context(cafile=cafile)
+            with ctx.wrap_socket(peer, server_hostname="a.test") as s:
+                s.sendall(b"go")
+                go.wait(30)  # read nothing until the server saw backpressure
+                buf = bytearray()
+                while True:
+                    chunk = s.recv(1 << 20)
+                    if not chunk:
+                        break
+                    buf += chunk
+                got["data"] = bytes(buf)
+        except Exception as e:  # reported by the assertions below
+            got["error"] = e
+
+    th = threading.Thread(target=client, daemon=True)
+    th.start()
+    try:
+        for _ in range(2000):  # bounded: at most 2000 polls of 20 ms
+            if not th.is_alive():
+                break
+            if app.paused and not go.is_set():
+                go.set()
+            rig.reactor.doPoll(0.02)
+        go.set()
+        th.join(10)
+        assert "error" not in got, got
+        assert app.pauses >= 1 and app.resumes >= 1  # it was held back, then let go
+        expected = b"".join(_pattern(o, Streamer.CHUNK) for o in range(0, Streamer.TOTAL, Streamer.CHUNK))
+        assert got["data"] == expected
+    finally:
+        rig.close()
