@@ -223,7 +223,7 @@ BUCKETS = [
 ]
 
 
-def summarize_profile(path: Path) -> None:
+def summarize_profile(path: Path, buckets_by_name: list = BUCKETS) -> None:
     """Attribute each sample's self time to the innermost frame that names a bucket."""
     buckets: collections.Counter = collections.Counter()
     funcs: collections.Counter = collections.Counter()
@@ -237,7 +237,7 @@ def summarize_profile(path: Path) -> None:
         frames = stack.split(";")
         funcs[frames[-1].split(" (")[0]] += n
         for frame in reversed(frames):
-            hit = next((name for name, keys in BUCKETS if any(k in frame for k in keys)), None)
+            hit = next((name for name, keys in buckets_by_name if any(k in frame for k in keys)), None)
             if hit:
                 buckets[hit] += n
                 break

@@ -24,7 +24,8 @@ lbtwist`` (an http listener with ``tls:``, the lean reactor) and HAProxy
 nginx origin; ``wrk -t1 -c50`` over TLS keep-alive connections fetches a
 2-byte answer (``small``) and a 16 KiB one with 1 KiB of request headers
 (``16k``), and the same 16 KiB run over a plain listener of each proxy
-(``plain-16k``) for reference.
+(``plain-16k``) for reference. ``--profile N`` instead records N seconds of
+py-spy on lbtwist per case, under the same load, and prints where the time goes.
 """
 from __future__ import annotations
 
@@ -209,6 +210,44 @@ http {{
 """
 
 
+_PAD = "x" * 1024
+#: keep-alive cases: name -> (scheme, path, extra wrk arguments)
+_CASES = {
+    "small": ("https", "/", []),
+    "16k": ("https", "/16k", ["-H", f"X-Pad: {_PAD}"]),
+    "plain-16k": ("http", "/16k", ["-H", f"X-Pad: {_PAD}"]),
+}
+
+#: Profile buckets for the TLS data path, first match wins, ahead of bench_l7's.
+TLS_BUCKETS = [
+    ("TLS record I/O (lbtwist.tls.records, OpenSSL calls)", ("tls/records.py", "OpenSSL/SSL.py")),
+    ("TLS protocol (lbtwist.tls.server, Twisted's TLS)", ("tls/server.py", "protocols/tls.py", "tls/peek.py")),
+    ("handshakes (new connections)", ("tls/context.py", "tls/clienthello.py", "tls/sni.py")),
+]
+
+
+def profile_keepalive(pid: int, url: str, extra: list[str], args: argparse.Namespace) -> None:
+    """py-spy the lbtwist process for ``--profile`` seconds while wrk loads ``url``."""
+    from bench_l7 import BUCKETS, summarize_profile
+
+    spy = Path(PY).with_name("py-spy")
+    if not spy.exists():
+        print("(--profile: py-spy not found; .venv/bin/pip install py-spy)")
+        return
+    raw = Path(tempfile.mkdtemp(prefix="bench_tls_prof_")) / "prof.txt"
+    rec = subprocess.Popen([str(spy), "record", "-p", str(pid), "-d", str(args.profile), "-r", "250",
+                            "-f", "raw", "-o", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    subprocess.run(["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{args.connections}", f"-d{args.profile}s",
+                    *extra, url], capture_output=True, timeout=args.profile + 60)
+    rec.wait(args.profile + 60)
+    if not raw.exists():
+        print("(--profile: py-spy produced nothing; it may need ptrace permission)")
+        return
+    summarize_profile(raw, TLS_BUCKETS + BUCKETS)
+    shutil.rmtree(raw.parent, ignore_errors=True)
+
+
 def keepalive(args: argparse.Namespace, cert: str, key: str, combined: str, work: str) -> None:
     tmp = Path(work)
     origin = free_port()
@@ -269,14 +308,22 @@ backend origin
                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for port in (lb_tls, lb_plain, hp_tls, hp_plain):
         wait_port(port, "proxy")
+    if args.profile:
+        try:
+            for case, (scheme, path, extra) in _CASES.items():
+                port = lb_tls if scheme == "https" else lb_plain
+                print(f"\nprofiling lbtwist, {case}, for {args.profile}s under the same load...", flush=True)
+                profile_keepalive(lb.pid, f"{scheme}://127.0.0.1:{port}{path}", extra, args)
+        finally:
+            for p in reversed(procs):
+                p.terminate()
+            for p in procs:
+                p.wait(10)
+        return
     targets = {"lbtwist": (lb, lb_tls, lb_plain), "haproxy": (hp, hp_tls, hp_plain)}
-    pad = "x" * 1024
-    cases = {
-        "small": ("https", "/", []),
-        "16k": ("https", "/16k", ["-H", f"X-Pad: {pad}"]),
-        "plain-16k": ("http", "/16k", ["-H", f"X-Pad: {pad}"]),
-    }
+    cases = _CASES
     results: dict[tuple[str, str], list[float]] = {}
+    per_cpu: dict[tuple[str, str], list[float]] = {}
     try:
         for r in range(args.rounds):
             for case, (scheme, path, extra) in cases.items():
@@ -297,6 +344,7 @@ backend origin
                     bad = re.search(r"Socket errors:.*|Non-2xx.*", out)
                     cpu = max(cpu_seconds(p.pid) - cpu0, 1e-3)
                     results.setdefault((name, case), []).append(float(m.group(1)))
+                    per_cpu.setdefault((name, case), []).append(int(n.group(1)) / cpu)
                     print(f"round {r + 1}: {name:8s} {case:10s} {float(m.group(1)):9.0f} req/s"
                           f" {int(n.group(1)) / cpu:9.0f} req per proxy CPU-second"
                           + (f"  ({bad.group(0).strip()})" if bad else ""), flush=True)
@@ -311,10 +359,15 @@ backend origin
                 p.kill()
     print(f"\nmedians of {args.rounds} rounds, wrk -t1 -c{args.connections} x {args.duration}s "
           f"(proxies on CPU {SERVER_CPU}, wrk and nginx on CPU {LOAD_CPU})")
-    print(f"{'':12s}{'lbtwist':>10s}{'haproxy':>10s}{'lbtwist/haproxy':>17s}")
-    for case in cases:
-        lbm, hpm = statistics.median(results[("lbtwist", case)]), statistics.median(results[("haproxy", case)])
-        print(f"{case:12s}{lbm:10.0f}{hpm:10.0f}{lbm / hpm:17.2f}")
+    for title, table in (("requests per second (wall clock)", results),
+                         ("requests per proxy CPU-second (steadier on a loaded box)", per_cpu)):
+        print(f"{title}:")
+        print(f"{'':12s}{'lbtwist':>10s}{'haproxy':>10s}{'lbtwist/haproxy':>17s}   lbtwist min-max, haproxy min-max")
+        for case in cases:
+            lb_v, hp_v = table[("lbtwist", case)], table[("haproxy", case)]
+            lbm, hpm = statistics.median(lb_v), statistics.median(hp_v)
+            print(f"{case:12s}{lbm:10.0f}{hpm:10.0f}{lbm / hpm:17.2f}   "
+                  f"{min(lb_v):.0f}-{max(lb_v):.0f}, {min(hp_v):.0f}-{max(hp_v):.0f}")
 
 
 def main() -> None:
@@ -326,6 +379,8 @@ def main() -> None:
     ap.add_argument("--key", default="p256", choices=["p256", "rsa2048"], help="certificate key type")
     ap.add_argument("--mode", default="handshakes", choices=["handshakes", "keepalive"])
     ap.add_argument("--connections", type=int, default=50, help="keepalive: wrk connections")
+    ap.add_argument("--profile", type=int, default=0, metavar="SECONDS",
+                    help="keepalive: py-spy lbtwist for SECONDS per case under wrk load instead of comparing")
     ap.add_argument("--serve", nargs=3, metavar=("PORT", "CERT", "KEY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:

@@ -18,10 +18,12 @@ from typing import Any
 import attrs
 from OpenSSL import SSL
 from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IProtocolFactory, IReactorTime
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from lbtwist import fastio
+from lbtwist.tls import records
 from lbtwist.tls.clienthello import ClientHello, NotTLS
 from lbtwist.tls.context import ServerTLS
 from lbtwist.tls.peek import ClientHelloPeekFactory
@@ -53,9 +55,18 @@ class TLSServerProtocol(TLSMemoryBIOProtocol):
     sends at the end of the lean reactor's poll pass, inline reads), and the
     TLS layer writes through at once instead of Twisted's
     L{BufferingTLSTransport}, whose per-write ``callLater(0)`` costs a delayed
-    call and a loop pass per response. Coalescing still happens: the L7
-    proxy joins each flush into one write, and the batched TCP transport
-    sends a pass's records in one ``send()``."""
+    call and a loop pass per response. Coalescing still happens: plaintext
+    written during a poll pass is held and encrypted as one write at its end,
+    and the batched TCP transport sends a pass's records in one ``send()``.
+
+    Once the handshake is done, records move through L{lbtwist.tls.records}
+    (Twisted's ``dataReceived``/``_flushReceiveBIO``/``_flushSendBIO``/``_write``
+    are overridden): a read decrypts every record the TCP read brought and
+    hands the wrapped protocol one ``dataReceived``, a write encrypts the
+    whole buffer and hands the TCP transport one ``write``, with no
+    ``WantReadError`` raised for "nothing more". Errors, close_notify, early
+    writes (buffered until the handshake ends) and aborts end as in Twisted
+    (tests/test_tls_records.py runs both)."""
 
     #: Accelerate the TCP transport underneath (benchmarks compare without).
     lbtwist_eager = True
@@ -85,11 +96,87 @@ class TLSServerProtocol(TLSMemoryBIOProtocol):
             self._held = None
             self._held_len = 0
             if not self._lbtwist_closed:
-                super().write(held[0] if len(held) == 1 else b"".join(held))
+                data = held[0] if len(held) == 1 else b"".join(held)
+                if self._producer is None and self.disconnecting:
+                    return  # what TLSMemoryBIOProtocol.write does after loseConnection
+                self._write(data)
 
     def writeSequence(self, iovec: Any) -> None:
         self._send_held()  # keep the order
         super().writeSequence(iovec)
+
+    # -- record I/O (lbtwist.tls.records), once the handshake is done ------------------
+    # Twisted's versions of these three methods (pinned in tests/test_tls_records.py)
+    # move one record per call and end each read with two WantReadError exceptions;
+    # these drain the BIOs in one call each, with the same outcomes.
+
+    #: Use the record I/O below: only on a pyOpenSSL and a Twisted whose internals
+    #: were checked (else Twisted's own throughout; tests compare both).
+    lbtwist_records = records.FAST and fastio.twisted_supported()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._handshakeDone or self._appSendBuffer or not self.lbtwist_records:
+            super().dataReceived(data)
+            return
+        conn = self._tlsConnection
+        records.feed_ciphertext(conn, data)
+        if self._lostTLSConnection:
+            self._flushSendBIO()
+            return
+        # _flushReceiveBIO below, inlined for the common case (no error).
+        data, err = records.read_plaintext(conn)
+        if err is None:
+            if data and not self._aborted:
+                self.wrappedProtocol.dataReceived(data)  # = ProtocolWrapper.dataReceived
+            self._flushSendBIO()
+            return
+        self._received(data, err)
+
+    def _flushReceiveBIO(self) -> None:
+        if not self._handshakeDone or not self.lbtwist_records:
+            super()._flushReceiveBIO()
+            return
+        if not self._lostTLSConnection:
+            data, err = records.read_plaintext(self._tlsConnection)
+            self._received(data, err)
+            return
+        self._flushSendBIO()
+
+    def _received(self, data: bytes, err: SSL.Error | None) -> None:
+        if data and not self._aborted:
+            # All the records of this read at once (Twisted: one call per record).
+            ProtocolWrapper.dataReceived(self, data)
+        if err is not None and not self._lostTLSConnection:
+            if isinstance(err, SSL.ZeroReturnError):
+                # close_notify: TLS is shut down; the reason comes from the transport.
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            else:
+                self._tlsShutdownFinished(Failure(err))
+        self._flushSendBIO()
+
+    def _flushSendBIO(self) -> None:
+        if not self.lbtwist_records:
+            super()._flushSendBIO()
+            return
+        out = records.take_ciphertext(self._tlsConnection)
+        if out:
+            self.transport.write(out)  # everything encrypted so far: one write
+
+    def _write(self, data: bytes) -> None:
+        if not self.lbtwist_records or type(data) is not bytes:
+            super()._write(data)
+            return
+        if self._lostTLSConnection:
+            return
+        done, err = records.write_plaintext(self._tlsConnection, data)
+        if err is None:
+            self._flushSendBIO()  # all records of this write in one transport write
+        elif isinstance(err, SSL.WantReadError):
+            self._flushSendBIO()
+            self._bufferedWrite(data[done:])  # written again once a read unblocks it, as Twisted does
+        else:
+            self._tlsShutdownFinished(Failure(err))
 
     def loseConnection(self) -> None:
         self._send_held()
