@@ -151,15 +151,19 @@ class LbtwistService(MultiService):
         config_path: str | None = None,
         install_signals: bool = False,
         loader: Callable[[str, Registry], Any] | None = None,
+        role: str = "single",
     ) -> None:
         super().__init__()
+        if role not in ("single", "master", "worker"):
+            raise ValueError(f"role must be single, master or worker, not {role!r}")
         self.setName("lbtwist")
         self.reactor = reactor
         self.config_path = config_path
         self.install_signals = install_signals
         self._loader = loader
         self._old_handlers: dict[int, Any] = {}
-        self.runtime = Runtime(reactor=reactor, registry=registry, config=config)
+        self.runtime = Runtime(reactor=reactor, registry=registry, config=config, role=role)
+        self.runtime.sync_backends = self.sync_discovered
         self.listeners: MultiService = MultiService()
         self.listeners.setName("listeners")
         self.health: Any = None  # HealthService, set in _build
@@ -210,8 +214,8 @@ class LbtwistService(MultiService):
         old = self.discovery.pop(name, None)
         if old is not None:
             old.stop()
-        if pcfg is None or not pcfg.discovery:
-            return None
+        if pcfg is None or not pcfg.discovery or self.runtime.role == "worker":
+            return None  # a worker gets its backends from the master's fleet view
         from lbtwist.discovery import pool_discovery
 
         disc = pool_discovery(pcfg, self.runtime.pools[name], self.reactor, self.runtime.registry,
@@ -439,12 +443,15 @@ class LbtwistService(MultiService):
             b.slow_start = new.slow_start
         rt.pool_configs[pool.name] = new
         disc = self.discovery.get(pool.name)
-        if disc is not None:
+        if rt.role == "worker":
+            pass  # the backend set (static and discovered) comes with the master's fleet view
+        elif disc is not None:
             disc.set_static(new.backends)
             wanted = disc.wanted()
         else:
             wanted = {b.address: b for b in new.backends}
-        waits += self._sync_backends(pool, wanted, "config")
+        if rt.role != "worker":
+            waits += self._sync_backends(pool, wanted, "config")
         if health is not None:
             self.health.install(health)
         pool.version += 1
