@@ -135,6 +135,7 @@ class Fleet(Service):
         self.fork = forked.needs_fork(self.runtime.config)
         self.tls_servers: dict[str, Any] = {}
         self.runtime.workers = self  # /api/workers, /metrics, admin acks
+        service.fleet = self  # reloads go through the fleet
 
     def _read_config(self) -> tuple[str, str]:
         path = self.service.config_path
