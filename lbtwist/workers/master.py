@@ -443,6 +443,14 @@ class Fleet(Service):
                 fresh = self.open_sockets(new, keep=self.slot_sockets)
             except ValueError as e:
                 return defer.fail(ReloadError(f"{e}; nothing was changed"))
+            from lbtwist.listener import default_backlog
+
+            kept = {id(s) for per in self.slot_sockets.values() for s in per.values()}
+            backlog = {l.bind: l.backlog or default_backlog() for l in new.listeners}
+            for per in fresh.values():
+                for bind, sock in per.items():
+                    if id(sock) not in kept:
+                        sock.listen(backlog[bind])
         try:
             d = defer.maybeDeferred(self.service.apply, new)
         except Exception as e:
