@@ -286,6 +286,14 @@ class Pool:
         """Passive health checks and metrics watch live traffic through this."""
         self._outcome_observers.append(observer)
 
+    def report_outcome(self, backend: Backend, now: float, latency: float, outcome: str) -> None:
+        """Tell the outcome observers (passive health, live view) of work that
+        ended elsewhere: a worker process's traffic, fed to the master's pool
+        by lbtwist.workers.fleetview. Counts and the balancer are untouched
+        (they are this process's own)."""
+        for obs in self._outcome_observers:
+            obs(backend, now, latency, outcome)
+
     def unobserve_outcomes(self, observer: OutcomeObserver) -> None:
         if observer in self._outcome_observers:
             self._outcome_observers.remove(observer)
