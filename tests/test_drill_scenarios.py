@@ -183,3 +183,33 @@ def test_two_liars_criteria_on_synthetic_runs():
     assert not c["passed"] and "1.050x" in c["measured"]
     failing = run_with(lambda s: 0.004, seconds=30, states=lambda s: out, fail_at={22})
     assert not evaluate(p, failing)[0]["passed"]
+
+
+def _worker_kill_run(marks, fail_at=()):
+    p = plan_for("worker-kill", short=True)
+    r = run_with(lambda s: 0.004, seconds=int(p.duration), fail_at=set(fail_at))
+    r.scenario, r.window, r.marks = "worker-kill", p.window, marks
+    return p, r
+
+
+WORKER_MARKS = {"victim_pid": 11, "victim_connections": 30, "replaced_after": 0.31, "replacement_pid": 13,
+                "survivor_served_meanwhile": 42, "workers_at_end": {"12": 900, "13": 350}}
+
+
+def test_worker_kill_grades_replacement_failures_and_both_workers():
+    p, r = _worker_kill_run(dict(WORKER_MARKS))
+    got = {c["name"]: c for c in evaluate(p, r)}
+    assert all(c["passed"] for c in got.values()), got
+    assert got["killed worker replaced within 1s"]["measured"] == "0.31s"
+    slow = dict(WORKER_MARKS, replaced_after=1.6)
+    assert not {c["name"]: c for c in evaluate(p, _worker_kill_run(slow)[1])}["killed worker replaced within 1s"]["passed"]
+    never = {k: v for k, v in WORKER_MARKS.items() if k not in ("replaced_after", "replacement_pid")}
+    out = {c["name"]: c for c in evaluate(p, _worker_kill_run(never)[1])}
+    assert not out["killed worker replaced within 1s"]["passed"] and not out["the replacement takes traffic"]["passed"]
+    idle = dict(WORKER_MARKS, survivor_served_meanwhile=0)
+    assert not {c["name"]: c for c in evaluate(p, _worker_kill_run(idle)[1])}["the other worker serves through"]["passed"]
+    # more failed requests than the killed worker held: lost work beyond its own
+    few = dict(WORKER_MARKS, victim_connections=3)
+    out = {c["name"]: c for c in evaluate(p, _worker_kill_run(few, fail_at={int(p.window[0]) + 1})[1])}
+    assert not out["failed client requests <= connections the killed worker held"]["passed"]
+    assert p.config_overrides == {"workers": 2}
