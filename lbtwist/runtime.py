@@ -43,6 +43,9 @@ class Runtime:
     resilience: Any = None
     #: pool name -> lbtwist.discovery.PoolDiscovery, for pools with ``discovery:``.
     discovery: dict[str, Any] = attrs.Factory(dict)
+    #: role "master": lbtwist.workers.master.Fleet (GET /api/workers, the
+    #: workers' /metrics, admin changes acknowledged by every worker).
+    workers: Any = None
     #: "single" (one process), "master" (decides the fleet view for worker
     #: processes) or "worker" (serves traffic; probes, passive ejection and
     #: discovery are decided by the master: lbtwist.workers.fleetview).

@@ -152,6 +152,7 @@ class LbtwistService(MultiService):
         install_signals: bool = False,
         loader: Callable[[str, Registry], Any] | None = None,
         role: str = "single",
+        sockets: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         if role not in ("single", "master", "worker"):
@@ -171,6 +172,10 @@ class LbtwistService(MultiService):
         self._removing: set[tuple[str, str]] = set()
         #: pool name -> lbtwist.discovery.PoolDiscovery (shared with the runtime: admin, metrics)
         self.discovery: dict[str, Any] = self.runtime.discovery
+        #: role "worker": bind text -> listening socket fd the master passed down
+        self.sockets: dict[str, int] = dict(sockets or {})
+        #: role "master": the lbtwist.workers.master.Fleet (reload goes through it)
+        self.fleet: Any = None
         self._build(config)
 
     def _build(self, config: Config) -> None:
@@ -186,7 +191,7 @@ class LbtwistService(MultiService):
             rt.pool_configs[pcfg.name] = pcfg
             self._set_discovery(pcfg)
         rt.pool_state.setdefault("discovery", self._discovery_state)
-        if config.demo is not None:
+        if config.demo is not None and rt.role != "worker":
             from lbtwist.demo import demo_service
 
             demo_service(config.demo, self.reactor).setServiceParent(self)
@@ -199,9 +204,23 @@ class LbtwistService(MultiService):
         admin = self._admin_service(config)
         if admin is not None:
             admin.setServiceParent(self)
-        for lcfg in config.listeners:
-            build_listener(lcfg, rt).setServiceParent(self.listeners)
+        if rt.role != "master":  # a master's workers listen
+            for lcfg in config.listeners:
+                self._new_listener(lcfg).setServiceParent(self.listeners)
         self.listeners.setServiceParent(self)
+        if rt.role == "master":
+            from lbtwist.workers.master import Fleet
+
+            self.fleet = Fleet(self)
+            self.fleet.setServiceParent(self)
+
+    def _new_listener(self, lcfg: ListenerConfig) -> IService:
+        """build_listener, on the socket the master passed down in a worker."""
+        svc = build_listener(lcfg, self.runtime)
+        fd = self.sockets.get(lcfg.bind)
+        if fd is not None:
+            svc.inherit_socket(fd)
+        return svc
 
     # -- discovery -----------------------------------------------------------
 
@@ -237,7 +256,7 @@ class LbtwistService(MultiService):
         return HealthService(self.runtime)
 
     def _admin_service(self, config: Config) -> IService | None:
-        if config.admin is None:
+        if config.admin is None or self.runtime.role == "worker":
             return None
         from lbtwist.admin import admin_service
 
@@ -299,6 +318,8 @@ class LbtwistService(MultiService):
         with the problems (one per line)."""
         if self.config_path is None:
             return defer.fail(RuntimeError("no config file to reload (built-in config)"))
+        if self.fleet is not None:  # the master: validate, then every worker
+            return self.fleet.reload()
         loader = self._loader
         if loader is None:
             from lbtwist.config import load_config as loader
@@ -508,6 +529,8 @@ class LbtwistService(MultiService):
         old_l = {l.name: l for l in old.listeners}
         new_l = {l.name: l for l in new.listeners}
         plan = _ListenerPlan()
+        if rt.role == "master":  # its workers listen (lbtwist.workers.master.Fleet.reload)
+            return plan
         for svc in list(self.listeners):
             lcfg = new_l.get(svc.name)
             if lcfg is not None and _same_socket(old_l.get(svc.name), lcfg) and hasattr(svc, "prepare_reconfigure"):
@@ -526,7 +549,7 @@ class LbtwistService(MultiService):
             if lcfg.name in kept:
                 continue
             try:
-                svc = build_listener(lcfg, rt)
+                svc = self._new_listener(lcfg)
             except ValueError as e:
                 raise ReloadError(_about(lcfg.name, e)) from None
             donor = donors.get(lcfg.bind)

@@ -74,10 +74,16 @@ def makeService(options: Options) -> Any:
 
     from lbtwist.service import LbtwistService
 
+    from lbtwist.workers.count import worker_count
+
+    config = options["loaded"].config
+    # workers: 1 is one process, exactly as before; more: this process is the master
+    role = "master" if worker_count(config.workers) > 1 else "single"
     return LbtwistService(
-        options["loaded"].config,
+        config,
         reactor,
         options["registry"],
         config_path=options["config_path"],
         install_signals=True,
+        role=role,
     )

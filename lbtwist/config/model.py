@@ -420,3 +420,4 @@ class Config:
     demo: DemoConfig | None = _f(None, "demo backends in-process (for trying lbtwist out)")
     access_log: AccessLogConfig | None = _f(None, "JSON access log; omitted means none")
     deployment: DeploymentConfig | None = _f(None, "balancer instances and failover, for lbtwist check")
+    workers: int | Literal["auto"] = _f("auto", "data-plane processes: 'auto' (one per CPU lbtwist may run on) or a number; 1 is one process with no master")

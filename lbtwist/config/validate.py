@@ -818,3 +818,31 @@ def _dns_problems(ctx: CheckContext, path: str, d: Any) -> Iterator[Problem]:
     for k in ("refresh", "refresh_max", "timeout"):
         if getattr(d, k) <= 0:
             yield ctx.error(key_path(path, k), "must be above 0")
+
+
+# -- workers --------------------------------------------------------------------
+
+
+@check
+def workers(ctx: CheckContext) -> Iterator[Problem]:
+    """``workers`` parses (the runtime's own parser), and with more than one
+    worker every listener binds a socket the master can open for its workers
+    (tcp, tcp6, udp; see lbtwist.workers.sockets)."""
+    from lbtwist.workers.count import worker_count
+    from lbtwist.workers.sockets import shareable
+
+    if ctx.was_rejected("workers"):
+        return
+    try:
+        n = worker_count(ctx.config.workers)
+    except ValueError as e:
+        yield ctx.error("workers", str(e))
+        return
+    if n == 1:
+        return
+    for p, lst in _listeners(ctx.config):
+        if ctx.was_rejected(key_path(p, "bind")):
+            continue
+        why = shareable(lst.bind, lst.mode == "udp")
+        if why is not None:
+            yield ctx.error(key_path(p, "bind"), f"{why} with workers: {ctx.config.workers} (set workers: 1 for this bind)")
