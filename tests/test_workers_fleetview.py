@@ -41,7 +41,9 @@ class Fleet:
     def __init__(self, workers: int = 2, text: str = CONFIG) -> None:
         self.reg = Registry.default(entry_points=False)
         cfg = load_config(text, self.reg).config
-        self.master = self._svc(cfg, "master", 0.0)
+        # the master's deciding side (probes, detector, discovery) is the single
+        # process's; role "master" would also spawn worker processes (lbtwist.workers.master)
+        self.master = self._svc(cfg, "single", 0.0)
         self.workers = [self._svc(worker_config(cfg, workers), "worker", 1000.0 * (i + 1)) for i in range(workers)]
         self.batchers = [OutcomeBatcher(w.runtime) for w in self.workers]
 
