@@ -250,8 +250,9 @@ def test_sighup_bad_file_changes_nothing_good_file_reaches_workers(fleet):
     fleet.write(extra_pool="  - name: spare\n    backends: [{address: \"127.0.0.1:9\"}]")
     status, body = fleet.api("POST", "/api/reload")
     assert status == 200 and json.loads(body)["reloaded"] is True, body
-    applied = sum(1 for l in fleet.proc.lines if "configuration applied" in l)
-    assert applied >= 3, fleet.proc.output()[-3000:]  # the master and both workers
+    # the master and both workers applied it (the workers before the call returned)
+    _wait(lambda: sum(1 for l in fleet.proc.lines if "configuration applied" in l) >= 3, 10,
+          "three 'configuration applied'", fleet.proc)
     assert sorted(w["pid"] for w in fleet.workers()) == pids
     status, body = fleet.api("GET", "/api/pools")
     assert b"spare" in body
