@@ -400,3 +400,34 @@ def test_worker_config_refuses_a_bad_count():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="number of workers must be an integer >= 1"):
             worker_config(cfg, bad)
+
+
+def test_a_new_worker_applies_the_masters_view_before_it_accepts(tmp_path):
+    """The bug (worker-kill drill): a replacement worker started accepting
+    with every backend still 'unknown' (active checks configured: backends
+    wait for a probe) until the master's first snapshot arrived after its
+    Ready, so its first requests got 503 "no backend". The master's view now
+    comes with the worker's config and is applied before the listeners start."""
+    from lbtwist.workers.child import Worker
+
+    reg = Registry.default(entry_points=False)
+    text = CONFIG.replace("listeners: []", 'listeners:\n  - {name: web, bind: "tcp:0:interface=127.0.0.1", mode: http, pool: web}')
+    fleet = Fleet(text=text)
+    master = fleet.master
+    mp = master.runtime.pools["web"]
+    for a in (A, B):
+        mp.set_health(mp.get(a), Health.HEALTHY, "probe passed")
+    payload = {"text": text, "source": "lbtwist.yaml", "workers": 2, "slot": 0, "sockets": {},
+               "snapshot": json.loads(json.dumps(snapshot(master.runtime)))}
+    reactor = MemoryReactorClock()
+    worker = Worker(reactor)
+    worker._reg = reg
+    worker.on_config(json.dumps(payload).encode())
+    try:
+        assert reactor.tcpServers, "the worker listens"
+        wp = worker.service.runtime.pools["web"]
+        assert [b.health for b in wp.backends()] == [Health.HEALTHY, Health.HEALTHY, Health.UNKNOWN]
+        assert wp.select(_ctx(reactor.seconds())) is not None  # a request finds a backend at once
+    finally:
+        worker.service.stopService()
+        fleet.stop()

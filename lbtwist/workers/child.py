@@ -107,6 +107,10 @@ class Worker:
             config, self.reactor, self.registry(), role="worker", install_signals=True, sockets=sockets
         )
         self.service.runtime.traffic.subscribe(self._count)
+        if msg.get("snapshot") is not None:  # the master's view before the first request
+            from lbtwist.workers.fleetview import apply_snapshot
+
+            apply_snapshot(self.service.runtime, msg["snapshot"])
         self.batcher = OutcomeBatcher(self.service.runtime)
         self.service.privilegedStartService()
         self.service.startService()
