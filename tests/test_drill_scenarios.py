@@ -194,7 +194,7 @@ def _worker_kill_run(marks, fail_at=()):
 
 WORKER_MARKS = {"victim_pid": 11, "victim_connections": 30, "spawned_after": 0.12, "replaced_after": 1.31,
                 "replacement_pid": 13,
-                "survivor_served_meanwhile": 42, "workers_at_end": {"12": 900, "13": 350}}
+                "survivor_served_meanwhile": 42, "replacement_served_fresh": 19, "fresh_ok": 40}
 
 
 def test_worker_kill_grades_replacement_failures_and_both_workers():
@@ -206,7 +206,8 @@ def test_worker_kill_grades_replacement_failures_and_both_workers():
     slow = dict(WORKER_MARKS, spawned_after=1.6, replaced_after=5.5)
     out = {c["name"]: c for c in evaluate(p, _worker_kill_run(slow)[1])}
     assert not out["replacement process started within 1s"]["passed"] and not out["replacement serving within 5s"]["passed"]
-    never = {k: v for k, v in WORKER_MARKS.items() if k not in ("spawned_after", "replaced_after", "replacement_pid")}
+    never = {k: v for k, v in WORKER_MARKS.items()
+             if k not in ("spawned_after", "replaced_after", "replacement_pid", "replacement_served_fresh")}
     out = {c["name"]: c for c in evaluate(p, _worker_kill_run(never)[1])}
     assert not out["replacement serving within 5s"]["passed"] and not out["the replacement takes traffic"]["passed"]
     idle = dict(WORKER_MARKS, survivor_served_meanwhile=0)
