@@ -83,9 +83,18 @@ def socket_family(fd: int) -> int:
         s.detach()
 
 
-def adopt_stream(reactor: Any, fd: int, factory: Any) -> IListeningPort:
-    """Accept on an inherited listening socket (Twisted dup()s ``fd``; the
-    caller's copy stays open, so a later listener can adopt it again)."""
+def adopt_stream(reactor: Any, fd: int, factory: Any, backlog: int) -> IListeningPort:
+    """Accept on an inherited bound socket, listening from now on (Twisted
+    dup()s ``fd``; the caller's copy stays open, so a later listener can
+    adopt it again). A socket already listening (a replaced worker's) keeps
+    its queue: listen() again only sets the backlog."""
+    import socket
+
+    s = socket.socket(fileno=fd)
+    try:
+        s.listen(backlog)
+    finally:
+        s.detach()
     port = reactor.adoptStreamPort(fd, socket_family(fd), factory)
     accept_in_batches(port)
     return port
@@ -211,7 +220,8 @@ class ListenerService(Service):
     def listen(self) -> IListeningPort:
         """Bind synchronously; CannotListenError propagates so twistd exits non-zero."""
         if self._inherited is not None:
-            return adopt_stream(self.reactor, self._inherited, self.factory)
+            return adopt_stream(self.reactor, self._inherited, self.factory,
+                                self.backlog if self.backlog is not None else default_backlog())
         ep = endpoints.serverFromString(self.reactor, with_backlog(self.bind, self.backlog))
         d = ep.listen(self.factory)
         result: list[Any] = []

@@ -153,6 +153,7 @@ class LbtwistService(MultiService):
         loader: Callable[[str, Registry], Any] | None = None,
         role: str = "single",
         sockets: Mapping[str, int] | None = None,
+        tls_servers: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if role not in ("single", "master", "worker"):
@@ -176,6 +177,10 @@ class LbtwistService(MultiService):
         self.sockets: dict[str, int] = dict(sockets or {})
         #: role "master": the lbtwist.workers.master.Fleet (reload goes through it)
         self.fleet: Any = None
+        if tls_servers:  # a forked worker: the listeners' TLS the master built (shared ticket keys)
+            from lbtwist.tls.wiring import runtime_tls
+
+            runtime_tls(self.runtime).inherited.update(tls_servers)
         self._build(config)
 
     def _build(self, config: Config) -> None:

@@ -273,3 +273,20 @@ def test_reload_moving_a_listener_replaces_workers_one_at_a_time(fleet):
     _wait(lambda: not any(_alive(p) for p in old_pids), 40, "old workers gone", fleet.proc)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", old_echo), timeout=5).close()
+
+
+def test_wedged_worker_killed_after_silent_heartbeat_and_replaced(fleet):
+    ws = fleet.workers()
+    wedged, other = ws[0]["pid"], ws[1]["pid"]
+    os.kill(wedged, signal.SIGSTOP)  # alive, answers nothing
+    try:
+        t0 = time.monotonic()
+        line = fleet.proc.wait_for("no heartbeat answer", timeout=30)
+        assert f"killing it" in line
+        assert time.monotonic() - t0 >= 4.0  # not before the 5 s of silence (minus output delay)
+        fleet.proc.wait_for("exited: killed by signal 9", timeout=30)
+        ws = fleet.wait_workers(2, exclude=[wedged])
+        assert other in {w["pid"] for w in ws}
+        assert fleet.get()[0] == 200
+    finally:
+        _reap(wedged)

@@ -60,10 +60,12 @@ def rss_bytes() -> int:
 class Worker:
     """The worker's side of the AMP link and its service."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, tls_servers: dict | None = None) -> None:
         from lbtwist.workers.protocol import Parts
 
         self.reactor = reactor
+        #: forked workers: the ServerTLS the master built (shared ticket keys)
+        self.tls_servers = tls_servers or {}
         self.service: Any = None
         self.proto: Any = None
         self.started = time.time()
@@ -75,7 +77,6 @@ class Worker:
         self.parts = Parts({
             "config": self.on_config,
             "snapshot": self.on_snapshot,
-            "tickets": self.on_tickets,
         })
 
     # -- from the master ------------------------------------------------------
@@ -104,7 +105,8 @@ class Worker:
 
         sockets = {bind: int(fd) for bind, fd in msg["sockets"].items()}
         self.service = LbtwistService(
-            config, self.reactor, self.registry(), role="worker", install_signals=True, sockets=sockets
+            config, self.reactor, self.registry(), role="worker", install_signals=True, sockets=sockets,
+            tls_servers=self.tls_servers,
         )
         self.service.runtime.traffic.subscribe(self._count)
         if msg.get("snapshot") is not None:  # the master's view before the first request
@@ -129,12 +131,6 @@ class Worker:
 
         if self.service is not None:
             apply_snapshot(self.service.runtime, json.loads(data))
-
-    def on_tickets(self, data: bytes) -> None:
-        """The ticket key generation every worker issues with now."""
-        msg = json.loads(data)
-        if self.service is not None:
-            self.service.runtime_tls_rotate_to(int(msg["generation"]))
 
     def ping(self) -> dict:
         conns = 0

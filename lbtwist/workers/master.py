@@ -30,7 +30,7 @@ from twisted.internet import defer, error, task
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from lbtwist.workers import fleetview
+from lbtwist.workers import fleetview, forked
 from lbtwist.workers.count import worker_count
 from lbtwist.workers.protocol import (
     CHILD_IN, CHILD_OUT, Bridge, Fetch, Parts, Ping, Put, Ready, put_all,
@@ -130,6 +130,10 @@ class Fleet(Service):
         self._push_loop.clock = self.reactor
         self._ping_loop = task.LoopingCall(self._heartbeat)
         self._ping_loop.clock = self.reactor
+        #: TLS with session tickets: workers are forked from this process so
+        #: they share the ticket keys built here (lbtwist.workers.forked)
+        self.fork = forked.needs_fork(self.runtime.config)
+        self.tls_servers: dict[str, Any] = {}
         self.runtime.workers = self  # /api/workers, /metrics, admin acks
 
     def _read_config(self) -> tuple[str, str]:
@@ -176,6 +180,8 @@ class Fleet(Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         self.slot_sockets = self.open_sockets(self.runtime.config)
+        if self.fork:
+            self.tls_servers = forked.build_tls(self.runtime.config, self.reactor)
 
     def startService(self) -> None:
         super().startService()
@@ -241,6 +247,8 @@ class Fleet(Service):
         link = WorkerLink(wid, slot, proto)
         self.links[wid] = link
         socks = self.slot_sockets[slot]
+        if self.fork:
+            return self._fork(wid, slot, link, socks)
         child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, CHILD_IN: "w", CHILD_OUT: "r"}
         fd_of: dict[str, int] = {}
         for i, (bind, s) in enumerate(sorted(socks.items())):
@@ -259,6 +267,21 @@ class Fleet(Service):
         d = put_all(proto, "config", json.dumps(payload).encode())
         d.addErrback(self._failed, link, "starting")
         log.info("lbtwist: worker {wid} (slot {slot}) started, pid {pid}", wid=wid, slot=slot,
+                 pid=link.process.pid)
+        return wid
+
+    def _fork(self, wid: int, slot: int, link: WorkerLink, socks: dict[str, ListenSocket]) -> int:
+        from twisted.internet.protocol import Factory
+
+        fd_of = {bind: s.fileno() for bind, s in socks.items()}  # fork keeps the numbers
+        link.process = forked.fork_worker(self.reactor, Factory.forProtocol(lambda: link.proto),
+                                          fd_of.values(), reactor_name(self.reactor), self.tls_servers)
+        forked.PidWatcher(self.reactor, link.process, lambda reason: self._ended(link, reason))
+        payload = {"text": self.text, "source": self.source, "workers": self.n,
+                   "slot": slot, "sockets": fd_of}
+        d = put_all(link.proto, "config", json.dumps(payload).encode())
+        d.addErrback(self._failed, link, "starting")
+        log.info("lbtwist: worker {wid} (slot {slot}) forked, pid {pid}", wid=wid, slot=slot,
                  pid=link.process.pid)
         return wid
 
@@ -428,6 +451,13 @@ class Fleet(Service):
             return f
 
         d.addErrback(refused)
+        if self.fork and fresh is not None:  # new workers fork from here: TLS of new listeners first
+            def more_tls(r: Any) -> Any:
+                built = forked.build_tls(new, self.reactor)
+                for name, tls in built.items():
+                    self.tls_servers.setdefault(name, tls)
+                return r
+            d.addCallback(more_tls)
         d.addCallback(lambda _: self._reload_workers(text, fresh))
         return d
 

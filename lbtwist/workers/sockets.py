@@ -1,7 +1,9 @@
 """Listening sockets the master opens for its workers.
 
 Each worker slot gets its own ``SO_REUSEPORT`` socket per listener, bound by
-the master and passed down at spawn (``childFDs``). The kernel spreads new
+the master and passed down at spawn (``childFDs``); the worker puts it in
+listening state when it is ready to accept (L{lbtwist.listener.adopt_stream}),
+so connections never queue for a worker that is still starting. The kernel spreads new
 connections across the sockets of one port by hash (even, unlike one shared
 socket), and because the master keeps its copy open, the connections queued on
 a dead worker's socket wait for the replacement instead of being reset (the
@@ -14,7 +16,6 @@ from typing import Iterable
 import attrs
 
 from lbtwist.config.binds import bind_key, parse_udp_bind, split_description
-from lbtwist.listener import default_backlog
 
 __all__ = ["ListenSocket", "open_socket", "shareable"]
 
@@ -45,12 +46,6 @@ def _address(bind: str, udp: bool) -> tuple[int, str, int]:
     if not interface:
         interface = "::" if family == socket.AF_INET6 else "0.0.0.0"
     return family, interface, int(key.where)
-
-
-def _backlog(bind: str) -> int:
-    kwargs = split_description(bind)[2]
-    b = kwargs.get("backlog")
-    return int(b) if b and b.isdigit() else default_backlog()
 
 
 @attrs.define(eq=False)
@@ -85,8 +80,8 @@ def open_socket(listener: str, bind: str, udp: bool, port: int | None = None) ->
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if interface != "::" else 0)
         s.bind((interface, bport if port is None else port))
-        if not udp:
-            s.listen(_backlog(bind))
+        # not listen()ed here: the worker does when it starts accepting, so no
+        # connection queues on a socket whose first worker is still starting
         s.setblocking(False)
         s.set_inheritable(False)
     except OSError:
