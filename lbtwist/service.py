@@ -213,11 +213,6 @@ class LbtwistService(MultiService):
             for lcfg in config.listeners:
                 self._new_listener(lcfg).setServiceParent(self.listeners)
         self.listeners.setServiceParent(self)
-        if rt.role == "master":
-            from lbtwist.workers.master import Fleet
-
-            self.fleet = Fleet(self)
-            self.fleet.setServiceParent(self)
 
     def _new_listener(self, lcfg: ListenerConfig) -> IService:
         """build_listener, on the socket the master passed down in a worker."""

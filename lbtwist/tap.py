@@ -79,7 +79,7 @@ def makeService(options: Options) -> Any:
     config = options["loaded"].config
     # workers: 1 is one process, exactly as before; more: this process is the master
     role = "master" if worker_count(config.workers) > 1 else "single"
-    return LbtwistService(
+    service = LbtwistService(
         config,
         reactor,
         options["registry"],
@@ -87,3 +87,8 @@ def makeService(options: Options) -> Any:
         install_signals=True,
         role=role,
     )
+    if role == "master":
+        from lbtwist.workers.master import Fleet
+
+        Fleet(service).setServiceParent(service)
+    return service

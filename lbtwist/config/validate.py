@@ -843,6 +843,10 @@ def workers(ctx: CheckContext) -> Iterator[Problem]:
     for p, lst in _listeners(ctx.config):
         if ctx.was_rejected(key_path(p, "bind")):
             continue
+        try:  # a bind that does not parse is the binds check's error
+            parse_udp_bind(lst.bind) if lst.mode == "udp" else check_stream_bind(lst.bind)
+        except ValueError:
+            continue
         why = shareable(lst.bind, lst.mode == "udp")
         if why is not None:
             yield ctx.error(key_path(p, "bind"), f"{why} with workers: {ctx.config.workers} (set workers: 1 for this bind)")

@@ -149,27 +149,29 @@ class LbtwistTarget(_Target):
         self.child = Child(self.reactor, self.kind, argv, cwd=str(self.workdir), echo=self.echo)
         await self._wait_listening(setup.listen_port)
         await wait_port(self.reactor, setup.admin_port, 10.0)
-        n = setup.config_overrides.get("workers")
-        if isinstance(n, int) and n > 1:
-            await self._wait_workers(n)
+        await self._wait_workers()
 
-    async def _wait_workers(self, n: int) -> None:
-        """With worker processes the master holds the port from the start;
-        wait until ``n`` workers serve on it (else the load queues up)."""
-        deadline = self.reactor.seconds() + self.START_TIMEOUT
-        got: list[dict[str, Any]] = []
+    async def _wait_workers(self, timeout: float = 60.0) -> None:
+        """With worker processes (``workers:`` above 1), until every one serves:
+        the first to listen must not take a drill's load alone."""
+        import yaml
+
+        from lbtwist.workers.count import worker_count
+
+        want = worker_count(yaml.safe_load(self.config_text).get("workers", "auto"))
+        if want <= 1:
+            return
+        deadline = self.reactor.seconds() + timeout
         while True:
             try:
-                got = await self.workers()
-            except ControlError:
+                got = await http_call(self.reactor, "GET", self._admin("/api/workers"), timeout=2.0)
+                if len(got.get("workers", [])) >= want:
+                    return
+            except Exception:
                 pass
-            if len(got) >= n:
-                return
-            if self.child is not None and self.child.ended:
-                raise ProcessGone(f"{self.kind} exited:\n" + self.child.tail())
             if self.reactor.seconds() > deadline:
-                raise ProcessGone(f"{self.kind}: {len(got)} of {n} workers serving after {self.START_TIMEOUT:g}s")
-            await deferLater(self.reactor, 0.25, lambda: None)
+                raise RuntimeError(f"lbtwist: {want} workers not serving within {timeout:g}s")
+            await deferLater(self.reactor, 0.2)
 
     def _admin(self, path: str) -> str:
         assert self.setup is not None

@@ -122,7 +122,7 @@ class Fleet(Service):
         #: slot -> {bind: ListenSocket}
         self.slot_sockets: dict[int, dict[str, ListenSocket]] = {}
         self._next_wid = 0
-        self._last_snap: bytes | None = None
+        self._last_snap: dict | None = None
         self.supervisor = Supervisor(
             self.reactor, self.n, self._spawn, self._kill, log=lambda m: log.warn("lbtwist: {m}", m=m),
         )
@@ -135,6 +135,7 @@ class Fleet(Service):
         self.fork = forked.needs_fork(self.runtime.config)
         self.tls_servers: dict[str, Any] = {}
         self.runtime.workers = self  # /api/workers, /metrics, admin acks
+        service.fleet = self  # reloads go through the fleet
 
     def _read_config(self) -> tuple[str, str]:
         path = self.service.config_path
@@ -353,8 +354,15 @@ class Fleet(Service):
 
     # -- fleet view ------------------------------------------------------------
 
+    def _snapshot(self) -> tuple[dict, bytes]:
+        """(the snapshot without its clock reading, for comparing; its bytes)"""
+        snap = fleetview.snapshot(self.runtime)
+        data = json.dumps(snap, separators=(",", ":")).encode()
+        snap.pop("now", None)  # moves every time
+        return snap, data
+
     def _snapshot_bytes(self) -> bytes:
-        return json.dumps(fleetview.snapshot(self.runtime), separators=(",", ":"), sort_keys=True).encode()
+        return self._snapshot()[1]
 
     def _push(self, link: WorkerLink, data: bytes) -> defer.Deferred:
         d = put_all(link.proto, "snapshot", data)
@@ -363,12 +371,10 @@ class Fleet(Service):
 
     def _push_if_changed(self) -> None:
         try:
-            data = self._snapshot_bytes()
+            key, data = self._snapshot()
         except Exception:
             log.failure("lbtwist: fleet view snapshot")
             return
-        # "now" moves every time: compare without it
-        key = _without_now(data)
         if key == self._last_snap:
             return
         self._last_snap = key
@@ -378,8 +384,7 @@ class Fleet(Service):
     def sync(self) -> defer.Deferred:
         """Push the fleet view now; fires when every serving worker applied it
         (admin drain/weight/enable return after this)."""
-        data = self._snapshot_bytes()
-        self._last_snap = _without_now(data)
+        self._last_snap, data = self._snapshot()
         waits = [self._push(l, data) for l in self.ready_links()]
         return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
 
@@ -440,6 +445,14 @@ class Fleet(Service):
                 fresh = self.open_sockets(new, keep=self.slot_sockets)
             except ValueError as e:
                 return defer.fail(ReloadError(f"{e}; nothing was changed"))
+            from lbtwist.listener import default_backlog
+
+            kept = {id(s) for per in self.slot_sockets.values() for s in per.values()}
+            backlog = {l.bind: l.backlog or default_backlog() for l in new.listeners}
+            for per in fresh.values():
+                for bind, sock in per.items():
+                    if id(sock) not in kept:
+                        sock.listen(backlog[bind])
         try:
             d = defer.maybeDeferred(self.service.apply, new)
         except Exception as e:
@@ -498,12 +511,6 @@ class Fleet(Service):
                 self._stop_worker(old)
         self._close_unused(old_sockets, self.slot_sockets)
         log.info("lbtwist: reload: every worker replaced on the new listeners")
-
-
-def _without_now(data: bytes) -> bytes:
-    obj = json.loads(data)
-    obj.pop("now", None)
-    return json.dumps(obj, sort_keys=True).encode()
 
 
 def _rss() -> int:

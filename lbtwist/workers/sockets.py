@@ -67,6 +67,12 @@ class ListenSocket:
     def close(self) -> None:
         self.sock.close()
 
+    def listen(self, backlog: int) -> None:
+        """Start queueing connections now (a reload's new port: it accepts
+        from the moment the reload is applied, like one process's would)."""
+        if not self.udp:
+            self.sock.listen(backlog)
+
 
 def open_socket(listener: str, bind: str, udp: bool, port: int | None = None) -> ListenSocket:
     """Bind (and listen) one SO_REUSEPORT socket; ``port`` overrides the
