@@ -217,3 +217,27 @@ def test_worker_kill_grades_replacement_failures_and_both_workers():
     out = {c["name"]: c for c in evaluate(p, _worker_kill_run(few, fail_at={int(p.window[0]) + 1})[1])}
     assert not out["failed client requests <= connections the killed worker held"]["passed"]
     assert p.config_overrides == {"workers": 2}
+
+
+def test_worker_kill_counts_tries_that_waited_for_the_replacement_as_the_killed_workers():
+    """Its open connections are reset (retried at once); a connection the
+    kernel queued on its socket waits for the replacement and, if that takes
+    over 1 s, times out: counted against the killed worker, reported apart.
+    A timeout long after the replacement serves is not."""
+    p = plan_for("worker-kill", short=True)
+    kill = int(p.window[0])
+
+    def run(timeout_seconds):
+        _, r = _worker_kill_run(dict(WORKER_MARKS, victim_connections=1, replaced_after=1.4))
+        for sec in timeout_seconds:  # one extra try that timed out, ending in that second
+            r.recorder.attempt(sec - 0.9, retry=True)
+            r.recorder.try_result(sec + 0.1, "timeout")
+        r.series = r.recorder.series()
+        return {c["name"]: c for c in evaluate(p, r)}
+
+    name = "failed client tries <= connections the killed worker held, its queue included"
+    got = run([kill + 1, kill + 2])
+    assert got[name]["passed"], got[name]
+    assert "1 open connections at the kill + 2 tries that timed out waiting" in got[name]["threshold"]
+    late = run([kill + 7, kill + 8])  # long after the replacement serves: not its queue
+    assert not late[name]["passed"] and "+ 0 tries that timed out" in late[name]["threshold"]
