@@ -431,3 +431,35 @@ def test_a_new_worker_applies_the_masters_view_before_it_accepts(tmp_path):
     finally:
         worker.service.stopService()
         fleet.stop()
+
+
+def test_a_backend_the_workers_balancers_avoid_is_ejected_by_the_master(fleet):
+    """The bug (two-liars drill with workers): the latency rule's 'avoided by
+    the balancer' branch asks the balancer's estimate; the master's balancer
+    sees no traffic, so a slow backend that p2c stopped choosing was never
+    ejected. Workers now send their estimates; the master uses the lowest
+    fresh one (slow only if every worker sees it slow)."""
+    mp = fleet.mpool()
+    for a in (A, B, C):
+        mp.set_health(mp.get(a), Health.HEALTHY, "probe passed")
+    fleet.push()
+    fleet.tick(11.0)  # past slow start
+    fleet.push()
+    for w in range(2):
+        wp = fleet.wpool(w)
+        for _ in range(30):
+            for a, lat in ((A, 0.005), (B, 0.006), (C, 0.8)):
+                b = wp.get(a)
+                wp.on_start(b)
+                wp.on_finish(b, lat, True, "ok")
+    assert mp.latency_estimate(mp.get(C), mp.clock.seconds()) is None  # no traffic of its own
+    fleet.report()
+    now = mp.clock.seconds()
+    est = mp.latency_estimate(mp.get(C), now)
+    assert est is not None and est > 0.5
+    assert mp.latency_estimate(mp.get(A), now) < 0.05
+    fleet.master.health.pools["web"].detector._avoided_rule(list(mp.backends()), now)
+    assert mp.get(C).state(now) == "ejected" and "avoided by the balancer" in mp.get(C).reason
+    # estimates expire: a worker that stopped reporting does not speak for long
+    fleet.tick(3.0)
+    assert mp.latency_estimate(mp.get(A), mp.clock.seconds()) is None
