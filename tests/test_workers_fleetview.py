@@ -41,7 +41,9 @@ class Fleet:
     def __init__(self, workers: int = 2, text: str = CONFIG) -> None:
         self.reg = Registry.default(entry_points=False)
         cfg = load_config(text, self.reg).config
-        self.master = self._svc(cfg, "master", 0.0)
+        # the master's deciding side (probes, detector, discovery) is the single
+        # process's; role "master" would also spawn worker processes (lbtwist.workers.master)
+        self.master = self._svc(cfg, "single", 0.0)
         self.workers = [self._svc(worker_config(cfg, workers), "worker", 1000.0 * (i + 1)) for i in range(workers)]
         self.batchers = [OutcomeBatcher(w.runtime) for w in self.workers]
 
@@ -398,3 +400,66 @@ def test_worker_config_refuses_a_bad_count():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="number of workers must be an integer >= 1"):
             worker_config(cfg, bad)
+
+
+def test_a_new_worker_applies_the_masters_view_before_it_accepts(tmp_path):
+    """The bug (worker-kill drill): a replacement worker started accepting
+    with every backend still 'unknown' (active checks configured: backends
+    wait for a probe) until the master's first snapshot arrived after its
+    Ready, so its first requests got 503 "no backend". The master's view now
+    comes with the worker's config and is applied before the listeners start."""
+    from lbtwist.workers.child import Worker
+
+    reg = Registry.default(entry_points=False)
+    text = CONFIG.replace("listeners: []", 'listeners:\n  - {name: web, bind: "tcp:0:interface=127.0.0.1", mode: http, pool: web}')
+    fleet = Fleet(text=text)
+    master = fleet.master
+    mp = master.runtime.pools["web"]
+    for a in (A, B):
+        mp.set_health(mp.get(a), Health.HEALTHY, "probe passed")
+    payload = {"text": text, "source": "lbtwist.yaml", "workers": 2, "slot": 0, "sockets": {},
+               "snapshot": json.loads(json.dumps(snapshot(master.runtime)))}
+    reactor = MemoryReactorClock()
+    worker = Worker(reactor)
+    worker._reg = reg
+    worker.on_config(json.dumps(payload).encode())
+    try:
+        assert reactor.tcpServers, "the worker listens"
+        wp = worker.service.runtime.pools["web"]
+        assert [b.health for b in wp.backends()] == [Health.HEALTHY, Health.HEALTHY, Health.UNKNOWN]
+        assert wp.select(_ctx(reactor.seconds())) is not None  # a request finds a backend at once
+    finally:
+        worker.service.stopService()
+        fleet.stop()
+
+
+def test_a_backend_the_workers_balancers_avoid_is_ejected_by_the_master(fleet):
+    """The bug (two-liars drill with workers): the latency rule's 'avoided by
+    the balancer' branch asks the balancer's estimate; the master's balancer
+    sees no traffic, so a slow backend that p2c stopped choosing was never
+    ejected. Workers now send their estimates; the master uses the lowest
+    fresh one (slow only if every worker sees it slow)."""
+    mp = fleet.mpool()
+    for a in (A, B, C):
+        mp.set_health(mp.get(a), Health.HEALTHY, "probe passed")
+    fleet.push()
+    fleet.tick(11.0)  # past slow start
+    fleet.push()
+    for w in range(2):
+        wp = fleet.wpool(w)
+        for _ in range(30):
+            for a, lat in ((A, 0.005), (B, 0.006), (C, 0.8)):
+                b = wp.get(a)
+                wp.on_start(b)
+                wp.on_finish(b, lat, True, "ok")
+    assert mp.latency_estimate(mp.get(C), mp.clock.seconds()) is None  # no traffic of its own
+    fleet.report()
+    now = mp.clock.seconds()
+    est = mp.latency_estimate(mp.get(C), now)
+    assert est is not None and est > 0.5
+    assert mp.latency_estimate(mp.get(A), now) < 0.05
+    fleet.master.health.pools["web"].detector._avoided_rule(list(mp.backends()), now)
+    assert mp.get(C).state(now) == "ejected" and "avoided by the balancer" in mp.get(C).reason
+    # estimates expire: a worker that stopped reporting does not speak for long
+    fleet.tick(3.0)
+    assert mp.latency_estimate(mp.get(A), mp.clock.seconds()) is None

@@ -199,6 +199,11 @@ class LbtwistTarget(_Target):
                 return int(b.get("active", 0))
         return 0
 
+    async def workers(self) -> list[dict[str, Any]]:
+        """``GET /api/workers``: the worker processes (pid, requests, connections, started, rss_bytes)."""
+        got = await http_call(self.reactor, "GET", self._admin("/api/workers"), timeout=2.0)
+        return list(got.get("workers", [])) if isinstance(got, dict) else []
+
     async def drain(self, name: str) -> None:
         await http_call(self.reactor, "POST", self._admin(f"/api/pools/app/backends/{name}/drain"))
 

@@ -109,6 +109,10 @@ class Worker:
             tls_servers=self.tls_servers,
         )
         self.service.runtime.traffic.subscribe(self._count)
+        if msg.get("snapshot") is not None:  # the master's view before the first request
+            from lbtwist.workers.fleetview import apply_snapshot
+
+            apply_snapshot(self.service.runtime, msg["snapshot"])
         self.batcher = OutcomeBatcher(self.service.runtime)
         self.service.privilegedStartService()
         self.service.startService()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from collections import deque
 from typing import Any, Iterable
 
@@ -210,8 +211,10 @@ class OutcomeBatcher:
     two takes are counted as ``dropped``), so memory and batch size are
     bounded whatever the request rate. Call L{take} periodically (100 ms)."""
 
-    def __init__(self, runtime: Any) -> None:
+    def __init__(self, runtime: Any, ident: str | None = None) -> None:
         self.runtime = runtime
+        #: names this worker's latency estimates in the master (one per process)
+        self.ident = ident or uuid.uuid4().hex[:12]
         self._accs: dict[tuple[str, str], _Acc] = {}
         #: id(pool) -> (pool, observer)
         self._attached: dict[int, tuple[Pool, Any]] = {}
@@ -276,7 +279,19 @@ class OutcomeBatcher:
         opens = self._breaker_opens(now)
         if not backends and not opens:
             return None
-        return {"v": VERSION, "backends": backends, "breaker_opens": opens}
+        return {"v": VERSION, "worker": self.ident, "backends": backends, "breaker_opens": opens,
+                "estimates": self._estimates(now)}
+
+    def _estimates(self, now: float) -> list[dict]:
+        """The balancer's latency estimate of each backend (peak EWMA), which
+        the master's latency rule consults for a backend the balancers avoid."""
+        out = []
+        for name, pool in self.runtime.pools.items():
+            for b in pool.backends():
+                est = pool.latency_estimate(b, now)
+                if est is not None:
+                    out.append({"pool": name, "address": b.address, "s": round(est, 6)})
+        return out
 
     def _breaker_opens(self, now: float) -> list[dict]:
         resilience = getattr(self.runtime, "resilience", None)
@@ -327,6 +342,12 @@ def feed_outcomes(runtime: Any, batch: dict) -> None:
             if outcome is None:
                 raise ValueError(f"feed_outcomes: unknown outcome letter {letter!r}")
             pool.report_outcome(b, now - age / 1000.0, lat / 1e6, outcome)
+    source = str(batch.get("worker") or "?")
+    for e in batch.get("estimates") or ():
+        pool = runtime.pools.get(e["pool"])
+        b = pool.get(e["address"]) if pool is not None else None
+        if b is not None:
+            pool.remote_estimate(b, source, float(e["s"]), now)
     opens = batch.get("breaker_opens") or ()
     if opens:
         from lbtwist.resilience.wiring import runtime_resilience

@@ -261,8 +261,10 @@ class Fleet(Service):
         bridge = Bridge(proto, CHILD_IN, CHILD_OUT, lambda reason: self._ended(link, reason))
         link.process = self.reactor.spawnProcess(bridge, sys.executable, argv, env=env,
                                                  path=os.getcwd(), childFDs=child_fds)
+        # the fleet view comes along: the worker applies it before it listens
+        # (else its backends would wait 'unknown' for the first push: 503s)
         payload = {"text": self.text, "source": self.source, "workers": self.n,
-                   "slot": slot, "sockets": fd_of}
+                   "slot": slot, "sockets": fd_of, "snapshot": fleetview.snapshot(self.runtime)}
         d = put_all(proto, "config", json.dumps(payload).encode())
         d.addErrback(self._failed, link, "starting")
         log.info("lbtwist: worker {wid} (slot {slot}) started, pid {pid}", wid=wid, slot=slot,
