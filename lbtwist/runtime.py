@@ -43,6 +43,9 @@ class Runtime:
     resilience: Any = None
     #: pool name -> lbtwist.discovery.PoolDiscovery, for pools with ``discovery:``.
     discovery: dict[str, Any] = attrs.Factory(dict)
+    #: lbtwist.fleet.service.FleetService when the config has a ``fleet:``
+    #: block: fleet rate limits and shared ejections through Redis.
+    fleet: Any = None
 
     def clock_seconds(self) -> float:
         return self.reactor.seconds()

@@ -190,6 +190,11 @@ class LbtwistService(MultiService):
             from lbtwist.accesslog import access_log_service
 
             access_log_service(config.access_log, rt).setServiceParent(self)
+        if config.fleet is not None:
+            from lbtwist.fleet.service import FleetService
+
+            rt.fleet = FleetService.from_config(config.fleet, self.reactor)
+            rt.fleet.setServiceParent(self)
         self.health = self._health_service()
         self.health.setServiceParent(self)
         admin = self._admin_service(config)
@@ -335,6 +340,8 @@ class LbtwistService(MultiService):
             raise ReloadError(str(text) or type(e).__name__) from None
         # -- switch: nothing below is expected to fail -------------------------
         log.info("lbtwist: applying new configuration")
+        if new.fleet != old.fleet:
+            log.warn("lbtwist: the fleet block changed; it is read at start: restart to apply it")
         if tls_state is not None:
             tls_state.set_pools(backend_tls)
         waits = self._commit_pools(new, pools)

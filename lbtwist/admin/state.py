@@ -184,7 +184,17 @@ class StateView:
             "window_s": WINDOW,
             "pools": [self.pool(p, now, history) for p in self.runtime.pools.values()],
             "listeners": self.listeners(now),
+            "fleet": fleet_summary(self.runtime),
         }
+
+
+def fleet_summary(runtime: Any) -> dict | None:
+    """The fleet's mode in the overview (``GET /api/fleet`` has the details)."""
+    fleet = getattr(runtime, "fleet", None)
+    if fleet is None:
+        return None
+    st = fleet.link.status()
+    return {k: st[k] for k in ("redis", "name", "mode", "redis_up", "since_s", "last_error")}
 
 
 def config_json(config: Any) -> Any:

@@ -35,6 +35,7 @@ from lbtwist.l7.plan import RoutePlan
 from lbtwist.l7.tunnel import Tunnel
 from lbtwist.pool import Backend, PickContext, Pool
 from lbtwist.resilience.limits import Limit, overflow_headers
+from lbtwist.resilience.ratelimit import RateDecision
 from lbtwist.resilience.retry import IDEMPOTENT_METHODS_BYTES as _IDEMPOTENT, Failure
 from lbtwist.routing import RequestHead, host_without_port
 from lbtwist.traffic import TrafficRecord
@@ -157,15 +158,42 @@ class Exchange:
             rid = b"%s-%x" % (ids.prefix, next(ids.count))
         self.request_id = rid
         rr = plan.resilience
-        st = None
         if rr is not None:
             limiter = rr.rate_limiter
             if limiter is not None:
                 d = limiter.check_request(self.request_head(), self.started)
-                if not d.allowed:
-                    self.reject(429, f"route {plan.name!r}: rate limit exceeded",
-                                extra=((b"retry-after", d.retry_after_header().encode()),))
+                if d.__class__ is not RateDecision:  # a fleet limiter asking Redis (at most its timeout)
+                    d.addCallback(self._rate_decided).addErrback(
+                        lambda f: log.failure("rate limit decision failed", f))
                     return
+                if not d.allowed:
+                    self._rate_limited(d)
+                    return
+        self._admitted()
+
+    def _rate_limited(self, d: RateDecision) -> None:
+        self.reject(429, f"route {self.plan.name!r}: rate limit exceeded",  # type: ignore[union-attr]
+                    extra=((b"retry-after", d.retry_after_header().encode()),))
+
+    def _rate_decided(self, d: RateDecision) -> None:
+        """The fleet limiter's answer came (or its timeout's local decision)."""
+        if self.done:
+            return  # the client went away meanwhile
+        if not d.allowed:
+            self._rate_limited(d)
+            return
+        self._admitted()
+        self.flush()
+
+    def _admitted(self) -> None:
+        """Past the rate limit: admission limits, then balance and forward."""
+        ctx = self.ctx
+        req = self.req
+        plan: RoutePlan = self.plan  # type: ignore[assignment]
+        pool = self.pool
+        rr = plan.resilience
+        st = None
+        if rr is not None:
             method = req.method
             st = self.st = rr.start_request(ctx.resilience.pool(plan.pool), self.clock, ctx.rng, method=method,
                                             headers=() if method in _IDEMPOTENT else req.all_headers,
@@ -178,7 +206,7 @@ class Exchange:
         body = self.body
         if body is not None:
             body.replay_limit = plan.replay_limit
-            if plan.buffer_request:
+            if plan.buffer_request and not body.complete:
                 self.waiting_body = True
                 if req.expect_continue:
                     req.expect_continue = False  # answered here; the backend gets the whole body
