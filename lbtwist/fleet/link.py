@@ -204,7 +204,9 @@ class FleetLink:
 
         def bad(f: Failure) -> Failure:
             if proto is self.cmd or proto is self.sub:
-                self._failed(classify(f), f"{args[0]}: {f.getErrorMessage() or f.type.__name__}")
+                kind = classify(f)
+                self._failed(kind, f"{args[0]}" if kind == "timeout" else
+                             f"{args[0]}: {f.getErrorMessage() or f.type.__name__}")
             return f
 
         return d.addErrback(bad)

@@ -26,9 +26,11 @@ fleet admits at most ``burst + rate * (W + lease_time)`` and at most
 unspent are lost to the bucket (under-admission, bounded by ``lease_max``
 per key and lease).
 
-A request waits on Redis only when its key has no tokens left, at most
-``timeout``; when Redis fails (or the link is down) the decision is the
-local limiter's, with the same rate and burst, per instance.
+A request waits on Redis only when its key has no tokens left, and at most
+``timeout`` (its own timer: then the local limiter decides it, even when
+its call was followed by another because more requests joined it than it
+asked tokens for); when Redis fails (or the link is down) the decision is
+the local limiter's, with the same rate and burst, per instance.
 """
 from __future__ import annotations
 
@@ -75,7 +77,8 @@ class _Lease:
         self.denied_until = 0.0
         self.ask = 1
         self.pending = False
-        self.waiters: list[defer.Deferred] = []
+        #: [Deferred, its timeout call] of requests waiting for tokens
+        self.waiters: list[list] = []
 
 
 class FleetRateLimiter:
@@ -84,7 +87,7 @@ class FleetRateLimiter:
     Deferred firing with one within ``timeout``."""
 
     def __init__(self, local: RateLimiter, link: Any, bucket: str, clock: Any, *,
-                 lease_max: int, lease_time: float) -> None:
+                 lease_max: int, lease_time: float, timeout: float = 0.05) -> None:
         self.local = local
         self.link = link
         #: Redis key prefix of this route's buckets.
@@ -92,6 +95,8 @@ class FleetRateLimiter:
         self.clock = clock
         self.lease_max = max(1, min(lease_max, int(local.burst)))
         self.lease_time = lease_time
+        #: Longest a request waits for tokens; then the local limiter decides.
+        self.timeout = timeout
         self._leases: OrderedDict[Any, _Lease] = OrderedDict()
         self._per_us = local.interval * 1e6
         self._span_us = local.tolerance * 1e6
@@ -145,10 +150,25 @@ class FleetRateLimiter:
                 self._fetch(key, lease, now)  # refill in the background
             return self._count("lease", RateDecision(True))
         d = defer.Deferred()
-        lease.waiters.append(d)
+        waiter = [d, None]
+        waiter[1] = self.clock.callLater(self.timeout, self._too_late, key, lease, waiter)
+        lease.waiters.append(waiter)
         if not lease.pending:
             self._fetch(key, lease, now)
         return d
+
+    def _too_late(self, key: Any, lease: _Lease, waiter: list) -> None:
+        """A request waited ``timeout`` for tokens: the local limiter decides it."""
+        if waiter in lease.waiters:
+            lease.waiters.remove(waiter)
+            waiter[0].callback(self._count("local", self.local.check(key, self.clock.seconds())))
+
+    @staticmethod
+    def _answer(waiter: list, d: RateDecision) -> None:
+        timer = waiter[1]
+        if timer is not None and timer.active():
+            timer.cancel()
+        waiter[0].callback(d)
 
     def _lease(self, key: Any) -> _Lease:
         leases = self._leases
@@ -188,13 +208,20 @@ class FleetRateLimiter:
         else:
             lease.denied_until = now + retry_ms / 1000.0
         waiters, lease.waiters = lease.waiters, []
-        for w in waiters:
+        for i, w in enumerate(waiters):
             if lease.tokens > 0:
                 lease.tokens -= 1
-                w.callback(self._count("fleet", RateDecision(True)))
-            else:  # fewer tokens than requests waiting: the rest wait for the next token
+                self._answer(w, self._count("fleet", RateDecision(True)))
+            elif granted == want:
+                # more requests joined the call than it asked tokens for, and the
+                # bucket may hold more: ask again (each still waits at most timeout)
+                lease.waiters = waiters[i:]
+                lease.ask = max(lease.ask, min(self.lease_max, len(lease.waiters)))
+                self._fetch(key, lease, now)
+                return
+            else:  # the bucket is empty: the rest wait for the next token
                 wait = max(lease.denied_until - now, self.local.interval)
-                w.callback(self._count("fleet", RateDecision(False, wait)))
+                self._answer(w, self._count("fleet", RateDecision(False, wait)))
 
     def _failed(self, f: Failure, key: Any, lease: _Lease) -> None:
         lease.pending = False
@@ -205,7 +232,7 @@ class FleetRateLimiter:
         waiters, lease.waiters = lease.waiters, []
         lease.tokens = 0
         for w in waiters:
-            w.callback(self._count("local", self.local.check(key, now)))
+            self._answer(w, self._count("local", self.local.check(key, now)))
 
     def status(self) -> dict[str, Any]:
         return {

@@ -92,6 +92,8 @@ class RespParser:
         if pos >= len(self.buf):
             raise _Incomplete()
         kind = self.buf[pos:pos + 1]
+        if kind not in b"+-:$*":  # known at the first byte: no need to wait for a line
+            raise ProtocolError(f"not a RESP reply: {self.buf[pos:pos + 40]!r}")
         line, nxt = self._line(pos + 1)
         if kind == b"+":
             return line, nxt
@@ -121,7 +123,7 @@ class RespParser:
                 v, nxt = self._one(nxt, depth + 1)
                 items.append(v)
             return items, nxt
-        raise ProtocolError(f"not a RESP reply: {self.buf[pos:pos + 40]!r}")
+        raise AssertionError("unreachable")
 
 
 class RespProtocol(protocol.Protocol):

@@ -51,7 +51,8 @@ class FleetService(Service):
         rate, burst and key; the fallback while Redis is unusable)."""
         label = f"{listener}/{route}"
         lim = FleetRateLimiter(local, self.link, f"{self.settings.prefix}rl:{label}:", self.reactor,
-                               lease_max=self.settings.lease_max, lease_time=self.settings.lease_time)
+                               lease_max=self.settings.lease_max, lease_time=self.settings.lease_time,
+                               timeout=self.settings.timeout)
         self.limiters[label] = lim
         return lim
 
