@@ -106,3 +106,13 @@ def test_fleet_scope_needs_a_fleet_block():
 def test_scope_must_be_local_or_fleet():
     res = load(textwrap.dedent(ROUTE.replace("scope: fleet", "scope: global")), "t.yaml")
     assert any("scope" in str(p) for p in res.problems)
+
+
+def test_api_config_hides_a_password_inside_the_redis_url():
+    from lbtwist.admin.state import config_json
+    from lbtwist.config.model import Config
+
+    shown = config_json(Config(fleet=cfg(redis="redis://lb:hunter2@10.0.0.5:6379/1", password=None)))
+    assert shown["fleet"]["redis"] == "redis://lb:***@10.0.0.5:6379/1"
+    shown = config_json(Config(fleet=cfg(password="pw")))
+    assert shown["fleet"]["password"] == "***" and shown["fleet"]["redis"] == "tcp:127.0.0.1:6379"
