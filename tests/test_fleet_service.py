@@ -1,0 +1,74 @@
+"""The fleet wired into a runtime: routes with scope fleet get a fleet
+limiter over their local one, local routes keep theirs, pools' detectors
+share ejections while health runs, and the admin view and metrics read it."""
+from twisted.internet.testing import MemoryReactorClock
+
+from lbtwist.admin.metrics import fleet_metrics
+from lbtwist.admin.state import fleet_summary
+from lbtwist.config import load_config
+from lbtwist.fleet.ratelimit import FleetRateLimiter
+from lbtwist.registry import Registry
+from lbtwist.resilience.ratelimit import RateLimiter
+from lbtwist.service import LbtwistService
+
+CONFIG = """
+listeners:
+  - name: web
+    bind: "tcp:0:interface=127.0.0.1"
+    mode: http
+    pool: app
+    routes:
+      - name: shared
+        match: {path_prefix: /a}
+        pool: app
+        rate_limit: {rate: 20, scope: fleet}
+      - name: mine
+        match: {path_prefix: /b}
+        pool: app
+        rate_limit: {rate: 20}
+pools:
+  - name: app
+    backends: [{address: "127.0.0.1:9001"}, {address: "127.0.0.1:9002"}]
+fleet: {redis: "tcp:127.0.0.1:1", name: edge}
+"""
+
+
+def _svc(text=CONFIG):
+    reactor = MemoryReactorClock()
+    reg = Registry.default(entry_points=False)
+    return LbtwistService(load_config(text, reg).config, reactor, reg), reactor
+
+
+def test_scope_fleet_routes_get_a_fleet_limiter_and_detectors_are_shared():
+    svc, reactor = _svc()
+    svc.startService()
+    try:
+        rt = svc.runtime
+        routes = rt.resilience.routes["web"]
+        assert isinstance(routes["shared"].rate_limiter, FleetRateLimiter)
+        assert routes["shared"].rate_limiter.local.rate == 20  # one definition of rate and burst
+        assert type(routes["mine"].rate_limiter) is RateLimiter
+        assert set(rt.fleet.limiters) == {"web/shared"}
+        assert set(rt.fleet.ejections.detectors) == {"app"}
+        assert reactor.tcpClients and reactor.tcpClients[0][:2] == ("127.0.0.1", 1)  # connecting, never blocking
+        summary = fleet_summary(rt)
+        assert summary["mode"] == "local" and summary["redis_up"] is False and summary["name"] == "edge"
+        names = {m.name for m in fleet_metrics(rt)}
+        assert {"lbtwist_fleet_redis_up", "lbtwist_fleet_fallbacks", "lbtwist_fleet_rate_decisions",
+                "lbtwist_fleet_ejection_messages"} <= names
+    finally:
+        svc.stopService()
+    assert rt.fleet.ejections.detectors == {}  # health stopped: nothing shared any more
+
+
+def test_without_a_fleet_block_nothing_changes():
+    text = CONFIG.replace("rate_limit: {rate: 20, scope: fleet}", "rate_limit: {rate: 20}").replace(
+        'fleet: {redis: "tcp:127.0.0.1:1", name: edge}\n', "")
+    svc, reactor = _svc(text)
+    svc.startService()
+    try:
+        assert svc.runtime.fleet is None and fleet_summary(svc.runtime) is None
+        assert list(fleet_metrics(svc.runtime)) == []
+        assert type(svc.runtime.resilience.routes["web"]["shared"].rate_limiter) is RateLimiter
+    finally:
+        svc.stopService()
