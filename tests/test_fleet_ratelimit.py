@@ -232,3 +232,47 @@ def test_memory_is_bounded_by_max_keys():
         decide(lim, f"k{i}", clock)
         link.calls[-1][2].callback([1, 0])
     assert len(lim) <= 101
+
+
+def test_a_later_lease_does_not_extend_the_life_of_older_tokens():
+    """Each batch expires lease_time after it was granted: that is what bounds
+    the skew between spending a token and taking it from the shared bucket."""
+    clock, link = Clock(), ScriptedLink()
+    lim = limiter(link, clock, lease_max=8, lease_time=0.25)
+
+    def answer(i):
+        keys, args, d = link.calls[i]
+        d.callback([int(args[2]), 0])  # everything asked for
+
+    decide(lim, "k", clock)
+    answer(0)  # 1 token, spent by the waiting request
+    decide(lim, "k", clock)
+    answer(1)  # 2 tokens: one spent, one left
+    decide(lim, "k", clock)  # spends it; a refill of 4 goes out
+    answer(2)  # batch B: 4 tokens granted at t=0
+    decide(lim, "k", clock)
+    decide(lim, "k", clock)  # 2 of B left: a refill goes out
+    assert len(link.calls) == 4 and link.calls[3][1][2] == 6  # never more than lease_max held
+    clock.advance(0.2)
+    answer(3)  # batch C: 6 tokens granted at t=0.2
+    assert lim.status()["tokens_held"] == 8
+    clock.advance(0.1)  # t=0.3: B's 2 tokens are too old to spend; C's 6 are fine
+    spent = 0
+    for _ in range(20):
+        r = decide(lim, "k", clock)
+        if not isinstance(r, RateDecision):
+            break
+        spent += 1
+    assert spent == 6 and lim.tokens_dropped == 2
+
+
+def test_an_instance_never_holds_more_than_lease_max_tokens_of_a_key():
+    clock = Clock()
+    link = BucketLink(clock)
+    lim = limiter(link, clock, rate=1000, burst=1000, lease_max=8)
+    most = 0
+    for _ in range(500):
+        decide(lim, "k", clock)
+        clock.advance(0.0005)
+        most = max(most, lim.status()["tokens_held"])
+    assert 4 <= most <= 8

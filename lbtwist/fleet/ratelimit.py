@@ -22,7 +22,10 @@ is spent, so over a long run the fleet admits at most what one bucket
 allows. Leasing only shifts when a token is spent, by at most ``lease_time``
 (unspent tokens are dropped then), so over any window of W seconds the
 fleet admits at most ``burst + rate * (W + lease_time)`` and at most
-``burst + rate * W + instances * lease_max`` requests. Tokens dropped
+``burst + rate * W + instances * lease_max`` requests (each batch expires
+``lease_time`` after it was granted, whatever came later, and a refill asks
+only for what tops the lease up to its size: an instance never holds more
+than ``lease_max`` tokens of a key). Tokens dropped
 unspent are lost to the bucket (under-admission, bounded by ``lease_max``
 per key and lease).
 
@@ -34,7 +37,7 @@ the local limiter's, with the same rate and burst, per instance.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 from twisted.internet import defer
@@ -69,16 +72,45 @@ return {n, 0}
 
 
 class _Lease:
-    __slots__ = ("tokens", "expires", "denied_until", "ask", "pending", "waiters")
+    __slots__ = ("tokens", "batches", "expires", "denied_until", "ask", "pending", "waiters")
 
     def __init__(self) -> None:
+        #: Tokens held, in batches [count, expires] oldest first: a batch is
+        #: dropped ``lease_time`` after it was granted, whatever came later.
         self.tokens = 0
+        self.batches: deque[list] = deque()
+        #: When the newest batch expires (a key spending it before then is hot).
         self.expires = 0.0
         self.denied_until = 0.0
         self.ask = 1
         self.pending = False
         #: [Deferred, its timeout call] of requests waiting for tokens
         self.waiters: list[list] = []
+
+    def add(self, n: int, expires: float) -> None:
+        self.batches.append([n, expires])
+        self.tokens += n
+        self.expires = expires
+
+    def take(self) -> None:
+        first = self.batches[0]
+        first[0] -= 1
+        self.tokens -= 1
+        if first[0] == 0:
+            self.batches.popleft()
+
+    def expire(self, now: float) -> int:
+        """Drop the batches too old to spend; how many tokens went."""
+        dropped = 0
+        batches = self.batches
+        while batches and batches[0][1] <= now:
+            dropped += batches.popleft()[0]
+        self.tokens -= dropped
+        return dropped
+
+    def clear(self) -> None:
+        self.batches.clear()
+        self.tokens = 0
 
 
 class FleetRateLimiter:
@@ -140,12 +172,13 @@ class FleetRateLimiter:
         lease = self._lease(key)
         if lease.denied_until > now:
             return self._count("lease", RateDecision(False, lease.denied_until - now))
-        if lease.tokens > 0 and lease.expires <= now:
-            self.tokens_dropped += lease.tokens
-            lease.tokens = 0
-            lease.ask = max(1, lease.ask // 2)  # leased more than this key spends
+        if lease.batches and lease.batches[0][1] <= now:
+            dropped = lease.expire(now)
+            if dropped:
+                self.tokens_dropped += dropped
+                lease.ask = max(1, lease.ask // 2)  # leased more than this key spends
         if lease.tokens > 0:
-            lease.tokens -= 1
+            lease.take()
             if not lease.pending and lease.tokens <= lease.ask // 2 and lease.ask > 1:
                 self._fetch(key, lease, now)  # refill in the background
             return self._count("lease", RateDecision(True))
@@ -188,7 +221,7 @@ class FleetRateLimiter:
             lease.ask = min(self.lease_max, lease.ask * 2)
         lease.pending = True
         self.redis_calls += 1
-        want = lease.ask
+        want = max(1, lease.ask - lease.tokens)  # never more than lease_max held
         d = self.link.evalsha("lease", [f"{self.bucket}{key}"], [f"{self._per_us:.3f}", f"{self._span_us:.3f}", want])
         d.addCallbacks(self._answered, self._failed, callbackArgs=(key, lease, want), errbackArgs=(key, lease))
 
@@ -202,15 +235,14 @@ class FleetRateLimiter:
             return
         granted, retry_ms = reply
         if granted:
-            lease.tokens += granted
+            lease.add(granted, now + self.lease_time)
             self.tokens_leased += granted
-            lease.expires = now + self.lease_time
         else:
             lease.denied_until = now + retry_ms / 1000.0
         waiters, lease.waiters = lease.waiters, []
         for i, w in enumerate(waiters):
             if lease.tokens > 0:
-                lease.tokens -= 1
+                lease.take()
                 self._answer(w, self._count("fleet", RateDecision(True)))
             elif granted == want:
                 # more requests joined the call than it asked tokens for, and the
@@ -230,7 +262,7 @@ class FleetRateLimiter:
     def _fallback(self, key: Any, lease: _Lease, now: float) -> None:
         """Redis did not answer usably: the waiting requests get the local decision."""
         waiters, lease.waiters = lease.waiters, []
-        lease.tokens = 0
+        lease.clear()
         for w in waiters:
             self._answer(w, self._count("local", self.local.check(key, now)))
 
@@ -243,4 +275,5 @@ class FleetRateLimiter:
             "redis_calls_total": self.redis_calls,
             "tokens_leased_total": self.tokens_leased,
             "tokens_dropped_total": self.tokens_dropped,
+            "tokens_held": sum(lease.tokens for lease in self._leases.values()),
         }
