@@ -145,3 +145,31 @@ def test_stop_cancels_everything():
     link.start()
     link.stop()
     assert server.conns == [] and clock.getDelayedCalls() == []
+
+
+def test_flapping_redis_logs_each_change_once_and_calls_never_wait_past_the_timeout():
+    clock, server, link = make(reconnect_max=0.5)
+    with Logs() as logs:
+        link.start()
+        waits = []
+        for cycle in range(5):
+            # up for a while: calls answer at once
+            for _ in range(100):
+                clock.advance(0.01)
+                if link.up:
+                    break
+            assert link.up, cycle
+            # then it freezes mid-call, and comes back
+            server.frozen = True
+            t0 = clock.seconds()
+            done = []
+            link.call("PING").addBoth(done.append)
+            while not done:
+                clock.advance(0.005)
+            waits.append(clock.seconds() - t0)
+            assert link.state == "down"
+            server.frozen = False
+        assert max(waits) <= 0.05 + 0.005
+        assert link.fallbacks == 5 and link.resumes == 4
+        assert len(logs.fleet(LogLevel.warn)) == 5
+        assert len(logs.fleet(LogLevel.info)) == 5  # connected once, resumed four times
