@@ -72,3 +72,24 @@ def test_without_a_fleet_block_nothing_changes():
         assert type(svc.runtime.resilience.routes["web"]["shared"].rate_limiter) is RateLimiter
     finally:
         svc.stopService()
+
+
+def test_admin_api_fleet_endpoint_overview_field_and_metrics():
+    from test_admin_api import Env
+
+    from lbtwist.config.model import FleetConfig
+    from lbtwist.fleet.service import FleetService
+
+    env = Env()
+    code, body, _ = env.get("/api/fleet")
+    assert code == 200 and body == {"mode": "off", "redis_up": False}
+    env.rt.fleet = FleetService.from_config(FleetConfig(redis="tcp:127.0.0.1:1", name="edge"), env.clock)
+    code, body, _ = env.get("/api/fleet")
+    assert code == 200 and body["mode"] == "local" and body["redis"] == "redis://127.0.0.1:1"
+    assert body["ejections"]["published_total"] == 0 and body["rate_limits"] == {}
+    code, body, _ = env.get("/api/pools")
+    assert body["fleet"]["mode"] == "local"
+    code, text, _ = env.get("/metrics")
+    assert b'lbtwist_fleet_redis_up{fleet="edge"} 0.0' in text
+    code, body, _ = env.post("/api/fleet")
+    assert code == 405
