@@ -83,7 +83,9 @@ def test_admin_api_fleet_endpoint_overview_field_and_metrics():
     env = Env()
     code, body, _ = env.get("/api/fleet")
     assert code == 200 and body == {"mode": "off", "redis_up": False}
-    env.rt.fleet = FleetService.from_config(FleetConfig(redis="tcp:127.0.0.1:1", name="edge"), env.clock)
+    from twisted.internet.testing import MemoryReactorClock
+
+    env.rt.fleet = FleetService.from_config(FleetConfig(redis="tcp:127.0.0.1:1", name="edge"), MemoryReactorClock())
     code, body, _ = env.get("/api/fleet")
     assert code == 200 and body["mode"] == "local" and body["redis"] == "redis://127.0.0.1:1"
     assert body["ejections"]["published_total"] == 0 and body["rate_limits"] == {}
