@@ -28,6 +28,12 @@ pytestmark = [
 ]
 
 
+#: The slowest request allowed while Redis is frozen or dead: the 50 ms
+#: timeout plus a loaded 2-core box's scheduling margin. Without the timeout
+#: a request would wait until SIGCONT (seconds) or a reconnect (over 3 s).
+REDIS_WAIT_BOUND = 0.05 + 0.45
+
+
 class Redis:
     def __init__(self, tmp_path, port: int) -> None:
         self.port = port
@@ -217,6 +223,8 @@ def test_a_20_per_second_client_limit_holds_across_both_instances(fleet):
     assert set(statuses) <= {200, 429}, statuses
     assert statuses.get(429, 0) > 0
     assert 0.7 * (20 + 20 * elapsed) <= admitted <= 20 + 20 * (elapsed + 0.25) + 3, (admitted, elapsed, statuses)
+    print(f"fleet limit 20/s burst 20 over two instances: {admitted} of {sum(statuses.values())} admitted "
+          f"in {elapsed:.2f}s (one bucket: {20 + 20 * elapsed:.0f}; two local buckets: {2 * (20 + 20 * elapsed):.0f})")
     st = a.fleet()["rate_limits"]["web/limited"]
     assert st["decisions_by_source"]["local"] == {"allowed_total": 0, "limited_total": 0}
     # a hot key: far fewer Redis calls than requests
@@ -235,7 +243,9 @@ def test_an_ejection_found_through_a_stops_traffic_through_b_within_1s(fleet):
                 break
         assert found is not None, a.backend_state("b1")
         until(lambda: b.backend_state("b1")["state"] == "ejected", 1.0, step=0.02, what="b1 ejected at B")
-        assert time.monotonic() - found <= 1.0 + 0.1  # the poll itself takes a little
+        lag = time.monotonic() - found
+        print(f"ejection seen through A, applied at B within {lag * 1000:.0f} ms (poll included)")
+        assert lag <= 1.0 + 0.1  # the poll itself takes a little
         before = served(control, "b1")
         statuses = [b.request("/")[0] for _ in range(30)]
         assert statuses == [200] * 30  # nothing from b1 reached B's clients
@@ -273,14 +283,14 @@ def test_redis_frozen_then_killed_changes_only_the_limits_and_fleet_mode_resumes
         assert set(statuses) <= {200, 429} and statuses.get(200), statuses  # no error, no hang
         frozen_worst = worst
         # no request waits on Redis more than the 50 ms timeout (plus a loaded box's margin)
-        assert worst < 0.05 + 0.25, worst
+        assert worst < REDIS_WAIT_BOUND, worst
         for inst in (a, b):
             st = until(lambda i=inst: i.fleet()["mode"] == "local" and i.fleet(), 5, what="local mode")
             assert st["redis_up"] is False and st["fallbacks_total"] >= 1
             assert _metric(inst, "lbtwist_fleet_redis_up") == 0.0
         # the limits fall back to each instance's local bucket: up to twice the fleet's
         statuses, elapsed, worst = hammer((a, b), "/limited/y", 1.5, max_requests=1500)
-        assert worst < 0.05 + 0.25, worst
+        assert worst < REDIS_WAIT_BOUND, worst
         assert set(statuses) <= {200, 429}
         assert statuses.get(200, 0) > 20 + 20 * elapsed + 0.25 * 20 + 3  # more than one bucket would allow
         assert a.fleet()["rate_limits"]["web/limited"]["decisions_by_source"]["local"]["allowed_total"] > 0
@@ -291,7 +301,7 @@ def test_redis_frozen_then_killed_changes_only_the_limits_and_fleet_mode_resumes
     # killed and restarted on the same port
     redis.kill()
     statuses, elapsed, worst = hammer((a, b), "/limited/k", 1.0, max_requests=1000)
-    assert set(statuses) <= {200, 429} and worst < 0.05 + 0.25, (statuses, worst)
+    assert set(statuses) <= {200, 429} and worst < REDIS_WAIT_BOUND, (statuses, worst)
     print(f"worst request while Redis was frozen: {frozen_worst * 1000:.1f} ms; killed: {worst * 1000:.1f} ms")
     for inst in (a, b):
         until(lambda i=inst: i.fleet()["mode"] == "local", 5, what="local mode after kill")
