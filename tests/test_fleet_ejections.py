@@ -14,7 +14,7 @@ from lbtwist.fleet.ejections import FleetEjections, parse_message
 from lbtwist.health.outlier import OutlierDetector
 from lbtwist.pool import Backend, Pool
 from support.fakes import FirstBalancer
-from tests.test_health_outlier import out, work
+from test_health_outlier import out, work
 
 
 class Bus:
