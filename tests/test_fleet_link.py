@@ -173,3 +173,26 @@ def test_flapping_redis_logs_each_change_once_and_calls_never_wait_past_the_time
         assert link.fallbacks == 5 and link.resumes == 4
         assert len(logs.fleet(LogLevel.warn)) == 5
         assert len(logs.fleet(LogLevel.info)) == 5  # connected once, resumed four times
+
+
+def test_a_redis_that_connects_but_fails_every_call_backs_off_instead_of_cycling_fast():
+    """E.g. OOM or a lost script on every call: each reconnect succeeds, each
+    call fails. The backoff keeps growing (it restarts only after the link
+    stayed up a while), so the up/down log lines come at most once per
+    reconnect_max, not ten times a second."""
+    clock, server, link = make(reconnect_max=2.0, heartbeat=10.0)
+    with Logs() as logs:
+        link.start()
+        ups = []
+        for _ in range(2000):  # 20 s
+            if link.up:
+                ups.append(clock.seconds())
+                server.garbage = b"-OOM command not allowed\r\n"
+                link.call("GET", "k").addErrback(lambda f: None)
+                server.garbage = None
+                assert not link.up
+            clock.advance(0.01)
+        gaps = [b - a for a, b in zip(ups, ups[1:])]
+        assert len(ups) < 20, len(ups)
+        assert max(gaps[-3:]) >= 1.0  # reached the cap's range (jittered: 1-2 s)
+        assert len(logs.fleet(LogLevel.warn)) == len(ups)

@@ -14,7 +14,10 @@ idle, and a reconnect attempt must finish AUTH, SELECT, SCRIPT LOAD and
 SUBSCRIBE within ``connect_timeout``.
 
 The change is logged once each way (down, and back up); attempts that fail
-while already down are counted, not logged. Never a blocking call.
+while already down are counted, not logged. The backoff starts over only
+once the link stayed up ``STABLE_UP`` seconds, so a Redis that accepts
+connections but fails every call (out of memory, say) is retried at most
+every ``reconnect_max``, not every 100 ms. Never a blocking call.
 """
 from __future__ import annotations
 
@@ -35,6 +38,9 @@ log = Logger(namespace="lbtwist.fleet")
 
 #: First reconnect delay; doubles per failed attempt up to reconnect_max.
 FIRST_BACKOFF = 0.1
+#: The backoff starts over only after the link stayed up this long: a Redis
+#: that accepts connections but fails every call does not cycle every 100 ms.
+STABLE_UP = 5.0
 
 
 class FleetDown(Exception):
@@ -266,7 +272,6 @@ class FleetLink:
                 p.close()
             return
         self.cmd, self.sub = pair
-        self._failures_in_row = 0
         was = self.state
         self.state = "up"
         self.since = self.reactor.seconds()
@@ -312,6 +317,8 @@ class FleetLink:
     def _go_down(self, why: str) -> None:
         self.last_error = why
         was = self.state
+        if was == "up" and self.reactor.seconds() - self.since >= STABLE_UP:
+            self._failures_in_row = 0  # it had been fine: the next attempt comes soon
         self._drop()
         if was != "down":
             self.state = "down"
