@@ -95,3 +95,27 @@ def test_admin_api_fleet_endpoint_overview_field_and_metrics():
     assert b'lbtwist_fleet_redis_up{fleet="edge"} 0.0' in text
     code, body, _ = env.post("/api/fleet")
     assert code == 405
+
+
+def test_reload_keeps_an_unchanged_fleet_route_and_forgets_a_removed_one():
+    import gc
+
+    svc, reactor = _svc()
+    svc.startService()
+    try:
+        rt = svc.runtime
+        before = rt.resilience.routes["web"]["shared"].rate_limiter
+        reg = Registry.default(entry_points=False)
+        svc.apply(load_config(CONFIG.replace("rate_limit: {rate: 20}", "rate_limit: {rate: 30}"), reg).config)
+        assert rt.resilience.routes["web"]["shared"].rate_limiter is before  # its leases carry over
+        removed = CONFIG.replace("""      - name: shared
+        match: {path_prefix: /a}
+        pool: app
+        rate_limit: {rate: 20, scope: fleet}
+""", "")
+        svc.apply(load_config(removed, reg).config)
+        del before
+        gc.collect()
+        assert "web/shared" not in rt.fleet.status()["rate_limits"]
+    finally:
+        svc.stopService()

@@ -11,6 +11,7 @@ changes it is logged and takes effect at the next restart.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from twisted.application.service import Service
@@ -31,8 +32,9 @@ class FleetService(Service):
         self.link = link or FleetLink(settings, reactor)
         self.link.add_script("lease", LEASE_SCRIPT)
         self.ejections = FleetEjections(self.link, reactor, settings.prefix, origin) if settings.share_ejections else None
-        #: "listener/route" -> the running FleetRateLimiter
-        self.limiters: dict[str, FleetRateLimiter] = {}
+        #: "listener/route" -> the running FleetRateLimiter (weakly: a route a
+        #: reload removed leaves the admin API with it)
+        self.limiters: weakref.WeakValueDictionary[str, FleetRateLimiter] = weakref.WeakValueDictionary()
 
     @classmethod
     def from_config(cls, cfg: Any, reactor: Any) -> "FleetService":
@@ -58,6 +60,6 @@ class FleetService(Service):
 
     def status(self) -> dict[str, Any]:
         out = self.link.status()
-        out["rate_limits"] = {label: lim.status() for label, lim in self.limiters.items()}
+        out["rate_limits"] = {label: lim.status() for label, lim in sorted(self.limiters.items())}
         out["ejections"] = self.ejections.status() if self.ejections is not None else None
         return out
