@@ -18,6 +18,7 @@ Each contender adds X-Forwarded-For, so all do comparable header work
 
 Usage: .venv/bin/python bench/bench_l7.py [--rounds 3] [--duration 10]
        [--connections 50] [--variants tuned,lean,stock] [--profile SECONDS]
+       [--compare OTHER_CHECKOUT]
 Variants of lbtwist: ``tuned`` (eager write), ``lean`` (tuned + fastio's
 lean epoll reactor), ``stock`` (Twisted's buffered writes).
 ``--profile N`` also records N seconds of py-spy on the first lbtwist variant
@@ -148,8 +149,8 @@ http {{
     return port, p.pid
 
 
-def start_lbtwist(procs: Procs, origin: int, extra: list[str]) -> tuple[int, int]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+def start_lbtwist(procs: Procs, origin: int, extra: list[str], repo: Path = REPO) -> tuple[int, int]:
+    env = dict(os.environ, PYTHONPATH=str(repo))
     p = procs.start([PY, "-m", "lbtwist.l7", "--backend", f"127.0.0.1:{origin}", *extra],
                     PROXY_CPU, stdout=subprocess.PIPE, env=env, text=True)
     line = p.stdout.readline()
@@ -215,7 +216,7 @@ BUCKETS = [
     ("routing, balancing, accounting", ("Exchange.pick", "Pool.", "balancers/", "routing.py", "traffic.py")),
     ("resilience (retry state, breakers, limits)", ("lbtwist/resilience/",)),
     ("access log / metrics subscribers", ("accesslog.py", "metrics")),
-    ("exchange / attempt / pool glue", ("l7/exchange.py", "l7/forward.py", "l7/connpool.py", "l7/backend.py",
+    ("exchange / attempt / pool glue", ("l7/machine.py", "l7/connpool.py", "l7/backend.py",
                                         "l7/client.py", "l7/timers.py")),
     ("reactor dispatch + epoll", ("LeanEPollReactor.doPoll", "epollreactor.py", "posixbase.py", "log.py",
                                   "context.py", "base.py")),
@@ -257,6 +258,9 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=50, help="wrk concurrent connections")
     ap.add_argument("--variants", default="lean,tuned", help=f"lbtwist variants: {','.join(VARIANTS)}")
     ap.add_argument("--profile", type=int, default=0, metavar="SECONDS", help="py-spy the first lbtwist variant")
+    ap.add_argument("--compare", metavar="CHECKOUT", type=Path,
+                    help="also run the first variant from another checkout (A/B of two code versions in one "
+                         "interleaved run, e.g. a `git archive` of the commit before a change)")
     args = ap.parse_args()
 
     check_tools()
@@ -276,6 +280,9 @@ def main() -> None:
         for v in variants:
             port, pid = start_lbtwist(procs, origin, VARIANTS[v])
             targets[f"lbtwist-{v}"] = (port, pid, False)
+        if args.compare is not None:
+            port, pid = start_lbtwist(procs, origin, VARIANTS[variants[0]], args.compare.resolve())
+            targets[f"{variants[0]}@{args.compare.name}"[:20]] = (port, pid, False)
         names = list(targets)
         rps: dict[str, list[float]] = {n: [] for n in names}
         p99: dict[str, list[float]] = {n: [] for n in names}

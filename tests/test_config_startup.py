@@ -119,7 +119,7 @@ def test_breaker_defaults_are_the_config_models():
 
 
 def test_the_idempotent_method_set_is_written_once():
-    from lbtwist.l7 import exchange, parser
+    from lbtwist.l7 import machine, parser
     from lbtwist.resilience import attempts, retry
 
     spelled = [
@@ -128,7 +128,7 @@ def test_the_idempotent_method_set_is_written_once():
     ]
     assert spelled == ["resilience/retry.py"]
     assert parser.IDEMPOTENT_METHODS is retry.IDEMPOTENT_METHODS_BYTES
-    assert exchange._IDEMPOTENT is retry.IDEMPOTENT_METHODS_BYTES
+    assert machine.IDEMPOTENT is retry.IDEMPOTENT_METHODS_BYTES
     assert retry.IDEMPOTENT_METHODS_BYTES == {m.encode() for m in retry.IDEMPOTENT_METHODS}
     assert attempts._IDEMPOTENT == retry.IDEMPOTENT_METHODS | retry.IDEMPOTENT_METHODS_BYTES
 

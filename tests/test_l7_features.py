@@ -136,6 +136,21 @@ def test_traffic_record_per_request():
     assert records[1].status == 400 and records[1].outcome == "rejected"
 
 
+def test_a_backend_failing_mid_response_is_logged_as_a_gateway_failure():
+    h = MemHarness()
+    records = []
+    h.runtime.traffic.subscribe(records.append)
+    proto, t = h.client()
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    b = h.accept()
+    b.reply(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345")
+    b.close(clean=False)
+    assert t.value().endswith(b"12345") and t.disconnected
+    [r] = records
+    assert (r.status, r.outcome, r.bytes_out) == (200, "gateway", 5)
+    assert "mid-response" in r.error
+
+
 def test_custom_request_id_header():
     h = MemHarness(listener=listener_config(request_id_header="X-Correlation-Id"))
     proto, t = h.client()

@@ -74,3 +74,49 @@ def test_response_fast_path_equals_general_path(raw):
     general = client_response_head(resp, FRAME_LENGTH, True, b"1.1", b"rid-1", pol, NOOP)
     assert fast == general
     assert b"\r\nvia: " in fast and fast.endswith(b"\r\nx-request-id: rid-1\r\n\r\n")
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 2\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\n\r\nok",
+    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nSet-Cookie: a=1\r\nX-Request-Id: theirs\r\n"
+    b"Strict-Transport-Security: max-age=1\r\n\r\n",
+])
+@pytest.mark.parametrize("rewriter", [None, Rewriter(frozenset((b"server",)), ((b"x-added", b"1"),))])
+def test_neutral_response_fields_are_the_http1_head_without_framing(raw, rewriter):
+    from lbtwist.l7.headers import response_fields
+
+    resp = _response(raw)
+    pol = ForwardingPolicy(hsts=b"max-age=9")
+    extra = ((b"set-cookie", b"lb=1"),)
+    head = client_response_head(resp, FRAME_LENGTH, True, b"1.1", b"rid-1", pol, rewriter, extra)
+    lines = head.split(b"\r\n")[1:-2]
+    wire = [tuple(x.strip() for x in line.split(b":", 1)) for line in lines]
+    framing = (b"content-length", b"transfer-encoding", b"connection")
+    expected = [(n, v) for n, v in wire if n.lower() not in framing]
+    assert response_fields(resp, b"rid-1", pol, rewriter, extra) == expected
+    assert all(n.lower() != b"x-hop" for n, _ in expected)
+
+
+def test_request_ids_are_prefix_and_counter_and_never_repeat():
+    from lbtwist.l7.headers import RequestIds
+
+    ids = RequestIds()
+    got = [ids.new() for _ in range(300)]
+    assert len(set(got)) == 300
+    assert got[0] == ids.prefix + b"-1" and got[255] == ids.prefix + b"-100"
+    assert RequestIds().prefix != ids.prefix
+
+
+@pytest.mark.parametrize("name", sorted(__import__("lbtwist.l7.parser", fromlist=["HOP_BY_HOP"]).HOP_BY_HOP))
+def test_no_hop_by_hop_field_is_forwarded_either_way(name):
+    """Every name in the one HOP_BY_HOP set is pulled out of the forwarded
+    fields by both parsers (so neither head builder can copy it on)."""
+    value = b"chunked" if name == b"transfer-encoding" else b"x"
+    req = _request(b"GET / HTTP/1.1\r\nHost: a\r\n%s: %s\r\nX-Keep: 1\r\n\r\n" % (name, value)
+                   if name != b"transfer-encoding" else
+                   b"POST / HTTP/1.1\r\nHost: a\r\ntransfer-encoding: chunked\r\nX-Keep: 1\r\n\r\n")
+    assert [n for n, _ in req.headers] == [b"X-Keep"]
+    resp = _response(b"HTTP/1.1 200 OK\r\n%s: %s\r\nX-Keep: 1\r\ncontent-length: 0\r\n\r\n" % (name, value)
+                     if name != b"transfer-encoding" else
+                     b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nX-Keep: 1\r\n\r\n")
+    assert [n for n, _ in resp.headers] == [b"X-Keep"]

@@ -1,7 +1,11 @@
 """One keep-alive connection to a backend: a thin Twisted adapter around the
-sans-IO L{ResponseParser}. It serves one request at a time for whoever holds
-it (an L{lbtwist.l7.forward.Attempt}) and reports what the backend did; the
-connection pool decides whether it is reused.
+sans-IO L{ResponseParser}, and the backend side of the exchange machine
+(L{lbtwist.l7.machine.BackendSide}). It serves one request at a time for
+whoever holds it (an L{lbtwist.l7.machine.Attempt}): it carries out the
+machine's actions (write, set or clear a timeout, pause, release, discard)
+and turns what the backend does into the machine's events (the parser's
+response events go to the exchange directly; failures and flow control to
+the attempt). The connection pool decides whether it is reused.
 
 Failures are named so the client gets the right status and the keep-alive
 race can be told apart: "closed"/"reset" with ``received`` False means the
@@ -19,13 +23,16 @@ from zope.interface import implementer
 
 from lbtwist import fastio
 from lbtwist.l7.errors import ParseError
-from lbtwist.l7.parser import Response, ResponseParser
+from lbtwist.l7.parser import BODY_CHUNKED, BODY_CLOSE, BODY_LENGTH, Response, ResponseParser
 from lbtwist.l7.timers import Deadline
 
 if TYPE_CHECKING:
     from lbtwist.l7.connpool import BackendConnections
 
 CONNECTING, IDLE, BUSY, TUNNEL, CLOSED = range(5)
+
+#: Parser states in which a response body is in progress.
+_IN_BODY = frozenset((BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE))
 
 
 @implementer(IPushProducer)
@@ -84,8 +91,6 @@ class BackendConnection(Protocol):
         self.retire = False
         self.deadline = Deadline(clock, self._timeout)
         self.tunnel: Any = None
-        #: The current response (set by the sink while one is in progress).
-        self.response: Response | None = None
         #: Receives the parser's events while a request is in progress.
         self.sink: Any = None
         self.body_timeout = 60.0
@@ -130,10 +135,12 @@ class BackendConnection(Protocol):
             # first); never hand such a connection to a request.
             self.abort()
             return
+        sink = self.sink
         self.received = True
         self._in_feed = True
+        parser = self.parser
         try:
-            self.parser.feed(data)
+            parser.feed(data)
         except ParseError as e:
             self._in_feed = False
             self._release = None
@@ -146,18 +153,17 @@ class BackendConnection(Protocol):
             # such a connection is never reused.
             self._release = None
             if self.state == BUSY:
-                self.owner.release(self, release and not self.retire and not self.parser._buf)
+                self.owner.release(self, release and not self.retire and not parser.held)
         elif self.state == TUNNEL:
-            rest = self.parser.take_buffer()
+            rest = parser.take_buffer()
             if rest:
                 self.tunnel.from_backend(rest)
-        elif self.response is not None and self.user is not None and not self.read_paused:
+        elif parser.state in _IN_BODY and self.user is not None and not self.read_paused:
             # A response is in progress beyond this read: bound the next stall
             # (once per read, not per parser event).
             self.deadline.set(self.body_timeout, "body")
-        sink = user.owner
-        if sink.out:
-            sink.flush()
+        if not sink.done:
+            sink.flush()  # the end of an event: what it queued for the client goes out
 
     def connectionLost(self, reason: Failure = terror.ConnectionDone) -> None:  # type: ignore[assignment]
         if self.handshaking:
@@ -179,8 +185,9 @@ class BackendConnection(Protocol):
         user = self.user
         if user is None:
             return
+        sink = self.sink
         if self.parser.eof():  # a close-delimited body just ended
-            user.owner.flush()
+            sink.flush()
             return
         self.user = None
         code = "closed" if reason.check(terror.ConnectionDone) else "reset"
@@ -200,15 +207,6 @@ class BackendConnection(Protocol):
             code, detail = "connect-failed", f"connect failed: {reason.getErrorMessage()}"
         self.owner.connect_failed(self, code, detail)
 
-    def go_idle(self, now: float) -> None:
-        """Back in the pool; the pool's sweep closes it after idle_timeout."""
-        self.state = IDLE
-        self.user = None
-        self.response = None
-        self.idle_since = now
-        if self.read_paused:
-            self.resume_reading()  # an idle connection must notice the backend closing
-
     # -- used by the request ---------------------------------------------------------
 
     def start(self, user: Any, sink: Any, head_request: bool, body_timeout: float) -> None:
@@ -227,14 +225,40 @@ class BackendConnection(Protocol):
         parser.handler = sink
         parser.expect(head_request)
 
+    def send_request(self, user: Any, sink: Any, head_request: bool, body_timeout: float, head: bytes,
+                     response_timeout: float) -> None:
+        """L{start}, write the whole request ``head`` (a request without a
+        body) and start the response timeout, in one call."""
+        self.body_timeout = body_timeout
+        self.state = BUSY
+        self.user = user
+        self.sink = sink
+        self.requests += 1
+        self.received = False
+        parser = self.parser
+        parser.handler = sink
+        parser.expect(head_request)
+        self.transport.write(head)
+        self.deadline.set(response_timeout, "response")
+
     def write(self, data: bytes) -> None:
         self.transport.write(data)
+
+    def start_tunnel(self, tunnel: Any) -> None:
+        """101: from now on the bytes go to ``tunnel``, both ways."""
+        self.state = TUNNEL
+        self.deadline.clear()
+        self.tunnel = tunnel
+        self.user = tunnel
+
+    def discard_rest(self) -> None:
+        """Parse the rest of the response into nothing (it was withheld for a retry)."""
+        self.parser.handler = _DISCARD
 
     def finish(self, reusable: bool) -> None:
         """The user is done with the connection: pool it or close it."""
         self.user = None
         self.sink = None
-        self.response = None
         self.parser.handler = self
         self.deadline.clear()
         if self.state == BUSY:
@@ -255,6 +279,13 @@ class BackendConnection(Protocol):
 
     def set_timeout(self, delay: float, kind: str) -> None:
         self.deadline.set(delay, kind)
+
+    def clear_timeout(self) -> None:
+        self.deadline.clear()
+
+    def timeout_kind(self) -> str | None:
+        """The kind of the last timeout set (response, write, body)."""
+        return self.deadline.kind
 
     def close(self) -> None:
         """Close gracefully (an idle or retired connection)."""
@@ -342,3 +373,22 @@ def _unregister(transport: Any) -> None:
     may run twice)."""
     if getattr(transport, "producer", None) is not None:
         transport.unregisterProducer()
+
+
+class _Discard:
+    """Parser sink for the rest of a response dropped for a retry."""
+
+    def on_informational(self, resp: Response) -> None:
+        pass
+
+    def on_response(self, resp: Response) -> None:
+        pass
+
+    def on_body(self, data: bytes) -> None:
+        pass
+
+    def on_end(self) -> None:
+        pass
+
+
+_DISCARD = _Discard()

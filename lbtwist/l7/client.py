@@ -1,5 +1,11 @@
 """The client side of ``mode: http``: one protocol instance per client
-connection, a thin adapter around the sans-IO L{RequestParser}.
+connection, a thin adapter between the sans-IO L{RequestParser} and the
+sans-IO exchange machine (L{lbtwist.l7.machine.Exchange}). Parser events
+become exchange events; the exchange's client actions (L{ClientSide}:
+``send_head``, ``send_data``, ``send_end``, ``send_error``...) become
+HTTP/1.1 bytes here: the response framing towards this client (length,
+chunked or close-delimited, L{client_framing}) and whether the connection
+stays open are decided here, not in the exchange.
 
 It answers requests strictly in order (a pipelined request is parsed only
 after the previous response ended), owns the client-side timeouts (header
@@ -19,8 +25,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from lbtwist import fastio
+from lbtwist.l7.chunked import LAST_CHUNK
 from lbtwist.l7.errors import ParseError, error_page, page_body_size
-from lbtwist.l7.exchange import Exchange
+from lbtwist.l7.headers import (
+    FRAME_CHUNKED, FRAME_CLOSE, FRAME_LENGTH, FRAME_NONE, client_framing, client_response_head, interim_head,
+)
+from lbtwist.l7.machine import Exchange
 from lbtwist.l7.parser import DONE, HEAD, Request, RequestParser
 from lbtwist.l7.timers import Deadline
 from lbtwist.pool import join_address
@@ -37,6 +47,8 @@ PIPELINE_PAUSE = 64 * 1024
 #: How long unread request bytes are drained after an early response before
 #: closing (closing with unread data sends a reset that can destroy the response).
 LINGER = 2.0
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 @implementer(IPushProducer)
@@ -74,6 +86,8 @@ class HttpProxyProtocol(Protocol):
         self.lingering = False
         self.half_closed = False
         self.requests = 0
+        #: Counted by the listener (L{HttpProxyFactory.track}); uncounted once.
+        self.tracked = False
         self.client_ip = b""
         self.client_ip_str = ""
         #: ``host:port`` of the client, as the access log shows it.
@@ -85,6 +99,13 @@ class HttpProxyProtocol(Protocol):
         self._head_at = 0.0
         self.deadline: Deadline | None = None
         self._wdeadline: Deadline | None = None
+        #: Client-bound bytes of the current event, written once (L{flush}),
+        #: so a response head and its first body bytes leave in one send.
+        self.out: list[bytes] = []
+        #: How the current response body is framed, and whether the
+        #: connection stays open after it (decided with its head).
+        self.framing = FRAME_NONE
+        self.keep_alive = False
 
     # -- Twisted ---------------------------------------------------------------------
 
@@ -135,11 +156,11 @@ class HttpProxyProtocol(Protocol):
         self.feeding = False
         ex = self.exchange
         if ex is not None:
-            if ex.req_out or ex.out:
+            if ex.req_out or self.out:
                 ex.flush()
-            if parser._buf and parser.state == DONE and parser.buffered() > PIPELINE_PAUSE:  # type: ignore[union-attr]
+            if parser.held and parser.state == DONE and parser.buffered() > PIPELINE_PAUSE:  # type: ignore[union-attr]
                 self.pause_reading("pipeline")
-        elif not self._head_started and parser._buf and parser.state == HEAD:  # type: ignore[union-attr]
+        elif not self._head_started and parser.held and parser.state == HEAD:  # type: ignore[union-attr]
             # A request head began but is incomplete: it must be complete in
             # time (set once, so a slowloris trickle does not push it back).
             self._head_started = True
@@ -177,6 +198,7 @@ class HttpProxyProtocol(Protocol):
             return
         ex = self.exchange
         if ex is not None:
+            self.out = []  # nowhere to send it
             ex.client_lost()
 
     # -- parser callbacks --------------------------------------------------------------
@@ -205,15 +227,88 @@ class HttpProxyProtocol(Protocol):
             self.deadline.clear()  # type: ignore[union-attr]
             ex.body_end()
 
-    # -- from the exchange ----------------------------------------------------------------
+    # -- the exchange's actions (lbtwist.l7.machine.ClientSide) ------------------------------
 
     def write(self, data: bytes) -> None:
         if not self.closed:
             self.transport.write(data)
 
-    def exchange_done(self, ex: Exchange, keep_alive: bool) -> None:
+    def tls_info(self) -> Any:
+        """Version, cipher, SNI and resumption of this TLS connection (None on plain TCP)."""
+        if not self.tls or self.transport is None:
+            return None
+        from lbtwist.tls.server import tls_info
+
+        return tls_info(self.transport)
+
+    def limit_body(self, max_body: int) -> None:
+        self.parser.max_body = max_body  # type: ignore[union-attr]
+
+    def send_interim(self, resp: Any) -> bool:
+        """A 1xx: 100 Continue as is, others to HTTP/1.1 clients only."""
+        if resp.status == 100:
+            self.out.append(_CONTINUE)
+            return True
+        if self.exchange.req.version == b"1.1":  # type: ignore[union-attr]
+            self.out.append(interim_head(resp))
+            return True
+        return False
+
+    def send_head(self, resp: Any, extra: tuple, content_length: int | None) -> None:
+        ex: Exchange = self.exchange  # type: ignore[assignment]
+        version = ex.req.version
+        framing = client_framing(resp, version)
+        keep = ex.req.keep_alive and framing != FRAME_CLOSE and not self.draining
+        self.keep_alive = keep
+        if resp.status == 101:
+            framing, keep = FRAME_NONE, True
+        self.out.append(client_response_head(resp, framing, keep, version, ex.request_id, self.ctx.forwarding,
+                                             ex.plan.response_rewriter, extra, content_length))  # type: ignore[union-attr]
+        self.framing = FRAME_LENGTH if content_length is not None else framing
+
+    def send_data(self, data: bytes) -> None:
+        if self.framing == FRAME_CHUNKED:
+            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
+        else:
+            self.out.append(data)
+
+    def send_end(self, trailers: tuple) -> None:
+        out = self.out
+        if self.framing == FRAME_CHUNKED:
+            out.append(LAST_CHUNK)
+        if out:
+            self.out = []
+            if not self.closed:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def send_error(self, status: int, cause: str, extra: tuple) -> int:
+        ex: Exchange = self.exchange  # type: ignore[assignment]
+        req = ex.req
+        keep = self.keep_alive = req.keep_alive and ex.request_complete and not self.draining
+        page = error_page(status, cause, close=not keep, head_only=req.method == b"HEAD", extra=extra)
+        self.out.append(page)
+        self.flush()
+        return page_body_size(page)
+
+    def flush(self) -> None:
+        out = self.out
+        if out:
+            self.out = []
+            if not self.closed:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def reset(self) -> None:
+        """The response cannot complete: drop the connection (the exchange ends itself)."""
+        if self.transport is not None and not getattr(self.transport, "disconnected", False):
+            self.closed = True
+            _unregister(self.transport)
+            self.transport.abortConnection()
+
+    def exchange_done(self, ex: Exchange, clean: bool) -> None:
         if self.exchange is ex:
             self.exchange = None
+        keep_alive = clean and self.keep_alive
+        self.framing = FRAME_NONE
         if self.closed:
             return
         if self.tunnel is not None or ex.tunnel is not None:
@@ -230,7 +325,7 @@ class HttpProxyProtocol(Protocol):
         else:
             self.deadline.set(self.ctx.http.keepalive_timeout, "keepalive")  # type: ignore[union-attr]
         parser = self.parser
-        if parser._buf:  # type: ignore[union-attr]
+        if parser.held:  # type: ignore[union-attr]
             # Pipelined requests: continue from the reactor, after the backend
             # connection that served this one is back in its pool.
             self.ctx.clock.callLater(0, self._next_request)
@@ -326,10 +421,7 @@ class HttpProxyProtocol(Protocol):
         ex = self.exchange
         if ex is not None:
             ex.abort()
-        if self.transport is not None and not getattr(self.transport, "disconnected", False):
-            self.closed = True
-            _unregister(self.transport)
-            self.transport.abortConnection()
+        self.reset()
 
     def drain(self) -> None:
         """Finish the current request (its response says Connection: close),

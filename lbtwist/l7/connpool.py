@@ -72,19 +72,11 @@ class BackendConnections:
         (idle reuse) or later, or ``attempt.connect_failed(code, detail)``.
         ``fresh`` skips idle connections (the keep-alive race re-send).
         Returns False when the attempt was queued behind the cap."""
-        if not fresh:
-            idle = self.idle
-            if idle:
-                now = attempt.started
-                while idle:
-                    conn = idle.pop()
-                    if (conn.state == IDLE and now - conn.created < self.max_age
-                            and now - conn.idle_since < self.idle_timeout):
-                        conn.state = BUSY
-                        self.reused += 1
-                        attempt.connection_ready(conn)
-                        return True
-                    conn.close()
+        if not fresh and self.idle:
+            conn = self.take_idle(attempt.started)
+            if conn is not None:
+                attempt.connection_ready(conn)
+                return True
         limits = self.limits
         if self.open >= self.max_open:
             return self._queue(attempt)
@@ -96,6 +88,21 @@ class BackendConnections:
             return True
         self._connect(attempt)
         return True
+
+    def take_idle(self, now: float) -> BackendConnection | None:
+        """The newest idle connection still fit to reuse (marked busy), or
+        None; stale ones met on the way are closed. The exchange asks this
+        first, so the common request gets its connection without a callback."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if (conn.state == IDLE and now - conn.created < self.max_age
+                    and now - conn.idle_since < self.idle_timeout):
+                conn.state = BUSY
+                self.reused += 1
+                return conn
+            conn.close()
+        return None
 
     def _queue(self, attempt: Any) -> bool:
         """Wait for a connection, within the pool's max_pending: over it the
@@ -251,7 +258,7 @@ class BackendConnections:
             self.reused += 1
             attempt.connection_ready(conn)
             return
-        conn.state = IDLE  # conn.go_idle(now), inlined
+        conn.state = IDLE
         conn.idle_since = now
         if conn.read_paused:
             conn.resume_reading()  # an idle connection must notice the backend closing
@@ -290,7 +297,8 @@ class ConnectionPools:
         self.reactor = reactor
         #: Apply fastio's eager write to backend connections.
         self.eager = True
-        #: Backend -> its connections (the exchange reads it directly, once per request).
+        #: Backend -> its connections (the exchange reads it directly, once per request;
+        #: L{for_backend} when absent).
         self.by_backend: dict[Backend, BackendConnections] = {}
         self._watched: set[int] = set()
         #: pool name -> lbtwist.tls BackendTLS or None (set by the listener wiring).
@@ -306,6 +314,16 @@ class ConnectionPools:
                 self._watched.add(id(pool))
                 pool.subscribe(self._pool_changed)
         return bc
+
+    def for_backend(self, pool: Pool, backend: Backend, pcfg: Any, default: ConnectionPoolConfig) -> BackendConnections:
+        """``backend``'s connections, made on first use from its pool's config
+        ``pcfg`` (a PoolConfig, or None: ``default`` and a 3 s connect timeout)."""
+        bc = self.by_backend.get(backend)
+        if bc is not None:
+            return bc
+        if pcfg is not None:
+            return self.get(pool, backend, pcfg.connection_pool, pcfg.connect_timeout)
+        return self.get(pool, backend, default, 3.0)
 
     def find(self, backend: Backend) -> BackendConnections | None:
         return self.by_backend.get(backend)

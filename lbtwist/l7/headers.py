@@ -14,23 +14,18 @@ What changes in transit, and why:
 """
 from __future__ import annotations
 
-import os
+import functools
 import itertools
-from typing import Any
+import os
+from typing import Any, Callable
 
 import attrs
 
 from lbtwist.config.model import HeaderRewrite
 from lbtwist.l7.errors import status_line
-from lbtwist.l7.parser import Request, Response
+from lbtwist.l7.parser import HOP_BY_HOP, Request, Response  # noqa: F401  (HOP_BY_HOP: re-exported)
 
 VIA_NAME = b"lbtwist"
-
-#: Fields never forwarded in either direction (names lower case).
-HOP_BY_HOP = frozenset((
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-    b"transfer-encoding", b"upgrade",
-))
 
 
 def check_header_value(value: str) -> None:
@@ -75,11 +70,10 @@ class RequestIds:
 
     def __init__(self) -> None:
         self.prefix = os.urandom(6).hex().encode()
-        #: The exchange reads ``prefix`` and ``count`` itself (one call less per request).
-        self.count = itertools.count(1)
-
-    def new(self) -> bytes:
-        return b"%s-%x" % (self.prefix, next(self.count))
+        #: ``new()``: the next id, ``b"<prefix>-<counter in hex>"``. Built from
+        #: C-level callables only (next over a map of a bound ``%``), so the
+        #: exchange's call per request runs no Python frame.
+        self.new: Callable[[], bytes] = functools.partial(next, map((self.prefix + b"-%x").__mod__, itertools.count(1)))
 
 
 def _forwarded_node(ip: bytes) -> bytes:
@@ -364,6 +358,37 @@ def client_response_head(
                                                 (f.partition(b":") for f in rest.split(b"\r\n"))]))
     parts.append(b"\r\n\r\n")
     return b"".join(parts)
+
+
+def response_fields(
+    resp: Response,
+    request_id: bytes | None,
+    policy: ForwardingPolicy,
+    rewriter: Rewriter | None = None,
+    extra: tuple[tuple[bytes, bytes], ...] = (),
+) -> list[tuple[bytes, bytes]]:
+    """The response's fields for the client as one protocol-neutral list:
+    what L{client_response_head} writes minus the HTTP/1.1 framing and
+    connection fields (Content-Length, Transfer-Encoding, Connection), for
+    a client protocol that frames and serialises itself (HTTP/2)."""
+    fields = resp.headers
+    if resp.connection_tokens:
+        fields = _drop_named(fields, resp.connection_tokens)
+    if policy.hsts is not None:
+        fields = _drop_sts(fields)
+    out = list(fields)
+    if policy.via:
+        out.append((b"via", _VIA[resp.version]))
+    if request_id is not None:
+        rid_name = policy.request_id_header
+        if rid_name == b"x-request-id":
+            if resp.request_id is None:
+                out.append((rid_name, request_id))
+        elif resp.header(rid_name) is None:
+            out.append((rid_name, request_id))
+    out += policy.response_fields
+    out += extra
+    return rewriter.apply(out) if rewriter is not None else out
 
 
 def interim_head(resp: Response) -> bytes:

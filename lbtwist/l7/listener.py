@@ -17,7 +17,7 @@ from lbtwist.l7.connpool import ConnectionPools
 from lbtwist.l7.errors import error_page, page_body_size
 from lbtwist.l7.headers import ForwardingPolicy, RequestIds, hsts_value
 from lbtwist.l7.plan import HashKey, RoutePlan
-from lbtwist.l7.timers import TimerHeap
+from lbtwist.l7.timers import ExchangeTimers, TimerHeap
 from lbtwist.listener import ListenerService, PerClientLimit, RefusalLog
 from lbtwist.pool import join_address
 from lbtwist.resilience.wiring import runtime_resilience
@@ -149,6 +149,22 @@ class HttpProxyFactory(ServerFactory):
         p.factory = self
         return p
 
+    def exchange_timers(self, exchange: Any) -> ExchangeTimers:
+        """The reactor timers of one exchange (queue wait, retry backoff)."""
+        return ExchangeTimers(self.clock, exchange)
+
+    def await_rate_decision(self, exchange: Any, pending: Any) -> None:
+        """The reactor side of a late rate decision (the machine's RATE_WAIT):
+        ``pending`` (a Deferred from the fleet limiter, which fires within its
+        timeout) comes back as ``exchange.rate_decided(decision)``; a failure
+        is logged and comes back as None (the machine answers 503)."""
+
+        def failed(f: Any) -> None:
+            log.failure("route rate limit decision failed", f)
+            exchange.rate_decided(None)
+
+        pending.addCallbacks(exchange.rate_decided, failed)
+
     def note_rejection(self, status: int, reason: str, client: str) -> None:
         """A request refused before it reached a pool (bad head, header timeout)."""
         self.refusals.note(f"listener {self.name}: {status} {reason}", client)
@@ -187,14 +203,14 @@ class HttpProxyFactory(ServerFactory):
             return page
         self.active += 1
         self.total += 1
-        proto._tracked = True
+        proto.tracked = True
         if self.service is not None:
             self.service.track(proto)
         return None
 
     def untrack(self, proto: HttpProxyProtocol) -> None:
-        if getattr(proto, "_tracked", False):
-            proto._tracked = False
+        if proto.tracked:
+            proto.tracked = False
             self.active -= 1
             self.clients.release(proto.client_ip_str)
             if self.service is not None:

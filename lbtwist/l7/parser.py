@@ -278,16 +278,23 @@ class _HeadCollector:
         # kind 13, x-forwarded-proto/host: set by us
 
 
+#: Fields never forwarded in either direction (names lower case): they
+#: describe one connection (RFC 9110 7.6.1); framing is re-declared for the
+#: next hop. The parsers pull them out of the forwarded fields (the kinds
+#: below); L{lbtwist.l7.headers} re-exports this set.
+HOP_BY_HOP = frozenset((
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade",
+))
+#: The hop-by-hop fields the parsers interpret (the rest are only dropped: kind 5).
+_HOP_KIND = {b"transfer-encoding": 3, b"connection": 4, b"proxy-connection": 4, b"upgrade": 6}
+_HOP = {name: _HOP_KIND.get(name, 5) for name in HOP_BY_HOP}
+
+#: Request fields the proxy interprets or sets, by kind (see _HeadCollector).
 _SPECIAL = {
     b"host": 1,
     b"content-length": 2,
-    b"transfer-encoding": 3,
-    b"connection": 4,
-    b"proxy-connection": 4,
-    b"keep-alive": 5,
-    b"te": 5,
-    b"trailer": 5,
-    b"upgrade": 6,
+    **_HOP,
     b"expect": 7,
     b"x-forwarded-for": 8,
     b"forwarded": 9,
@@ -301,13 +308,7 @@ _SPECIAL = {
 #: Response fields the proxy interprets: framing and hop-by-hop ones.
 _SPECIAL_RESPONSE = {
     b"content-length": 2,
-    b"transfer-encoding": 3,
-    b"connection": 4,
-    b"proxy-connection": 4,
-    b"keep-alive": 5,
-    b"te": 5,
-    b"trailer": 5,
-    b"upgrade": 6,
+    **_HOP,
     b"x-request-id": 11,
 }
 
@@ -339,7 +340,9 @@ class _Framer:
         # more than max_headers fields and need not be counted.
         self._short_head = 4 * max_headers + 8
         self.state = HEAD
-        self._buf = b""
+        #: Bytes received but not parsed yet (a pipelined request, or bytes
+        #: after a response for the connection to judge).
+        self.held = b""
         self._left = 0
         self._chunked: ChunkedDecoder | None = None
         self.body_size = 0
@@ -347,18 +350,18 @@ class _Framer:
 
     def buffered(self) -> int:
         """Bytes held but not yet parsed (pipelined data while DONE)."""
-        return len(self._buf)
+        return len(self.held)
 
     def take_buffer(self) -> bytes:
         """Hand over unparsed bytes (after an upgrade) and stop parsing."""
-        b, self._buf = self._buf, b""
+        b, self.held = self.held, b""
         self.state = UPGRADED
         return b
 
     def stop(self) -> None:
         """Parse nothing more (the connection is closing)."""
         self.state = CLOSED
-        self._buf = b""
+        self.held = b""
 
     #: Skip empty lines before a head (RFC 9112 2.2: requests only).
     _skip_blank = False
@@ -368,11 +371,11 @@ class _Framer:
 
     def feed(self, data: bytes) -> None:
         """Parse ``data``, calling the handler; raises L{ParseError}."""
-        if self._buf:
-            data = self._buf + data
-            self._buf = b""
+        if self.held:
+            data = self.held + data
+            self.held = b""
         if self._feeding:  # re-entered from a handler callback: queue
-            self._buf = data
+            self.held = data
             return
         self._feeding = True
         try:
@@ -387,7 +390,7 @@ class _Framer:
                     if end < 3 or end > self.max_head:
                         end = self._find_head_end(data)
                         if end < 0:
-                            self._buf = data
+                            self.held = data
                             return
                     if end == len(data):
                         self._head(data)
@@ -425,7 +428,7 @@ class _Framer:
                     return
                 else:
                     if state in self._hold_in:
-                        self._buf += data
+                        self.held += data
                     return
         finally:
             self._feeding = False
@@ -485,8 +488,8 @@ class RequestParser(_Framer):
         self.state = HEAD
         self.max_body = 0
         self.body_size = 0
-        if self._buf and not self._feeding:
-            data, self._buf = self._buf, b""
+        if self.held and not self._feeding:
+            data, self.held = self.held, b""
             self.feed(data)
 
     def _body_data(self, data: bytes) -> None:
@@ -689,8 +692,8 @@ class ResponseParser(_Framer):
         self.head_request = head_request
         self.state = HEAD
         self.body_size = 0
-        if self._buf and not self._feeding:
-            data, self._buf = self._buf, b""
+        if self.held and not self._feeding:
+            data, self.held = self.held, b""
             self.feed(data)
 
     def eof(self) -> bool:

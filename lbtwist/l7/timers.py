@@ -228,3 +228,30 @@ class Deadline:
         self.when = None
         self._fire(self.kind)
         return True
+
+
+class ExchangeTimers:
+    """The reactor side of an exchange's L{lbtwist.l7.machine.Timers}: one
+    DelayedCall per kind, firing ``exchange.timer_fired(kind)``. Built only
+    for an exchange that needs a timer (queued for a connection, waiting to
+    retry), so the common request pays nothing."""
+
+    __slots__ = ("_clock", "_target", "_calls")
+
+    def __init__(self, clock: IReactorTime, target: Any) -> None:
+        self._clock = clock
+        self._target = target
+        self._calls: dict[str, Any] = {}
+
+    def start(self, kind: str, delay: float) -> None:
+        self.cancel(kind)
+        self._calls[kind] = self._clock.callLater(delay, self._fire, kind)
+
+    def cancel(self, kind: str) -> None:
+        call = self._calls.pop(kind, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _fire(self, kind: str) -> None:
+        self._calls.pop(kind, None)
+        self._target.timer_fired(kind)

@@ -26,12 +26,12 @@ class Tunnel:
     def from_client(self, data: bytes) -> None:
         self.bytes_in += len(data)
         self._idle.set(self.idle_timeout, "idle")
-        self.conn.transport.write(data)
+        self.conn.write(data)
 
     def from_backend(self, data: bytes) -> None:
         self.bytes_out += len(data)
         self._idle.set(self.idle_timeout, "idle")
-        self.client.transport.write(data)
+        self.client.write(data)
 
     # flow control: each side's full write buffer pauses the other side's reads
     def client_write_blocked(self) -> None:
