@@ -20,6 +20,9 @@ machine's absolute numbers drift between runs. Compare ratios, not absolutes.
 
 Usage: .venv/bin/python bench/bench_l4.py [--rounds 3] [--duration 10]
        [--bulk 1GiB] [--variants tuned,stock] [--skip-bulk] [--skip-conns]
+``--workers 1,2`` instead runs ``twistd lbtwist`` (tcp) with ``workers: 1``
+and ``workers: 2`` side by side (bench/workersbench.py).
+
 Variants of lbtwist: ``tuned`` (default levers: eager write, 1 MiB reads),
 ``lean`` (tuned + lean epoll reactor), ``stock`` (no levers: Twisted's
 buffered writes and 64 KiB reads).
@@ -269,6 +272,9 @@ def main() -> None:
     ap.add_argument("--soak", type=int, default=0, metavar="N",
                     help="reproduction loop: N runs of (conns/s burst, bulk 256 MiB / 1 GiB) per contender")
     ap.add_argument("--soak-minutes", type=float, default=120.0, help="time bound of --soak")
+    ap.add_argument("--workers", default=None, metavar="N,M",
+                    help="instead: twistd lbtwist (tcp) with workers: N, M ... side by side: conns/s and CPU per "
+                         "connection of master + workers, idle RSS (bench/workersbench.py)")
     ap.add_argument("--role", help=argparse.SUPPRESS)
     ap.add_argument("role_args", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -277,6 +283,8 @@ def main() -> None:
     if args.role == "source":
         return run_source(int(args.role_args[0]), int(args.role_args[1]))
 
+    if args.workers:
+        return workers_mode(args)
     check_tools()
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
@@ -340,6 +348,24 @@ def main() -> None:
                 med = statistics.median(table[n])
                 ratio = med / base if higher_better else base / med
                 print(f"  {label:10s} {n:16s} {med:10.2f}   x{ratio:.2f}")
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def workers_mode(args: argparse.Namespace) -> None:
+    from workersbench import compare, parse_counts
+
+    counts = parse_counts(args.workers)
+    check_tools(("nginx", "wrk", "taskset"))
+    procs = Procs()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_l4_workers_"))
+    try:
+        origin = start_origin(procs, tmp)
+        close = not args.keepalive
+        compare(procs, tmp, counts, "tcp", origin, lambda port, what: wait_port(port, what), rounds=args.rounds,
+                duration=args.duration, connections=args.connections, threads=2, close=close,
+                label="conns/s" if close else "req/s")
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)

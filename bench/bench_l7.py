@@ -24,6 +24,10 @@ lean epoll reactor), ``stock`` (Twisted's buffered writes).
 ``--profile N`` also records N seconds of py-spy on the first lbtwist variant
 under load and prints where the time goes (needs py-spy in the venv).
 Missing tools: ``apt-get install haproxy nginx-light wrk``.
+
+``--workers 1,2`` instead runs ``twistd lbtwist`` with ``workers: 1`` and
+``workers: 2`` side by side (bench/workersbench.py: req/s, CPU per request of
+the master and its workers together, idle RSS; nothing pinned).
 """
 from __future__ import annotations
 
@@ -261,8 +265,13 @@ def main() -> None:
     ap.add_argument("--compare", metavar="CHECKOUT", type=Path,
                     help="also run the first variant from another checkout (A/B of two code versions in one "
                          "interleaved run, e.g. a `git archive` of the commit before a change)")
+    ap.add_argument("--workers", default=None, metavar="N,M",
+                    help="instead: twistd lbtwist with workers: N, M ... side by side (req/s, CPU per request "
+                         "of master + workers, idle RSS); see bench/workersbench.py")
     args = ap.parse_args()
 
+    if args.workers:
+        return workers_mode(args)
     check_tools()
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
@@ -317,6 +326,22 @@ def main() -> None:
             port, pid, _ = targets[first]
             print(f"\nprofiling {first} for {args.profile}s under the same load...")
             profile(pid, port, args.profile, args.connections)
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def workers_mode(args: argparse.Namespace) -> None:
+    from workersbench import compare, parse_counts
+
+    counts = parse_counts(args.workers)
+    check_tools(("nginx", "wrk", "taskset"))
+    procs = Procs()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_l7_workers_"))
+    try:
+        origin = start_origin(procs, tmp)
+        compare(procs, tmp, counts, "http", origin, wait_http, rounds=args.rounds, duration=args.duration,
+                connections=args.connections, threads=2, close=False, label="req/s")
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -63,6 +63,43 @@ def accept_in_batches(port: Any, batch: int = ACCEPT_BATCH) -> bool:
     return True
 
 
+def _close_fd(result: Any, fd: int) -> Any:
+    import os
+
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    return result
+
+
+def socket_family(fd: int) -> int:
+    import socket
+
+    s = socket.socket(fileno=fd)
+    try:
+        return s.family
+    finally:
+        s.detach()
+
+
+def adopt_stream(reactor: Any, fd: int, factory: Any, backlog: int) -> IListeningPort:
+    """Accept on an inherited bound socket, listening from now on (Twisted
+    dup()s ``fd``; the caller's copy stays open, so a later listener can
+    adopt it again). A socket already listening (a replaced worker's) keeps
+    its queue: listen() again only sets the backlog."""
+    import socket
+
+    s = socket.socket(fileno=fd)
+    try:
+        s.listen(backlog)
+    finally:
+        s.detach()
+    port = reactor.adoptStreamPort(fd, socket_family(fd), factory)
+    accept_in_batches(port)
+    return port
+
+
 class PerClientLimit:
     """Open connections per client address, capped (``max_connections_per_client``;
     0: no cap, nothing counted). A dict lookup per accept and per close."""
@@ -166,6 +203,14 @@ class ListenerService(Service):
         #: lbtwist.tls ServerTLS when the listener terminates TLS (its ticket
         #: keys rotate while the service runs).
         self.tls: Any = None
+        #: a listening socket opened by the master (worker processes): used
+        #: instead of binding (L{inherit_socket})
+        self._inherited: int | None = None
+
+    def inherit_socket(self, fd: int) -> None:
+        """Listen on ``fd`` (a bound, listening, non-blocking socket the
+        master passed down) instead of binding ``bind``."""
+        self._inherited = fd
 
     # bound in privilegedStartService so a port < 1024 can bind before dropping privileges
     def privilegedStartService(self) -> None:
@@ -174,6 +219,9 @@ class ListenerService(Service):
 
     def listen(self) -> IListeningPort:
         """Bind synchronously; CannotListenError propagates so twistd exits non-zero."""
+        if self._inherited is not None:
+            return adopt_stream(self.reactor, self._inherited, self.factory,
+                                self.backlog if self.backlog is not None else default_backlog())
         ep = endpoints.serverFromString(self.reactor, with_backlog(self.bind, self.backlog))
         d = ep.listen(self.factory)
         result: list[Any] = []
@@ -252,7 +300,11 @@ class ListenerService(Service):
         port, self.port = self.port, None
         if port is None:
             return defer.succeed(None)
-        return defer.maybeDeferred(port.stopListening)
+        d = defer.maybeDeferred(port.stopListening)
+        if self._inherited is not None:  # this process's last copy: new connections go to the other workers
+            fd, self._inherited = self._inherited, None
+            d.addBoth(_close_fd, fd)
+        return d
 
     def drain(self, timeout: float) -> defer.Deferred:
         if not self.connections:

@@ -138,6 +138,9 @@ OutcomeObserver = Callable[[Backend, float, float, str], None]
 #: "cancelled": the client went away first (says nothing about the backend).
 OUTCOMES = ("ok", "5xx", "gateway", "cancelled")
 
+#: Seconds a worker's reported latency estimate stays valid (L{Pool.remote_estimate}).
+REMOTE_ESTIMATE_TTL = 2.0
+
 #: The largest backend weight, in the config and through the admin API alike.
 MAX_WEIGHT = 1_000_000.0
 
@@ -177,6 +180,9 @@ class Pool:
         self._ejected: list[Backend] = []
         self._listeners: list[StateListener] = []
         self._outcome_observers: list[OutcomeObserver] = []
+        #: backend -> {source: (estimate, when)}: worker processes' latency
+        #: estimates, reported to the master (lbtwist.workers.fleetview)
+        self._remote_estimates: dict[Backend, dict[str, tuple[float, float]]] = {}
 
     # -- reading -------------------------------------------------------------
 
@@ -279,12 +285,36 @@ class Pool:
         seconds (peak EWMA for ``p2c`` and ``peak_ewma``), or None when the
         algorithm keeps none or has not measured the backend yet. Passive
         detection reads it for a backend the algorithm has stopped choosing."""
+        remote = self._remote_estimates.get(backend) if self._remote_estimates else None
+        if remote:
+            fresh = [e for e, at in remote.values() if now - at <= REMOTE_ESTIMATE_TTL]
+            if fresh:
+                return min(fresh)  # slow only if every worker that measured it sees it slow
         estimate = getattr(self._balancer, "latency_estimate", None)
         return estimate(backend, now) if estimate is not None else None
+
+    def remote_estimate(self, backend: Backend, source: str, estimate: float, now: float) -> None:
+        """A worker process's balancer estimate for ``backend`` (the master's
+        own balancer sees no traffic): L{latency_estimate} answers with the
+        lowest estimate reported in the last L{REMOTE_ESTIMATE_TTL} seconds."""
+        if self._by_address.get(backend.address) is not backend:
+            return
+        got = self._remote_estimates.setdefault(backend, {})
+        got[source] = (estimate, now)
+        for k in [k for k, (_, at) in got.items() if now - at > REMOTE_ESTIMATE_TTL]:
+            del got[k]
 
     def observe_outcomes(self, observer: OutcomeObserver) -> None:
         """Passive health checks and metrics watch live traffic through this."""
         self._outcome_observers.append(observer)
+
+    def report_outcome(self, backend: Backend, now: float, latency: float, outcome: str) -> None:
+        """Tell the outcome observers (passive health, live view) of work that
+        ended elsewhere: a worker process's traffic, fed to the master's pool
+        by lbtwist.workers.fleetview. Counts and the balancer are untouched
+        (they are this process's own)."""
+        for obs in self._outcome_observers:
+            obs(backend, now, latency, outcome)
 
     def unobserve_outcomes(self, observer: OutcomeObserver) -> None:
         if observer in self._outcome_observers:
@@ -389,4 +419,5 @@ class Pool:
     def remove_backend(self, backend: Backend, reason: str = "removed") -> None:
         self._backends.remove(backend)
         del self._by_address[backend.address]
+        self._remote_estimates.pop(backend, None)
         self._changed(backend, "removed", reason)

@@ -46,6 +46,18 @@ class Runtime:
     #: lbtwist.fleet.service.FleetService when the config has a ``fleet:``
     #: block: fleet rate limits and shared ejections through Redis.
     fleet: Any = None
+    #: role "master": lbtwist.workers.master.Fleet (GET /api/workers, the
+    #: workers' /metrics, admin changes acknowledged by every worker).
+    workers: Any = None
+    #: "single" (one process), "master" (decides the fleet view for worker
+    #: processes) or "worker" (serves traffic; probes, passive ejection and
+    #: discovery are decided by the master: lbtwist.workers.fleetview).
+    role: str = "single"
+    #: ``fn(pool_name, wanted: {address: BackendConfig}, why)``: the service's
+    #: backend diff (LbtwistService.sync_discovered), for the fleet view.
+    sync_backends: Any = None
+    #: A worker's master-to-local clock mapping (lbtwist.workers.fleetview).
+    fleet_clocks: Any = None
 
     def clock_seconds(self) -> float:
         return self.reactor.seconds()

@@ -151,15 +151,24 @@ class LbtwistService(MultiService):
         config_path: str | None = None,
         install_signals: bool = False,
         loader: Callable[[str, Registry], Any] | None = None,
+        role: str = "single",
+        sockets: Mapping[str, int] | None = None,
+        tls_servers: Mapping[str, Any] | None = None,
+        workers: int = 1,
     ) -> None:
         super().__init__()
+        if role not in ("single", "master", "worker"):
+            raise ValueError(f"role must be single, master or worker, not {role!r}")
         self.setName("lbtwist")
         self.reactor = reactor
         self.config_path = config_path
         self.install_signals = install_signals
+        #: role "worker": how many workers the instance runs (their shares of a limit)
+        self.worker_count = workers
         self._loader = loader
         self._old_handlers: dict[int, Any] = {}
-        self.runtime = Runtime(reactor=reactor, registry=registry, config=config)
+        self.runtime = Runtime(reactor=reactor, registry=registry, config=config, role=role)
+        self.runtime.sync_backends = self.sync_discovered
         self.listeners: MultiService = MultiService()
         self.listeners.setName("listeners")
         self.health: Any = None  # HealthService, set in _build
@@ -167,6 +176,14 @@ class LbtwistService(MultiService):
         self._removing: set[tuple[str, str]] = set()
         #: pool name -> lbtwist.discovery.PoolDiscovery (shared with the runtime: admin, metrics)
         self.discovery: dict[str, Any] = self.runtime.discovery
+        #: role "worker": bind text -> listening socket fd the master passed down
+        self.sockets: dict[str, int] = dict(sockets or {})
+        #: role "master": the lbtwist.workers.master.Fleet (reload goes through it)
+        self.fleet: Any = None
+        if tls_servers:  # a forked worker: the listeners' TLS the master built (shared ticket keys)
+            from lbtwist.tls.wiring import runtime_tls
+
+            runtime_tls(self.runtime).inherited.update(tls_servers)
         self._build(config)
 
     def _build(self, config: Config) -> None:
@@ -182,7 +199,7 @@ class LbtwistService(MultiService):
             rt.pool_configs[pcfg.name] = pcfg
             self._set_discovery(pcfg)
         rt.pool_state.setdefault("discovery", self._discovery_state)
-        if config.demo is not None:
+        if config.demo is not None and rt.role != "worker":
             from lbtwist.demo import demo_service
 
             demo_service(config.demo, self.reactor).setServiceParent(self)
@@ -193,16 +210,25 @@ class LbtwistService(MultiService):
         if config.fleet is not None:
             from lbtwist.fleet.service import FleetService
 
-            rt.fleet = FleetService.from_config(config.fleet, self.reactor)
+            rt.fleet = FleetService.from_config(config.fleet, self.reactor, role=rt.role, workers=self.worker_count)
             rt.fleet.setServiceParent(self)
         self.health = self._health_service()
         self.health.setServiceParent(self)
         admin = self._admin_service(config)
         if admin is not None:
             admin.setServiceParent(self)
-        for lcfg in config.listeners:
-            build_listener(lcfg, rt).setServiceParent(self.listeners)
+        if rt.role != "master":  # a master's workers listen
+            for lcfg in config.listeners:
+                self._new_listener(lcfg).setServiceParent(self.listeners)
         self.listeners.setServiceParent(self)
+
+    def _new_listener(self, lcfg: ListenerConfig) -> IService:
+        """build_listener, on the socket the master passed down in a worker."""
+        svc = build_listener(lcfg, self.runtime)
+        fd = self.sockets.get(lcfg.bind)
+        if fd is not None:
+            svc.inherit_socket(fd)
+        return svc
 
     # -- discovery -----------------------------------------------------------
 
@@ -215,8 +241,8 @@ class LbtwistService(MultiService):
         old = self.discovery.pop(name, None)
         if old is not None:
             old.stop()
-        if pcfg is None or not pcfg.discovery:
-            return None
+        if pcfg is None or not pcfg.discovery or self.runtime.role == "worker":
+            return None  # a worker gets its backends from the master's fleet view
         from lbtwist.discovery import pool_discovery
 
         disc = pool_discovery(pcfg, self.runtime.pools[name], self.reactor, self.runtime.registry,
@@ -238,7 +264,7 @@ class LbtwistService(MultiService):
         return HealthService(self.runtime)
 
     def _admin_service(self, config: Config) -> IService | None:
-        if config.admin is None:
+        if config.admin is None or self.runtime.role == "worker":
             return None
         from lbtwist.admin import admin_service
 
@@ -300,6 +326,8 @@ class LbtwistService(MultiService):
         with the problems (one per line)."""
         if self.config_path is None:
             return defer.fail(RuntimeError("no config file to reload (built-in config)"))
+        if self.fleet is not None:  # the master: validate, then every worker
+            return self.fleet.reload()
         loader = self._loader
         if loader is None:
             from lbtwist.config import load_config as loader
@@ -446,12 +474,15 @@ class LbtwistService(MultiService):
             b.slow_start = new.slow_start
         rt.pool_configs[pool.name] = new
         disc = self.discovery.get(pool.name)
-        if disc is not None:
+        if rt.role == "worker":
+            pass  # the backend set (static and discovered) comes with the master's fleet view
+        elif disc is not None:
             disc.set_static(new.backends)
             wanted = disc.wanted()
         else:
             wanted = {b.address: b for b in new.backends}
-        waits += self._sync_backends(pool, wanted, "config")
+        if rt.role != "worker":
+            waits += self._sync_backends(pool, wanted, "config")
         if health is not None:
             self.health.install(health)
         pool.version += 1
@@ -508,6 +539,8 @@ class LbtwistService(MultiService):
         old_l = {l.name: l for l in old.listeners}
         new_l = {l.name: l for l in new.listeners}
         plan = _ListenerPlan()
+        if rt.role == "master":  # its workers listen (lbtwist.workers.master.Fleet.reload)
+            return plan
         for svc in list(self.listeners):
             lcfg = new_l.get(svc.name)
             if lcfg is not None and _same_socket(old_l.get(svc.name), lcfg) and hasattr(svc, "prepare_reconfigure"):
@@ -526,7 +559,7 @@ class LbtwistService(MultiService):
             if lcfg.name in kept:
                 continue
             try:
-                svc = build_listener(lcfg, rt)
+                svc = self._new_listener(lcfg)
             except ValueError as e:
                 raise ReloadError(_about(lcfg.name, e)) from None
             donor = donors.get(lcfg.bind)

@@ -74,10 +74,21 @@ def makeService(options: Options) -> Any:
 
     from lbtwist.service import LbtwistService
 
-    return LbtwistService(
-        options["loaded"].config,
+    from lbtwist.workers.count import worker_count
+
+    config = options["loaded"].config
+    # workers: 1 is one process, exactly as before; more: this process is the master
+    role = "master" if worker_count(config.workers) > 1 else "single"
+    service = LbtwistService(
+        config,
         reactor,
         options["registry"],
         config_path=options["config_path"],
         install_signals=True,
+        role=role,
     )
+    if role == "master":
+        from lbtwist.workers.master import Fleet
+
+        Fleet(service).setServiceParent(service)
+    return service

@@ -184,9 +184,19 @@ def port_of(line: str) -> int:
 
 @pytest.fixture
 def balancer(tmp_path):
+    yield from _balancer(tmp_path, workers=2)
+
+
+@pytest.fixture
+def single_balancer(tmp_path):
+    yield from _balancer(tmp_path, workers=1)
+
+
+def _balancer(tmp_path, workers: int):
     e1, e2, e3, dead = free_port(), free_port(), free_port(), free_port()
     cfg = tmp_path / "lbtwist.yaml"
     cfg.write_text(textwrap.dedent(f"""\
+        workers: {workers}
         listeners:
           - name: echo
             bind: "tcp:0:interface=127.0.0.1"
@@ -293,6 +303,20 @@ def test_dashboard_shows_live_state_and_drains_on_click(balancer, browser, tmp_p
     assert points and all(int(p) >= 59 for p in points[::2])  # req/s series: a point per second
     assert page.evaluate("document.querySelector('tr[data-listener=\"echo\"]').cells[1].textContent") == "tcp"
 
+    # the workers row: one line per worker process, as /api/workers lists them, counting their traffic
+    pids = sorted(str(w["pid"]) for w in api(admin, "/api/workers")["workers"])
+    assert len(pids) == 2
+    shown = page.wait_for(
+        "(() => { const r = [...document.querySelectorAll('#workers tr[data-pid]')];"
+        " return !document.getElementById('workers-section').hidden && r.length === 2 ? r.map(x => x.dataset.pid) : null; })()",
+        "two worker rows",
+    )
+    assert sorted(shown) == pids
+    page.wait_for("[...document.querySelectorAll('#workers tr[data-pid]')]"
+                  ".reduce((n, r) => n + Number(r.cells[3].textContent), 0) >= 12", "the workers' request counts")
+    assert page.evaluate("document.querySelector('#workers tr[data-pid]').cells[7].textContent").endswith("MiB")
+    assert page.evaluate("document.getElementById('workers-summary').textContent").startswith("2 processes")
+
     # an operator clicks Drain on a backend: the page and the balancer agree
     target = f"127.0.0.1:{e1}"
     page.click(f'tr[data-backend="{target}"] button[data-action="drain"]')
@@ -326,3 +350,12 @@ def test_dashboard_shows_live_state_and_drains_on_click(balancer, browser, tmp_p
     (tmp_path / "dashboard.png").write_bytes(shot)
     if screenshot_run:
         (REPO / "docs" / "dashboard.png").write_bytes(shot)
+
+
+def test_dashboard_has_no_workers_row_for_one_process(single_balancer, browser):
+    proc, admin, relay, _ = single_balancer
+    assert api(admin, "/api/workers")["workers"] == []
+    page = browser(f"http://127.0.0.1:{admin}/")
+    page.wait_for("document.body.dataset.refreshes >= 2", "two refreshes")
+    assert page.evaluate("document.getElementById('workers-section').hidden") is True
+    assert page.evaluate("document.querySelectorAll('#workers tr[data-pid]').length") == 0

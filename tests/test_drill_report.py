@@ -44,3 +44,19 @@ def test_report_of_a_failed_run_says_why(tmp_path):
     page = write_report(plan, [r], tmp_path)
     assert "haproxy is not installed" in page.read_text()
     assert (tmp_path / "success.png").exists()
+
+
+def test_worker_kill_report_has_the_workers_chart(tmp_path):
+    plan = plan_for("worker-kill", short=True)
+    r = run_with(lambda s: 0.004, seconds=int(plan.duration))
+    r.scenario, r.window = plan.name, plan.window
+    r.marks = {"worker_series": {"t": list(range(14)), "pids": {"11": [None] + [50.0] * 4 + [None] * 9,
+                                                              "12": [None] + [50.0] * 13,
+                                                              "13": [None] * 6 + [None] + [48.0] * 7}},
+               "victim_pid": 11, "replacement_pid": 13, "killed_at": 5.0}
+    r.totals = r.recorder.totals()
+    r.criteria = evaluate(plan, r)
+    page = write_report(plan, [r], tmp_path)
+    png = (tmp_path / "workers.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert 'src="workers.png"' in page.read_text()

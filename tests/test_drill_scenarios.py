@@ -183,3 +183,61 @@ def test_two_liars_criteria_on_synthetic_runs():
     assert not c["passed"] and "1.050x" in c["measured"]
     failing = run_with(lambda s: 0.004, seconds=30, states=lambda s: out, fail_at={22})
     assert not evaluate(p, failing)[0]["passed"]
+
+
+def _worker_kill_run(marks, fail_at=()):
+    p = plan_for("worker-kill", short=True)
+    r = run_with(lambda s: 0.004, seconds=int(p.duration), fail_at=set(fail_at))
+    r.scenario, r.window, r.marks = "worker-kill", p.window, marks
+    return p, r
+
+
+WORKER_MARKS = {"victim_pid": 11, "victim_connections": 30, "spawned_after": 0.12, "replaced_after": 1.31,
+                "replacement_pid": 13,
+                "survivor_served_meanwhile": 42, "replacement_served_fresh": 19, "fresh_ok": 40}
+
+
+def test_worker_kill_grades_replacement_failures_and_both_workers():
+    p, r = _worker_kill_run(dict(WORKER_MARKS))
+    got = {c["name"]: c for c in evaluate(p, r)}
+    assert all(c["passed"] for c in got.values()), got
+    assert got["replacement process started within 1s"]["measured"] == "0.12s"
+    assert got["replacement serving within 5s"]["measured"] == "1.31s"
+    slow = dict(WORKER_MARKS, spawned_after=1.6, replaced_after=5.5)
+    out = {c["name"]: c for c in evaluate(p, _worker_kill_run(slow)[1])}
+    assert not out["replacement process started within 1s"]["passed"] and not out["replacement serving within 5s"]["passed"]
+    never = {k: v for k, v in WORKER_MARKS.items()
+             if k not in ("spawned_after", "replaced_after", "replacement_pid", "replacement_served_fresh")}
+    out = {c["name"]: c for c in evaluate(p, _worker_kill_run(never)[1])}
+    assert not out["replacement serving within 5s"]["passed"] and not out["the replacement takes traffic"]["passed"]
+    idle = dict(WORKER_MARKS, survivor_served_meanwhile=0)
+    assert not {c["name"]: c for c in evaluate(p, _worker_kill_run(idle)[1])}["the other worker serves through"]["passed"]
+    # more failed requests than the killed worker held: lost work beyond its own
+    few = dict(WORKER_MARKS, victim_connections=3)
+    out = {c["name"]: c for c in evaluate(p, _worker_kill_run(few, fail_at={int(p.window[0]) + 1})[1])}
+    assert not out["failed client requests <= connections the killed worker held"]["passed"]
+    assert p.config_overrides == {"workers": 2}
+
+
+def test_worker_kill_counts_tries_that_waited_for_the_replacement_as_the_killed_workers():
+    """Its open connections are reset (retried at once); a connection the
+    kernel queued on its socket waits for the replacement and, if that takes
+    over 1 s, times out: counted against the killed worker, reported apart.
+    A timeout long after the replacement serves is not."""
+    p = plan_for("worker-kill", short=True)
+    kill = int(p.window[0])
+
+    def run(timeout_seconds):
+        _, r = _worker_kill_run(dict(WORKER_MARKS, victim_connections=1, replaced_after=1.4))
+        for sec in timeout_seconds:  # one extra try that timed out, ending in that second
+            r.recorder.attempt(sec - 0.9, retry=True)
+            r.recorder.try_result(sec + 0.1, "timeout")
+        r.series = r.recorder.series()
+        return {c["name"]: c for c in evaluate(p, r)}
+
+    name = "failed client tries <= connections the killed worker held, its queue included"
+    got = run([kill + 1, kill + 2])
+    assert got[name]["passed"], got[name]
+    assert "1 open connections at the kill + 2 tries that timed out waiting" in got[name]["threshold"]
+    late = run([kill + 7, kill + 8])  # long after the replacement serves: not its queue
+    assert not late[name]["passed"] and "+ 0 tries that timed out" in late[name]["threshold"]

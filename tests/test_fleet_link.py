@@ -196,3 +196,17 @@ def test_a_redis_that_connects_but_fails_every_call_backs_off_instead_of_cycling
         assert len(ups) < 20, len(ups)
         assert max(gaps[-3:]) >= 1.0  # reached the cap's range (jittered: 1-2 s)
         assert len(logs.fleet(LogLevel.warn)) == len(ups)
+
+
+def test_heartbeat_on_a_link_with_nothing_subscribed_stays_up():
+    """A worker's link (no shared ejections: no SUBSCRIBE) gets PONG, not
+    [pong, ""], on its pub/sub connection: that is no garbage."""
+    clock = Clock()
+    server = FakeRedis()
+    settings = FleetSettings.from_config(FleetConfig(name="edge", redis="tcp:127.0.0.1:6379", heartbeat=1.0))
+    link = FleetLink(settings, clock, connect=server.connect, rng=random.Random(1))
+    link.start()
+    assert link.up
+    for _ in range(5):
+        clock.advance(1.0)
+    assert link.up and link.errors["garbage"] == 0 and link.fallbacks == 0

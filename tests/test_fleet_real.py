@@ -4,7 +4,10 @@ holds across both, an ejection found through one instance stops traffic
 through the other within 1 s, and Redis frozen (SIGSTOP) or killed changes
 nothing a client sees but the limits (local ones, with no request waiting
 on Redis longer than the 50 ms timeout plus a margin); fleet mode resumes
-when Redis is back. Every load loop is bounded in count and time."""
+when Redis is back. Instance A runs ``workers: 2`` (a master and two worker
+processes, each worker with its own fleet limiter; the master's detector
+shares ejections and its merged /metrics carries the workers' rate
+decisions), B one process. Every load loop is bounded in count and time."""
 from __future__ import annotations
 
 import http.client
@@ -99,6 +102,7 @@ def until(fn, timeout: float, step: float = 0.05, what: str = "condition"):
 
 
 CONFIG = """
+workers: {workers}
 listeners:
   - name: web
     bind: "tcp:{web}:interface=127.0.0.1"
@@ -128,18 +132,39 @@ fleet:
 
 
 class Instance:
-    def __init__(self, tmp_path, name: str, redis_port: int, backends: dict[str, int]) -> None:
+    def __init__(self, tmp_path, name: str, redis_port: int, backends: dict[str, int], workers: int) -> None:
         self.web, self.admin = free_port(), free_port()
+        self.workers = workers
         cfg = tmp_path / f"{name}.yaml"
         addrs = ", ".join(f'{{address: "127.0.0.1:{p}", name: {n}}}' for n, p in backends.items())
-        text = CONFIG.format(web=self.web, admin=self.admin, redis=redis_port, backends=addrs)
+        text = CONFIG.format(web=self.web, admin=self.admin, redis=redis_port, backends=addrs, workers=workers)
         cfg.write_text(textwrap.dedent(text).replace("    retry_budget: null\n", ""))
         self.proc = Proc(twistd_cmd(cfg), cwd=tmp_path)
         self.conn: http.client.HTTPConnection | None = None
 
     def ready(self) -> None:
-        self.proc.wait_for("listener web on", timeout=60)
+        if self.workers == 1:
+            self.proc.wait_for("listener web on", timeout=60)
+        else:
+            until(lambda: self._serving_workers() == self.workers, 60, what=f"{self.workers} workers serving")
         until(lambda: get_json(self.admin, "/api/fleet")["mode"] == "fleet", 30, what="fleet mode")
+
+    def _serving_workers(self) -> int:
+        try:
+            return len(get_json(self.admin, "/api/workers")["workers"])
+        except OSError:
+            return 0
+
+    def decisions(self, source: str, result: str | None = None) -> float:
+        """lbtwist_fleet_rate_decisions_total of route web/limited from /metrics
+        (with workers: the master's merge of its workers')."""
+        total = 0.0
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if (line.startswith("lbtwist_fleet_rate_decisions_total{") and 'route="web/limited"' in line
+                        and f'source="{source}"' in line and (result is None or f'result="{result}"' in line)):
+                    total += float(line.rsplit(" ", 1)[1])
+        return total
 
     def request(self, path: str) -> tuple[int, float]:
         """One keep-alive request: (status, seconds)."""
@@ -151,7 +176,8 @@ class Instance:
                 self.conn.request("GET", path)
                 r = self.conn.getresponse()
                 r.read()
-                if r.getheader("connection", "").lower() == "close":
+                # with workers, a new connection each time: the kernel spreads them over the workers
+                if r.getheader("connection", "").lower() == "close" or self.workers > 1:
                     self.conn.close()
                     self.conn = None
                 return r.status, time.monotonic() - t0
@@ -188,7 +214,7 @@ def fleet(tmp_path_factory):
     try:
         line = backend.wait_for("DRILL-READY", timeout=60)
         control = json.loads(line.split("DRILL-READY ", 1)[1])["control"]
-        instances = [Instance(tmp, n, redis.port, bports) for n in ("a", "b")]
+        instances = [Instance(tmp, n, redis.port, bports, w) for n, w in (("a", 2), ("b", 1))]
         for inst in instances:
             inst.ready()
         yield redis, control, instances
@@ -222,11 +248,16 @@ def test_a_20_per_second_client_limit_holds_across_both_instances(fleet):
     # two local buckets would admit twice that
     assert set(statuses) <= {200, 429}, statuses
     assert statuses.get(429, 0) > 0
-    assert 0.7 * (20 + 20 * elapsed) <= admitted <= 20 + 20 * (elapsed + 0.25) + 3, (admitted, elapsed, statuses)
+    assert 0.7 * (20 + 20 * elapsed) <= admitted <= 20 + 20 * (elapsed + 0.25) + 3, (
+        admitted, elapsed, statuses, {(i.workers, src): i.decisions(src) for i in (a, b) for src in ("fleet", "lease", "local")})
     print(f"fleet limit 20/s burst 20 over two instances: {admitted} of {sum(statuses.values())} admitted "
           f"in {elapsed:.2f}s (one bucket: {20 + 20 * elapsed:.0f}; two local buckets: {2 * (20 + 20 * elapsed):.0f})")
-    st = a.fleet()["rate_limits"]["web/limited"]
-    assert st["decisions_by_source"]["local"] == {"allowed_total": 0, "limited_total": 0}
+    for inst in (a, b):
+        assert inst.decisions("local") == 0
+    # every request was decided once, by a worker of A or by B
+    assert a.decisions("lease") + a.decisions("fleet") + b.decisions("lease") + b.decisions("fleet") >= sum(statuses.values())
+    assert a.fleet()["rate_limits_decided_by"].startswith("workers")
+    st = b.fleet()["rate_limits"]["web/limited"]
     # a hot key: far fewer Redis calls than requests
     assert st["redis_calls_total"] < sum(statuses.values()) / 2
 
@@ -293,7 +324,7 @@ def test_redis_frozen_then_killed_changes_only_the_limits_and_fleet_mode_resumes
         assert worst < REDIS_WAIT_BOUND, worst
         assert set(statuses) <= {200, 429}
         assert statuses.get(200, 0) > 20 + 20 * elapsed + 0.25 * 20 + 3  # more than one bucket would allow
-        assert a.fleet()["rate_limits"]["web/limited"]["decisions_by_source"]["local"]["allowed_total"] > 0
+        assert a.decisions("local", "allowed") > 0 and b.decisions("local", "allowed") > 0
     finally:
         redis.signal(signal.SIGCONT)
     for inst in (a, b):
@@ -309,8 +340,8 @@ def test_redis_frozen_then_killed_changes_only_the_limits_and_fleet_mode_resumes
     for inst in (a, b):
         st = until(lambda i=inst: i.fleet()["mode"] == "fleet" and i.fleet(), 10, what="fleet mode after restart")
         assert st["resumes_total"] >= 2
-    # logged once each way per outage, not per failed call or attempt
-    st = a.fleet()
-    out = a.proc.drain_output(1.0)
+    # logged once each way per outage, not per failed call or attempt (B: one process, one link)
+    st = b.fleet()
+    out = b.proc.drain_output(1.0)
     assert out.count("unusable (") == st["fallbacks_total"] == 2, out
     assert out.count("fleet mode resumed") == st["resumes_total"] == 2

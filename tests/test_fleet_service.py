@@ -119,3 +119,42 @@ def test_reload_keeps_an_unchanged_fleet_route_and_forgets_a_removed_one():
         assert "web/shared" not in rt.fleet.status()["rate_limits"]
     finally:
         svc.stopService()
+
+
+def _role_svc(role, workers=1):
+    from lbtwist.workers.fleetview import worker_config
+
+    reactor = MemoryReactorClock()
+    reg = Registry.default(entry_points=False)
+    cfg = load_config(CONFIG, reg).config
+    if role == "worker":
+        cfg = worker_config(cfg, workers)
+    return LbtwistService(cfg, reactor, reg, role=role, workers=workers), reactor
+
+
+def test_a_worker_limits_through_the_whole_fleet_bucket_and_falls_back_to_its_share():
+    svc, _ = _role_svc("worker", workers=2)
+    fleet = svc.runtime.fleet
+    assert fleet.ejections is None  # the master's detector shares ejections
+    lim = fleet.limiters["web/shared"]
+    assert lim.shared.rate == 20 and lim.local.rate == 10 and lim.local.burst == 10
+    names = {m.name for m in fleet_metrics(svc.runtime)}
+    assert names == {"lbtwist_fleet_rate_decisions", "lbtwist_fleet_rate_redis_calls"}
+
+
+def test_the_master_shares_ejections_and_reports_the_link_not_rate_decisions():
+    svc, _ = _role_svc("master")
+    fleet = svc.runtime.fleet
+    assert fleet.ejections is not None
+    st = fleet.status()
+    assert st["rate_limits"] == {} and st["rate_limits_decided_by"].startswith("workers")
+    names = {m.name for m in fleet_metrics(svc.runtime)}
+    assert "lbtwist_fleet_redis_up" in names and "lbtwist_fleet_rate_decisions" not in names
+
+
+def test_worker_config_keeps_a_fleet_scope_limit_whole_and_splits_a_local_one():
+    from lbtwist.workers.fleetview import worker_config
+
+    reg = Registry.default(entry_points=False)
+    routes = worker_config(load_config(CONFIG, reg).config, 2).listeners[0].routes
+    assert routes[0].rate_limit.rate == 20 and routes[1].rate_limit.rate == 10

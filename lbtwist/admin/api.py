@@ -159,6 +159,8 @@ class AdminResource(resource.Resource):
         if seg == ["metrics"]:
             self._allow(method, "GET", "HEAD")
             request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+            if self.runtime.workers is not None:
+                return self._fleet_metrics()
             return exposition(self.registry)
         if seg[0] != "api":
             raise ApiError(404, f"no such path {request.path.decode('latin-1')!r}")
@@ -176,6 +178,12 @@ class AdminResource(resource.Resource):
         if rest == ["reload"]:
             self._allow(method, "POST")
             return self._reload(request)
+        if rest == ["workers"]:
+            self._allow(method, "GET", "HEAD")
+            fleet = self.runtime.workers
+            if fleet is None:
+                return self._json(request, {"workers": [], "single_process": True})
+            return self._json(request, fleet.workers_json())
         if rest == ["listeners"]:
             self._allow(method, "GET", "HEAD")
             self.view.live.sync()
@@ -235,7 +243,7 @@ class AdminResource(resource.Resource):
                 self._drain(pool, backend, f"admin API ({who})")
             else:
                 getattr(pool, fn)(backend, value, f"admin API ({who})")
-            return self._backend_json(request, pool, backend)
+            return self._after_change(request, pool, backend)
         if action == "weight":
             self._allow(method, "PUT", "POST")
             body = self._body(request, required=True)
@@ -247,8 +255,28 @@ class AdminResource(resource.Resource):
             if not 0 <= w <= MAX_WEIGHT:
                 raise ApiError(400, f"weight must be between 0 and {num(MAX_WEIGHT)}, got {num(w)}")
             pool.set_weight(backend, float(w), f"admin API ({who})")
-            return self._backend_json(request, pool, backend)
+            return self._after_change(request, pool, backend)
         raise ApiError(404, f"unknown action {action!r}; actions: drain, undrain, enable, disable, weight")
+
+    def _after_change(self, request: server.Request, pool: Any, backend: Any) -> Any:
+        """The backend's JSON; with worker processes, only once every worker
+        applied the change (so the caller's next request sees it everywhere)."""
+        fleet = self.runtime.workers
+        if fleet is None:
+            return self._backend_json(request, pool, backend)
+        d = fleet.sync()
+        return d.addCallback(lambda _: self._backend_json(request, pool, backend))
+
+    def _fleet_metrics(self) -> defer.Deferred:
+        """The master's series and its workers', merged (lbtwist.workers.metricsmerge)."""
+        from lbtwist.workers.metricsmerge import merge
+
+        mine = exposition(self.registry).decode("utf-8")
+
+        def merged(got: list) -> bytes:
+            return merge([t for _, t in got], [w for w, _ in got], master_text=mine).encode("utf-8")
+
+        return self.runtime.workers.fetch_metrics().addCallback(merged)
 
     def _drain(self, pool: Any, backend: Any, reason: str) -> None:
         """Drain the way config removal and shutdown do (L{drain_backend}):

@@ -298,7 +298,16 @@ def fleet_metrics(runtime: Any) -> Iterable[Metric]:
             decisions.add_metric(v + [route, source, "allowed"], float(by["allowed_total"]))
             decisions.add_metric(v + [route, source, "limited"], float(by["limited_total"]))
         calls.add_metric(v + [route], float(rs["redis_calls_total"]))
-    yield from (up, fallbacks, resumes, errors, decisions, calls)
+    # With workers, each process has its own link; the rate decisions are the
+    # workers' (summed by the master's merged /metrics), the link and the
+    # shared ejections the master's (lbtwist.workers.metricsmerge keeps a
+    # master family no worker exports).
+    role = getattr(runtime, "role", "single")
+    if role != "master":
+        yield from (decisions, calls)
+    if role == "worker":
+        return
+    yield from (up, fallbacks, resumes, errors)
     ej = st["ejections"]
     if ej is not None:
         fam = CounterMetricFamily("lbtwist_fleet_ejection_messages", "Shared ejections by what happened to them", labels=L + ["event"])

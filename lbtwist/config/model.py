@@ -455,3 +455,4 @@ class Config:
     access_log: AccessLogConfig | None = _f(None, "JSON access log; omitted means none")
     deployment: DeploymentConfig | None = _f(None, "balancer instances and failover, for lbtwist check")
     fleet: FleetConfig | None = _f(None, "state shared with the other instances through Redis; omitted means none")
+    workers: int | Literal["auto"] = _f("auto", "data-plane processes: 'auto' (one per CPU lbtwist may run on) or a number; 1 is one process with no master")

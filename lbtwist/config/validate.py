@@ -841,3 +841,35 @@ def fleet_settings(ctx: CheckContext) -> Iterator[Problem]:
         if rl is not None and rl.scope == "fleet" and fleet is None:
             yield ctx.error(key_path(key_path(rpath, "rate_limit"), "scope"),
                             "fleet needs a top-level fleet block (fleet: {redis: ..., name: ...}); or use scope: local")
+
+
+# -- workers --------------------------------------------------------------------
+
+
+@check
+def workers(ctx: CheckContext) -> Iterator[Problem]:
+    """``workers`` parses (the runtime's own parser), and with more than one
+    worker every listener binds a socket the master can open for its workers
+    (tcp, tcp6, udp; see lbtwist.workers.sockets)."""
+    from lbtwist.workers.count import worker_count
+    from lbtwist.workers.sockets import shareable
+
+    if ctx.was_rejected("workers"):
+        return
+    try:
+        n = worker_count(ctx.config.workers)
+    except ValueError as e:
+        yield ctx.error("workers", str(e))
+        return
+    if n == 1:
+        return
+    for p, lst in _listeners(ctx.config):
+        if ctx.was_rejected(key_path(p, "bind")):
+            continue
+        try:  # a bind that does not parse is the binds check's error
+            parse_udp_bind(lst.bind) if lst.mode == "udp" else check_stream_bind(lst.bind)
+        except ValueError:
+            continue
+        why = shareable(lst.bind, lst.mode == "udp")
+        if why is not None:
+            yield ctx.error(key_path(p, "bind"), f"{why} with workers: {ctx.config.workers} (set workers: 1 for this bind)")

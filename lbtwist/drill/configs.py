@@ -45,6 +45,8 @@ class Setup:
     #: Extra pool keys for the lbtwist target (merged over the defaults).
     pool_overrides: dict[str, Any] = attrs.field(factory=dict)
     health_path: str = "/healthz"
+    #: Extra top-level keys for lbtwist targets (``workers: 2`` for worker-kill).
+    config_overrides: dict[str, Any] = attrs.field(factory=dict)
 
 
 def _pool_backends(backends: tuple[BackendRef, ...]) -> list[dict[str, Any]]:
@@ -88,6 +90,7 @@ def lbtwist_config(setup: Setup, *, naive: bool = False) -> dict[str, Any]:
     else:
         pool = _deep_merge(pool, setup.pool_overrides)
     return {
+        **setup.config_overrides,
         "listeners": [listener],
         "pools": [pool],
         "admin": {"bind": f"tcp:{setup.admin_port}:interface=127.0.0.1"},

@@ -160,6 +160,27 @@ def _rotation(ax: Any, r: "RunResult") -> None:
     ax.set_ylim(-0.3, n + 0.5)
 
 
+def _has_workers(results: Sequence["RunResult"]) -> bool:
+    return any((r.marks or {}).get("worker_series", {}).get("t") for r in results)
+
+
+def _workers(ax: Any, r: "RunResult") -> None:
+    """Requests per second served by each worker process (marks
+    ``worker_series`` of the worker-kill drill); the kill as a red line."""
+    ws = (r.marks or {}).get("worker_series") or {}
+    ts = ws.get("t") or []
+    victim, fresh = str(r.marks.get("victim_pid")), str(r.marks.get("replacement_pid"))
+    palette = ["#2563eb", "#16a34a", "#a21caf", "#ca8a04"]
+    for i, (pid, col) in enumerate(sorted((ws.get("pids") or {}).items())):
+        label = f"worker {pid}" + (" (killed)" if pid == victim else " (replacement)" if pid == fresh else "")
+        color = "#dc2626" if pid == victim else "#f97316" if pid == fresh else palette[i % len(palette)]
+        ax.step(ts[:len(col)], _none_to_nan(col), where="post", color=color, lw=1.5, label=label)
+    killed = r.marks.get("killed_at")
+    if killed is not None:
+        ax.axvline(killed, color="#dc2626", lw=1.0, ls=":")
+    ax.set_ylim(bottom=0)
+
+
 def write_overview(plan: "Plan", results: Sequence["RunResult"], path: Path) -> Path:
     """One picture per scenario: a row per metric, a column per target."""
     plt = _plt()
@@ -171,6 +192,8 @@ def write_overview(plan: "Plan", results: Sequence["RunResult"], path: Path) -> 
          lambda ax, r: _share(ax, r, plan.focus)),
         ("backends in rotation", _rotation),
     ]
+    if _has_workers(results):
+        rows.append(("requests/s per worker process", _workers))
     n = len(results)
     fig, axes = plt.subplots(len(rows), n, figsize=(6.2 * n, 2.7 * len(rows)), squeeze=False, sharex="col")
     for j, r in enumerate(results):
@@ -217,6 +240,9 @@ def write_charts(plan: "Plan", results: Sequence["RunResult"], out: Path) -> lis
          lambda ax, r: _share(ax, r, plan.focus), "% of attempts", True),
         ("rotation", f"{plan.name}: backends in rotation, as the balancer reports them", _rotation, "backends", True),
     ]
+    if _has_workers(results):
+        specs.append(("workers", f"{plan.name}: requests per second served by each worker process", _workers,
+                      "requests/s", True))
     paths = [write_overview(plan, results, out / "overview.png")]
     for name, title, draw, ylabel, sharey in specs:
         p = out / f"{name}.png"

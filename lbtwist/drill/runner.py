@@ -173,6 +173,7 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
             listen_port=free_port(), admin_port=free_port(),
             backends=fleet.refs(plan.in_pool), mode=plan.mode,
             pool_overrides=plan.pool_overrides if target_kind == "lbtwist" else {},
+            config_overrides=plan.config_overrides if target_kind in ("lbtwist", "naive") else {},
         )
         progress(f"[{target_kind}] starting the balancer on 127.0.0.1:{setup.listen_port}")
         await target.start(setup)
@@ -289,6 +290,9 @@ async def run_target(reactor: Any, plan: Plan, target_kind: str, workdir: Path, 
             if not c.ended:
                 await c.terminate(5.0)
         result.pids = [c.pid for c in helpers] + [c.pid for c in fleet.all_children] + ([target.child.pid] if target.child is not None else [])
+        # processes the target started itself that a step saw (worker processes)
+        if ctx is not None:
+            result.pids += [p for p in ctx.marks.get("pids_seen", []) if p not in result.pids]
     return result
 
 

@@ -71,6 +71,8 @@ class Plan:
     #: Open files the drill (and so every process it starts) needs; the
     #: runner raises RLIMIT_NOFILE to at least this (0: leave it).
     open_files: int = 0
+    #: Extra top-level config keys for lbtwist targets (``workers``).
+    config_overrides: dict[str, Any] = attrs.field(factory=dict)
 
 
 def evaluate(plan: Plan, result: "RunResult") -> list[dict[str, Any]]:
@@ -886,6 +888,217 @@ def flood(short: bool = False, duration: float | None = None, rate: float | None
     )
 
 
+# -- worker-kill ---------------------------------------------------------------
+
+#: A killed worker's replacement process must be started within this (issue
+#13), plus the drill's 50 ms polling ...
+REPLACE_WITHIN = 1.0
+#: ... and serving (listed by /api/workers: config loaded, fleet view applied,
+#: listening) within this: a Python process's start-up on a loaded 2-core box.
+SERVING_WITHIN = 5.0
+_POLL = 0.05
+
+
+def _children(pid: int | None) -> set[int]:
+    if pid is None:
+        return set()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return {int(x) for x in f.read().split()}
+    except OSError:
+        return set()
+
+
+def _by_pid(workers: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {int(w["pid"]): w for w in workers if w.get("pid") is not None}
+
+
+#: New connections the drill opens once the replacement serves: the kernel
+#: spreads them over the workers' sockets (the clients' keep-alive
+#: connections all stay on the survivor).
+FRESH_CONNECTIONS = 40
+
+
+async def _fresh_connections(ctx: "DrillContext", pid: int) -> None:
+    """``FRESH_CONNECTIONS`` requests, each on a new connection; marks how
+    many of them the replacement worker ``pid`` served."""
+    from lbtwist.drill.control import http_call
+
+    def count(ws: list[dict[str, Any]]) -> int:
+        return int(_by_pid(ws).get(pid, {}).get("requests") or 0)
+
+    start = count(await ctx.target.workers())
+    ok = 0
+    for _ in range(FRESH_CONNECTIONS):
+        try:
+            await http_call(ctx.reactor, "GET", f"http://127.0.0.1:{ctx.setup.listen_port}/", timeout=2.0, raw=True)
+            ok += 1
+        except Exception:
+            pass
+    await ctx.sleep(0.6)  # the master hears the workers' counts every 0.25 s
+    ctx.mark("fresh_ok", ok)
+    ctx.mark("replacement_served_fresh", count(await ctx.target.workers()) - start)
+
+
+def worker_kill(short: bool = False, duration: float | None = None, rate: float | None = None) -> Plan:
+    kill_at = 5.0 if short else 15.0
+    dur = duration or (16.0 if short else 45.0)
+    rate = rate or (100.0 if short else 200.0)
+    n_workers = 2
+
+    async def watch(ctx: "DrillContext") -> None:
+        """Requests per second per worker process, for the workers chart,
+        until the load ends; every pid seen (the runner checks they are gone)."""
+        seen: list[int] = []
+        series: dict[str, list[float | None]] = {}
+        last: dict[int, int] = {}
+        ticks: list[int] = []
+        ctx.mark("worker_series", {"t": ticks, "pids": series})
+        ctx.mark("pids_seen", seen)
+        while ctx.now() < dur - 1.0:
+            t = int(ctx.now())
+            try:
+                now = _by_pid(await ctx.target.workers())
+            except Exception:
+                now = {}
+            ticks.append(t)
+            for pid, w in now.items():
+                if pid not in seen:
+                    seen.append(pid)
+                key = str(pid)
+                col = series.setdefault(key, [None] * (len(ticks) - 1))
+                req = int(w.get("requests") or 0)
+                col.append(float(req - last[pid]) if pid in last else None)
+                last[pid] = req
+            for key, col in series.items():
+                if len(col) < len(ticks):
+                    col.append(None)
+            await ctx.sleep(1.0)
+        ctx.mark("workers_at_end", {str(k): v for k, v in last.items()})
+
+    async def kill(ctx: "DrillContext") -> None:
+        import os
+        import signal
+
+        before = _by_pid(await ctx.target.workers())
+        if len(before) < 2:
+            raise RuntimeError(f"needs {n_workers} worker processes, /api/workers lists {len(before)}")
+        # the victim: the worker that has served the most (it surely holds connections)
+        victim = max(before.values(), key=lambda w: int(w.get("requests") or 0))
+        pid = int(victim["pid"])
+        survivor = next(p for p in before if p != pid)
+        ctx.mark("victim_pid", pid)
+        ctx.mark("victim_connections", int(victim.get("connections") or 0))
+        ctx.mark("survivor_requests_at_kill", int(before[survivor].get("requests") or 0))
+        kids = _children(ctx.target.pid)
+        os.kill(pid, signal.SIGKILL)
+        t0 = ctx.reactor.seconds()
+        ctx.mark("killed_at", round(ctx.now(), 2))
+        deadline = t0 + 10.0
+        while ctx.reactor.seconds() < deadline:
+            if "spawned_after" not in ctx.marks:
+                new = _children(ctx.target.pid) - kids - {pid}
+                if new:
+                    ctx.mark("spawned_after", round(ctx.reactor.seconds() - t0, 3))
+                    seen = ctx.marks.get("pids_seen")
+                    if isinstance(seen, list):
+                        seen.extend(p for p in new if p not in seen)
+            try:
+                now = _by_pid(await ctx.target.workers())
+            except Exception:
+                now = {}
+            fresh = [p for p in now if p not in before]
+            if fresh and pid not in now and len(now) >= len(before):
+                took = ctx.reactor.seconds() - t0
+                ctx.mark("replaced_after", round(took, 3))
+                ctx.mark("replacement_pid", fresh[0])
+                ctx.event(f"worker {pid} replaced by {fresh[0]} after {took:.2f}s")
+                served = int(now.get(survivor, {}).get("requests") or 0)
+                ctx.mark("survivor_served_meanwhile", served - int(before[survivor].get("requests") or 0))
+                seen = ctx.marks.get("pids_seen")
+                if isinstance(seen, list):
+                    seen.extend(p for p in fresh if p not in seen)
+                await _fresh_connections(ctx, fresh[0])
+                return
+            await ctx.sleep(_POLL)
+        ctx.event(f"worker {pid} not replaced within 10 s")
+
+    def held(r: "RunResult") -> int:
+        return int(r.marks.get("victim_connections", 0))
+
+    def waited(r: "RunResult") -> int:
+        """Tries that timed out waiting on the killed worker's socket: the
+        master keeps it (and its queue) for the replacement, so a connection
+        the kernel put there waits until the replacement accepts; one that
+        started before the replacement served and timed out (1 s later) is
+        counted here. Tries are recorded by the second they ended."""
+        rep = r.marks.get("replaced_after")
+        if rep is None:
+            return 0
+        lo, hi = int(kill_at) + 1, int(kill_at + rep + 1.0) + 1
+        outs = r.series.get("try_outcomes", [])
+        return sum(o.get("timeout", 0) for o in outs[lo:hi + 1])
+
+    def tries_lost(r: "RunResult") -> tuple[bool, str, str]:
+        n = failed_tries(r, kill_at, dur)
+        causes = try_failures(r, kill_at, dur) if n else {}
+        detail = (" (" + ", ".join(f"{k} {v}" for k, v in causes.items()) + ")") if causes else ""
+        bound = held(r) + waited(r)
+        return n <= bound, f"{n}{detail}", (
+            f"<= {bound}: {held(r)} open connections at the kill + {waited(r)} tries that timed out "
+            "waiting on its socket for the replacement")
+
+    def spawned(r: "RunResult") -> tuple[bool, str, str]:
+        v = r.marks.get("spawned_after")
+        return (v is not None and v <= REPLACE_WITHIN + 0.1,
+                f"{v:.2f}s" if v is not None else "not within 10 s",
+                f"<= {REPLACE_WITHIN:g}s (+0.1 s of the drill's 50 ms polling)")
+
+    def replaced(r: "RunResult") -> tuple[bool, str, str]:
+        v = r.marks.get("replaced_after")
+        return (v is not None and v <= SERVING_WITHIN,
+                f"{v:.2f}s" if v is not None else "not within 10 s",
+                f"<= {SERVING_WITHIN:g}s after the kill (listed by /api/workers: started, configured, listening)")
+
+    def survivor(r: "RunResult") -> tuple[bool, str, str]:
+        v = r.marks.get("survivor_served_meanwhile")
+        return (v is not None and v > 0, "n/a" if v is None else f"{v} requests",
+                "> 0 requests served by the other worker between the kill and the replacement")
+
+    def replacement(r: "RunResult") -> tuple[bool, str, str]:
+        got, ok = r.marks.get("replacement_served_fresh"), r.marks.get("fresh_ok")
+        return (got is not None and got > 0 and ok == FRESH_CONNECTIONS,
+                "n/a" if got is None else f"{got} of {FRESH_CONNECTIONS} ({ok} answered)",
+                f"> 0 of {FRESH_CONNECTIONS} requests on new connections after it serves, all answered")
+
+    names = _names("b", 4)
+    return Plan(
+        name="worker-kill",
+        title="Worker kill: one of lbtwist's worker processes SIGKILLed under load",
+        story=(f"lbtwist with workers: {n_workers} in front of 4 healthy backends; at t={kill_at:g}s the "
+               "worker that served most is SIGKILLed. Its connections are reset (clients retry those); "
+               "the master replaces it and the other worker serves through."),
+        rate=rate, duration=dur,
+        groups=(GroupSpec("fleet", names, capacity=8),),
+        in_pool=names,
+        steps=(Step(0.5, "watch worker processes", watch), Step(kill_at, "SIGKILL one worker", kill)),
+        window=(kill_at, min(dur, kill_at + 3.0)),
+        criteria=(
+            failures_at_most(held, kill_at, dur, "failed client requests <= connections the killed worker held",
+                             lambda r: f"{held(r)} (its open connections at the kill)"),
+            Criterion("failed client tries <= connections the killed worker held, its queue included", tries_lost),
+            Criterion(f"replacement process started within {REPLACE_WITHIN:g}s", spawned),
+            Criterion(f"replacement serving within {SERVING_WITHIN:g}s", replaced),
+            Criterion("the other worker serves through", survivor),
+            Criterion("the replacement takes traffic", replacement),
+        ),
+        # the kill, its replacement (1 s) and some seconds of traffic on the new worker
+        min_duration=kill_at + 6.0,
+        config_overrides={"workers": n_workers},
+        compare="naive",
+    )
+
+
 SCENARIOS: dict[str, Callable[..., Plan]] = {
     "gray-failure": gray_failure,
     "retry-storm": retry_storm,
@@ -896,6 +1109,7 @@ SCENARIOS: dict[str, Callable[..., Plan]] = {
     "reload": reload,
     "two-liars": two_liars,
     "flood": flood,
+    "worker-kill": worker_kill,
 }
 
 

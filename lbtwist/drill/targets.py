@@ -149,6 +149,29 @@ class LbtwistTarget(_Target):
         self.child = Child(self.reactor, self.kind, argv, cwd=str(self.workdir), echo=self.echo)
         await self._wait_listening(setup.listen_port)
         await wait_port(self.reactor, setup.admin_port, 10.0)
+        await self._wait_workers()
+
+    async def _wait_workers(self, timeout: float = 60.0) -> None:
+        """With worker processes (``workers:`` above 1), until every one serves:
+        the first to listen must not take a drill's load alone."""
+        import yaml
+
+        from lbtwist.workers.count import worker_count
+
+        want = worker_count(yaml.safe_load(self.config_text).get("workers", "auto"))
+        if want <= 1:
+            return
+        deadline = self.reactor.seconds() + timeout
+        while True:
+            try:
+                got = await http_call(self.reactor, "GET", self._admin("/api/workers"), timeout=2.0)
+                if len(got.get("workers", [])) >= want:
+                    return
+            except Exception:
+                pass
+            if self.reactor.seconds() > deadline:
+                raise RuntimeError(f"lbtwist: {want} workers not serving within {timeout:g}s")
+            await deferLater(self.reactor, 0.2)
 
     def _admin(self, path: str) -> str:
         assert self.setup is not None
@@ -175,6 +198,11 @@ class LbtwistTarget(_Target):
             if name in (b.get("name"), b.get("address")):
                 return int(b.get("active", 0))
         return 0
+
+    async def workers(self) -> list[dict[str, Any]]:
+        """``GET /api/workers``: the worker processes (pid, requests, connections, started, rss_bytes)."""
+        got = await http_call(self.reactor, "GET", self._admin("/api/workers"), timeout=2.0)
+        return list(got.get("workers", [])) if isinstance(got, dict) else []
 
     async def drain(self, name: str) -> None:
         await http_call(self.reactor, "POST", self._admin(f"/api/pools/app/backends/{name}/drain"))

@@ -366,12 +366,14 @@ class FleetLink:
             return
         sub = self.sub
 
-        def pong(got: Any, want: Any, proto: RespProtocol) -> None:
-            if got != want and (proto is self.cmd or proto is self.sub):
+        def pong(got: Any, wants: tuple, proto: RespProtocol) -> None:
+            if got not in wants and (proto is self.cmd or proto is self.sub):
                 self._failed("garbage", f"PING answered {str(got)[:60]}")
 
-        self._timed(self.cmd, ("PING",)).addCallback(pong, b"PONG", self.cmd).addErrback(lambda f: None)
-        self._timed(sub, ("PING",)).addCallback(pong, [b"pong", b""], sub).addErrback(lambda f: None)
+        self._timed(self.cmd, ("PING",)).addCallback(pong, (b"PONG",), self.cmd).addErrback(lambda f: None)
+        # a subscribed connection answers [pong, ""]; one with nothing to
+        # subscribe to (a worker: no shared ejections) answers PONG
+        self._timed(sub, ("PING",)).addCallback(pong, ([b"pong", b""], b"PONG"), sub).addErrback(lambda f: None)
         if self.up:
             self._schedule_heartbeat()
 

@@ -119,8 +119,11 @@ class FleetRateLimiter:
     Deferred firing with one within ``timeout``."""
 
     def __init__(self, local: RateLimiter, link: Any, bucket: str, clock: Any, *,
-                 lease_max: int, lease_time: float, timeout: float = 0.05) -> None:
-        self.local = local
+                 lease_max: int, lease_time: float, timeout: float = 0.05, fallback: RateLimiter | None = None) -> None:
+        #: the whole limit (rate, burst, key): the Redis bucket's parameters
+        self.shared = local
+        #: what decides while Redis is unusable (a worker's share of the limit)
+        self.local = local if fallback is None else fallback
         self.link = link
         #: Redis key prefix of this route's buckets.
         self.bucket = bucket
@@ -252,7 +255,7 @@ class FleetRateLimiter:
                 self._fetch(key, lease, now)
                 return
             else:  # the bucket is empty: the rest wait for the next token
-                wait = max(lease.denied_until - now, self.local.interval)
+                wait = max(lease.denied_until - now, self.shared.interval)
                 self._answer(w, self._count("fleet", RateDecision(False, wait)))
 
     def _failed(self, f: Failure, key: Any, lease: _Lease) -> None:

@@ -40,6 +40,7 @@ class PoolHealth:
         probe: IHealthProbe | None = None,
         rng: random.Random | None = None,
         ejections: Any = None,
+        decide: bool = True,
     ) -> None:
         self.pool = pool
         #: lbtwist.fleet.ejections.FleetEjections: shares this pool's passive
@@ -47,12 +48,16 @@ class PoolHealth:
         self.ejections = ejections
         self.cfg = cfg
         self.clock = reactor
+        #: False in a worker process (runtime.role "worker"): no probes, no
+        #: passive ejection here; the master decides both for the fleet
+        #: (lbtwist.workers.fleetview) and the worker applies its snapshots.
+        self.decide = decide
         self.scheduler: ProbeScheduler | None = None
-        if cfg.active is not None:
+        if cfg.active is not None and decide:
             if probe is None:
                 raise ValueError(f"pool {pool.name}: active health configured but no probe given")
             self.scheduler = ProbeScheduler(pool, probe, cfg.active, reactor, rng)
-        self.detector = OutlierDetector(pool, cfg.passive) if cfg.passive.enabled else None
+        self.detector = OutlierDetector(pool, cfg.passive) if cfg.passive.enabled and decide else None
         self._tick_call: IDelayedCall | None = None
         self.running = False
 
@@ -234,15 +239,16 @@ class HealthService(Service):
     def prepare_pool(self, pool: Pool, cfg: HealthConfig, probe: IHealthProbe | None = None) -> PoolHealth:
         """Build health for ``pool`` (probe plugins included, which may raise)
         without starting it or replacing the running one: L{install} does."""
-        if cfg.active is not None and probe is None:
+        decide = getattr(self.runtime, "role", "single") != "worker"
+        if cfg.active is not None and probe is None and decide:
             probe = make_probe(self.runtime.registry, cfg.active, reactor=self.reactor)
             if getattr(self.runtime, "tls", None) is not None:  # a pool with tls: probes use it too
                 from lbtwist.health.probes import use_pool_tls
 
                 probe = use_pool_tls(probe, lambda: self.runtime.tls.backend_tls(pool.name))
-        fleet = getattr(self.runtime, "fleet", None)
-        return PoolHealth(pool, cfg, reactor=self.reactor, probe=probe, rng=self.rng,
-                          ejections=fleet.ejections if fleet is not None else None)
+        fleet = getattr(self.runtime, "fleet", None)  # shared ejections: where the detector runs only
+        return PoolHealth(pool, cfg, reactor=self.reactor, probe=probe, rng=self.rng, decide=decide,
+                          ejections=fleet.ejections if fleet is not None and decide else None)
 
     def install(self, ph: PoolHealth) -> PoolHealth:
         """Replace the pool's running health with ``ph`` (from L{prepare_pool})."""

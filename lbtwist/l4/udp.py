@@ -296,6 +296,11 @@ class UDPListenerService(Service):
         self.port_number, self.interface = parse_udp_bind(cfg.bind)
         self.relay = UDPRelay(cfg, runtime)
         self.port: Any = None
+        self._inherited: int | None = None
+
+    def inherit_socket(self, fd: int) -> None:
+        """Read ``fd`` (a bound socket the master passed down) instead of binding."""
+        self._inherited = fd
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -337,6 +342,13 @@ class UDPListenerService(Service):
         self.port = port
 
     def _listen(self) -> None:
+        if self._inherited is not None:
+            from lbtwist.listener import socket_family
+
+            self.port = self.reactor.adoptDatagramPort(
+                self._inherited, socket_family(self._inherited), self.relay, maxPacketSize=MAX_DATAGRAM
+            )
+            return
         self.port = self.reactor.listenUDP(
             self.port_number, self.relay, interface=self.interface, maxPacketSize=MAX_DATAGRAM
         )

@@ -93,7 +93,7 @@ class CircuitBreaker:
 
     __slots__ = (
         "settings", "state", "failures", "opened_at", "generation",
-        "trials_started", "trial_successes", "held_until", "opened_total",
+        "trials_started", "trial_successes", "held_until", "opened_total", "tripped",
     )
 
     def __init__(self, settings: BreakerSettings) -> None:
@@ -108,6 +108,8 @@ class CircuitBreaker:
         #: Retry-After hold (pool clock seconds); skipped until then.
         self.held_until = float("-inf")
         self.opened_total = 0
+        #: The last open came from elsewhere (L{BreakerSet.trip}), not this one's own traffic.
+        self.tripped = False
 
     def _advance(self, now: float) -> tuple[BreakerState, BreakerState, str] | None:
         if self.state is BreakerState.OPEN and now >= self.opened_at + self.settings.open_for:
@@ -176,6 +178,7 @@ class CircuitBreaker:
     def _open(self, now: float, reason: str) -> tuple[BreakerState, BreakerState, str]:
         self.opened_at = now
         self.opened_total += 1
+        self.tripped = False
         return self._go(BreakerState.OPEN, reason)
 
     def hold(self, until: float) -> None:
@@ -314,6 +317,41 @@ class BreakerSet:
         self.watching.add(backend)
         self.holds_total += 1
         return seconds
+
+    # -- fleet (lbtwist.workers.fleetview) ---------------------------------------
+
+    def last_opened(self, backend: object) -> tuple[float, bool] | None:
+        """(when the breaker of ``backend`` last opened, whether that open came
+        from L{trip} rather than its own traffic), or None if it never opened."""
+        b = self._breakers.get(backend)
+        if b is None or b.opened_total == 0:
+            return None
+        return b.opened_at, b.tripped
+
+    def trip(self, backend: object, opened_at: float, now: float, reason: str) -> bool:
+        """Open the breaker of ``backend`` as of ``opened_at`` because another
+        process saw the failures (the master's fleet view, or a worker's report
+        to the master). Nothing happens when this breaker already opened at
+        about that time or later (within min(1 s, open_for / 2): the same
+        open, travelled back), or when that open is already over at ``now``.
+        Not counted in L{opened_total} (the process that saw it counts it).
+        True if it opened."""
+        s = self.settings
+        if opened_at + s.open_for <= now:
+            return False
+        b = self.breaker(backend)
+        if b.opened_total and b.opened_at >= opened_at - min(1.0, s.open_for / 2):
+            return False
+        t = b._open(opened_at, reason)
+        b.tripped = True
+        self.watching.add(backend)
+        log.warn(
+            "pool {pool} backend {backend}: circuit breaker opened ({reason})",
+            pool=self.name, backend=getattr(backend, "address", backend), reason=reason,
+        )
+        for listener in list(self._listeners):
+            listener(backend, t[0], t[1], reason)
+        return True
 
     def forget(self, backends: Iterable[object]) -> None:
         """Drop the state of removed backends."""

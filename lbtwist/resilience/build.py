@@ -79,7 +79,7 @@ class RouteResilience:
             retry, rate_limit, timeout = route.retry, route.rate_limit, route.timeout
         limiter: Any = None if rate_limit is None else RateLimiter.from_config(rate_limit, name=name)
         if limiter is not None and rate_limit.scope == "fleet" and fleet is not None:
-            limiter = fleet.rate_limiter(limiter, listener, name)
+            limiter = fleet.rate_limiter(limiter, listener, name, rate_limit)
         return cls(
             settings=settings_of(route, default_timeout),
             policy=RetryPolicy.from_config(retry),

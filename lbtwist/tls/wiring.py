@@ -46,6 +46,9 @@ class RuntimeTLS:
         self.passthrough: dict[str, PassthroughStats] = {}
         self.backends: dict[str, BackendTLS] = {}
         self._backend_cfgs: dict[str, Any] = {}
+        #: listener name -> ServerTLS built before this process was forked
+        #: (lbtwist.workers.forked): used once, by the first listener of that name
+        self.inherited: dict[str, ServerTLS] = {}
         runtime.listener_state.setdefault("tls", self._listener_state)
         runtime.backend_state.setdefault("tls", self._backend_state)
 
@@ -151,7 +154,12 @@ def add_listener_tls(svc: Any, cfg: ListenerConfig, runtime: Any) -> Any:
     state = runtime_tls(runtime)
     reactor = runtime.reactor
     if cfg.tls is not None:
-        tls = ServerTLS.for_listener(cfg, reactor)
+        tls = state.inherited.pop(cfg.name, None)
+        if tls is None or tls.config != attrs.evolve(cfg.tls, session_tickets=attrs.evolve(
+                cfg.tls.session_tickets, prepare=tls.config.session_tickets.prepare)):
+            tls = ServerTLS.for_listener(cfg, reactor)
+        else:
+            tls.clock = reactor
         svc.tls = tls
         svc.factory = wrap_server_factory(svc.factory, tls, reactor)
         state.servers[cfg.name] = tls

@@ -241,6 +241,58 @@
     for (const [name, tr] of listenerRows) if (!seen.has(name)) { tr.remove(); listenerRows.delete(name); }
   }
 
+  // -- workers (GET /api/workers; absent or empty with one process) -------------
+  const workerRows = new Map();   // pid -> {tr, requests, at}
+  let workersGone = false;        // 404: a single-process lbtwist, stop asking
+
+  function uptime(started) {
+    if (typeof started !== "number") return started == null ? "–" : String(started);
+    const s = Math.max(0, Date.now() / 1000 - started);
+    return s >= 3600 ? (s / 3600).toFixed(1) + " h" : s >= 60 ? (s / 60).toFixed(1) + " min" : s.toFixed(0) + " s";
+  }
+
+  function updateWorkers(list) {
+    const section = $("workers-section");
+    section.hidden = !list.length;
+    const tbody = $("workers").tBodies[0];
+    const now = Date.now() / 1000;
+    const seen = new Set();
+    let rateSum = 0, rssSum = 0, connSum = 0;
+    const rates = new Map();
+    for (const w of list) {
+      const key = String(w.pid);
+      let row = workerRows.get(key);
+      let rate = null;
+      if (row && row.at < now && w.requests >= row.requests) rate = (w.requests - row.requests) / (now - row.at);
+      if (!row) { row = { tr: el("tr") }; row.tr.dataset.pid = key; for (let i = 0; i < 8; i++) row.tr.append(el("td", i >= 3 ? "num" : null)); tbody.append(row.tr); workerRows.set(key, row); }
+      row.requests = w.requests; row.at = now;
+      seen.add(key); rates.set(key, rate);
+      if (rate != null) rateSum += rate;
+      rssSum += w.rss_bytes || 0; connSum += w.connections || 0;
+    }
+    list.forEach((w, i) => {
+      const key = String(w.pid), row = workerRows.get(key), rate = rates.get(key);
+      const share = rate != null && rateSum > 0 ? rate / rateSum : null;
+      const v = [String(i + 1), key, uptime(w.started), String(w.requests), fmt.rate(rate), fmt.pct(share),
+                 String(w.connections), w.rss_bytes == null ? "–" : fmt.bytes(w.rss_bytes)];
+      v.forEach((x, j) => { row.tr.cells[j].textContent = x; });
+      tbody.append(row.tr);  // keep the API's order
+    });
+    for (const [key, row] of workerRows) if (!seen.has(key)) { row.tr.remove(); workerRows.delete(key); }
+    $("workers-summary").textContent = list.length ? `${list.length} processes · ${fmt.rate(rateSum)} req/s · ${connSum} connections · ${fmt.bytes(rssSum)} RSS` : "";
+  }
+
+  async function refreshWorkers() {
+    if (workersGone) return;
+    try {
+      const r = await fetch("api/workers", { headers: headers(), cache: "no-store" });
+      if (r.status === 404) { workersGone = true; updateWorkers([]); return; }
+      if (!r.ok) return;
+      const data = await r.json();
+      updateWorkers(Array.isArray(data.workers) ? data.workers : []);
+    } catch (e) { /* the pools poll reports an unreachable API */ }
+  }
+
   function setStatus(kind, text) {
     const s = $("status"); s.className = "status status-" + kind; s.textContent = text; s.dataset.status = kind;
   }
@@ -264,6 +316,7 @@
       }
       for (const [name, p] of pools) if (!seen.has(name)) { p.el.remove(); pools.delete(name); }
       updateListeners(data.listeners);
+      await refreshWorkers();
       setStatus("live", "live");
       $("updated").textContent = "updated " + new Date().toLocaleTimeString() + " · up " + Math.round(data.uptime_s) + " s";
       document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes || 0) + 1);
