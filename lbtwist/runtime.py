@@ -43,6 +43,9 @@ class Runtime:
     resilience: Any = None
     #: pool name -> lbtwist.discovery.PoolDiscovery, for pools with ``discovery:``.
     discovery: dict[str, Any] = attrs.Factory(dict)
+    #: lbtwist.fleet.service.FleetService when the config has a ``fleet:``
+    #: block: fleet rate limits and shared ejections through Redis.
+    fleet: Any = None
     #: role "master": lbtwist.workers.master.Fleet (GET /api/workers, the
     #: workers' /metrics, admin changes acknowledged by every worker).
     workers: Any = None

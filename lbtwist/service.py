@@ -154,6 +154,7 @@ class LbtwistService(MultiService):
         role: str = "single",
         sockets: Mapping[str, int] | None = None,
         tls_servers: Mapping[str, Any] | None = None,
+        workers: int = 1,
     ) -> None:
         super().__init__()
         if role not in ("single", "master", "worker"):
@@ -162,6 +163,8 @@ class LbtwistService(MultiService):
         self.reactor = reactor
         self.config_path = config_path
         self.install_signals = install_signals
+        #: role "worker": how many workers the instance runs (their shares of a limit)
+        self.worker_count = workers
         self._loader = loader
         self._old_handlers: dict[int, Any] = {}
         self.runtime = Runtime(reactor=reactor, registry=registry, config=config, role=role)
@@ -204,6 +207,11 @@ class LbtwistService(MultiService):
             from lbtwist.accesslog import access_log_service
 
             access_log_service(config.access_log, rt).setServiceParent(self)
+        if config.fleet is not None:
+            from lbtwist.fleet.service import FleetService
+
+            rt.fleet = FleetService.from_config(config.fleet, self.reactor, role=rt.role, workers=self.worker_count)
+            rt.fleet.setServiceParent(self)
         self.health = self._health_service()
         self.health.setServiceParent(self)
         admin = self._admin_service(config)
@@ -360,6 +368,8 @@ class LbtwistService(MultiService):
             raise ReloadError(str(text) or type(e).__name__) from None
         # -- switch: nothing below is expected to fail -------------------------
         log.info("lbtwist: applying new configuration")
+        if new.fleet != old.fleet:
+            log.warn("lbtwist: the fleet block changed; it is read at start: restart to apply it")
         if tls_state is not None:
             tls_state.set_pools(backend_tls)
         waits = self._commit_pools(new, pools)

@@ -198,6 +198,18 @@ def meanings(noise: int) -> tuple[dict[Any, st.SearchStrategy], dict[tuple[type,
         (m.DeploymentConfig, "failover"): st.one_of(st.none(), one("keepalived VIP",)),
         (m.DemoConfig, "http"): st.lists(mostly(one("tcp:0:interface=127.0.0.1"), one("tcp:x",)), max_size=2),
         (m.DemoConfig, "tcp_echo"): st.lists(mostly(one("tcp:0:interface=127.0.0.1"), one("tcp:x",)), max_size=1),
+        (m.RateLimitConfig, "scope"): mostly(one("local", "local", "local", "fleet"), one("global", 1)),
+        (m.FleetConfig, "redis"): mostly(one("tcp:127.0.0.1:6379", "redis://127.0.0.1:6380/1", "rediss://lb:pw@[::1]:6390",
+                                             "unix:/run/redis/redis.sock"),
+                                         one("tcp:127.0.0.1", "http://h:1", "redis://h/x", "tcp:h:0", 6379)),
+        (m.FleetConfig, "name"): mostly(one("edge", "test.fleet-1"), one("bad name", "", "x" * 70)),
+        (m.FleetConfig, "username"): st.one_of(st.none(), one("lbtwist",)),
+        (m.FleetConfig, "password"): st.one_of(st.none(), st.none(), one("s3cret",)),
+        (m.FleetConfig, "password_file"): mostly(st.none(), one("/nonexistent/redis.pass",)),
+        (m.FleetTLSConfig, "ca"): mostly(st.none(), one("/nonexistent/ca.pem",)),
+        (m.FleetTLSConfig, "cert"): st.none(),
+        (m.FleetTLSConfig, "key"): st.none(),
+        (m.FleetTLSConfig, "server_name"): st.one_of(st.none(), one("redis.internal",)),
     }
 
 

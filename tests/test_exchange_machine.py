@@ -450,7 +450,7 @@ def test_101_without_an_upgrade_request_is_a_bad_gateway():
 
 
 def test_every_state_is_named_and_events_reject_strangers():
-    assert len(set(m.STATES)) == 9
+    assert len(set(m.STATES)) == 10
     with pytest.raises(TypeError):
         Rig().ex.handle(object())
 
@@ -475,3 +475,102 @@ def test_a_response_too_large_to_buffer_in_one_read_with_its_end_is_a_502(monkey
     b.reply(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n12345")
     assert t.value().startswith(b"HTTP/1.1 502 ") and b"too large to buffer" in t.value()
     assert b.transport.disconnecting or b.transport.disconnected
+
+
+# -- a rate decision that comes later (the fleet limiter asking Redis) -------------------------
+
+class HeldLimiter:
+    """A rate limiter whose decisions come when the test gives them."""
+
+    limited = 0
+
+    def __init__(self) -> None:
+        self.waiting: list[Any] = []
+
+    def check_request(self, head: Any, now: float) -> Any:
+        from twisted.internet import defer
+
+        d = defer.Deferred()
+        self.waiting.append(d)
+        return d
+
+
+def held_rig(raw: bytes = GET, buffering: str = "none", **kw: Any) -> tuple[Rig, HeldLimiter]:
+    from lbtwist.config.model import RateLimitConfig
+
+    rig = Rig(raw, routes=[RouteConfig(pool="app", buffering=buffering, rate_limit=RateLimitConfig(rate=100))], **kw)
+    lim = HeldLimiter()
+    rig.ctx.router.routes[0].target.resilience.rate_limiter = lim
+    return rig, lim
+
+
+def test_a_late_allow_forwards_then():
+    from lbtwist.resilience.ratelimit import RateDecision
+
+    rig, lim = held_rig()
+    assert rig.run(START) == []
+    assert rig.ex.state == m.RATE_WAIT and len(lim.waiting) == 1
+    lim.waiting[0].callback(RateDecision(True))
+    assert rig.run() == [("a0", "send", "GET"), ("a0", "timeout", "response")]
+    assert rig.ex.state == m.AWAITING
+
+
+def test_a_late_deny_is_a_429_with_retry_after_and_no_backend():
+    from lbtwist.resilience.ratelimit import RateDecision
+
+    rig, lim = held_rig()
+    rig.run(START)
+    lim.waiting[0].callback(RateDecision(False, 2.5))
+    assert rig.run() == [("error", 429), ("done", True)]
+    assert rig.ex.outcome == "rejected" and rig.backends[0].active == 0
+
+
+def test_a_late_decision_for_a_client_gone_meanwhile_is_ignored():
+    from lbtwist.resilience.ratelimit import RateDecision
+
+    rig, lim = held_rig()
+    rig.run(START)
+    assert rig.run(m.ClientGone()) == [("done", False)]
+    lim.waiting[0].callback(RateDecision(True))
+    assert rig.run() == [] and rig.ex.state == m.DONE
+    assert rig.run(m.RateDecided(RateDecision(True))) == []  # as an event too
+
+
+def test_a_failed_decision_is_a_503_not_a_hang():
+    rig, lim = held_rig()
+    rig.run(START)
+    lim.waiting[0].errback(RuntimeError("limiter broke"))
+    assert rig.run() == [("error", 503), ("done", True)]
+    assert rig.ex.outcome == "gateway"
+
+
+def test_a_late_allow_with_the_buffered_body_complete_meanwhile_forwards_it_whole():
+    from lbtwist.resilience.ratelimit import RateDecision
+
+    rig, lim = held_rig(POST, buffering="request")
+    assert rig.run(START, m.BodyData(b"abcd"), m.BodyEnd()) == []
+    assert rig.ex.state == m.RATE_WAIT
+    assert rig.run(m.RateDecided(RateDecision(True))) == [("a0", "start"), ("a0", "write", "POST"),
+                                                         ("a0", "timeout", "response")]
+    assert rig.ex.state == m.AWAITING
+
+
+def test_a_late_allow_with_the_buffered_body_still_coming_resumes_the_paused_client():
+    from lbtwist.resilience.ratelimit import RateDecision
+
+    raw = b"POST /p HTTP/1.1\r\nHost: x\r\ncontent-length: 300000\r\n\r\n"
+    rig, lim = held_rig(raw, buffering="request")
+    rig.run(START)
+    assert rig.run(m.BodyData(b"x" * (m.BODY_PAUSE + 1))) == [("pause", "body")]
+    assert rig.run(m.RateDecided(RateDecision(True))) == [("resume", "body")]
+    assert rig.ex.state == m.AWAITING_BODY
+    assert rig.run(m.BodyData(b"y" * (300000 - m.BODY_PAUSE - 1)), m.BodyEnd())[0] == ("a0", "start")
+
+
+def test_a_late_allow_without_buffering_sends_the_body_that_came_meanwhile():
+    from lbtwist.resilience.ratelimit import RateDecision
+
+    rig, lim = held_rig(POST)
+    rig.run(START, m.BodyData(b"abcd"), m.BodyEnd())
+    assert rig.run(m.RateDecided(RateDecision(True))) == [("a0", "start"), ("a0", "write", "POST"),
+                                                         ("a0", "timeout", "response")]

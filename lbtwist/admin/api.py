@@ -171,6 +171,10 @@ class AdminResource(resource.Resource):
         if rest == ["config"]:
             self._allow(method, "GET", "HEAD")
             return self._json(request, config_json(self.runtime.config))
+        if rest == ["fleet"]:
+            self._allow(method, "GET", "HEAD")
+            fleet = self.runtime.fleet
+            return self._json(request, fleet.status() if fleet is not None else {"mode": "off", "redis_up": False})
         if rest == ["reload"]:
             self._allow(method, "POST")
             return self._reload(request)

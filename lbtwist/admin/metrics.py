@@ -133,6 +133,7 @@ class LbtwistCollector:
         yield from self._pools(now)
         yield from self._listeners(now)
         yield from discovery_metrics(self.runtime, now)
+        yield from fleet_metrics(self.runtime)
 
     # -- per backend ----------------------------------------------------------
 
@@ -271,6 +272,48 @@ def discovery_metrics(runtime: Any, now: float) -> Iterable[Metric]:
             failures.add_metric(v, float(st["failures_total"]))
             updates.add_metric(v, float(st["updates_total"]))
     yield from (up, state, age, backends, failures, updates)
+
+
+def fleet_metrics(runtime: Any) -> Iterable[Metric]:
+    """``lbtwist_fleet_*``: the Redis link, fallbacks, rate decisions by source, shared ejections."""
+    fleet = getattr(runtime, "fleet", None)
+    if fleet is None:
+        return
+    st = fleet.status()
+    L = ["fleet"]
+    v = [st["name"]]
+    up = GaugeMetricFamily("lbtwist_fleet_redis_up", "1 while Redis answers in time (fleet mode); 0 while lbtwist decides locally", labels=L)
+    up.add_metric(v, 1.0 if st["redis_up"] else 0.0)
+    fallbacks = CounterMetricFamily("lbtwist_fleet_fallbacks", "Changes from fleet mode to local decisions (Redis down, slow or answering garbage)", labels=L)
+    fallbacks.add_metric(v, float(st["fallbacks_total"]))
+    resumes = CounterMetricFamily("lbtwist_fleet_resumes", "Returns to fleet mode after a fallback", labels=L)
+    resumes.add_metric(v, float(st["resumes_total"]))
+    errors = CounterMetricFamily("lbtwist_fleet_redis_errors", "Failed Redis calls and connection attempts by kind", labels=L + ["kind"])
+    for kind, n in st["errors_total"].items():
+        errors.add_metric(v + [kind], float(n))
+    decisions = CounterMetricFamily("lbtwist_fleet_rate_decisions", "Fleet-scope rate-limit decisions by where they were made (fleet: Redis answered; lease: leased tokens or a remembered refusal; local: fallback) and result", labels=L + ["route", "source", "result"])
+    calls = CounterMetricFamily("lbtwist_fleet_rate_redis_calls", "Lease requests sent to Redis", labels=L + ["route"])
+    for route, rs in st["rate_limits"].items():
+        for source, by in rs["decisions_by_source"].items():
+            decisions.add_metric(v + [route, source, "allowed"], float(by["allowed_total"]))
+            decisions.add_metric(v + [route, source, "limited"], float(by["limited_total"]))
+        calls.add_metric(v + [route], float(rs["redis_calls_total"]))
+    # With workers, each process has its own link; the rate decisions are the
+    # workers' (summed by the master's merged /metrics), the link and the
+    # shared ejections the master's (lbtwist.workers.metricsmerge keeps a
+    # master family no worker exports).
+    role = getattr(runtime, "role", "single")
+    if role != "master":
+        yield from (decisions, calls)
+    if role == "worker":
+        return
+    yield from (up, fallbacks, resumes, errors)
+    ej = st["ejections"]
+    if ej is not None:
+        fam = CounterMetricFamily("lbtwist_fleet_ejection_messages", "Shared ejections by what happened to them", labels=L + ["event"])
+        for key in ("published", "publish_failed", "received", "applied", "returned", "echoes_ignored", "not_applied", "bad_messages", "synced"):
+            fam.add_metric(v + [key], float(ej[f"{key}_total"]))
+        yield fam
 
 
 def make_registry(runtime: Any, live: Live, clock: Any, process: bool = True) -> CollectorRegistry:

@@ -8,6 +8,7 @@ instead of breaking the page an operator needs most when things go wrong.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Mapping
 
 import attrs
@@ -23,6 +24,8 @@ log = Logger(namespace="lbtwist.admin.state")
 WINDOW = 10
 #: Keys of the JSON config view whose values are secrets.
 SECRET_KEYS = frozenset({"token", "password", "secret", "key_passphrase"})
+#: A password inside a URL (``redis://user:PASSWORD@host``).
+_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:)[^@/]*@")
 
 
 def _r(x: float | None, nd: int = 3) -> float | None:
@@ -184,7 +187,17 @@ class StateView:
             "window_s": WINDOW,
             "pools": [self.pool(p, now, history) for p in self.runtime.pools.values()],
             "listeners": self.listeners(now),
+            "fleet": fleet_summary(self.runtime),
         }
+
+
+def fleet_summary(runtime: Any) -> dict | None:
+    """The fleet's mode in the overview (``GET /api/fleet`` has the details)."""
+    fleet = getattr(runtime, "fleet", None)
+    if fleet is None:
+        return None
+    st = fleet.link.status()
+    return {k: st[k] for k in ("redis", "name", "mode", "redis_up", "since_s", "last_error")}
 
 
 def config_json(config: Any) -> Any:
@@ -202,7 +215,9 @@ def config_json(config: Any) -> Any:
             return [walk(x) for x in v]
         if isinstance(v, float) and not math.isfinite(v):
             return None
-        if v is None or isinstance(v, (str, int, float, bool)):
+        if isinstance(v, str):
+            return _URL_PASSWORD.sub(r"\1***@", v)
+        if v is None or isinstance(v, (int, float, bool)):
             return v
         return str(v)
 

@@ -317,6 +317,7 @@ class RateLimitConfig:
     burst: float | None = _f(None, "bucket size: requests allowed at once after a quiet spell; defaults to rate")
     key: str = _f("client", "client (address), route (one bucket), or header:NAME")
     max_keys: int = _f(100_000, "buckets kept at most; the least recently used is dropped beyond")
+    scope: Literal["local", "fleet"] = _f("local", "local: each instance keeps its own buckets; fleet: the buckets live in the fleet's Redis (top-level fleet block), so the limit holds across all instances")
 
 
 @attrs.frozen(kw_only=True)
@@ -424,6 +425,39 @@ class DeploymentConfig:
 
 
 @attrs.frozen(kw_only=True)
+class FleetTLSConfig:
+    """TLS to Redis (lbtwist.fleet): verify the server, optionally present a client certificate."""
+
+    ca: str | None = _f(None, "PEM file of the CA(s) that sign Redis's certificate (default: the system trust store)")
+    cert: str | None = _f(None, "PEM client certificate, for Redis's tls-auth-clients (needs key)")
+    key: str | None = _f(None, "PEM private key of cert")
+    server_name: str | None = _f(None, "name Redis's certificate must carry (default: the host in redis)")
+
+
+@attrs.frozen(kw_only=True)
+class FleetConfig:
+    """State shared by the instances of a fleet through Redis (lbtwist.fleet):
+    fleet-scope rate limits and passive ejections. Redis being down, slow or
+    wrong never blocks a request longer than ``timeout``: lbtwist falls back
+    to local limits and local ejections until it is back."""
+
+    redis: str = _f(doc="tcp:HOST:PORT, unix:PATH, redis://[USER:PASSWORD@]HOST[:PORT][/DB] or rediss://... (TLS)")
+    name: str = _f(doc="fleet name: instances with the same name share state; Redis keys start with lbtwist:NAME:")
+    username: str | None = _f(None, "Redis ACL user (AUTH username password); default: the default user")
+    password: str | None = _f(None, "Redis password (prefer password_file)")
+    password_file: str | None = _f(None, "file holding the Redis password (first line); read at start")
+    db: int = _f(0, "Redis database number (SELECT)")
+    tls: FleetTLSConfig | None = _f(None, "TLS to Redis (also turned on by a rediss:// address)")
+    timeout: Duration = _f(Duration(0.05), "longest a request waits on Redis; a call not answered within it falls back to the local decision and marks Redis down")
+    connect_timeout: Duration = _f(Duration(1.0), "a connection (with AUTH, SELECT, script loading and subscribing) must be ready within this")
+    heartbeat: Duration = _f(Duration(1.0), "PING both connections this often, so a frozen Redis is noticed while idle")
+    reconnect_max: Duration = _f(Duration(5.0), "cap on the (jittered, doubling from 100ms) wait between reconnect attempts")
+    lease_max: int = _f(16, "fleet rate limits: tokens one instance may lease from the shared bucket per key at once (1: one Redis call per request)")
+    lease_time: Duration = _f(Duration(0.25), "fleet rate limits: leased tokens not spent within this are dropped; bounds over-admission to the rate times this")
+    share_ejections: bool = _f(True, "publish this instance's passive ejections and apply the other instances' ones")
+
+
+@attrs.frozen(kw_only=True)
 class DemoConfig:
     """Backends started inside the balancer process so ``make run`` serves at once."""
 
@@ -439,4 +473,5 @@ class Config:
     demo: DemoConfig | None = _f(None, "demo backends in-process (for trying lbtwist out)")
     access_log: AccessLogConfig | None = _f(None, "JSON access log; omitted means none")
     deployment: DeploymentConfig | None = _f(None, "balancer instances and failover, for lbtwist check")
+    fleet: FleetConfig | None = _f(None, "state shared with the other instances through Redis; omitted means none")
     workers: int | Literal["auto"] = _f("auto", "data-plane processes: 'auto' (one per CPU lbtwist may run on) or a number; 1 is one process with no master")

@@ -845,6 +845,29 @@ def _dns_problems(ctx: CheckContext, path: str, d: Any) -> Iterator[Problem]:
             yield ctx.error(key_path(path, k), "must be above 0")
 
 
+# -- fleet: state shared through Redis ----------------------------------------------
+
+
+@check
+def fleet_settings(ctx: CheckContext) -> Iterator[Problem]:
+    """The fleet block parses (the runtime uses the same parser), and a
+    fleet-scope rate limit has a fleet to share its buckets with."""
+    from lbtwist.fleet.settings import problems
+
+    fleet = ctx.config.fleet
+    if fleet is not None and not ctx.was_rejected("fleet"):
+        for key, message in problems(fleet):
+            path = "fleet"
+            for part in key.split("."):
+                path = key_path(path, part)
+            yield ctx.error(path, message)
+    for rpath, route, _ in _routes(ctx.config):
+        rl = route.rate_limit
+        if rl is not None and rl.scope == "fleet" and fleet is None:
+            yield ctx.error(key_path(key_path(rpath, "rate_limit"), "scope"),
+                            "fleet needs a top-level fleet block (fleet: {redis: ..., name: ...}); or use scope: local")
+
+
 # -- workers --------------------------------------------------------------------
 
 

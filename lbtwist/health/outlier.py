@@ -83,6 +83,10 @@ class _Track:
     #: undecayed, cancelled ones included (a client that gave up after 1 s
     #: still waited 1 s on this backend).
     last: deque = attrs.field(factory=deque)
+    #: Who decided the running ejection when another instance did (shared
+    #: through the fleet, L{OutlierDetector.apply_remote_ejection}); None
+    #: for this detector's own ejections and while in rotation.
+    remote: str | None = None
 
     def reset_counts(self) -> None:
         """Ejected or returned: runs and latency start over. The failure-rate
@@ -106,6 +110,27 @@ class OutlierDetector:
         self.pool = pool
         self.cfg = cfg
         self.tracks: dict[Backend, _Track] = {}
+        #: ``fn(backend, event, until, reason)`` for this detector's own
+        #: decisions only: event "ejected" (``until`` the end time) or
+        #: "returned" (``until`` None). Remote ejections are not announced,
+        #: so whoever shares them never echoes what it applied.
+        self._ejection_observers: list = []
+        #: Remote ejections refused by max_ejection_percent (a counter).
+        self.remote_refused = 0
+
+    def observe_ejections(self, fn) -> None:  # type: ignore[no-untyped-def]
+        self._ejection_observers.append(fn)
+
+    def unobserve_ejections(self, fn) -> None:  # type: ignore[no-untyped-def]
+        if fn in self._ejection_observers:
+            self._ejection_observers.remove(fn)
+
+    def _announce(self, backend: Backend, event: str, until: float | None, reason: str) -> None:
+        for fn in list(self._ejection_observers):
+            try:
+                fn(backend, event, until, reason)
+            except Exception:
+                log.failure("pool {pool}: an ejection observer failed", pool=self.pool.name)
 
     def _track(self, backend: Backend) -> _Track:
         t = self.tracks.get(backend)
@@ -238,8 +263,66 @@ class OutlierDetector:
         duration = min(self.cfg.base_ejection_time * t.ejections, self.cfg.max_ejection_time)
         t.reset_counts()
         t.out_since = now
+        t.remote = None
         self.pool.eject(backend, now + duration, f"{reason}; out for {duration:g}s (ejection {t.ejections})")
+        self._announce(backend, "ejected", now + duration, reason)
         return True
+
+    # -- ejections decided elsewhere (another instance of the fleet) -------------
+
+    def apply_remote_ejection(self, address: str, until: float, reason: str, origin: str, now: float) -> bool:
+        """Eject the backend at ``address`` until ``until`` because instance
+        ``origin`` did: under the same ``max_ejection_percent`` cap, never
+        announced to the observers (no echo). True if it was ejected."""
+        backend = self.pool.get(address)
+        if backend is None or until <= now:
+            return False
+        if backend.ejected_until is not None and backend.ejected_until > now:
+            return False
+        t = self._track(backend)
+        out = len(self.ejected(now))
+        if out + 1 > self.max_ejected():
+            self.remote_refused += 1
+            if not t.capped:
+                t.capped = True
+                log.warn(
+                    "pool {pool} backend {backend}: ejection shared by {origin} not applied: "
+                    "max_ejection_percent {pct:g} reached, {out} of {n} already out",
+                    pool=self.pool.name, backend=address, origin=origin,
+                    pct=self.cfg.max_ejection_percent, out=out, n=len(self.pool.backends()),
+                )
+            return False
+        t.decay_from = None
+        t.reset_counts()
+        t.out_since = now
+        t.remote = origin
+        self.pool.eject(backend, until, f"{reason}; shared by {origin}, out for {until - now:.3g}s")
+        return True
+
+    def end_remote_ejection(self, address: str, reason: str, now: float) -> bool:
+        """The instance that ejected ``address`` returned it: return it here
+        too, if it is out because of that instance. True if it returned."""
+        backend = self.pool.get(address)
+        if backend is None or backend.ejected_until is None or backend.ejected_until <= now:
+            return False
+        t = self.tracks.get(backend)
+        if t is None or t.remote is None:
+            return False  # out by our own decision: ours to end
+        self._return(backend, t, now, f"{reason} (shared by {t.remote})")
+        return True
+
+    def _return(self, b: Backend, t: _Track, now: float, reason: str) -> None:
+        t.decay_from = now
+        t.reset_counts()
+        if t.out_since is not None:  # the record did not age while out
+            shift = now - t.out_since
+            t.recent = deque((at + shift, bad) for at, bad in t.recent)
+            t.out_since = None
+        remote, t.remote = t.remote, None
+        slow = f"; slow start {self.pool.slow_start:g}s" if self.pool.slow_start > 0 else ""
+        self.pool.unject(b, f"{reason}{slow}")
+        if remote is None:
+            self._announce(b, "returned", None, reason)
 
     # -- time -----------------------------------------------------------------
 
@@ -249,15 +332,7 @@ class OutlierDetector:
         base = self.cfg.base_ejection_time
         for b in self.pool.backends():
             if b.ejected_until is not None and b.ejected_until <= now:
-                t = self._track(b)
-                t.decay_from = now
-                t.reset_counts()
-                if t.out_since is not None:  # the record did not age while out
-                    shift = now - t.out_since
-                    t.recent = deque((at + shift, bad) for at, bad in t.recent)
-                    t.out_since = None
-                slow = f"; slow start {self.pool.slow_start:g}s" if self.pool.slow_start > 0 else ""
-                self.pool.unject(b, f"ejection over{slow}")
+                self._return(b, self._track(b), now, "ejection over")
         for b, t in self.tracks.items():
             if t.ejections > 0 and t.decay_from is not None and base > 0:
                 while t.ejections > 0 and now - t.decay_from >= base:

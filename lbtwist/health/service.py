@@ -39,9 +39,13 @@ class PoolHealth:
         reactor: Any,
         probe: IHealthProbe | None = None,
         rng: random.Random | None = None,
+        ejections: Any = None,
         decide: bool = True,
     ) -> None:
         self.pool = pool
+        #: lbtwist.fleet.ejections.FleetEjections: shares this pool's passive
+        #: ejections with the fleet while running (None: they stay local).
+        self.ejections = ejections
         self.cfg = cfg
         self.clock = reactor
         #: False in a worker process (runtime.role "worker"): no probes, no
@@ -62,6 +66,8 @@ class PoolHealth:
         self.pool.subscribe(self._on_change)
         if self.detector is not None:
             self.pool.observe_outcomes(self.detector.on_outcome)
+            if self.ejections is not None:
+                self.ejections.attach(self.detector)
             self._tick()
         if self.scheduler is not None:
             self.scheduler.start()
@@ -71,6 +77,8 @@ class PoolHealth:
         self.pool.unsubscribe(self._on_change)
         if self.detector is not None:
             self.pool.unobserve_outcomes(self.detector.on_outcome)
+            if self.ejections is not None:
+                self.ejections.detach(self.detector)
         if self._tick_call is not None and self._tick_call.active():
             self._tick_call.cancel()
         self._tick_call = None
@@ -238,7 +246,9 @@ class HealthService(Service):
                 from lbtwist.health.probes import use_pool_tls
 
                 probe = use_pool_tls(probe, lambda: self.runtime.tls.backend_tls(pool.name))
-        return PoolHealth(pool, cfg, reactor=self.reactor, probe=probe, rng=self.rng, decide=decide)
+        fleet = getattr(self.runtime, "fleet", None)  # shared ejections: where the detector runs only
+        return PoolHealth(pool, cfg, reactor=self.reactor, probe=probe, rng=self.rng, decide=decide,
+                          ejections=fleet.ejections if fleet is not None and decide else None)
 
     def install(self, ph: PoolHealth) -> PoolHealth:
         """Replace the pool's running health with ``ph`` (from L{prepare_pool})."""

@@ -163,6 +163,18 @@ class HttpProxyFactory(ServerFactory):
         """The reactor timers of one exchange (queue wait, retry backoff)."""
         return ExchangeTimers(self.clock, exchange)
 
+    def await_rate_decision(self, exchange: Any, pending: Any) -> None:
+        """The reactor side of a late rate decision (the machine's RATE_WAIT):
+        ``pending`` (a Deferred from the fleet limiter, which fires within its
+        timeout) comes back as ``exchange.rate_decided(decision)``; a failure
+        is logged and comes back as None (the machine answers 503)."""
+
+        def failed(f: Any) -> None:
+            log.failure("route rate limit decision failed", f)
+            exchange.rate_decided(None)
+
+        pending.addCallbacks(exchange.rate_decided, failed)
+
     def note_rejection(self, status: int, reason: str, client: str) -> None:
         """A request refused before it reached a pool (bad head, header timeout)."""
         self.refusals.note(f"listener {self.name}: {status} {reason}", client)

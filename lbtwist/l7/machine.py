@@ -9,6 +9,8 @@ below is enough to drive it from a new protocol adapter.
 States (``Exchange.state``)::
 
     ROUTING        request head received, route/pool/limits being decided
+    RATE_WAIT      the route's rate limiter answers later (the fleet limiter
+                   asking Redis, at most its timeout): the body is held
     AWAITING_BODY  ``buffering: request``: the whole body first
     QUEUED         an attempt waits for a backend connection (pool cap)
     SENDING        the request (body) is being written to the backend
@@ -31,6 +33,7 @@ for tables and adapters that prefer ``Exchange.handle(event)``):
     protocol_error(status, why)    on_end()                     ResponseEnd
     abort()        (drain timeout) backend_failed(att, code, d) Failure
     timer_fired(kind) TimerFired   backend_write_blocked/unblocked
+    rate_decided(d) RateDecided    (the late rate decision, from the context)
 
 Construction: ``Exchange(client, req)``, with ``client.ctx`` the listener's
 L{lbtwist.l7.listener.HttpProxyFactory} (router, pools, forwarding policy,
@@ -77,6 +80,17 @@ wait, retry backoff) go through L{Timers} (``start(kind, delay)``,
 recorded in one place, L{Exchange.record}: the pool (balancer, passive
 health), the breakers and limits, and the access log at the end.
 
+A rate limiter's ``check_request`` returns a
+L{lbtwist.resilience.ratelimit.RateDecision} at once, or a pending one (a
+Deferred: the fleet limiter waiting on Redis). Pending, the machine enters
+RATE_WAIT and hands it to ``ctx.await_rate_decision(exchange, pending)``
+(L{lbtwist.l7.listener.HttpProxyFactory}), which calls
+``rate_decided(decision)`` when it comes (None: the limiter failed, a 503).
+Body bytes arriving meanwhile are held (the client paused past
+L{BODY_PAUSE}); a client gone meanwhile ends the exchange and the late
+decision is ignored; a body complete meanwhile is forwarded at once, also
+under ``buffering: request``.
+
 Facts defined once: idempotent methods (L{lbtwist.resilience.retry}), the
 hop-by-hop fields (L{lbtwist.l7.parser.HOP_BY_HOP}), the failure codes and
 their statuses (L{lbtwist.l7.errors.FAILURE_STATUS}) and how a failure code
@@ -98,6 +112,7 @@ from lbtwist.l7.plan import RoutePlan
 from lbtwist.l7.tunnel import Tunnel
 from lbtwist.pool import Backend, PickContext, Pool
 from lbtwist.resilience.limits import Limit, overflow_headers
+from lbtwist.resilience.ratelimit import RateDecision
 from lbtwist.resilience.retry import IDEMPOTENT_METHODS_BYTES as IDEMPOTENT, Failure as RetryFailure
 from lbtwist.routing import RequestHead as RoutingHead, host_without_port
 from lbtwist.traffic import TrafficRecord
@@ -105,6 +120,7 @@ from lbtwist.traffic import TrafficRecord
 # -- states --------------------------------------------------------------------------------
 
 ROUTING = "routing"
+RATE_WAIT = "rate-wait"
 AWAITING_BODY = "awaiting-body"
 QUEUED = "queued"
 SENDING = "sending"
@@ -114,7 +130,7 @@ RETRY_WAIT = "retry-wait"
 TUNNEL = "tunnel"
 DONE = "done"
 
-STATES = (ROUTING, AWAITING_BODY, QUEUED, SENDING, AWAITING, RELAYING, RETRY_WAIT, TUNNEL, DONE)
+STATES = (ROUTING, RATE_WAIT, AWAITING_BODY, QUEUED, SENDING, AWAITING, RELAYING, RETRY_WAIT, TUNNEL, DONE)
 
 #: Timer kinds the exchange starts through L{Timers}.
 QUEUE_TIMER = "queue"
@@ -207,8 +223,15 @@ class ClientGone:
     pass
 
 
+@attrs.frozen
+class RateDecided:
+    """The route's rate limiter decided later (None: it failed)."""
+
+    decision: Any
+
+
 _EVENTS = frozenset((RequestHead, BodyData, BodyEnd, ConnectionReady, ResponseHead, ResponseData, ResponseEnd,
-                     FailureEvent, TimerFired, ClientGone))
+                     FailureEvent, TimerFired, ClientGone, RateDecided))
 
 
 # -- what the machine is given ------------------------------------------------------------------
@@ -489,6 +512,8 @@ class Exchange:
             self.timer_fired(event.kind)
         elif t is ClientGone:
             self.client_lost()
+        elif t is RateDecided:
+            self.rate_decided(event.decision)
         else:
             raise TypeError(f"not an exchange event: {event!r}")
         self.flush()
@@ -541,15 +566,47 @@ class Exchange:
         rid = req.request_id
         self.request_id = rid if rid is not None else ctx.ids.new()
         rr = plan.resilience
-        st = None
         if rr is not None:
             limiter = rr.rate_limiter
             if limiter is not None:
                 d = limiter.check_request(self.request_head(), self.started)
-                if not d.allowed:
-                    self.reject(429, f"route {plan.name!r}: rate limit exceeded",
-                                extra=((b"retry-after", d.retry_after_header().encode()),))
+                if d.__class__ is not RateDecision:  # pending: the fleet limiter asks Redis
+                    self.state = RATE_WAIT
+                    ctx.await_rate_decision(self, d)
                     return
+                if not d.allowed:
+                    self._rate_limited(d)
+                    return
+        self._admitted()
+
+    def rate_decided(self, decision: RateDecision | None) -> None:
+        """The late rate decision (RATE_WAIT); None: the limiter failed."""
+        if self.done or self.state != RATE_WAIT:
+            return  # the client went away meanwhile
+        if decision is None:
+            self.reject(503, f"route {self.plan.name!r}: the rate limit could not be decided",  # type: ignore[union-attr]
+                        outcome="gateway")
+        elif not decision.allowed:
+            self._rate_limited(decision)
+        else:
+            self.state = ROUTING
+            self._admitted(waited=True)
+        if not self.client.feeding:  # a decision inside a client read: its end flushes
+            self.flush()
+
+    def _rate_limited(self, d: RateDecision) -> None:
+        self.reject(429, f"route {self.plan.name!r}: rate limit exceeded",  # type: ignore[union-attr]
+                    extra=((b"retry-after", d.retry_after_header().encode()),))
+
+    def _admitted(self, waited: bool = False) -> None:
+        """Past the rate limit: admission limits, then balance and forward."""
+        ctx = self.ctx
+        req = self.req
+        plan: RoutePlan = self.plan  # type: ignore[assignment]
+        pool: Pool = self.pool  # type: ignore[assignment]
+        rr = plan.resilience
+        st = None
+        if rr is not None:
             method = req.method
             st = self.st = rr.start_request(ctx.resilience.pool(plan.pool), self.clock, ctx.rng, method=method,
                                             headers=() if method in IDEMPOTENT else req.all_headers,
@@ -562,8 +619,10 @@ class Exchange:
         body = self.body
         if body is not None:
             body.replay_limit = plan.replay_limit
-            if plan.buffer_request:
+            if plan.buffer_request and not body.complete:  # complete: it came during RATE_WAIT
                 self.state = AWAITING_BODY
+                if waited:
+                    self.client.resume_reading("body")  # held past BODY_PAUSE while waiting
                 if req.expect_continue:
                     req.expect_continue = False  # answered here; the backend gets the whole body
                     self.client.send_interim(CONTINUE)

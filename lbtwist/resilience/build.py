@@ -52,7 +52,8 @@ class RouteResilience:
 
     policy: RetryPolicy
     budget: RetryBudget
-    rate_limiter: RateLimiter | None = None
+    #: A L{RateLimiter}, or a L{lbtwist.fleet.ratelimit.FleetRateLimiter} (scope: fleet).
+    rate_limiter: Any = None
     #: Whole-request timeout in seconds (route's, else the listener's default).
     timeout: float | None = None
     stats: RetryStats = attrs.Factory(RetryStats)
@@ -63,16 +64,22 @@ class RouteResilience:
 
     @classmethod
     def from_config(
-        cls, route: Any | None, default_timeout: float | None = None, name: str = ""
+        cls, route: Any | None, default_timeout: float | None = None, name: str = "",
+        *, fleet: Any = None, listener: str = "",
     ) -> "RouteResilience":
         """From a L{lbtwist.config.model.RouteConfig}; None builds the defaults
-        (for a listener's default pool, which has no route block)."""
+        (for a listener's default pool, which has no route block). ``fleet``
+        (L{lbtwist.fleet.service.FleetService}): what a ``scope: fleet`` rate
+        limit keeps its buckets in (without it the limit is local)."""
         if route is None:
             from lbtwist.config.model import RetryConfig
 
             retry, rate_limit, timeout = RetryConfig(), None, None
         else:
             retry, rate_limit, timeout = route.retry, route.rate_limit, route.timeout
+        limiter: Any = None if rate_limit is None else RateLimiter.from_config(rate_limit, name=name)
+        if limiter is not None and rate_limit.scope == "fleet" and fleet is not None:
+            limiter = fleet.rate_limiter(limiter, listener, name, rate_limit)
         return cls(
             settings=settings_of(route, default_timeout),
             policy=RetryPolicy.from_config(retry),
@@ -80,7 +87,7 @@ class RouteResilience:
                 retry.budget_percent, retry.min_retries_per_second, retry.budget_window,
                 name=f"route:{name}",
             ),
-            rate_limiter=None if rate_limit is None else RateLimiter.from_config(rate_limit, name=name),
+            rate_limiter=limiter,
             timeout=default_timeout if timeout is None else timeout,
             name=name,
         )

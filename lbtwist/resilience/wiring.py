@@ -66,7 +66,8 @@ class RuntimeResilience:
         old = self.routes.get(listener, {}).get(name)
         if old is not None and old.settings == settings_of(rcfg, default_timeout):
             return old
-        return RouteResilience.from_config(rcfg, default_timeout=default_timeout, name=name)
+        return RouteResilience.from_config(rcfg, default_timeout=default_timeout, name=name,
+                                           fleet=self.runtime.fleet, listener=listener)
 
     def set_routes(self, listener: str, routes: dict[str, RouteResilience]) -> None:
         """The routes ``listener`` now serves with."""

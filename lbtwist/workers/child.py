@@ -106,7 +106,7 @@ class Worker:
         sockets = {bind: int(fd) for bind, fd in msg["sockets"].items()}
         self.service = LbtwistService(
             config, self.reactor, self.registry(), role="worker", install_signals=True, sockets=sockets,
-            tls_servers=self.tls_servers,
+            tls_servers=self.tls_servers, workers=msg["workers"],
         )
         self.service.runtime.traffic.subscribe(self._count)
         if msg.get("snapshot") is not None:  # the master's view before the first request

@@ -386,6 +386,13 @@ def split_count(limit: int, n: int) -> int:
     return -(-int(limit) // n)
 
 
+def split_rate_limit(rl: Any, n: int) -> Any:
+    """A route ``rate_limit`` as one of ``n`` workers keeps it locally:
+    rate / n, burst / n (at least 1)."""
+    burst = rl.rate if rl.burst is None else rl.burst
+    return attrs.evolve(rl, rate=rl.rate / n, burst=max(1.0, burst / n))
+
+
 def worker_config(config: Config, n: int) -> Config:
     """The config each of ``n`` workers runs with: every limit that counts
     absolute units split so that the workers together stay at the
@@ -393,6 +400,9 @@ def worker_config(config: Config, n: int) -> Config:
 
     - route ``rate_limit``: rate / n, burst / n (at least 1: the remainder,
       at most n - 1 requests over ``burst`` fleet-wide after a quiet spell);
+      a ``scope: fleet`` one stays whole (its bucket is the one in Redis;
+      its fallback while Redis is unusable is split, by the worker's
+      L{lbtwist.fleet.service.FleetService});
     - retry budgets (route ``retry`` and pool ``retry_budget``): the
       percentage is a share of the requests each worker sees and stays; the
       floor ``min_retries_per_second`` is divided by n;
@@ -410,9 +420,8 @@ def worker_config(config: Config, n: int) -> Config:
     def route(r: Any) -> Any:
         retry = attrs.evolve(r.retry, min_retries_per_second=r.retry.min_retries_per_second / n)
         rl = r.rate_limit
-        if rl is not None:
-            burst = rl.rate if rl.burst is None else rl.burst
-            rl = attrs.evolve(rl, rate=rl.rate / n, burst=max(1.0, burst / n))
+        if rl is not None and rl.scope != "fleet":  # a fleet-scope bucket is one in Redis: whole
+            rl = split_rate_limit(rl, n)
         return attrs.evolve(r, retry=retry, rate_limit=rl)
 
     listeners = [

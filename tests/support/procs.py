@@ -83,6 +83,13 @@ class Proc:
                 self.p.wait(5)
                 raise AssertionError(f"process exited ({self.p.returncode}) before {text!r}:\n" + self.output())
 
+    def drain_output(self, seconds: float = 0.5) -> str:
+        """Read what the process printed within ``seconds``; the output so far."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and self._pump(max(0.0, deadline - time.monotonic())):
+            pass
+        return self.output()
+
     def output(self) -> str:
         return "\n".join(self.lines) + ("\n" + self._buf.decode("utf-8", "replace") if self._buf else "")
 
