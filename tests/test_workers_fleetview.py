@@ -463,3 +463,24 @@ def test_a_backend_the_workers_balancers_avoid_is_ejected_by_the_master(fleet):
     # estimates expire: a worker that stopped reporting does not speak for long
     fleet.tick(3.0)
     assert mp.latency_estimate(mp.get(A), mp.clock.seconds()) is None
+
+
+def test_state_changes_are_logged_by_the_master_only(fleet):
+    """A fleet-view change is logged once (by the master that decided it),
+    not once more per worker applying it."""
+    from twisted.logger import globalLogPublisher
+
+    seen = []
+
+    def obs(event):
+        if event.get("log_format", "").startswith("pool {pool} backend {backend}:"):
+            seen.append(event)
+
+    globalLogPublisher.addObserver(obs)
+    try:
+        fleet.mpool().set_draining(fleet.mpool().get(A), True, "admin")
+        fleet.push()
+    finally:
+        globalLogPublisher.removeObserver(obs)
+    assert [e["backend"] for e in seen] == [A], [(e["backend"], e["reason"]) for e in seen]
+    assert all(fleet.wpool(i).get(A).draining for i in range(2))  # the workers applied it all the same
