@@ -160,8 +160,12 @@ class Pool:
         panic_threshold: float = 50.0,
         rng: random.Random | None = None,
         drain_timeout: float = 30.0,
+        log_changes: bool = True,
     ) -> None:
         self.name = name
+        #: False in a worker process: its state changes are the master's
+        #: decisions, which the master logs once for the fleet
+        self.log_changes = log_changes
         self.balancer = balancer
         self.clock = clock
         self.slow_start = slow_start
@@ -217,7 +221,9 @@ class Pool:
         panic = bool(live) and (len(good) * 100.0 / len(live)) < self.panic_threshold
         if panic != self.panic:
             self.panic = panic
-            if panic:
+            if not self.log_changes:
+                pass  # a worker: the master logs the fleet's panic
+            elif panic:
                 log.warn(
                     "pool {pool}: panic mode, only {good} of {total} backends usable; "
                     "routing across all of them",
@@ -338,10 +344,11 @@ class Pool:
         self.version += 1
         backend.reason = f"{state}: {reason}"
         backend.changed_at = self.clock.seconds()
-        log.info(
-            "pool {pool} backend {backend}: {state} ({reason})",
-            pool=self.name, backend=backend.address, state=state, reason=reason,
-        )
+        if self.log_changes:
+            log.info(
+                "pool {pool} backend {backend}: {state} ({reason})",
+                pool=self.name, backend=backend.address, state=state, reason=reason,
+            )
         self._notify(backend, state, reason)
         # evaluate panic now, so entering/leaving it is logged when it happens
         # rather than at the next request

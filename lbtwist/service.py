@@ -44,6 +44,7 @@ def build_pool(cfg: PoolConfig, runtime: Runtime, rng: random.Random | None = No
         drain_timeout=cfg.drain_timeout,
         panic_threshold=panic,
         rng=rng,
+        log_changes=runtime.role != "worker",  # a worker applies the master's (logged) decisions
     )
     initial = _initial_health(cfg)
     for b in backends:

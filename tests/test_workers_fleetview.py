@@ -463,3 +463,53 @@ def test_a_backend_the_workers_balancers_avoid_is_ejected_by_the_master(fleet):
     # estimates expire: a worker that stopped reporting does not speak for long
     fleet.tick(3.0)
     assert mp.latency_estimate(mp.get(A), mp.clock.seconds()) is None
+
+
+def test_state_changes_are_logged_by_the_master_only(fleet):
+    """A fleet-view change is logged once (by the master that decided it),
+    not once more per worker applying it."""
+    from twisted.logger import globalLogPublisher
+
+    seen = []
+
+    def obs(event):
+        if event.get("log_format", "").startswith("pool {pool} backend {backend}:"):
+            seen.append(event)
+
+    globalLogPublisher.addObserver(obs)
+    try:
+        fleet.mpool().set_draining(fleet.mpool().get(A), True, "admin")
+        fleet.push()
+    finally:
+        globalLogPublisher.removeObserver(obs)
+    assert [e["backend"] for e in seen] == [A], [(e["backend"], e["reason"]) for e in seen]
+    assert all(fleet.wpool(i).get(A).draining for i in range(2))  # the workers applied it all the same
+
+
+def test_a_backend_joining_later_ramps_on_every_worker_as_in_the_master(fleet):
+    """Cold start under workers: a backend the master lets in mid-run ramps
+    from the master's join time in every worker, through the whole slow
+    start, even for a worker whose first view came late (the spawn payload,
+    seconds old) and whose later views are only pushed on change."""
+    mp = fleet.mpool()
+    for b in (A, B):
+        mp.set_health(mp.get(b), Health.HEALTHY, "probe passed")
+    snap = json.loads(json.dumps(snapshot(fleet.master.runtime)))
+    fleet.tick(4.0)  # worker 0 starts slowly: its first view is 4 s old
+    apply_snapshot(fleet.workers[0].runtime, snap)
+    fleet.push()  # Ready: a fresh view
+    fleet.tick(5.0)
+    mp.set_health(mp.get(C), Health.HEALTHY, "first probe passed")  # the newcomer joins
+    snap = json.loads(json.dumps(snapshot(fleet.master.runtime)))
+    fleet.tick(0.3)  # a slow transit of the only push for this change
+    for w in fleet.workers:
+        apply_snapshot(w.runtime, snap)
+    # (the ramp only: the master's probes on a memory reactor fail meanwhile)
+    for _ in range(12):  # 12 s: through the 10 s slow start and past it
+        m_now = fleet.master.reactor.seconds()
+        want = mp.get(C).ramp(m_now)
+        for w in range(2):
+            got = fleet.wpool(w).get(C).ramp(fleet.workers[w].reactor.seconds())
+            assert got == pytest.approx(want, abs=0.006), (w, m_now)
+        fleet.tick(1.0)
+    assert all(fleet.wpool(w).get(C).ramp(fleet.workers[w].reactor.seconds()) == 1.0 for w in range(2))

@@ -290,3 +290,44 @@ def test_wedged_worker_killed_after_silent_heartbeat_and_replaced(fleet):
         assert fleet.get()[0] == 200
     finally:
         _reap(wedged)
+
+
+class OneLineFleet(Fleet):
+    """The same fleet from a config file that is ONE line of JSON (valid YAML)."""
+
+    def write(self, **over):
+        kw = dict(self.kw, **over)
+        cfg = {
+            "workers": kw.get("workers", 2),
+            "listeners": [{"name": "web", "bind": f"tcp:{self.web}:interface=127.0.0.1", "mode": "http", "pool": "web"}],
+            "pools": [{"name": "web", "algorithm": kw.get("algorithm", "round_robin"),
+                       "backends": [{"address": f"127.0.0.1:{self.demo_a}", "name": "a"}]}],
+            "admin": {"bind": f"tcp:{self.admin}:interface=127.0.0.1"},
+            "demo": {"http": [f"tcp:{self.demo_a}:interface=127.0.0.1"]},
+        }
+        path = self.tmp_path / "lbtwist.json"
+        text = json.dumps(cfg)
+        assert "\n" not in text
+        path.write_text(text)
+        return path
+
+
+def test_one_line_json_config_workers_serve_and_reload(tmp_path):
+    """A one-line config is config TEXT in every worker (and in the master's
+    reload), never a file name: before the fix every worker failed with
+    'cannot read the config file: File name too long' and was restarted in a loop."""
+    f = OneLineFleet(tmp_path)
+    try:
+        ws = f.wait_workers(2)
+        for _ in range(10):
+            assert f.get()[0] == 200
+        f.write(algorithm="least_connections")
+        status, body = f.api("POST", "/api/reload")
+        assert status == 200 and json.loads(body)["reloaded"] is True, body
+        assert sorted(w["pid"] for w in f.workers()) == sorted(w["pid"] for w in ws)
+        assert f.get()[0] == 200
+        assert not any("cannot read the config file" in l for l in f.proc.lines), f.proc.output()[-4000:]
+    finally:
+        f.proc.kill()
+        for w in _maybe(f):
+            _reap(w)

@@ -35,6 +35,7 @@ __all__ = [
     "LoadedConfig",
     "Problem",
     "load_config",
+    "load_config_text",
     "parse_duration",
     "parse_size",
     "parse_udp_bind",
@@ -74,8 +75,18 @@ def load_config(
 ) -> LoadedConfig:
     """Load and validate a config file (or YAML text). ``registry`` defaults to
     L{lbtwist.registry.Registry.default}. Raises L{ConfigError} listing every
-    problem when there is at least one error."""
+    problem when there is at least one error. A str without a newline is a
+    file name: config text already in hand (a worker's, a reload's) goes
+    through L{load_config_text}, which never guesses."""
     text, source = _read(path_or_text, source_name)
+    return load_config_text(text, registry, source_name=source)
+
+
+def load_config_text(text: str, registry: Any = None, *, source_name: str = "<config>") -> LoadedConfig:
+    """Load and validate config TEXT (YAML or one-line JSON), whatever its
+    shape; ``source_name`` names it in messages. Same errors as
+    L{load_config}."""
+    source = source_name
     result = load(text, source)
     problems = list(result.problems)
     if result.config is not None:

@@ -83,10 +83,10 @@ class Worker:
 
     def on_config(self, data: bytes) -> Any:
         msg = json.loads(data)
-        from lbtwist.config import load_config
+        from lbtwist.config import load_config_text
         from lbtwist.workers.fleetview import worker_config
 
-        loaded = load_config(msg["text"], self.registry(), source_name=msg["source"])
+        loaded = load_config_text(msg["text"], self.registry(), source_name=msg["source"])
         config = worker_config(loaded.config, msg["workers"])
         if self.service is None:
             return self._start(config, msg)

@@ -419,13 +419,13 @@ class Fleet(Service):
         one: the master applies it, then every worker in place; when the
         listeners' binds changed, the workers are replaced one at a time on
         new sockets instead, so no port is ever without a listener."""
-        from lbtwist.config import load_config
+        from lbtwist.config import load_config_text
         from lbtwist.service import ReloadError
 
         try:
             with open(self.service.config_path, encoding="utf-8") as f:
                 text = f.read()
-            loaded = load_config(text, self.runtime.registry, source_name=self.service.config_path)
+            loaded = load_config_text(text, self.runtime.registry, source_name=self.service.config_path)
         except OSError as e:
             return defer.fail(ReloadError(f"cannot read the config file: {e.strerror or e}"))
         except Exception as e:  # ConfigError: one line per problem
