@@ -433,3 +433,16 @@ def test_config_http2_keys_are_validated():
     assert "listeners[1].http.h2.max_concurrent_streams" in ps and "must be 1 to" in ps
     assert "listeners[1].http.h2.max_header_list_size" in ps
     assert "listeners[1].http.h2.max_age" in ps
+
+
+def test_take_piece_cuts_the_first_chunk_to_the_window_and_keeps_the_rest_queued():
+    from collections import deque
+
+    from lbtwist.l7.h2.flow import take_piece
+
+    pending = deque([b"abcdef", b"gh"])
+    assert take_piece(pending, 4) == b"abcd"
+    assert list(pending) == [b"ef", b"gh"]
+    assert take_piece(pending, 16384) == b"ef"
+    assert take_piece(pending, 2) == b"gh"
+    assert not pending

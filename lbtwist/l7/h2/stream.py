@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
+from lbtwist.l7.h2.flow import take_piece
 from lbtwist.l7.timers import Deadline
 
 if TYPE_CHECKING:
@@ -192,14 +193,8 @@ class Stream:
                 window = h2.local_flow_control_window(sid)
                 if window <= 0:
                     break
-                chunk = pending[0]
-                n = min(window, h2.max_outbound_frame_size, len(chunk))
-                if n < len(chunk):
-                    piece = chunk[:n]
-                    pending[0] = chunk[n:]
-                else:
-                    piece = pending.popleft()
-                self.pending_size -= n
+                piece = take_piece(pending, min(window, h2.max_outbound_frame_size))
+                self.pending_size -= len(piece)
                 last = not pending and self.end_pending and self.trailers is None
                 h2.send_data(sid, piece, end_stream=last)
                 if last:

@@ -35,6 +35,7 @@ from zope.interface import implementer
 from lbtwist.l7.errors import ParseError, reason_phrase
 from lbtwist.l7.headers import HOP_BY_HOP
 from lbtwist.l7.parser import Request, RequestParser, Response
+from lbtwist.l7.h2.flow import take_piece
 from lbtwist.l7.timers import Deadline
 from lbtwist.resilience.limits import Limit
 
@@ -252,14 +253,8 @@ class UpstreamStream:
                 window = h2c.local_flow_control_window(self.sid)
                 if window <= 0:
                     break
-                chunk = pending[0]
-                n = min(window, h2c.max_outbound_frame_size, len(chunk))
-                if n < len(chunk):
-                    piece = chunk[:n]
-                    pending[0] = chunk[n:]
-                else:
-                    piece = pending.popleft()
-                self.pending_size -= n
+                piece = take_piece(pending, min(window, h2c.max_outbound_frame_size))
+                self.pending_size -= len(piece)
                 h2c.send_data(self.sid, piece, end_stream=not pending and self.end_pending)
             if not pending and self.end_pending and not self.request_ended:
                 if h2c.local_flow_control_window(self.sid) >= 0:
