@@ -166,12 +166,16 @@ class Instance:
                     total += float(line.rsplit(" ", 1)[1])
         return total
 
-    def request(self, path: str) -> tuple[int, float]:
-        """One keep-alive request: (status, seconds)."""
+    def request(self, path: str, source: str = "127.0.0.1") -> tuple[int, float]:
+        """One keep-alive request from client address ``source`` (a loopback
+        address: the limiter's ``key: client``): (status, seconds)."""
         t0 = time.monotonic()
+        if self.conn is not None and self.conn.source_address[0] != source:
+            self.conn.close()
+            self.conn = None
         for _ in range(2):
             if self.conn is None:
-                self.conn = http.client.HTTPConnection("127.0.0.1", self.web, timeout=10)
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.web, timeout=10, source_address=(source, 0))
             try:
                 self.conn.request("GET", path)
                 r = self.conn.getresponse()
@@ -226,14 +230,15 @@ def fleet(tmp_path_factory):
         redis.kill()
 
 
-def hammer(instances, path: str, seconds: float, max_requests: int = 4000):
-    """Alternate requests between the instances for ``seconds`` (bounded by count)."""
+def hammer(instances, path: str, seconds: float, max_requests: int = 4000, source: str = "127.0.0.1"):
+    """Alternate requests between the instances for ``seconds`` (bounded by
+    count), all from client address ``source``."""
     statuses: dict[int, int] = {}
     worst = 0.0
     t0 = time.monotonic()
     n = 0
     while time.monotonic() - t0 < seconds and n < max_requests:
-        status, took = instances[n % len(instances)].request(path)
+        status, took = instances[n % len(instances)].request(path, source)
         statuses[status] = statuses.get(status, 0) + 1
         worst = max(worst, took)
         n += 1
@@ -319,8 +324,11 @@ def test_redis_frozen_then_killed_changes_only_the_limits_and_fleet_mode_resumes
             st = until(lambda i=inst: i.fleet()["mode"] == "local" and i.fleet(), 5, what="local mode")
             assert st["redis_up"] is False and st["fallbacks_total"] >= 1
             assert _metric(inst, "lbtwist_fleet_redis_up") == 0.0
-        # the limits fall back to each instance's local bucket: up to twice the fleet's
-        statuses, elapsed, worst = hammer((a, b), "/limited/y", 1.5, max_requests=1500)
+        # the limits fall back to each instance's local bucket: up to twice the fleet's. A client
+        # the frozen phase has not touched (its own key): both local buckets start full, so it
+        # gets more than one bucket's burst + rate whatever the elapsed time (the frozen phase
+        # emptied 127.0.0.1's buckets; two empty buckets beat one full one only after 1.4 s)
+        statuses, elapsed, worst = hammer((a, b), "/limited/y", 1.5, max_requests=1500, source="127.0.0.2")
         assert worst < REDIS_WAIT_BOUND, worst
         assert set(statuses) <= {200, 429}
         assert statuses.get(200, 0) > 20 + 20 * elapsed + 0.25 * 20 + 3  # more than one bucket would allow
