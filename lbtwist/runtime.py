@@ -38,6 +38,8 @@ class Runtime:
     #: lbtwist.tls.wiring.RuntimeTLS: ServerTLS per terminating listener,
     #: BackendTLS per pool with ``tls:`` (created by the first TLS user).
     tls: Any = None
+    #: lbtwist.tls.ocspfetch.OCSPService: OCSP fetchers (not in workers).
+    ocsp: Any = None
     #: lbtwist.resilience.wiring.RuntimeResilience: each pool's breakers,
     #: limits and budget (created by the first L4/L7 listener).
     resilience: Any = None

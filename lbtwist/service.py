@@ -222,6 +222,32 @@ class LbtwistService(MultiService):
             for lcfg in config.listeners:
                 self._new_listener(lcfg).setServiceParent(self.listeners)
         self.listeners.setServiceParent(self)
+        prepared = self._prepare_ocsp(config)
+        if prepared is not None:
+            self._commit_ocsp(prepared)
+
+    # -- OCSP fetching (lbtwist.tls.ocspfetch) -----------------------------------
+
+    def _prepare_ocsp(self, config: Config) -> Any:
+        """The fetch settings of ``config`` (None: nothing to fetch, and no
+        fetcher runs). A worker never fetches: its master pushes responses.
+        Raises TLSConfigError naming the listener, certificate and key."""
+        rt = self.runtime
+        if rt.role == "worker":
+            return None
+        wanted = any(c.ocsp_fetch for l in config.listeners if l.tls is not None for c in l.tls.certificates)
+        if not wanted and getattr(rt, "ocsp", None) is None:
+            return None
+        from lbtwist.tls.ocspfetch import OCSPService
+
+        svc = getattr(rt, "ocsp", None)
+        if svc is None:
+            svc = OCSPService(rt)
+            svc.setServiceParent(self)
+        return svc.prepare(config)
+
+    def _commit_ocsp(self, prepared: Any) -> None:
+        self.runtime.ocsp.commit(prepared)
 
     def _new_listener(self, lcfg: ListenerConfig) -> IService:
         """build_listener, on the socket the master passed down in a worker."""
@@ -351,6 +377,12 @@ class LbtwistService(MultiService):
         rt = self.runtime
         old = rt.config
         tls_state, backend_tls = self._prepare_tls(new)
+        from lbtwist.tls.context import TLSConfigError
+
+        try:
+            ocsp = self._prepare_ocsp(new)
+        except TLSConfigError as e:
+            raise ReloadError(f"TLS: {e}") from None
         tls_saved = tls_state.listener_snapshot() if tls_state is not None else None
         bound: list[Any] = []  # ports this attempt opened: closed again if it is refused
         try:
@@ -376,6 +408,8 @@ class LbtwistService(MultiService):
         waits = self._commit_pools(new, pools)
         rt.config = new
         waits += self._commit_listeners(new, listeners, tls_state)
+        if ocsp is not None:
+            self._commit_ocsp(ocsp)
         # drains finish in the background; the reload is done: every port is bound
         for w in waits:
             w.addErrback(lambda f: log.failure("lbtwist: drain after reload", f))

@@ -161,7 +161,13 @@ class CertificateConfig:
     key: str | None = _f(None, "PEM file with the unencrypted private key (omitted: the key is in the cert file)")
     names: list[str] = _f(factory=list, doc="SNI names served, exact or *.wildcard (default: the certificate's DNS subjectAltNames)")
     default: bool = _f(False, "serve it to clients sending no SNI or an unknown name (default: the first certificate)")
-    ocsp: str | None = _f(None, "DER OCSP response file to staple (re-read on reload)")
+    ocsp: str | None = _f(None, "DER OCSP response file to staple (re-read on reload); with ocsp_fetch, also where fetched responses are written")
+    ocsp_fetch: bool = _f(False, "fetch and refresh the OCSP response from the responder (the certificate's AIA URL, or ocsp_responder)")
+    ocsp_responder: str | None = _f(None, "http:// OCSP responder URL to use instead of the certificate's AIA one (ocsp_fetch)")
+    ocsp_issuer: str | None = _f(None, "PEM file with the issuer certificate, when it is not in the cert file (ocsp_fetch)")
+    ocsp_timeout: Duration = _f(Duration(10.0), "a responder that has not answered within this fails the fetch (ocsp_fetch)")
+    ocsp_refresh_min: Duration = _f(Duration(300.0), "refresh no sooner than this after a fetch; also the first retry delay, capped at 60s (ocsp_fetch)")
+    ocsp_refresh_max: Duration = _f(Duration(43200.0), "refresh at least this often, and retry no less often (ocsp_fetch)")
 
 
 @attrs.frozen(kw_only=True)

@@ -12,7 +12,8 @@ from typing import Any, Iterator
 
 from lbtwist.tls.context import HTTP_ALPN, OPENSSL_CACHE_SIZE, session_timeout, ticket_lifetime_problem, tls_version
 from lbtwist.tls.files import TLSFileError, load_ca_bundle, load_certificate_pair
-from lbtwist.tls.ocsp import load_staple
+from lbtwist.tls.ocsp import file_staple
+from lbtwist.tls.ocspfetch import fetch_settings
 from lbtwist.tls.sni import check_name_pattern
 from lbtwist.tls.suites import SuiteError, check_ciphers, check_ciphersuites, check_groups
 
@@ -66,6 +67,26 @@ def _versions_and_ciphers(cfg: Any, with_ciphers: bool) -> Iterator[Found]:
             yield key, "error", str(e)
 
 
+_FETCH_KEYS = ("ocsp_issuer", "ocsp_responder", "ocsp_timeout", "ocsp_refresh_min")
+
+
+def _ocsp_fetch(c: Any, base: str, now: float) -> Iterator[Found]:
+    """``ocsp_fetch`` and its keys, checked by what start-up builds the fetcher with."""
+    if not c.ocsp_fetch:
+        for key in ("ocsp_responder", "ocsp_issuer"):
+            if getattr(c, key) is not None:
+                yield f"{base}.{key}", "warning", "has no effect without ocsp_fetch: true"
+        return
+    try:
+        fetch_settings(c, now)
+    except TLSFileError as e:
+        if e.path in _FETCH_KEYS:
+            yield f"{base}.{e.path}", "error", str(e)
+        elif e.path == c.ocsp_issuer:
+            yield f"{base}.ocsp_issuer", "error", str(e)
+        # else: the certificate itself, reported on cert/key already
+
+
 def check_listener_tls(cfg: Any, mode: str, now: float) -> Iterator[Found]:
     """Problems in a listener's ``tls:`` block."""
     if mode not in ("http", "tcp"):
@@ -89,12 +110,15 @@ def check_listener_tls(cfg: Any, mode: str, now: float) -> Iterator[Found]:
             yield f"{base}.cert", "warning", f"{c.cert}: certificate expires soon ({when})"
         if cf is not None and c.ocsp:
             try:
-                problem = load_staple(c.ocsp, cf.leaf).problem(now)
+                staple, ignored = file_staple(c.ocsp, cf.leaf, c.ocsp_fetch)
             except TLSFileError as e:
                 yield f"{base}.ocsp", "error", str(e)
             else:
+                problem = staple.problem(now) if staple is not None else ignored
                 if problem is not None:
                     yield f"{base}.ocsp", "warning", problem
+        if cf is not None:
+            yield from _ocsp_fetch(c, base, now)
         if cf is not None and not c.names and not cf.names:
             yield f"{base}.cert", "warning", (
                 f"{c.cert}: the certificate has no DNS subjectAltName, so no SNI name selects it "

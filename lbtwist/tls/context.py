@@ -36,7 +36,7 @@ from zope.interface import implementer
 from lbtwist.config.model import TLS12_CIPHERS, TLS13_CIPHERSUITES, ListenerConfig, ListenerTLSConfig
 from lbtwist.tls.clienthello import ClientHello
 from lbtwist.tls.files import CertificateFile, TLSFileError, load_certificate_pair
-from lbtwist.tls.ocsp import Staple, load_staple
+from lbtwist.tls.ocsp import Staple, file_staple, parse_staple
 from lbtwist.tls.sni import NameTable, check_name_pattern
 from lbtwist.tls.suites import SuiteError, check_ciphers, check_ciphersuites, check_groups, set_groups
 from lbtwist.tls.tickets import Generation, TicketKeyRing, ticket_key_name
@@ -296,7 +296,10 @@ class ServerTLS:
             for c in cfg.certificates:
                 try:
                     files.append(load_certificate_pair(c.cert, c.key, now))
-                    staples.append(load_staple(c.ocsp, files[-1].leaf) if c.ocsp else None)
+                    staple, ignored = file_staple(c.ocsp, files[-1].leaf, c.ocsp_fetch) if c.ocsp else (None, None)
+                    staples.append(staple)
+                    if ignored is not None:
+                        log.warn("tls {name}: {problem}", name=self.name, problem=ignored)
                 except TLSFileError as e:
                     raise TLSConfigError(str(e)) from None
             old = {s.key: s for s in getattr(self, "_slots", ())} if keep_fronts else {}
@@ -309,11 +312,18 @@ class ServerTLS:
                     cctx = self._cert_context(cf, sid)
                 except SSL.Error as e:
                     raise TLSConfigError(f"{c.cert}: OpenSSL refuses the certificate or key: {e}") from None
-                if staple is not None:
+                holder: list[_Slot] = []
+                if c.ocsp or c.ocsp_fetch:
                     # OpenSSL asks the context the connection was switched to
-                    # (the certificate context) for the status response.
-                    cctx.set_ocsp_server_callback(self._staple_callback(staple))
+                    # (the certificate context) for the status response; set
+                    # before the ring's probe connection freezes the context.
+                    cctx.set_ocsp_server_callback(self._staple_callback(holder))
                 prev = old.get(key)
+                if c.ocsp_fetch:
+                    # a fetched response newer than the file (or with no file) outlives a reload
+                    kept = prev.staple if prev is not None and prev.cert.leaf == cf.leaf else None
+                    if kept is not None and (staple is None or kept.this_update > staple.this_update):
+                        staple = kept
                 if prev is not None:
                     ring, cell = prev.ring, prev.cell
                 else:
@@ -321,6 +331,7 @@ class ServerTLS:
                     ring = self._ring(sid, cell)
                 names = tuple(check_name_pattern(n) for n in c.names) if c.names else cf.names
                 slot = _Slot(key, sid, cf, cctx, names, ring, cell, staple)
+                holder.append(slot)
                 slots.append(slot)
                 for n in names:
                     table.add(n, slot)
@@ -338,13 +349,36 @@ class ServerTLS:
             if problem is not None:
                 log.warn("tls {name}: {problem}", name=self.name, problem=problem)
 
-    def _staple_callback(self, staple: Staple) -> Callable[[SSL.Connection, Any], bytes]:
+    def _staple_callback(self, holder: list[_Slot]) -> Callable[[SSL.Connection, Any], bytes]:
         def staple_for(conn: SSL.Connection, data: Any) -> bytes:
-            if staple.usable(self._wallclock()):
+            # read per handshake: offer_staple swaps it in place
+            staple = holder[0].staple if holder else None
+            if staple is not None and staple.usable(self._wallclock()):
                 self.stats.ocsp_stapled += 1
                 return staple.der
             return b""  # no staple: the client checks for itself
         return staple_for
+
+    def offer_staple(self, cert: str, der: bytes | None, source: str) -> Staple | None:
+        """Staple ``der`` (a fetched OCSP response; None: stop stapling) for
+        the certificate configured as ``cert`` from the next handshake on,
+        without rebuilding anything. It is checked against the slot's leaf with
+        the file's validator; raises L{TLSFileError} naming ``source``, and
+        then nothing changed. Returns the new staple (None: no such slot)."""
+        for s in self._slots:
+            if s.key != cert:
+                continue
+            staple = parse_staple(der, s.cert.leaf, source) if der is not None else None
+            s.staple = staple
+            return staple
+        return None
+
+    def staple_of(self, cert: str) -> Staple | None:
+        """The response stapled (when usable) for certificate ``cert``."""
+        for s in self._slots:
+            if s.key == cert:
+                return s.staple
+        return None
 
     def _ring(self, sid: bytes, cell: list[SSL.Context]) -> TicketKeyRing:
         t = self.config.session_tickets

@@ -77,6 +77,7 @@ class Worker:
         self.parts = Parts({
             "config": self.on_config,
             "snapshot": self.on_snapshot,
+            "ocsp": self.on_ocsp,
         })
 
     # -- from the master ------------------------------------------------------
@@ -131,6 +132,13 @@ class Worker:
 
         if self.service is not None:
             apply_snapshot(self.service.runtime, json.loads(data))
+
+    def on_ocsp(self, data: bytes) -> None:
+        """OCSP responses the master fetched (lbtwist.tls.ocspfetch)."""
+        from lbtwist.tls.ocspfetch import apply_pushed
+
+        if self.service is not None:
+            apply_pushed(self.service.runtime, data)
 
     def ping(self) -> dict:
         conns = 0

@@ -314,6 +314,9 @@ class Fleet(Service):
         self.supervisor.heard(wid)
         log.info("lbtwist: worker {wid} (slot {slot}) serving", wid=wid, slot=link.slot)
         self._push(link, self._snapshot_bytes())
+        ocsp = getattr(self.runtime, "ocsp", None)
+        if ocsp is not None and ocsp.current:
+            self._push_ocsp(link, ocsp.payload())
         for w in link.ready_waiters:
             if not w.called:
                 w.callback(None)
@@ -380,6 +383,23 @@ class Fleet(Service):
         self._last_snap = key
         for link in self.ready_links():
             self._push(link, data).addErrback(lambda f: None)
+
+    def _push_ocsp(self, link: WorkerLink, data: bytes) -> defer.Deferred:
+        d = put_all(link.proto, "ocsp", data).addTimeout(ACK_TIMEOUT, self.reactor)
+        return d.addErrback(lambda f: log.warn("lbtwist: worker {wid}: OCSP push failed: {e}",
+                                               wid=link.wid, e=f.getErrorMessage()))
+
+    def push_ocsp(self, data: bytes) -> None:
+        """Give every serving worker OCSP responses the master fetched
+        (lbtwist.tls.ocspfetch); a worker that starts later gets all of them
+        when it is ready."""
+        for link in self.ready_links():
+            self._push_ocsp(link, data)
+
+    def _push_ocsp_all(self) -> None:
+        ocsp = getattr(self.runtime, "ocsp", None)
+        if ocsp is not None and ocsp.current:
+            self.push_ocsp(ocsp.payload())
 
     def sync(self) -> defer.Deferred:
         """Push the fleet view now; fires when every serving worker applied it
@@ -489,6 +509,7 @@ class Fleet(Service):
             waits = [put_all(l.proto, "config", payload).addTimeout(ACK_TIMEOUT * 2, self.reactor)
                      for l in self.ready_links()]
             d = defer.gatherResults(waits, consumeErrors=True)
+            d.addCallback(lambda _: self._push_ocsp_all())  # listeners the reload added
             return d.addCallback(lambda _: self.sync())
         return self._roll(fresh)
 
