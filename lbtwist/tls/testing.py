@@ -10,7 +10,7 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 __all__ = ["Issued", "TestCA"]
 
@@ -89,9 +89,12 @@ class TestCA:
         not_after: datetime.datetime | None = None,
         client: bool = False,
         key_type: str = "p256",
+        ocsp_url: str | None = None,
     ) -> Issued:
         """A leaf for ``names`` (DNS names, or IP addresses), valid from
-        yesterday for 30 days unless told otherwise; ``key_type`` p256 or rsa2048."""
+        yesterday for 30 days unless told otherwise; ``key_type`` p256 or
+        rsa2048; ``ocsp_url``: named as its OCSP responder (Authority
+        Information Access)."""
         if key_type == "rsa2048":
             key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         else:
@@ -122,6 +125,9 @@ class TestCA:
         )
         if sans:
             b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        if ocsp_url is not None:
+            b = b.add_extension(x509.AuthorityInformationAccess([x509.AccessDescription(
+                AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url))]), critical=False)
         return Issued(b.sign(self.key, hashes.SHA256()), key)
 
 
