@@ -328,3 +328,51 @@ def attrs_evolve(inst, **kw):
     import attrs
 
     return attrs.evolve(inst, **kw)
+
+
+class FakeWorkers:
+    def __init__(self):
+        self.pushed = []
+
+    def push_ocsp(self, data):
+        self.pushed.append(json.loads(data))
+
+
+def test_service_publishes_to_every_listener_and_the_workers_and_survives_reloads(ca, tmp_path):
+    from lbtwist.tls.ocspfetch import OCSPService
+
+    env = Env(ca, tmp_path)
+    other = ServerTLS(ListenerTLSConfig(certificates=[env.cfg]), env.clock, name="other", wallclock=env.wall)
+    listeners = [types.SimpleNamespace(name=n, tls=ListenerTLSConfig(certificates=[env.cfg])) for n in ("edge", "other")]
+    runtime = types.SimpleNamespace(
+        reactor=env.clock, listener_state={}, workers=FakeWorkers(),
+        tls=types.SimpleNamespace(servers={"edge": env.server, "other": other}),
+        config=types.SimpleNamespace(listeners=listeners),
+    )
+    svc = OCSPService(runtime, http=env.stub, wallclock=env.wall, rand=lambda: 0.0)
+    svc.commit(svc.prepare(runtime.config))
+    svc.startService()
+    env.answer()
+    env.run()
+    der = env.server.staple_of(env.cfg.cert).der
+    assert other.staple_of(env.cfg.cert).der == der  # every listener serving the certificate
+    assert runtime.workers.pushed == [{env.cfg.cert: der.hex()}]
+    st = runtime.listener_state["ocsp"]("edge")["by_certificate"][env.cfg.cert]
+    assert st["fetch_ok_total"] == 1 and st["state"] == "good" and 0 < st["next_update_seconds"] <= 7200
+    assert runtime.listener_state["ocsp"]("nope") is None
+    # a reload with the same settings keeps the fetcher (no new fetch); changed settings replace it
+    kept = svc.fetchers[env.cfg.cert]
+    svc.commit(svc.prepare(runtime.config))
+    assert svc.fetchers[env.cfg.cert] is kept and len(env.responder.requests) == 1
+    changed = attrs_evolve(env.cfg, ocsp_refresh_max=7200.0)
+    runtime.config = types.SimpleNamespace(listeners=[types.SimpleNamespace(
+        name="edge", tls=ListenerTLSConfig(certificates=[changed]))])
+    svc.commit(svc.prepare(runtime.config))
+    assert svc.fetchers[env.cfg.cert] is not kept and kept._timer is None
+    env.run()
+    assert len(env.responder.requests) == 1  # the new one starts from the file the old one wrote
+    runtime.config = types.SimpleNamespace(listeners=[])
+    svc.commit(svc.prepare(runtime.config))
+    assert svc.fetchers == {}
+    svc.stopService()
+    assert [c for c in env.clock.getDelayedCalls() if c.active()] == []
