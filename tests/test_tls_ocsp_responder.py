@@ -7,6 +7,7 @@ next refresh must stop the stapling, with a warning."""
 from __future__ import annotations
 
 import http.client
+import json
 import http.server
 import re
 import shutil
@@ -59,6 +60,17 @@ def until(pred, timeout: float, what: str, *procs: Proc):
             raise AssertionError(f"{what} not within {timeout}s:\n" + "\n----\n".join(p.output()[-3000:] for p in procs))
         for p in procs:
             p._pump(0.1)
+
+
+def post(admin: int, path: str) -> dict:
+    c = http.client.HTTPConnection("127.0.0.1", admin, timeout=10)
+    try:
+        c.request("POST", path)
+        r = c.getresponse()
+        assert r.status == 200, (r.status, r.read())
+        return json.loads(r.read())
+    finally:
+        c.close()
 
 
 def metrics(admin: int) -> str:
@@ -114,8 +126,8 @@ class Responder:
         self.thread.join(5)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_fetched_staple_good_then_revoked(tmp_path, workers):
+@pytest.mark.parametrize("workers,trigger", [(0, "schedule"), (2, "admin")])
+def test_fetched_staple_good_then_revoked(tmp_path, workers, trigger):
     ca = TestCA()
     rport, port, admin, demo = free_port(), free_port(), free_port(), free_port()
     issued = ca.issue("a.test", ocsp_url=f"http://127.0.0.1:{rport}/")
@@ -145,7 +157,7 @@ listeners:
           ocsp_fetch: true
           ocsp_timeout: 2s
           ocsp_refresh_min: 1s
-          ocsp_refresh_max: 1s
+          ocsp_refresh_max: {"1s" if trigger == "schedule" else "1h"}
 pools:
   - name: web
     backends: [{{address: "127.0.0.1:{demo}"}}]
@@ -171,15 +183,19 @@ demo: {{http: ["tcp:{demo}:interface=127.0.0.1"]}}
         assert load_staple(str(der_file), issued.cert).status == "good"  # written for a restart
         m = metrics(admin)
         assert re.search(r'lbtwist_listener_ocsp_fetch_ok_total\{[^}]*certificate="[^"]*a\.pem"[^}]*\} [1-9]', m), m
-        # revoke: the responder reads its index per request; the next refresh (1 s) stops the stapling
+        # revoke: the responder reads its index per request; the next refresh (every 1 s, or
+        # asked for on the admin API) stops the stapling
         index.write_text(index_line(issued.cert, revoked=True))
+        if trigger == "admin":
+            assert responder.answered == 1  # next refresh in ~150 s: half of the 5 min nextUpdate
+            assert post(admin, "/api/ocsp/refresh") == {"refreshing": [cert]}
         lb.wait_for("revoked", timeout=15)
         until(lambda: all(stapled(s_client(port)) is None for _ in range(6)), 10, "no staple", lb)
         assert load_staple(str(der_file), issued.cert).status == "revoked"
         out = lb.output()
         assert out.count("says the certificate is revoked") == 1, out[-3000:]  # once, not per fetch
         assert out.count("stapling a good OCSP response") == 1, out[-3000:]  # the master fetches, not the workers
-        assert responder.answered >= 2  # the revoked answer came from a refresh (1 s)
+        assert responder.answered >= 2  # the revoked answer came from a refresh
     finally:
         if lb is not None:
             assert lb.terminate(timeout=30) == 0, lb.output()[-3000:]

@@ -178,6 +178,12 @@ class AdminResource(resource.Resource):
         if rest == ["reload"]:
             self._allow(method, "POST")
             return self._reload(request)
+        if rest == ["ocsp", "refresh"]:
+            self._allow(method, "POST")
+            ocsp = self.runtime.ocsp
+            log.info("admin API: OCSP refresh requested by {who}", who=_who(request))
+            keys = ocsp.refresh_now() if ocsp is not None else []
+            return self._json(request, {"refreshing": keys})
         if rest == ["workers"]:
             self._allow(method, "GET", "HEAD")
             fleet = self.runtime.workers

@@ -423,9 +423,12 @@ class OCSPService(Service):
         staples = self.current if staples is None else staples
         return json.dumps({k: (v.hex() if v is not None else None) for k, v in staples.items()}).encode()
 
-    def refresh_now(self) -> None:
+    def refresh_now(self) -> list[str]:
+        """Fetch every certificate's response now (``POST /api/ocsp/refresh``,
+        e.g. after the CA revoked or re-signed); the certificates, sorted."""
         for f in self.fetchers.values():
             f.refresh_now()
+        return sorted(self.fetchers)
 
     # -- state (docs/operations.md) ------------------------------------------------
 
