@@ -183,6 +183,8 @@ demo: {{http: ["tcp:{demo}:interface=127.0.0.1"]}}
         assert load_staple(str(der_file), issued.cert).status == "good"  # written for a restart
         m = metrics(admin)
         assert re.search(r'lbtwist_listener_ocsp_fetch_ok_total\{[^}]*certificate="[^"]*a\.pem"[^}]*\} [1-9]', m), m
+        assert re.search(r'lbtwist_listener_ocsp_state\{[^}]*state="good"[^}]*\} 1\.0', m), m
+        assert re.search(r'lbtwist_listener_ocsp_next_update_seconds\{[^}]*\} [1-9]', m), m
         # revoke: the responder reads its index per request; the next refresh (every 1 s, or
         # asked for on the admin API) stops the stapling
         index.write_text(index_line(issued.cert, revoked=True))

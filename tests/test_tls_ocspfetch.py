@@ -376,3 +376,20 @@ def test_service_publishes_to_every_listener_and_the_workers_and_survives_reload
     assert svc.fetchers == {}
     svc.stopService()
     assert [c for c in env.clock.getDelayedCalls() if c.active()] == []
+
+
+def test_an_oversized_answer_is_refused_unread(ca, tmp_path):
+    env = Env(ca, tmp_path)
+    env.responder.body = b"x" * (64 * 1024 + 1)
+    env.fetcher.start(None)
+    env.run()
+    assert env.fetcher.fetch_failed == 1 and "too large" in env.fetcher.last_error
+    assert env.server.staple_of(env.cfg.cert) is None
+
+
+def test_an_unwritable_ocsp_file_is_a_config_error(ca, tmp_path):
+    env = Env(ca, tmp_path)
+    c = attrs_evolve(env.cfg, ocsp=str(tmp_path / "no-such-dir" / "a.der"))  # root writes anywhere: no chmod
+    found = [f for f in check_listener_tls(ListenerTLSConfig(certificates=[c]), "http", time.time()) if "ocsp" in f[0]]
+    assert [(p, sev) for p, sev, _ in found] == [("certificates[0].ocsp", "error")]
+    assert "directory is not writable" in found[0][2]

@@ -84,6 +84,8 @@ def _ocsp_fetch(c: Any, base: str, now: float) -> Iterator[Found]:
             yield f"{base}.{e.path}", "error", str(e)
         elif e.path == c.ocsp_issuer:
             yield f"{base}.ocsp_issuer", "error", str(e)
+        elif e.path == c.ocsp:
+            yield f"{base}.ocsp", "error", str(e)
         # else: the certificate itself, reported on cert/key already
 
 

@@ -38,6 +38,7 @@ from cryptography import x509
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from lbtwist.tls.context import TLSConfigError
@@ -84,6 +85,8 @@ def fetch_settings(c: Any, now: float) -> FetchSettings:
         ))
     if not url.lower().startswith("http://"):
         raise TLSFileError("ocsp_responder", f"{url!r}: OCSP responders are http:// URLs (RFC 6960 A.1)")
+    if c.ocsp and not os.access(os.path.dirname(os.path.abspath(c.ocsp)), os.W_OK):
+        raise TLSFileError(c.ocsp, "ocsp_fetch writes fetched responses here, but its directory is not writable")
     if not 0 < c.ocsp_timeout:
         raise TLSFileError("ocsp_timeout", "must be above 0")
     if not 0 < c.ocsp_refresh_min <= c.ocsp_refresh_max:
@@ -108,6 +111,13 @@ def write_atomically(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+class _Discard(Protocol):
+    """Takes a body nobody reads (the non-persistent pool closes the connection after)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
 
 
 class FetchError(Exception):
@@ -237,6 +247,9 @@ class OCSPFetcher:
         if response.code != 200:
             response.content().addErrback(lambda f: None)  # read it off the connection
             raise FetchError(f"the responder answered HTTP {response.code}")
+        if isinstance(response.length, int) and response.length > MAX_RESPONSE:
+            response.original.deliverBody(_Discard())  # not read; the connection is not kept
+            raise FetchError(f"response of {response.length} bytes is too large")
         return response.content()
 
     def _got(self, der: bytes) -> None:
