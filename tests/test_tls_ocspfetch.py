@@ -393,3 +393,13 @@ def test_an_unwritable_ocsp_file_is_a_config_error(ca, tmp_path):
     found = [f for f in check_listener_tls(ListenerTLSConfig(certificates=[c]), "http", time.time()) if "ocsp" in f[0]]
     assert [(p, sev) for p, sev, _ in found] == [("certificates[0].ocsp", "error")]
     assert "directory is not writable" in found[0][2]
+
+
+def test_timing_keys_are_checked_with_the_other_problems(ca, tmp_path):
+    issued = ca.issue("a.test")
+    cert, key = issued.write(tmp_path, "t")
+    c = CertificateConfig(cert=cert, key=key, ocsp_fetch=True, ocsp_refresh_min=50000.0, ocsp_timeout=0.0)
+    found = sorted((p, sev) for p, sev, _ in check_listener_tls(ListenerTLSConfig(certificates=[c]), "http", time.time())
+                   if "ocsp" in p)
+    assert found == [("certificates[0].ocsp_issuer", "error"), ("certificates[0].ocsp_refresh_min", "error"),
+                     ("certificates[0].ocsp_timeout", "error")]

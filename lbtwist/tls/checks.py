@@ -13,7 +13,7 @@ from typing import Any, Iterator
 from lbtwist.tls.context import HTTP_ALPN, OPENSSL_CACHE_SIZE, session_timeout, ticket_lifetime_problem, tls_version
 from lbtwist.tls.files import TLSFileError, load_ca_bundle, load_certificate_pair
 from lbtwist.tls.ocsp import file_staple
-from lbtwist.tls.ocspfetch import fetch_settings
+from lbtwist.tls.ocspfetch import fetch_settings, timing_problems
 from lbtwist.tls.sni import check_name_pattern
 from lbtwist.tls.suites import SuiteError, check_ciphers, check_ciphersuites, check_groups
 
@@ -77,11 +77,16 @@ def _ocsp_fetch(c: Any, base: str, now: float) -> Iterator[Found]:
             if getattr(c, key) is not None:
                 yield f"{base}.{key}", "warning", "has no effect without ocsp_fetch: true"
         return
+    timing = timing_problems(c)
+    for key, problem in timing:
+        yield f"{base}.{key}", "error", problem
     try:
         fetch_settings(c, now)
     except TLSFileError as e:
-        if e.path in _FETCH_KEYS:
-            yield f"{base}.{e.path}", "error", str(e)
+        if e.path in _FETCH_KEYS and timing and e.path in dict(timing):
+            pass  # reported above
+        elif e.path in _FETCH_KEYS:  # the key is the place: not repeated in the message
+            yield f"{base}.{e.path}", "error", str(e).removeprefix(f"{e.path}: ")
         elif e.path == c.ocsp_issuer:
             yield f"{base}.ocsp_issuer", "error", str(e)
         elif e.path == c.ocsp:

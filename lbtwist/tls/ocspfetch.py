@@ -45,7 +45,7 @@ from lbtwist.tls.context import TLSConfigError
 from lbtwist.tls.files import TLSFileError, load_certificate_pair
 from lbtwist.tls.ocsp import Staple, file_staple, find_issuer, ocsp_request, parse_staple, responder_url
 
-__all__ = ["OCSPFetcher", "OCSPService", "apply_pushed", "fetch_settings"]
+__all__ = ["OCSPFetcher", "OCSPService", "apply_pushed", "fetch_settings", "timing_problems"]
 
 log = Logger(namespace="lbtwist.tls.ocsp")
 
@@ -70,6 +70,16 @@ class FetchSettings:
     refresh_max: float
 
 
+def timing_problems(c: Any) -> list[tuple[str, str]]:
+    """(key, problem) of the timing keys of a certificate entry."""
+    out = []
+    if not c.ocsp_timeout > 0:
+        out.append(("ocsp_timeout", "must be above 0"))
+    if not 0 < c.ocsp_refresh_min <= c.ocsp_refresh_max:
+        out.append(("ocsp_refresh_min", f"must be above 0 and at most ocsp_refresh_max ({c.ocsp_refresh_max:g}s)"))
+    return out
+
+
 def fetch_settings(c: Any, now: float) -> FetchSettings:
     """The fetch settings of a certificate entry with ``ocsp_fetch``. Raises
     L{TLSFileError}: the certificate, the issuer, or the responder URL (path
@@ -87,10 +97,8 @@ def fetch_settings(c: Any, now: float) -> FetchSettings:
         raise TLSFileError("ocsp_responder", f"{url!r}: OCSP responders are http:// URLs (RFC 6960 A.1)")
     if c.ocsp and not os.access(os.path.dirname(os.path.abspath(c.ocsp)), os.W_OK):
         raise TLSFileError(c.ocsp, "ocsp_fetch writes fetched responses here, but its directory is not writable")
-    if not 0 < c.ocsp_timeout:
-        raise TLSFileError("ocsp_timeout", "must be above 0")
-    if not 0 < c.ocsp_refresh_min <= c.ocsp_refresh_max:
-        raise TLSFileError("ocsp_refresh_min", "must be above 0 and at most ocsp_refresh_max")
+    for key, problem in timing_problems(c):
+        raise TLSFileError(key, problem)
     return FetchSettings(c.cert, cf.leaf, issuer, url, c.ocsp, float(c.ocsp_timeout),
                          float(c.ocsp_refresh_min), float(c.ocsp_refresh_max))
 
