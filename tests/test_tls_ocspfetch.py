@@ -116,9 +116,9 @@ class Env:
             self.stub.flush()
 
     def next_fetch_in(self):
-        calls = [c for c in self.clock.getDelayedCalls() if c.func == self.fetcher._fetch]
-        assert len(calls) == 1, calls
-        return calls[0].getTime() - self.clock.seconds()
+        left = self.fetcher.next_fetch()
+        assert left is not None
+        return left
 
 
 @pytest.fixture
@@ -135,7 +135,7 @@ def ocsp_warnings(events):
 
 def test_good_fetch_is_stapled_in_place_written_and_refreshed_at_half_life(ca, tmp_path):
     env = Env(ca, tmp_path)
-    ctx_before = env.server._table.default.cert_context
+    ctx_before = env.server.choose(None)[0].cert_context
     env.answer(next_in=7200.0)
     env.fetcher.start(None)
     env.run()
@@ -145,7 +145,7 @@ def test_good_fetch_is_stapled_in_place_written_and_refreshed_at_half_life(ca, t
     assert ocsp.load_der_ocsp_request(body).serial_number == env.leaf.serial_number
     staple = env.server.staple_of(env.cfg.cert)
     assert staple is not None and staple.status == "good" and staple.usable(env.wall())
-    assert env.server._table.default.cert_context is ctx_before  # no context rebuilt
+    assert env.server.choose(None)[0].cert_context is ctx_before  # no context rebuilt
     assert load_staple(env.cfg.ocsp, env.leaf).der == staple.der  # a restart has it
     assert list(tmp_path.glob(".ocsp-*")) == []  # no temporary file left
     assert env.fetcher.fetch_ok == 1 and env.fetcher.state == "good"
@@ -368,7 +368,7 @@ def test_service_publishes_to_every_listener_and_the_workers_and_survives_reload
     runtime.config = types.SimpleNamespace(listeners=[types.SimpleNamespace(
         name="edge", tls=ListenerTLSConfig(certificates=[changed]))])
     svc.commit(svc.prepare(runtime.config))
-    assert svc.fetchers[env.cfg.cert] is not kept and kept._timer is None
+    assert svc.fetchers[env.cfg.cert] is not kept and kept.next_fetch() is None
     env.run()
     assert len(env.responder.requests) == 1  # the new one starts from the file the old one wrote
     runtime.config = types.SimpleNamespace(listeners=[])

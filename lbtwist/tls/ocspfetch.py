@@ -224,6 +224,13 @@ class OCSPFetcher:
         if c is not None and c.status == "good" and c.next_update is not None:
             self._stale_timer = self.clock.callLater(max(c.next_update - self.wallclock(), 0.0), self._went_stale)
 
+    def next_fetch(self) -> float | None:
+        """Seconds until the scheduled fetch (None: in flight, or stopped)."""
+        t = self._timer
+        if t is None or not t.active():
+            return None
+        return t.getTime() - self.clock.seconds()
+
     def seconds_to_next_update(self) -> float | None:
         c = self.current
         if c is None or c.next_update is None:
@@ -333,6 +340,9 @@ class OCSPFetcher:
         }
         if left is not None:
             out["next_update_seconds"] = round(left, 1)
+        nxt = self.next_fetch()
+        if nxt is not None:
+            out["next_fetch_seconds"] = round(nxt, 1)
         return out
 
 
