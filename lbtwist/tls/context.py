@@ -421,12 +421,18 @@ class ServerTLS:
         self.stats.rotations += 1
         log.info("tls {name}: ticket keys rotated", name=self.name)
 
+    def keeps_sessions(self, config: ListenerTLSConfig) -> bool:
+        """Whether L{reload} with ``config`` keeps the front contexts (their
+        ticket keys and session caches): only certificates, keys and the
+        handshake deadline differ."""
+        return _front_settings(config) == _front_settings(self.config)
+
     def reload(self, config: ListenerTLSConfig | None = None) -> None:
         """Re-read certificates and keys (from ``config`` if given). Sessions
         stay resumable; established connections are untouched. Raises
         L{TLSConfigError} naming the file, and then nothing has changed."""
         cfg = self.config if config is None else config
-        same_fronts = _front_settings(cfg) == _front_settings(self.config)
+        same_fronts = self.keeps_sessions(cfg)
         self._apply(cfg, keep_fronts=same_fronts)
         if not same_fronts:
             log.warn("tls {name}: protocol or session settings changed: sessions start afresh", name=self.name)

@@ -410,6 +410,9 @@ def worker_config(config: Config, n: int) -> Config:
       max_retries) and listener ``max_connections``: ceil(limit / n) each,
       so at most n - 1 over the limit fleet-wide.
 
+    Listeners with TLS session tickets get the master's prepared ticket
+    keys count (L{lbtwist.workers.forked.fleet_tls_config}).
+
     ``max_connections_per_client`` stays whole (a client's connections do
     not spread evenly over the workers). ``n`` 1 returns ``config`` itself."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -424,8 +427,12 @@ def worker_config(config: Config, n: int) -> Config:
             rl = split_rate_limit(rl, n)
         return attrs.evolve(r, retry=retry, rate_limit=rl)
 
+    from lbtwist.workers.forked import fleet_tls_config
+
+    # a listener with session tickets runs on the master's prepared keys (forked workers):
+    # the same prepared count here, so a reload's settings match the ones it was built with
     listeners = [
-        attrs.evolve(l, routes=[route(r) for r in l.routes],
+        attrs.evolve(fleet_tls_config(l), routes=[route(r) for r in l.routes],
                      max_connections=split_count(l.max_connections, n))
         for l in config.listeners
     ]

@@ -34,7 +34,10 @@ FLEET_PREPARE = 16
 
 
 def fleet_tls_config(lcfg: Any) -> Any:
-    """The listener's TLS settings with at least FLEET_PREPARE keys prepared."""
+    """The listener's TLS settings with at least FLEET_PREPARE keys prepared
+    (a listener without TLS session tickets as it is)."""
+    if lcfg.tls is None or not lcfg.tls.session_tickets.enabled:
+        return lcfg
     t = lcfg.tls.session_tickets
     if t.prepare >= FLEET_PREPARE:
         return lcfg
@@ -54,6 +57,32 @@ def build_tls(config: Any, clock: Any) -> dict[str, Any]:
         l.name: ServerTLS.for_listener(fleet_tls_config(l), clock)
         for l in config.listeners if l.tls is not None and l.tls.session_tickets.enabled
     }
+
+
+def refresh_tls(servers: dict[str, Any], config: Any, clock: Any) -> list[str]:
+    """Bring the master's ServerTLS (what workers forked from now on inherit)
+    to a reloaded ``config``, in place: certificates re-read (a renewed
+    certificate reaches replacement workers too), listeners added or dropped.
+    Returns the listeners whose protocol or session settings changed: their
+    ticket keys are new, and the running workers (each reloading on its own)
+    no longer share them, so the caller replaces the workers. Raises
+    TLSConfigError naming the file."""
+    from lbtwist.tls.context import ServerTLS
+
+    wanted = {l.name: fleet_tls_config(l) for l in config.listeners
+              if l.tls is not None and l.tls.session_tickets.enabled}
+    changed = []
+    for name in [n for n in servers if n not in wanted]:
+        servers.pop(name).stop()
+    for name, lcfg in wanted.items():
+        tls = servers.get(name)
+        if tls is None:
+            servers[name] = ServerTLS.for_listener(lcfg, clock)
+            continue
+        if not tls.keeps_sessions(lcfg.tls):
+            changed.append(name)
+        tls.reload(lcfg.tls)
+    return changed
 
 
 @attrs.define

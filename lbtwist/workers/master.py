@@ -484,14 +484,20 @@ class Fleet(Service):
             return f
 
         d.addErrback(refused)
-        if self.fork and fresh is not None:  # new workers fork from here: TLS of new listeners first
-            def more_tls(r: Any) -> Any:
-                built = forked.build_tls(new, self.reactor)
-                for name, tls in built.items():
-                    self.tls_servers.setdefault(name, tls)
+        roll_for_tls: list[str] = []
+        if self.fork:  # workers fork from here: the master's TLS follows the reload first
+            def master_tls(r: Any) -> Any:
+                roll_for_tls.extend(forked.refresh_tls(self.tls_servers, new, self.reactor))
                 return r
-            d.addCallback(more_tls)
-        d.addCallback(lambda _: self._reload_workers(text, fresh))
+            d.addCallback(master_tls)
+
+        def workers(_: Any) -> Any:
+            if fresh is None and roll_for_tls:
+                log.info("lbtwist: reload: TLS session settings of {names} changed: workers are replaced "
+                         "one at a time so they share the new ticket keys", names=", ".join(roll_for_tls))
+                return self._reload_workers(text, dict(self.slot_sockets))
+            return self._reload_workers(text, fresh)
+        d.addCallback(workers)
         return d
 
     def _close_unused(self, socks: dict[int, dict[str, ListenSocket]], keep: dict[int, dict[str, ListenSocket]]) -> None:
