@@ -485,5 +485,6 @@ class OutlierDetector:
             "recent_requests": r[1] if r else 0.0,
             "recent_tries": tries,
             "recent_failure_percent": 100.0 * failed / tries if tries > 0 else None,
+            "failure_run": self.failure_run(backend, now)[0],
             "ejections": t.ejections,
         }
