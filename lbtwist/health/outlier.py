@@ -254,10 +254,11 @@ class OutlierDetector:
                 n, f = self.recent_failures(o, now)
                 if n >= rule.min_requests:
                     shares.append(100.0 * f / n)
-                    since.append(self._tries_since(o, run_at))
+                    if not by_rate:
+                        since.append(self._tries_since(o, run_at))
         if not shares:
             return False  # nobody to compare with: an outlier needs peers
-        moved_on = statistics.median(since)
+        moved_on = statistics.median(since) if since else 0
         if not by_rate and moved_on < rule.request_volume:
             return False  # the balancer still tries it like the others: its successes count
         peer_pct = statistics.median(shares)
