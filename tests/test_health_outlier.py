@@ -321,6 +321,55 @@ class TestFailureRate:
         assert out(pool, clock) == set()
         assert det.snapshot(b, clock.seconds())["recent_failure_percent"] == 40.0
 
+    def test_a_busy_backend_the_balancer_then_avoids_is_judged_by_its_failures(self):
+        """The two-liars drill under workers (b8, measured: 4 consecutive
+        5xx, then no try for 20 s): a busy backend turns to fast 503s, gets
+        4 tries spread over 2 s (p2c's failure penalty repels it), then none.
+        Its last 10 tries still hold 6 successes from before the fault (40%,
+        under the 50% threshold) and 4 in a row is under consecutive_5xx, so
+        it stayed in rotation. Once the balancer avoids it (the median peer
+        has been tried request_volume times since its last try), successes
+        from before its failure run no longer speak for it."""
+        clock, pool, det = setup(n=6)
+        liar = pool.backends()[4]
+        busy_peers(pool, clock, set(), seconds=5.0)  # the liar is busy too
+        for _ in range(4):
+            work(pool, liar, "5xx", latency=0.001)
+            det.tick(clock.seconds())
+            assert out(pool, clock) == set()  # the peers have not moved on yet
+            busy_peers(pool, clock, {liar}, seconds=0.5)
+        assert det.recent_failures(liar, clock.seconds()) == (10, 4)
+        det.tick(clock.seconds())
+        assert out(pool, clock) == {liar.address}
+        assert liar.reason.startswith(
+            "ejected: its last 4 tries failed and the balancer has avoided it since "
+            "(the median backend was tried 10 times meanwhile), the pool median 0%")
+
+    def test_a_busy_backend_still_tried_after_a_few_failures_stays(self):
+        """The same 4 failures, but the backend keeps being tried and
+        succeeds: not avoided, not ejected."""
+        clock, pool, det = setup(n=6)
+        b = pool.backends()[4]
+        busy_peers(pool, clock, set(), seconds=5.0)
+        work(pool, b, "5xx", times=4)
+        busy_peers(pool, clock, set(), seconds=3.0)
+        for _ in range(3):
+            det.tick(clock.seconds())
+            busy_peers(pool, clock, set(), seconds=1.0)
+        assert out(pool, clock) == set()
+
+    def test_an_avoided_backend_needs_min_requests_failures_in_a_row(self):
+        clock, pool, det = setup(n=6)
+        liar = pool.backends()[4]
+        busy_peers(pool, clock, set(), seconds=5.0)
+        work(pool, liar, "5xx")
+        work(pool, liar, "ok")
+        work(pool, liar, "5xx", times=2)  # a run of 2, under min_requests (3)
+        for _ in range(5):
+            busy_peers(pool, clock, {liar}, seconds=1.0)
+            det.tick(clock.seconds())
+        assert out(pool, clock) == set()
+
     def test_a_pool_wide_failure_is_not_an_outlier(self):
         """Every backend fails 60% of its tries (a shared dependency is down):
         ejecting would only shrink the pool."""

@@ -226,7 +226,9 @@ def test_probe_and_outlier_state_reach_the_admin_api_and_metrics():
     up, down = pools["probed"]["127.0.0.1:9000"], pools["probed"]["127.0.0.1:9001"]
     assert up["probe"]["ok"] is True and up["probe"]["reason"] == "scripted up" and up["probe"]["probes_total"] >= 1
     assert down["probe"]["ok"] is False and down["probe"]["reason"] == "scripted down"
-    assert pools["passive"]["127.0.0.1:9000"]["outlier"]["consecutive_5xx"] == 2
+    outlier = pools["passive"]["127.0.0.1:9000"]["outlier"]
+    assert outlier["consecutive_5xx"] == 2
+    assert (outlier["recent_tries"], outlier["recent_failure_percent"], outlier["failure_run"]) == (2, 100.0, 2)
     assert "probe" not in pools["passive"]["127.0.0.1:9000"]  # no active checks there
 
     fams = {f.name: f for f in text_string_to_metric_families(exposition(make_registry(rt, live, clock, process=False)).decode())}
@@ -237,6 +239,7 @@ def test_probe_and_outlier_state_reach_the_admin_api_and_metrics():
     assert value("lbtwist_backend_probe_ok", pool="probed", backend="127.0.0.1:9000") == 1.0
     assert value("lbtwist_backend_probe_ok", pool="probed", backend="127.0.0.1:9001") == 0.0
     assert value("lbtwist_backend_outlier_consecutive_5xx", pool="passive", backend="127.0.0.1:9000") == 2.0
+    assert value("lbtwist_backend_outlier_failure_run", pool="passive", backend="127.0.0.1:9000") == 2.0
     assert "lbtwist_backend_probe_probes" in fams  # a counter (probes_total)
     svc.stopService()
     assert "probe" not in rt.backend_state and "outlier" not in rt.backend_state

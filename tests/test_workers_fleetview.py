@@ -513,3 +513,89 @@ def test_a_backend_joining_later_ramps_on_every_worker_as_in_the_master(fleet):
             assert got == pytest.approx(want, abs=0.006), (w, m_now)
         fleet.tick(1.0)
     assert all(fleet.wpool(w).get(C).ramp(fleet.workers[w].reactor.seconds()) == 1.0 for w in range(2))
+
+
+FOUR = [f"127.0.0.1:{9011 + i}" for i in range(4)]
+FOUR_CONFIG = f"""
+listeners: []
+pools:
+  - name: web
+    backends: [{", ".join('{address: "%s"}' % a for a in FOUR)}]
+"""
+
+
+def _serve(fleet, w, address, outcome="ok", latency=0.003):
+    wp = fleet.wpool(w)
+    b = wp.get(address)
+    wp.on_start(b)
+    wp.on_finish(b, latency, outcome == "ok", outcome)
+
+
+def _busy(fleet, seconds, skip=(), every=0.05):
+    """Both workers serve every backend but ``skip`` (20 ok a second each),
+    reporting to the master every 100 ms as the workers do; the master's
+    detector ticks as its service schedules it."""
+    for i in range(int(round(seconds / every))):
+        fleet.tick(every)
+        for w in range(2):
+            for a in FOUR:
+                if a not in skip:
+                    _serve(fleet, w, a)
+        if i % 2:
+            fleet.report()
+
+
+def test_two_liars_under_workers_a_starved_503_backend_is_ejected():
+    """The two-liars drill under workers, as the master saw it (run a4:
+    b8 4 consecutive 5xx from its two workers' reports, then no try for
+    20 s; state healthy to the end). A busy backend turns to fast 503s; the
+    workers' balancers give it 4 tries spread over 2 s, then avoid it. The
+    last 10 tries the master holds for it still count 6 successes from
+    before the fault (40% < 50%) and 4 in a row is under consecutive_5xx:
+    it stayed in rotation. The master now judges an avoided backend by its
+    failure run."""
+    fleet = Fleet(text=FOUR_CONFIG)
+    try:
+        mp = fleet.mpool()
+        liar = FOUR[3]
+        fleet.push()
+        _busy(fleet, 5.0)
+        for w in (0, 1, 0, 1):
+            _serve(fleet, w, liar, "5xx", latency=0.001)
+            _busy(fleet, 0.5, skip={liar})
+        _busy(fleet, 2.0, skip={liar})
+        now = fleet.master.reactor.seconds()
+        assert mp.get(liar).state(now) == "ejected"
+        assert mp.get(liar).reason.startswith("ejected: its last 4 tries failed and the balancer has avoided it since")
+        fleet.push()
+        assert all(fleet.wpool(w).get(liar).state(fleet.workers[w].reactor.seconds()) == "ejected" for w in range(2))
+    finally:
+        fleet.stop()
+
+
+def test_an_older_success_reported_after_newer_failures_does_not_hide_them():
+    """Reports interleave: worker 1's batch with a success from just before
+    the fault reaches the master after worker 0's batch with the first
+    failures. The master orders a backend's tries by time: its newest try
+    is still a failure (re-judged at each tick), and its failure run is the
+    3 failures, not 0."""
+    fleet = Fleet(text=FOUR_CONFIG)
+    try:
+        mp = fleet.mpool()
+        liar = FOUR[3]
+        fleet.push()
+        _busy(fleet, 5.0)
+        fleet.report()
+        _serve(fleet, 1, liar)  # worker 1: a success just before the fault
+        fleet.tick(0.01)
+        for _ in range(3):
+            _serve(fleet, 0, liar, "5xx", latency=0.001)
+            fleet.tick(0.01)
+        fleet.report()  # worker 0's batch first, then worker 1's older success
+        det = fleet.master.health.pools["web"].detector
+        assert det.snapshot(mp.get(liar), fleet.master.reactor.seconds())["consecutive_5xx"] == 0  # arrival order
+        _busy(fleet, 3.0, skip={liar})
+        assert mp.get(liar).state(fleet.master.reactor.seconds()) == "ejected"
+        assert mp.get(liar).reason.startswith("ejected: its last 3 tries failed")
+    finally:
+        fleet.stop()

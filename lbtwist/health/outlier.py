@@ -13,9 +13,15 @@ Four rules, all judged on real traffic because a probe can lie:
     gateway), while the median share of failed tries of the other backends
     in rotation (those with ``min_requests`` recent tries) is under half of
     ``threshold`` (a pool-wide failure is not an outlier), it is ejected.
-    Judged when a try fails, and at each tick while its last try was a
-    failure; so a backend that fails fast is caught even when the algorithm,
-    repelled by its failure penalty, sends it a try only every few seconds.
+    Judged when a try fails, and at each tick while its newest try (by
+    time: a master's workers' reports interleave) was a failure; so a
+    backend that fails fast is caught even when the algorithm, repelled by
+    its failure penalty, sends it a try only every few seconds. A backend
+    the algorithm avoids is judged by its failure run: its newest
+    ``min_requests`` or more tries all failed and the median peer has been
+    tried ``request_volume`` times since (a busy backend's record holds the
+    successes from just before a fault, which no new try dilutes away once
+    the algorithm stops sending it work).
     The record does not age while the backend is ejected: it returns with
     it, one more failure sends it back out, and successes dilute it;
   - latency: a backend whose recent mean latency is over ``factor`` times the
@@ -77,8 +83,12 @@ class _Track:
     recent: deque = attrs.field(factory=deque)
     #: When the running ejection started (None while in rotation).
     out_since: float | None = None
-    #: The last try failed (the failure-rate rule re-judges at each tick).
+    #: The newest try failed (the failure-rate rule re-judges at each tick).
     last_failed: bool = False
+    #: When the newest try was: a master is fed its workers' reports, which
+    #: interleave (one worker's older success can arrive after another's
+    #: newer failure), so "newest" is by time, not by arrival.
+    last_at: float = -math.inf
     #: Latencies of the last few units of work since the backend (re)joined,
     #: undecayed, cancelled ones included (a client that gave up after 1 s
     #: still waited 1 s on this backend).
@@ -166,7 +176,9 @@ class OutlierDetector:
             t.recent.append((now, outcome != "ok"))
             while len(t.recent) > fr.request_volume:
                 t.recent.popleft()
-        t.last_failed = outcome != "ok"
+        if now >= t.last_at:
+            t.last_at = now
+            t.last_failed = outcome != "ok"
         if outcome == "ok":
             t.c5xx = t.cgw = 0
             return
@@ -199,25 +211,66 @@ class OutlierDetector:
     def _in_rotation(self, b: Backend, now: float) -> bool:
         return b.enabled and not b.draining and not (b.ejected_until is not None and b.ejected_until > now)
 
+    def failure_run(self, backend: Backend, now: float) -> tuple[int, float]:
+        """(how many of its newest tries failed in a row, when the newest of
+        them was) within the failure-rate window, in time order."""
+        t = self.tracks.get(backend)
+        if t is None:
+            return 0, -math.inf
+        oldest = now - self.cfg.failure_rate.window
+        run, newest = 0, -math.inf
+        # newest first; of equal times the one that arrived last (a stable sort, reversed)
+        for at, bad in reversed(sorted(t.recent, key=lambda r: r[0])):
+            if at < oldest or not bad:
+                break
+            run += 1
+            newest = max(newest, at)
+        return run, newest
+
+    def _tries_since(self, backend: Backend, since: float) -> int:
+        """Tries of ``backend`` in its record newer than ``since`` (at most ``request_volume``)."""
+        t = self.tracks.get(backend)
+        return 0 if t is None else sum(1 for at, _ in t.recent if at > since)
+
     def _failure_rule(self, backend: Backend, t: _Track, now: float) -> bool:
+        """The failure-rate rule (module doc). A backend whose recent tries
+        do not reach ``threshold`` is judged by its failure run instead once
+        the balancer avoids it: its newest ``min_requests`` or more tries
+        all failed and since the newest of them the median peer has been
+        tried ``request_volume`` times (its whole record is newer). A busy
+        backend's record holds successes from just before a fault; when the
+        load-aware algorithm then stops sending it work, no new try will
+        ever dilute them away, and without this it would stay in rotation
+        (two-liars drill: 4 failures of its last 10, then no try)."""
         rule = self.cfg.failure_rate
         tries, failed = self.recent_failures(backend, now)
-        if tries < rule.min_requests or 100.0 * failed < rule.threshold * tries:
+        by_rate = tries >= rule.min_requests and 100.0 * failed >= rule.threshold * tries
+        run, run_at = (0, now) if by_rate else self.failure_run(backend, now)
+        if not by_rate and run < rule.min_requests:
             return False
-        shares = []
+        shares, since = [], []
         for o in self.pool.backends():
             if o is not backend and self._in_rotation(o, now):
                 n, f = self.recent_failures(o, now)
                 if n >= rule.min_requests:
                     shares.append(100.0 * f / n)
+                    if not by_rate:
+                        since.append(self._tries_since(o, run_at))
         if not shares:
             return False  # nobody to compare with: an outlier needs peers
+        moved_on = statistics.median(since) if since else 0
+        if not by_rate and moved_on < rule.request_volume:
+            return False  # the balancer still tries it like the others: its successes count
         peer_pct = statistics.median(shares)
         if peer_pct >= rule.threshold / 2:
             return False  # the whole pool fails: ejecting one would not help
+        if by_rate:
+            return self.eject(backend, now, (
+                f"{100.0 * failed / tries:.0f}% of its recent tries failed ({failed} of {tries}), "
+                f"the pool median {peer_pct:.0f}%"))
         return self.eject(backend, now, (
-            f"{100.0 * failed / tries:.0f}% of its recent tries failed ({failed} of {tries}), "
-            f"the pool median {peer_pct:.0f}%"))
+            f"its last {run} tries failed and the balancer has avoided it since "
+            f"(the median backend was tried {moved_on:g} times meanwhile), the pool median {peer_pct:.0f}%"))
 
     def _decay(self, t: _Track, now: float) -> None:
         dt = now - t.lat_at
@@ -433,5 +486,6 @@ class OutlierDetector:
             "recent_requests": r[1] if r else 0.0,
             "recent_tries": tries,
             "recent_failure_percent": 100.0 * failed / tries if tries > 0 else None,
+            "failure_run": self.failure_run(backend, now)[0],
             "ejections": t.ejections,
         }

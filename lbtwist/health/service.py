@@ -128,7 +128,9 @@ class PoolHealth:
         """The ``outlier`` provider section: passive detection's counters for
         ``backend`` (None when passive detection is off). ``ejection_multiplier``
         grows per ejection and decays with good behaviour (the ejection count
-        itself is ``lbtwist_backend_ejections_total``)."""
+        itself is ``lbtwist_backend_ejections_total``); ``recent_tries``,
+        ``recent_failure_percent`` (None without tries) and ``failure_run``
+        are the failure-rate rule's inputs."""
         if self.detector is None:
             return None
         snap = self.detector.snapshot(backend, now)
@@ -137,6 +139,9 @@ class PoolHealth:
             "consecutive_gateway_failures": snap["consecutive_gateway_failures"],
             "recent_latency": snap["recent_latency"],
             "recent_requests": snap["recent_requests"],
+            "recent_tries": snap["recent_tries"],
+            "recent_failure_percent": snap["recent_failure_percent"],
+            "failure_run": snap["failure_run"],
             "ejection_multiplier": snap["ejections"],
         }
 
