@@ -7,9 +7,12 @@ master's). It waits for the ``config`` payload (the master's validated config
 text plus this worker's slot and socket fds), builds the service in role
 "worker" (listeners and data plane; no probes, no admin), says Ready, then
 applies fleet-view snapshots, reloads and ticket rotations as they come and
-reports passive outcomes. It exits when the master tells it to stop (SIGTERM:
-stop accepting, drain, exit 0) or when the master is gone (its pipe closes,
-or PR_SET_PDEATHSIG)."""
+reports passive outcomes. A spare (started by the master ahead of need, with
+every slot's sockets) first gets ``prepare`` (the config text alone): it
+loads the config and imports the data plane, then waits; its ``config``
+names the slot it takes and the other slots' fds to close. It exits when
+the master tells it to stop (SIGTERM: stop accepting, drain, exit 0) or when
+the master is gone (its pipe closes, or PR_SET_PDEATHSIG)."""
 from __future__ import annotations
 
 import argparse
@@ -74,23 +77,50 @@ class Worker:
         self._metrics: bytes = b""
         self._live: Any = None
         self._registry: Any = None
+        #: a spare: (text, source, workers, config) loaded before it has a slot
+        self._prepared: tuple | None = None
         self.parts = Parts({
+            "prepare": self.on_prepare,
             "config": self.on_config,
             "snapshot": self.on_snapshot,
         })
 
     # -- from the master ------------------------------------------------------
 
-    def on_config(self, data: bytes) -> Any:
-        msg = json.loads(data)
+    def _load(self, msg: dict) -> Any:
+        """The worker's config from the master's text (its limits split N ways)."""
         from lbtwist.config import load_config_text
         from lbtwist.workers.fleetview import worker_config
 
         loaded = load_config_text(msg["text"], self.registry(), source_name=msg["source"])
-        config = worker_config(loaded.config, msg["workers"])
+        return worker_config(loaded.config, msg["workers"])
+
+    def on_prepare(self, data: bytes) -> None:
+        """A spare (no slot yet): load the config and import what serving it
+        needs now, so that taking a slot later is only building the service."""
+        msg = json.loads(data)
+        config = self._load(msg)
+        import lbtwist.service  # noqa: F401  (the data plane's modules)
+
+        self._prepared = (msg["text"], msg["source"], msg["workers"], config)
+
+    def on_config(self, data: bytes) -> Any:
+        msg = json.loads(data)
         if self.service is None:
+            prep, self._prepared = self._prepared, None
+            if prep is not None and prep[:3] == (msg["text"], msg["source"], msg["workers"]):
+                config = prep[3]
+            else:
+                config = self._load(msg)
+            for fd in msg.get("close", ()):  # a spare's sockets of the other slots
+                try:
+                    os.close(int(fd))
+                except OSError:
+                    pass
+            if msg.get("slot", -1) >= 0:
+                os.environ["LBTWIST_WORKER"] = str(msg["slot"] + 1)
             return self._start(config, msg)
-        return self.service.apply(config)
+        return self.service.apply(self._load(msg))
 
     def registry(self) -> Any:
         from lbtwist.registry import Registry
