@@ -175,6 +175,22 @@ def test_two_workers_both_serve_and_counts_add_up(fleet):
     assert b'process_resident_memory_bytes{worker="2"}' in text
 
 
+def test_workers_without_tls_never_load_openssl(fleet):
+    """No TLS in the config: a worker imports Twisted with pyOpenSSL hidden
+    and nothing it runs imports it later (pyOpenSSL and cryptography are about
+    17 MB of RSS); the master does (its probes' twisted.web)."""
+    def loaded(pid):
+        with open(f"/proc/{pid}/maps") as f:
+            maps = f.read()
+        return "cryptography" in maps  # its Rust .so (libssl itself comes with asyncio's ssl)
+
+    for _ in range(10):
+        assert fleet.get()[0] == 200
+    assert fleet.api("POST", "/api/reload")[0] == 200  # a reload does not bring it in either
+    ws = fleet.workers()
+    assert len(ws) == 2 and not any(loaded(w["pid"]) for w in ws), [w["pid"] for w in ws]
+
+
 def test_one_prober_for_the_fleet(fleet):
     """Only the master probes: the demo origins log every /healthz."""
     def probes():

@@ -52,6 +52,41 @@ def install_reactor(name: str) -> None:
         installReactor(name)
 
 
+#: Twisted modules that look for pyOpenSSL when imported and do without it
+#: (no reactor.listenSSL/connectSSL, no transport.startTLS, no AMP StartTLS,
+#: no endpoints.wrapClientTLS or "ssl:" strings). A worker uses none of them:
+#: its sockets come from the master and lbtwist's TLS (termination, backend
+#: TLS, the fleet link) wraps protocols in TLSMemoryBIOFactory itself
+#: (lbtwist.tls.client.TLSClientEndpoint). Imported with pyOpenSSL hidden,
+#: a worker whose config has no TLS never loads pyOpenSSL, cryptography and
+#: libssl (about 17 MB of its RSS); one with TLS imports them later, when
+#: lbtwist.tls is first used.
+OPENSSL_OPTIONAL = ("twisted.internet.stdio", "twisted.protocols.amp", "twisted.internet.endpoints")
+
+
+class _HideOpenSSL:
+    """A meta path finder that makes ``import OpenSSL`` fail (while installed)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "OpenSSL" or name.startswith("OpenSSL."):
+            raise ImportError(f"{name}: hidden while Twisted's reactor is imported in a worker")
+        return None
+
+
+def install_reactor_without_openssl(name: str) -> None:
+    """L{install_reactor}, and OPENSSL_OPTIONAL imported, with pyOpenSSL hidden."""
+    import importlib
+
+    hide = _HideOpenSSL()
+    sys.meta_path.insert(0, hide)
+    try:
+        install_reactor(name)
+        for mod in OPENSSL_OPTIONAL:
+            importlib.import_module(mod)
+    finally:
+        sys.meta_path.remove(hide)
+
+
 def rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -249,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     if os.getppid() == 1:  # the master died before prctl took effect
         return 1
-    install_reactor(args.reactor)
+    install_reactor_without_openssl(args.reactor)
     from twisted.internet import reactor, stdio
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
