@@ -8,18 +8,17 @@ process (RSS, and PSS / USS from /proc/PID/smaps_rollup). Then ``--kills``
 times (default 5): SIGKILL one worker (slots alternate) and time, polling
 every 10 ms, until
 
-- ``spawned``: a new child of the master exists (/proc/PID/task/*/children);
+- ``spawned``: a new child of the master exists (/proc/PID/task/*/children;
+  with the spare, that is the next spare, started once the old one serves);
 - ``serving``: /api/workers lists the new pid (it has loaded its config,
   applied the fleet view, listens and said Ready);
-- ``answered``: a request on a new connection was answered by it (the
-  worker's ``X-Lbtwist-Worker``-free way: its ``requests`` count in
-  /api/workers moves, read after the next heartbeat).
 
 Kills are spaced ``--gap`` seconds (default 4) so no slot reaches the
 crash-loop backoff (3 exits within 10 s). Every wait is bounded.
 
     .venv/bin/python bench/respawn.py --kills 5
     .venv/bin/python bench/respawn.py --kills 5 --tls    # TLS with tickets: forked workers
+    .venv/bin/python bench/respawn.py --kills 5 --kill-spare   # no spare: a fresh process
 """
 from __future__ import annotations
 
@@ -140,6 +139,8 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--gap", type=float, default=4.0)
     ap.add_argument("--tls", action="store_true", help="TLS with session tickets (forked workers)")
+    ap.add_argument("--kill-spare", action="store_true",
+                    help="SIGKILL the spare first: the slot gets a fresh process (the cold path)")
     args = ap.parse_args()
     web, admin, demo = free_port(), free_port(), free_port()
     tmp = Path(tempfile.mkdtemp(prefix="lbtwist-respawn-"))
@@ -166,10 +167,19 @@ def main() -> int:
             m = memory(pid)
             print(f"  worker {pid}: {m['rss']/2**20:.1f} / {m['pss']/2**20:.1f} / {m['uss']/2**20:.1f}"
                   f"   [{int(w.get('rss_bytes') or 0)/2**20:.1f}]")
+        spare = wait(lambda: (api_workers(admin).get("spare") or {}).get("prepared") and api_workers(admin)["spare"]["pid"], 30, 0.1)
+        if spare:
+            m = memory(spare)
+            print(f"  spare  {spare}: {m['rss']/2**20:.1f} / {m['pss']/2**20:.1f} / {m['uss']/2**20:.1f}")
         rows = []
         for i in range(args.kills):
             before = listed(admin)
             victim = sorted(before)[i % len(before)]
+            if args.kill_spare:
+                sp = api_workers(admin).get("spare")
+                if sp:
+                    os.kill(sp["pid"], signal.SIGKILL)
+                    wait(lambda: (api_workers(admin).get("spare") or {}).get("pid") != sp["pid"], 5)
             kids = children(p.pid)
             os.kill(victim, signal.SIGKILL)
             t0 = time.monotonic()

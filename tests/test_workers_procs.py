@@ -167,6 +167,8 @@ def test_two_workers_both_serve_and_counts_add_up(fleet):
     assert sum(w["requests"] for w in ws) - before == 40
     assert all(w["requests"] > 0 for w in ws), ws  # 40 new connections: both got some
     assert len({w["pid"] for w in ws}) == 2 and all(w["rss_bytes"] > 0 for w in ws)
+    # PSS and USS beside RSS: shared pages split, private pages only
+    assert all(0 < w["uss_bytes"] <= w["pss_bytes"] <= w["rss_bytes"] for w in ws), ws
     assert all(w["pid"] != fleet.proc.p.pid for w in ws)
     # /metrics: the workers' request counters summed, RSS per worker
     status, text = fleet.api("GET", "/metrics")

@@ -87,6 +87,27 @@ def install_reactor_without_openssl(name: str) -> None:
         sys.meta_path.remove(hide)
 
 
+def shared_memory() -> dict[str, int]:
+    """``pss_bytes`` (proportional set size: shared pages split among the
+    processes mapping them) and ``uss_bytes`` (private pages: what exiting
+    would free) from /proc/self/smaps_rollup; 0 where unreadable. RSS counts
+    every shared library page in full in every process; these two say what
+    N workers really cost together."""
+    out = {"pss_bytes": 0, "uss_bytes": 0}
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[1].isdigit():
+                    if parts[0] == "Pss:":
+                        out["pss_bytes"] = int(parts[1]) * 1024
+                    elif parts[0] in ("Private_Clean:", "Private_Dirty:"):
+                        out["uss_bytes"] += int(parts[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
 def rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -203,7 +224,7 @@ class Worker:
             for svc in self.service.listeners:
                 conns += len(getattr(svc, "connections", ()) or ())
         return {"pid": os.getpid(), "requests": self.requests, "connections": conns,
-                "started": self.started, "rss_bytes": rss_bytes()}
+                "started": self.started, "rss_bytes": rss_bytes(), **shared_memory()}
 
     def fetch(self, kind: str, offset: int) -> dict:
         from lbtwist.workers.protocol import PART

@@ -479,9 +479,13 @@ class Fleet(Service):
                 "connections": st.get("connections", 0),
                 "started": st.get("started"),
                 "rss_bytes": st.get("rss_bytes", 0),
+                "pss_bytes": st.get("pss_bytes", 0),
+                "uss_bytes": st.get("uss_bytes", 0),
             })
         spare = self.spare
-        return {"workers": out, "master": {"pid": os.getpid(), "rss_bytes": _rss()},
+        from lbtwist.workers.child import shared_memory
+
+        return {"workers": out, "master": {"pid": os.getpid(), "rss_bytes": _rss(), **shared_memory()},
                 "spare": {"pid": spare.process.pid, "prepared": spare.prepared} if spare is not None else None}
 
     # -- fleet view ------------------------------------------------------------
