@@ -1014,8 +1014,7 @@ def worker_kill(short: bool = False, duration: float | None = None, rate: float 
                 ctx.mark("replacement_pid", fresh[0])
                 if fresh[0] in kids:  # the master's pre-started spare took the slot
                     ctx.mark("replacement_prestarted", True)
-                    if "spawned_after" not in ctx.marks:
-                        ctx.mark("spawned_after", 0.0)
+                    ctx.mark("spawned_after", 0.0)  # (a new child seen meanwhile was the next spare)
                 ctx.event(f"worker {pid} replaced by {fresh[0]} after {took:.2f}s")
                 # the workers' counts come with the master's heartbeat (every
                 # 0.5 s): read the survivor's one heartbeat later, so a quick
