@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
@@ -222,6 +222,8 @@ class ListenerService(Service):
         if self._inherited is not None:
             return adopt_stream(self.reactor, self._inherited, self.factory,
                                 self.backlog if self.backlog is not None else default_backlog())
+        from twisted.internet import endpoints  # pyOpenSSL: not in a worker, which adopts its sockets
+
         ep = endpoints.serverFromString(self.reactor, with_backlog(self.bind, self.backlog))
         d = ep.listen(self.factory)
         result: list[Any] = []

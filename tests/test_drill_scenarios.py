@@ -210,6 +210,10 @@ def test_worker_kill_grades_replacement_failures_and_both_workers():
              if k not in ("spawned_after", "replaced_after", "replacement_pid", "replacement_served_fresh")}
     out = {c["name"]: c for c in evaluate(p, _worker_kill_run(never)[1])}
     assert not out["replacement serving within 5s"]["passed"] and not out["the replacement takes traffic"]["passed"]
+    # the master's spare took the slot: started before the kill
+    pre = dict(WORKER_MARKS, spawned_after=0.0, replacement_prestarted=True)
+    got = {c["name"]: c for c in evaluate(p, _worker_kill_run(pre)[1])}["replacement process started within 1s"]
+    assert got["passed"] and got["measured"] == "0.00s (the pre-started spare)"
     idle = dict(WORKER_MARKS, survivor_served_meanwhile=0)
     assert not {c["name"]: c for c in evaluate(p, _worker_kill_run(idle)[1])}["the other worker serves through"]["passed"]
     # more failed requests than the killed worker held: lost work beyond its own

@@ -122,7 +122,10 @@ def fleet(tmp_path):
 
 def _maybe(f):
     try:
-        return [w["pid"] for w in f.workers()]
+        status, body = f.api("GET", "/api/workers")
+        got = json.loads(body)
+        spare = [got["spare"]["pid"]] if got.get("spare") else []
+        return [w["pid"] for w in got["workers"]] + spare
     except Exception:
         return []
 
@@ -164,12 +167,30 @@ def test_two_workers_both_serve_and_counts_add_up(fleet):
     assert sum(w["requests"] for w in ws) - before == 40
     assert all(w["requests"] > 0 for w in ws), ws  # 40 new connections: both got some
     assert len({w["pid"] for w in ws}) == 2 and all(w["rss_bytes"] > 0 for w in ws)
+    # PSS and USS beside RSS: shared pages split, private pages only
+    assert all(0 < w["uss_bytes"] <= w["pss_bytes"] <= w["rss_bytes"] for w in ws), ws
     assert all(w["pid"] != fleet.proc.p.pid for w in ws)
     # /metrics: the workers' request counters summed, RSS per worker
     status, text = fleet.api("GET", "/metrics")
     assert status == 200
     assert b'process_resident_memory_bytes{worker="1"}' in text
     assert b'process_resident_memory_bytes{worker="2"}' in text
+
+
+def test_workers_without_tls_never_load_openssl(fleet):
+    """No TLS in the config: a worker imports Twisted with pyOpenSSL hidden
+    and nothing it runs imports it later (pyOpenSSL and cryptography are about
+    17 MB of RSS); the master does (its probes' twisted.web)."""
+    def loaded(pid):
+        with open(f"/proc/{pid}/maps") as f:
+            maps = f.read()
+        return "cryptography" in maps  # its Rust .so (libssl itself comes with asyncio's ssl)
+
+    for _ in range(10):
+        assert fleet.get()[0] == 200
+    assert fleet.api("POST", "/api/reload")[0] == 200  # a reload does not bring it in either
+    ws = fleet.workers()
+    assert len(ws) == 2 and not any(loaded(w["pid"]) for w in ws), [w["pid"] for w in ws]
 
 
 def test_one_prober_for_the_fleet(fleet):
@@ -232,8 +253,52 @@ def test_kill9_worker_replaced_and_others_serve(fleet):
     assert not _alive(victim)
 
 
+def _spare(fleet, exclude=(), timeout=DEADLINE):
+    """The prepared spare's pid once /api/workers lists one (not in ``exclude``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = fleet.api("GET", "/api/workers")
+        spare = json.loads(body).get("spare")
+        if spare and spare["prepared"] and spare["pid"] not in exclude:
+            return spare["pid"]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no prepared spare within {timeout}s:\n" + fleet.proc.output()[-4000:])
+        fleet.proc._pump(0.1)
+
+
+def test_spare_takes_a_killed_workers_slot_and_a_new_spare_follows(fleet):
+    """A pre-started spare (imported, config loaded, every slot's sockets)
+    replaces a killed worker: the replacement is the spare's process, it
+    serves on the slot's socket, and a new spare is started after it."""
+    spare = _spare(fleet)
+    ws = fleet.workers()
+    pids = {w["pid"] for w in ws}
+    assert spare not in pids and _alive(spare)
+    victim = ws[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    ws = fleet.wait_workers(2, exclude=[victim["pid"]])
+    assert spare in {w["pid"] for w in ws}
+    assert next(w for w in ws if w["pid"] == spare)["slot"] == victim["slot"]
+    fleet.proc.wait_for(f"started, pid {spare} (the spare)", timeout=30)
+    # the replacement serves new connections (the kernel spreads them over both slots)
+    before = {w["pid"]: w["requests"] for w in ws}
+    for _ in range(40):
+        assert fleet.get()[0] == 200
+    _wait(lambda: any(w["pid"] == spare and w["requests"] > before[spare] for w in fleet.workers()), 30,
+          "the former spare served", fleet.proc)
+    new = _spare(fleet, exclude=[spare])
+    assert new not in {w["pid"] for w in fleet.workers()}
+    # a reload drops the spare (it holds the old config) and starts a new one
+    fleet.write(extra_pool="  - name: spare\n    backends: [{address: \"127.0.0.1:9\"}]")
+    status, body = fleet.api("POST", "/api/reload")
+    assert status == 200, body
+    fleet.proc.wait_for("stopped (reload); a new one follows", timeout=30)
+    _spare(fleet, exclude=[spare, new])
+    _wait(lambda: not _alive(new), 30, "the old spare gone", fleet.proc)
+
+
 def test_sigterm_exits_zero_with_no_worker_left(fleet):
-    pids = [w["pid"] for w in fleet.workers()]
+    pids = [w["pid"] for w in fleet.workers()] + [_spare(fleet)]
     assert fleet.stop() == 0, fleet.proc.output()[-3000:]
     assert "every worker has exited" in fleet.proc.output()
     _wait(lambda: not any(_alive(p) for p in pids), 10, "workers gone", fleet.proc)

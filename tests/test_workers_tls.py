@@ -209,3 +209,45 @@ def _try_workers(admin, n):
     except OSError:
         return None
     return ws if (n == 0 or len(ws) == n) else None
+
+
+def _maps_openssl(pid):
+    """Has the process mapped pyOpenSSL/cryptography's libraries (imported them)?"""
+    with open(f"/proc/{pid}/maps") as f:
+        maps = f.read()
+    return "cryptography" in maps  # its Rust .so (libssl itself comes with asyncio's ssl)
+
+
+def test_exec_workers_load_openssl_only_with_tls(tmp_path):
+    """Exec'd workers (TLS without tickets: no fork) import Twisted's reactor
+    with pyOpenSSL hidden (lbtwist.workers.child.OPENSSL_OPTIONAL); TLS
+    termination imports it afterwards and serves. The master has it (it
+    validates the certificates)."""
+    ca = TestCA()
+    cert, key = ca.issue("localhost", "127.0.0.1").write(tmp_path, "site")
+    port, admin, demo = free_port(), free_port(), free_port()
+    path = _config(tmp_path, port, admin, demo, cert, key)
+    path.write_text(path.read_text().replace(
+        f'key: "{key}"}}]', f'key: "{key}"}}]\n      session_tickets: {{enabled: false}}'))
+    proc = Proc(twistd_cmd(path))
+    pids = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                ws = _workers(admin)
+                if len(ws) == 2:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, proc.output()[-3000:]
+            proc._pump(0.2)
+        pids = [w["pid"] for w in ws]
+        assert "forked, pid" not in proc.output()
+        ctx = ssl.create_default_context(cafile=ca.write_ca(tmp_path / "ca.pem"))
+        for _ in range(10):
+            _get(ctx, port, None)
+        assert all(_maps_openssl(p) for p in pids)  # TLS: imported when the listener was built
+    finally:
+        assert proc.terminate(timeout=60) == 0, proc.output()[-3000:]
+    _wait(lambda: not any(_alive(p) for p in pids), 10, "workers gone", proc)

@@ -75,16 +75,22 @@ def parse_udp_bind(bind: str) -> tuple[int, str]:
     return port, interface
 
 
+#: the reactor given to endpoint parsers that only validate (nothing is bound)
+_NO_REACTOR = object()
+
+
 def check_stream_bind(bind: str) -> None:
     """Parse a TCP/TLS/UNIX server endpoint description as twistd will, on a
     MemoryReactor so nothing is bound. Raises ValueError with a readable message."""
     # imported here: Twisted's endpoints take most of a second to import, and
     # split_description (lbtwist status --check, every second) needs none of it
     from twisted.internet.endpoints import serverFromString
-    from twisted.internet.testing import MemoryReactor
 
     try:
-        serverFromString(MemoryReactor(), bind)
+        # the parsers only keep the reactor in the endpoint, never call it:
+        # a placeholder, not twisted.internet.testing (which imports trial,
+        # unittest and doctest into every process that loads a config)
+        serverFromString(_NO_REACTOR, bind)
     except Exception as e:  # Twisted raises ValueError, TypeError, KeyError, OSError (ssl files)...
         detail = str(e) or type(e).__name__
         if isinstance(e, TypeError) and "unexpected keyword argument" in detail:

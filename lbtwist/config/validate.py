@@ -745,6 +745,11 @@ def tls_settings(ctx: CheckContext) -> Iterator[Problem]:
     mismatched: each named), names, versions, ciphers, resumption settings."""
     import time
 
+    listeners = list(_listeners(ctx.config))
+    pools = list(_pools(ctx.config))
+    if not any(l.tls is not None or l.tls_passthrough is not None for _, l in listeners) and \
+            not any(p.tls is not None for _, p in pools):
+        return  # no TLS: pyOpenSSL and cryptography stay unimported (a worker's memory)
     from lbtwist.tls.checks import check_listener_tls, check_passthrough, check_pool_tls
 
     def place(base: str, found: Iterable[tuple[str, str, str]]) -> Iterator[Problem]:
@@ -753,7 +758,7 @@ def tls_settings(ctx: CheckContext) -> Iterator[Problem]:
             yield ctx.error(path, message) if severity == "error" else ctx.warning(path, message)
 
     now = time.time()
-    for lpath, lst in _listeners(ctx.config):
+    for lpath, lst in listeners:
         if lst.tls is not None:
             if lst.tls_passthrough is not None:
                 yield ctx.error(key_path(lpath, "tls"), "tls and tls_passthrough exclude each other: terminate or pass through")
@@ -761,7 +766,7 @@ def tls_settings(ctx: CheckContext) -> Iterator[Problem]:
         if lst.tls_passthrough is not None:
             yield from place(key_path(lpath, "tls_passthrough"),
                              check_passthrough(lst.tls_passthrough, lst.mode, lst.pool is not None))
-    for ppath, pool in _pools(ctx.config):
+    for ppath, pool in pools:
         if pool.tls is not None:
             yield from place(key_path(ppath, "tls"), check_pool_tls(pool.tls, now))
 

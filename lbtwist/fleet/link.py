@@ -66,12 +66,7 @@ def sha1(source: str) -> str:
 
 def endpoint_connector(settings: FleetSettings, reactor: Any) -> Callable[[RespProtocol], defer.Deferred]:
     """``connect(protocol) -> Deferred(protocol)`` over TCP, unix or TLS."""
-    from twisted.internet.endpoints import (
-        HostnameEndpoint,
-        UNIXClientEndpoint,
-        connectProtocol,
-        wrapClientTLS,
-    )
+    from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, connectProtocol
 
     t = settings.target
     if t.path is not None:
@@ -92,7 +87,9 @@ def endpoint_connector(settings: FleetSettings, reactor: Any) -> Callable[[RespP
                 client = ssl.PrivateCertificate.loadPEM(
                     open(settings.cert, "rb").read() + b"\n" + open(settings.key, "rb").read())
             opts = ssl.optionsForClientTLS(settings.server_name or t.host, trustRoot=trust, clientCertificate=client)
-            ep = wrapClientTLS(opts, ep)
+            from lbtwist.tls.client import TLSClientEndpoint
+
+            ep = TLSClientEndpoint(ep, opts, reactor)
 
     def connect(proto: RespProtocol) -> defer.Deferred:
         return connectProtocol(ep, proto)

@@ -9,19 +9,16 @@ backend accepts new ones.
 """
 from __future__ import annotations
 
+import functools
 import re
+import types
 from typing import Any, Callable, Mapping
 
 from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
-from twisted.web.error import SchemeNotSupported
-from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IAgentEndpointFactory
-from zope.interface import implementer
+from zope.interface import classImplements, implementer
 
 from lbtwist.health import ProbeResult
 from lbtwist.interfaces import IHealthProbe
@@ -69,6 +66,10 @@ def _timeout_option(options: Mapping[str, Any]) -> float:
 
 def client_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
     """An IP literal connects directly; a name goes through HostnameEndpoint."""
+    # imported here: twisted.internet.endpoints imports pyOpenSSL, which a
+    # worker process (no probes) never needs
+    from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+
     if isIPv6Address(host):
         return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
     if isIPAddress(host):
@@ -178,6 +179,9 @@ class _BoundedBody(Protocol):
             self._finish(None)
 
     def connectionLost(self, reason: Failure) -> None:
+        from twisted.web.client import ResponseDone
+        from twisted.web.http import PotentialDataLoss
+
         if reason.check(ResponseDone, PotentialDataLoss) or self.stopped:
             self._finish(None)
         else:
@@ -192,18 +196,28 @@ class _BoundedBody(Protocol):
             self.done.errback(failure)
 
 
-class _QuietFactory(_HTTP11ClientFactory):
-    noisy = False
+@functools.cache
+def _web() -> Any:
+    """twisted.web's HTTP client (and with it twisted.web.http, h2, hpack),
+    imported when the first HTTP probe is built: only the process that
+    probes (the master, or ``workers: 1``) needs it; a worker never loads it
+    (start-up time and memory, docs/operations.md "Memory")."""
+    from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+    from twisted.web.iweb import IAgentEndpointFactory
+
+    class _QuietFactory(_HTTP11ClientFactory):
+        noisy = False
+
+    class QuietPool(HTTPConnectionPool):
+        """Agent's connection factory logs two lines per connection; a probe
+        connects every few seconds per backend, which would drown the log."""
+
+        _factory = _QuietFactory
+
+    classImplements(_EndpointFactory, IAgentEndpointFactory)
+    return types.SimpleNamespace(Agent=Agent, QuietPool=QuietPool)
 
 
-class _QuietPool(HTTPConnectionPool):
-    """Agent's connection factory logs two lines per connection; a probe
-    connects every few seconds per backend, which would drown the log."""
-
-    _factory = _QuietFactory
-
-
-@implementer(IAgentEndpointFactory)
 class _EndpointFactory:
     """Agent's default HostnameEndpoint resolves even IP literals in a thread
     and reports a refused connect only after its 0.3 s attempt delay; probes
@@ -216,6 +230,8 @@ class _EndpointFactory:
 
     def endpointForURI(self, uri: Any) -> Any:
         if uri.scheme != b"http":
+            from twisted.web.error import SchemeNotSupported
+
             raise SchemeNotSupported(f"health probes speak http, not {uri.scheme!r}")
         host = url_host_to_ip(uri.host.decode("ascii"))
         ep = client_endpoint(self.reactor, host, uri.port, self.timeout)
@@ -223,22 +239,9 @@ class _EndpointFactory:
         if btls is None:
             return ep
         address = join_address(host, uri.port)
-        return _TLSEndpoint(ep, btls.creator_for(host, key=address), self.reactor)
+        from lbtwist.tls.client import TLSClientEndpoint
 
-
-class _TLSEndpoint:
-    """An https probe's connection: the pool's TLS settings (CA, SNI, client
-    certificate) over the plain endpoint, the reactor passed in."""
-
-    def __init__(self, endpoint: Any, creator: Any, clock: Any) -> None:
-        self.endpoint = endpoint
-        self.creator = creator
-        self.clock = clock
-
-    def connect(self, factory: Any) -> defer.Deferred:
-        from lbtwist.tls.client import connect_tls
-
-        return connect_tls(self.endpoint, self.creator, factory, self.clock)
+        return TLSClientEndpoint(ep, btls.creator_for(host, key=address), self.reactor)
 
 
 def use_pool_tls(probe: Any, lookup: Callable[[], Any]) -> Any:
@@ -320,14 +323,23 @@ class HttpProbe:
         #: The agent's endpoints (None with an injected http_client).
         self.endpoints: _EndpointFactory | None = None
         if http_client is None:
+            self.endpoints = _EndpointFactory(reactor, timeout)
+        #: built at the first probe: config validation builds probes to check
+        #: their options, and treq/twisted.web (with pyOpenSSL) need not be
+        #: imported by a process that never probes (a worker)
+        self._client = http_client
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
             from treq.client import HTTPClient
 
             # persistent=False: every probe tests a new connection, see module doc
-            pool = _QuietPool(reactor, persistent=False)
-            self.endpoints = _EndpointFactory(reactor, timeout)
-            agent = Agent.usingEndpointFactory(reactor, self.endpoints, pool=pool)
-            http_client = HTTPClient(agent)
-        self.client = http_client
+            web = _web()
+            pool = web.QuietPool(self.reactor, persistent=False)
+            agent = web.Agent.usingEndpointFactory(self.reactor, self.endpoints, pool=pool)
+            self._client = HTTPClient(agent)
+        return self._client
 
     def url(self, backend: Backend) -> str:
         return f"http://{ip_to_url_host(backend.host)}:{backend.port}{self.path}"

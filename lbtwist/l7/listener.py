@@ -25,7 +25,6 @@ from lbtwist.listener import ListenerService, PerClientLimit, RefusalLog
 from lbtwist.pool import join_address
 from lbtwist.resilience.wiring import runtime_resilience
 from lbtwist.routing import DEFAULT_ROUTE, Router
-from lbtwist.tls.context import listener_alpn
 from lbtwist.traffic import TrafficRecord
 
 log = Logger(namespace="lbtwist.l7")
@@ -127,7 +126,12 @@ class HttpProxyFactory(ServerFactory):
         h2_settings.check(cfg.http.h2)
         #: HTTP/2 from clients: ALPN h2 on TLS, h2c prior knowledge on plain ``http2: true``.
         self.h2c = bool(cfg.http2) and cfg.tls is None
-        self.h2 = self.h2c or (cfg.tls is not None and "h2" in listener_alpn(cfg))
+        if cfg.tls is not None:
+            from lbtwist.tls.context import listener_alpn  # pyOpenSSL: only with TLS
+
+            self.h2 = self.h2c or "h2" in listener_alpn(cfg)
+        else:
+            self.h2 = self.h2c
         #: Apply fastio's eager write to client connections (benchmarks turn it off).
         self.eager = True
         self.active = 0

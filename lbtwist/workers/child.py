@@ -7,9 +7,12 @@ master's). It waits for the ``config`` payload (the master's validated config
 text plus this worker's slot and socket fds), builds the service in role
 "worker" (listeners and data plane; no probes, no admin), says Ready, then
 applies fleet-view snapshots, reloads and ticket rotations as they come and
-reports passive outcomes. It exits when the master tells it to stop (SIGTERM:
-stop accepting, drain, exit 0) or when the master is gone (its pipe closes,
-or PR_SET_PDEATHSIG)."""
+reports passive outcomes. A spare (started by the master ahead of need, with
+every slot's sockets) first gets ``prepare`` (the config text alone): it
+loads the config and imports the data plane, then waits; its ``config``
+names the slot it takes and the other slots' fds to close. It exits when
+the master tells it to stop (SIGTERM: stop accepting, drain, exit 0) or when
+the master is gone (its pipe closes, or PR_SET_PDEATHSIG)."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +52,62 @@ def install_reactor(name: str) -> None:
         installReactor(name)
 
 
+#: Twisted modules that look for pyOpenSSL when imported and do without it
+#: (no reactor.listenSSL/connectSSL, no transport.startTLS, no AMP StartTLS,
+#: no endpoints.wrapClientTLS or "ssl:" strings). A worker uses none of them:
+#: its sockets come from the master and lbtwist's TLS (termination, backend
+#: TLS, the fleet link) wraps protocols in TLSMemoryBIOFactory itself
+#: (lbtwist.tls.client.TLSClientEndpoint). Imported with pyOpenSSL hidden,
+#: a worker whose config has no TLS never loads pyOpenSSL, cryptography and
+#: libssl (about 17 MB of its RSS); one with TLS imports them later, when
+#: lbtwist.tls is first used.
+OPENSSL_OPTIONAL = ("twisted.internet.stdio", "twisted.protocols.amp", "twisted.internet.endpoints")
+
+
+class _HideOpenSSL:
+    """A meta path finder that makes ``import OpenSSL`` fail (while installed)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "OpenSSL" or name.startswith("OpenSSL."):
+            raise ImportError(f"{name}: hidden while Twisted's reactor is imported in a worker")
+        return None
+
+
+def install_reactor_without_openssl(name: str) -> None:
+    """L{install_reactor}, and OPENSSL_OPTIONAL imported, with pyOpenSSL hidden."""
+    import importlib
+
+    hide = _HideOpenSSL()
+    sys.meta_path.insert(0, hide)
+    try:
+        install_reactor(name)
+        for mod in OPENSSL_OPTIONAL:
+            importlib.import_module(mod)
+    finally:
+        sys.meta_path.remove(hide)
+
+
+def shared_memory() -> dict[str, int]:
+    """``pss_bytes`` (proportional set size: shared pages split among the
+    processes mapping them) and ``uss_bytes`` (private pages: what exiting
+    would free) from /proc/self/smaps_rollup; 0 where unreadable. RSS counts
+    every shared library page in full in every process; these two say what
+    N workers really cost together."""
+    out = {"pss_bytes": 0, "uss_bytes": 0}
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[1].isdigit():
+                    if parts[0] == "Pss:":
+                        out["pss_bytes"] = int(parts[1]) * 1024
+                    elif parts[0] in ("Private_Clean:", "Private_Dirty:"):
+                        out["uss_bytes"] += int(parts[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
 def rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -74,7 +133,10 @@ class Worker:
         self._metrics: bytes = b""
         self._live: Any = None
         self._registry: Any = None
+        #: a spare: (text, source, workers, config) loaded before it has a slot
+        self._prepared: tuple | None = None
         self.parts = Parts({
+            "prepare": self.on_prepare,
             "config": self.on_config,
             "snapshot": self.on_snapshot,
             "ocsp": self.on_ocsp,
@@ -82,16 +144,40 @@ class Worker:
 
     # -- from the master ------------------------------------------------------
 
-    def on_config(self, data: bytes) -> Any:
-        msg = json.loads(data)
+    def _load(self, msg: dict) -> Any:
+        """The worker's config from the master's text (its limits split N ways)."""
         from lbtwist.config import load_config_text
         from lbtwist.workers.fleetview import worker_config
 
         loaded = load_config_text(msg["text"], self.registry(), source_name=msg["source"])
-        config = worker_config(loaded.config, msg["workers"])
+        return worker_config(loaded.config, msg["workers"])
+
+    def on_prepare(self, data: bytes) -> None:
+        """A spare (no slot yet): load the config and import what serving it
+        needs now, so that taking a slot later is only building the service."""
+        msg = json.loads(data)
+        config = self._load(msg)
+        import lbtwist.service  # noqa: F401  (the data plane's modules)
+
+        self._prepared = (msg["text"], msg["source"], msg["workers"], config)
+
+    def on_config(self, data: bytes) -> Any:
+        msg = json.loads(data)
         if self.service is None:
+            prep, self._prepared = self._prepared, None
+            if prep is not None and prep[:3] == (msg["text"], msg["source"], msg["workers"]):
+                config = prep[3]
+            else:
+                config = self._load(msg)
+            for fd in msg.get("close", ()):  # a spare's sockets of the other slots
+                try:
+                    os.close(int(fd))
+                except OSError:
+                    pass
+            if msg.get("slot", -1) >= 0:
+                os.environ["LBTWIST_WORKER"] = str(msg["slot"] + 1)
             return self._start(config, msg)
-        return self.service.apply(config)
+        return self.service.apply(self._load(msg))
 
     def registry(self) -> Any:
         from lbtwist.registry import Registry
@@ -146,7 +232,7 @@ class Worker:
             for svc in self.service.listeners:
                 conns += len(getattr(svc, "connections", ()) or ())
         return {"pid": os.getpid(), "requests": self.requests, "connections": conns,
-                "started": self.started, "rss_bytes": rss_bytes()}
+                "started": self.started, "rss_bytes": rss_bytes(), **shared_memory()}
 
     def fetch(self, kind: str, offset: int) -> dict:
         from lbtwist.workers.protocol import PART
@@ -227,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     if os.getppid() == 1:  # the master died before prctl took effect
         return 1
-    install_reactor(args.reactor)
+    install_reactor_without_openssl(args.reactor)
     from twisted.internet import reactor, stdio
     from twisted.logger import globalLogBeginner, textFileLogObserver
 

@@ -11,7 +11,10 @@ service and owns:
   alive while its worker is replaced;
 - one worker process per slot (``reactor.spawnProcess`` with the AMP pipes
   on the child's fds 3/4 and the slot's sockets after them), supervised by
-  the sans-IO L{Supervisor};
+  the sans-IO L{Supervisor}; plus one pre-started **spare** (exec'd
+  workers): imported, config loaded, holding every slot's sockets, it takes
+  the next slot that needs a worker (a replacement serves in about 0.1 s
+  instead of a Python start-up), and a new spare starts once it serves;
 - the fleet view: a snapshot (lbtwist.workers.fleetview) goes to every worker
   within 100 ms of a change, and an admin change waits for every worker's ack;
   passive outcomes come back and feed the master's outlier detection.
@@ -49,6 +52,9 @@ PING_TIMEOUT = 2.0
 ACK_TIMEOUT = 5.0
 #: after SIGTERM a worker not gone within its drain plus this is killed
 STOP_GRACE = 10.0
+#: a spare that died is replaced after this, doubling per failure in a row up to SPARE_RETRY_MAX
+SPARE_RETRY = 1.0
+SPARE_RETRY_MAX = 30.0
 
 
 def reactor_name(reactor: Any) -> str:
@@ -107,6 +113,12 @@ class WorkerLink:
         self.ended: defer.Deferred = defer.Deferred()
         self.stats: dict = {}
         self.ready_waiters: list[defer.Deferred] = []
+        #: a spare: config loaded, waiting for a slot (slot is -1 until then)
+        self.prepared = False
+        #: when the master last heard from it (spares: not under the Supervisor)
+        self.heard = 0.0
+        #: slot -> bind -> fd number in the child (exec'd workers; a spare has every slot's)
+        self.fds: dict[int, dict[str, int]] = {}
 
 
 class Fleet(Service):
@@ -134,6 +146,13 @@ class Fleet(Service):
         #: they share the ticket keys built here (lbtwist.workers.forked)
         self.fork = forked.needs_fork(self.runtime.config)
         self.tls_servers: dict[str, Any] = {}
+        #: the pre-started spare worker (exec'd workers only): it has imported
+        #: and loaded the config, holds every slot's sockets and takes the
+        #: next slot that needs a worker
+        self.spare: WorkerLink | None = None
+        self._spare_call: Any = None
+        self._spare_failures = 0
+        self._reloading = False
         self.runtime.workers = self  # /api/workers, /metrics, admin acks
         service.fleet = self  # reloads go through the fleet
 
@@ -196,6 +215,9 @@ class Fleet(Service):
         outlives its drain. Fires when no worker is left."""
         super().stopService()
         self.supervisor.stop()
+        if self._spare_call is not None and self._spare_call.active():
+            self._spare_call.cancel()
+        self.spare = None
         for loop in (self._push_loop, self._ping_loop):
             if loop.running:
                 loop.stop()
@@ -242,6 +264,9 @@ class Fleet(Service):
     # -- spawning (Supervisor effects) -----------------------------------------
 
     def _spawn(self, slot: int) -> int:
+        spare = self.spare
+        if spare is not None and spare.prepared and not self.fork:
+            return self._assign(spare, slot)
         self._next_wid += 1
         wid = self._next_wid
         proto = MasterAMP(self, wid)
@@ -250,17 +275,7 @@ class Fleet(Service):
         socks = self.slot_sockets[slot]
         if self.fork:
             return self._fork(wid, slot, link, socks)
-        child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, CHILD_IN: "w", CHILD_OUT: "r"}
-        fd_of: dict[str, int] = {}
-        for i, (bind, s) in enumerate(sorted(socks.items())):
-            child_fds[CHILD_OUT + 1 + i] = s.fileno()
-            fd_of[bind] = CHILD_OUT + 1 + i
-        argv = [sys.executable, "-m", "lbtwist.workers.child", "--reactor", reactor_name(self.reactor)]
-        env = dict(os.environ)
-        env["LBTWIST_WORKER"] = str(slot + 1)
-        bridge = Bridge(proto, CHILD_IN, CHILD_OUT, lambda reason: self._ended(link, reason))
-        link.process = self.reactor.spawnProcess(bridge, sys.executable, argv, env=env,
-                                                 path=os.getcwd(), childFDs=child_fds)
+        fd_of = self._exec(link, {slot: socks}, str(slot + 1))[slot]
         # the fleet view comes along: the worker applies it before it listens
         # (else its backends would wait 'unknown' for the first push: 503s)
         payload = {"text": self.text, "source": self.source, "workers": self.n,
@@ -270,6 +285,96 @@ class Fleet(Service):
         log.info("lbtwist: worker {wid} (slot {slot}) started, pid {pid}", wid=wid, slot=slot,
                  pid=link.process.pid)
         return wid
+
+    def _exec(self, link: WorkerLink, slots: dict[int, dict[str, ListenSocket]], label: str) -> dict[int, dict[str, int]]:
+        """spawnProcess a worker with the AMP pipes and the sockets of
+        ``slots``; returns slot -> bind -> the fd number in the child."""
+        child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, CHILD_IN: "w", CHILD_OUT: "r"}
+        fd_of: dict[int, dict[str, int]] = {}
+        fd = CHILD_OUT + 1
+        for slot, socks in sorted(slots.items()):
+            fd_of[slot] = {}
+            for bind, s in sorted(socks.items()):
+                child_fds[fd] = s.fileno()
+                fd_of[slot][bind] = fd
+                fd += 1
+        argv = [sys.executable, "-m", "lbtwist.workers.child", "--reactor", reactor_name(self.reactor)]
+        env = dict(os.environ)
+        env["LBTWIST_WORKER"] = label
+        bridge = Bridge(link.proto, CHILD_IN, CHILD_OUT, lambda reason: self._ended(link, reason))
+        link.process = self.reactor.spawnProcess(bridge, sys.executable, argv, env=env,
+                                                 path=os.getcwd(), childFDs=child_fds)
+        link.fds = fd_of
+        return fd_of
+
+    # -- the spare --------------------------------------------------------------
+
+    def _want_spare(self) -> bool:
+        return (not self.fork and self.running and not self._reloading and self.spare is None
+                and (self._spare_call is None or not self._spare_call.active())
+                and len(self.ready_links()) >= self.n)
+
+    def _maybe_spare(self) -> None:
+        """Start a spare once every slot serves (never competing with a slot's
+        own start for the CPU)."""
+        if self._want_spare():
+            self._start_spare()
+
+    def _start_spare(self) -> None:
+        self._spare_call = None
+        if not self._want_spare():
+            return
+        self._next_wid += 1
+        wid = self._next_wid
+        link = WorkerLink(wid, -1, MasterAMP(self, wid))
+        link.heard = self.reactor.seconds()
+        self.links[wid] = link
+        self.spare = link
+        self._exec(link, self.slot_sockets, "spare")
+        payload = {"text": self.text, "source": self.source, "workers": self.n}
+
+        def prepared(_: Any) -> None:
+            link.prepared = True
+            link.heard = self.reactor.seconds()
+            self._spare_failures = 0
+
+        d = put_all(link.proto, "prepare", json.dumps(payload).encode())
+        d.addCallbacks(prepared, self._failed, errbackArgs=(link, "preparing as the spare"))
+        log.info("lbtwist: spare worker {wid} started, pid {pid}", wid=wid, pid=link.process.pid)
+
+    def _assign(self, link: WorkerLink, slot: int) -> int:
+        """The spare takes ``slot``: it closes the other slots' sockets, builds
+        its service on the slot's and says Ready."""
+        self.spare = None
+        link.slot = slot
+        fd_of = link.fds[slot]
+        close = [fd for s, fds in link.fds.items() if s != slot for fd in fds.values()]
+        payload = {"text": self.text, "source": self.source, "workers": self.n, "slot": slot,
+                   "sockets": fd_of, "close": close, "snapshot": fleetview.snapshot(self.runtime)}
+        d = put_all(link.proto, "config", json.dumps(payload).encode())
+        d.addErrback(self._failed, link, "starting")
+        log.info("lbtwist: worker {wid} (slot {slot}) started, pid {pid} (the spare)", wid=link.wid,
+                 slot=slot, pid=link.process.pid)
+        return link.wid
+
+    def _spare_ended(self, link: WorkerLink, why: str) -> None:
+        self.spare = None
+        self._spare_failures += 1
+        delay = min(SPARE_RETRY_MAX, SPARE_RETRY * 2 ** (self._spare_failures - 1))
+        log.warn("lbtwist: spare worker {wid} exited: {why}; a new spare in {delay:g}s",
+                 wid=link.wid, why=why, delay=delay)
+        if self.running and not self.fork:
+            self._spare_call = self.reactor.callLater(delay, self._start_spare)
+
+    def _drop_spare(self) -> None:
+        """A reload: the spare holds the old config and sockets; it exits and
+        a new one starts when the reload is done."""
+        link, self.spare = self.spare, None
+        if self._spare_call is not None and self._spare_call.active():
+            self._spare_call.cancel()
+        if link is not None:
+            log.info("lbtwist: spare worker {wid} stopped (reload); a new one follows", wid=link.wid)
+            self._signal(link, "TERM")
 
     def _fork(self, wid: int, slot: int, link: WorkerLink, socks: dict[str, ListenSocket]) -> int:
         from twisted.internet.protocol import Factory
@@ -300,6 +405,9 @@ class Fleet(Service):
     def _ended(self, link: WorkerLink, reason: Any) -> None:
         self.links.pop(link.wid, None)
         why = exit_reason(reason)
+        if link is self.spare:
+            link.ended.callback(why)
+            return self._spare_ended(link, why)
         self.supervisor.exited(link.wid, why)
         for w in link.ready_waiters:
             if not w.called:
@@ -321,6 +429,7 @@ class Fleet(Service):
             if not w.called:
                 w.callback(None)
         link.ready_waiters.clear()
+        self._maybe_spare()
 
     def ready_links(self) -> list[WorkerLink]:
         return [l for l in self.links.values() if l.ready]
@@ -328,6 +437,7 @@ class Fleet(Service):
     # -- heartbeat --------------------------------------------------------------
 
     def _heartbeat(self) -> None:
+        self._check_spare()
         for link in list(self.links.values()):
             if not link.ready:
                 continue
@@ -335,6 +445,26 @@ class Fleet(Service):
             d.addTimeout(PING_TIMEOUT, self.reactor)
             d.addCallbacks(self._pong, lambda f: None, callbackArgs=(link,))
         self.supervisor.tick()
+
+    def _check_spare(self) -> None:
+        """The spare answers the same heartbeat; silent for the Supervisor's
+        heartbeat timeout (its start-up timeout before it has loaded the
+        config) it is killed, and replaced after SPARE_RETRY."""
+        link = self.spare
+        if link is None:
+            return
+        now = self.reactor.seconds()
+        limit = self.supervisor.heartbeat_timeout if link.prepared else self.supervisor.startup_timeout
+        if now - link.heard >= limit:
+            log.warn("lbtwist: spare worker {wid}: no answer for {s:.1f}s; killing it", wid=link.wid,
+                     s=now - link.heard)
+            link.heard = now
+            self._signal(link, "KILL")
+            return
+        if link.prepared:
+            d = link.proto.callRemote(Ping)
+            d.addTimeout(PING_TIMEOUT, self.reactor)
+            d.addCallbacks(lambda _: setattr(link, "heard", self.reactor.seconds()), lambda f: None)
 
     def _pong(self, stats: dict, link: WorkerLink) -> None:
         self.supervisor.heard(link.wid)
@@ -352,8 +482,14 @@ class Fleet(Service):
                 "connections": st.get("connections", 0),
                 "started": st.get("started"),
                 "rss_bytes": st.get("rss_bytes", 0),
+                "pss_bytes": st.get("pss_bytes", 0),
+                "uss_bytes": st.get("uss_bytes", 0),
             })
-        return {"workers": out, "master": {"pid": os.getpid(), "rss_bytes": _rss()}}
+        spare = self.spare
+        from lbtwist.workers.child import shared_memory
+
+        return {"workers": out, "master": {"pid": os.getpid(), "rss_bytes": _rss(), **shared_memory()},
+                "spare": {"pid": spare.process.pid, "prepared": spare.prepared} if spare is not None else None}
 
     # -- fleet view ------------------------------------------------------------
 
@@ -500,6 +636,19 @@ class Fleet(Service):
         d.addCallback(workers)
         return d
 
+    def _reload_workers(self, text: str, fresh: dict | None) -> defer.Deferred:
+        """The spare holds the old config (and, when binds moved, the old
+        sockets): it is dropped, and a new one starts after the workers."""
+        self._reloading = True
+        self._drop_spare()
+
+        def done(r: Any) -> Any:
+            self._reloading = False
+            self._maybe_spare()
+            return r
+
+        return self._reload_running(text, fresh).addBoth(done)
+
     def _close_unused(self, socks: dict[int, dict[str, ListenSocket]], keep: dict[int, dict[str, ListenSocket]]) -> None:
         kept = {id(s) for per in keep.values() for s in per.values()}
         for per in socks.values():
@@ -507,7 +656,7 @@ class Fleet(Service):
                 if id(s) not in kept:
                     s.close()
 
-    def _reload_workers(self, text: str, fresh: dict | None) -> defer.Deferred:
+    def _reload_running(self, text: str, fresh: dict | None) -> defer.Deferred:
         self.text = text
         payload = json.dumps({"text": text, "source": self.source, "workers": self.n, "slot": -1,
                               "sockets": {}}).encode()

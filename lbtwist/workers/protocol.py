@@ -34,6 +34,8 @@ class Ping(amp.Command):
         (b"connections", amp.Integer()),
         (b"started", amp.Float()),
         (b"rss_bytes", amp.Integer()),
+        (b"pss_bytes", amp.Integer()),
+        (b"uss_bytes", amp.Integer()),
     ]
 
 
