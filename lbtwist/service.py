@@ -228,23 +228,32 @@ class LbtwistService(MultiService):
 
     # -- OCSP fetching (lbtwist.tls.ocspfetch) -----------------------------------
 
-    def _prepare_ocsp(self, config: Config) -> Any:
+    def _prepare_ocsp(self, config: Config, reloading: bool = False) -> Any:
         """The fetch settings of ``config`` (None: nothing to fetch, and no
         fetcher runs). A worker never fetches: its master pushes responses.
-        Raises TLSConfigError naming the listener, certificate and key."""
+        Raises TLSConfigError (ReloadError when ``reloading``) naming the
+        listener, certificate and key. TLS modules are imported only when
+        there is something to fetch: a worker without TLS never loads
+        pyOpenSSL."""
         rt = self.runtime
         if rt.role == "worker":
             return None
         wanted = any(c.ocsp_fetch for l in config.listeners if l.tls is not None for c in l.tls.certificates)
         if not wanted and getattr(rt, "ocsp", None) is None:
             return None
+        from lbtwist.tls.context import TLSConfigError
         from lbtwist.tls.ocspfetch import OCSPService
 
         svc = getattr(rt, "ocsp", None)
         if svc is None:
             svc = OCSPService(rt)
             svc.setServiceParent(self)
-        return svc.prepare(config)
+        try:
+            return svc.prepare(config)
+        except TLSConfigError as e:
+            if not reloading:
+                raise
+            raise ReloadError(f"TLS: {e}") from None
 
     def _commit_ocsp(self, prepared: Any) -> None:
         self.runtime.ocsp.commit(prepared)
@@ -377,12 +386,7 @@ class LbtwistService(MultiService):
         rt = self.runtime
         old = rt.config
         tls_state, backend_tls = self._prepare_tls(new)
-        from lbtwist.tls.context import TLSConfigError
-
-        try:
-            ocsp = self._prepare_ocsp(new)
-        except TLSConfigError as e:
-            raise ReloadError(f"TLS: {e}") from None
+        ocsp = self._prepare_ocsp(new, reloading=True)
         tls_saved = tls_state.listener_snapshot() if tls_state is not None else None
         bound: list[Any] = []  # ports this attempt opened: closed again if it is refused
         try:
