@@ -23,8 +23,9 @@ lbtwist`` (an http listener with ``tls:``, the lean reactor) and HAProxy
 (``mode http``, ``ssl crt``, one thread, ``http-reuse always``) proxy to one
 nginx origin; ``wrk -t1 -c50`` over TLS keep-alive connections fetches a
 2-byte answer (``small``) and a 16 KiB one with 1 KiB of request headers
-(``16k``), and the same 16 KiB run over a plain listener of each proxy
-(``plain-16k``) for reference. ``--profile N`` instead records N seconds of
+(``16k``), and the same two runs over a plain listener of each proxy
+(``plain-small``, ``plain-16k``) for reference: the TLS layer's own cost
+per request is the TLS case's CPU per request minus the plain one's. ``--profile N`` instead records N seconds of
 py-spy on lbtwist per case, under the same load, and prints where the time goes.
 """
 from __future__ import annotations
@@ -215,6 +216,7 @@ _PAD = "x" * 1024
 _CASES = {
     "small": ("https", "/", []),
     "16k": ("https", "/16k", ["-H", f"X-Pad: {_PAD}"]),
+    "plain-small": ("http", "/", []),
     "plain-16k": ("http", "/16k", ["-H", f"X-Pad: {_PAD}"]),
 }
 
@@ -232,8 +234,11 @@ def profile_keepalive(pid: int, url: str, extra: list[str], args: argparse.Names
 
     spy = Path(PY).with_name("py-spy")
     if not spy.exists():
-        print("(--profile: py-spy not found; .venv/bin/pip install py-spy)")
-        return
+        found = shutil.which("py-spy")  # e.g. pip install --target DIR py-spy, DIR/bin on PATH
+        if found is None:
+            print("(--profile: py-spy not found; .venv/bin/pip install py-spy, or put one on PATH)")
+            return
+        spy = Path(found)
     raw = Path(tempfile.mkdtemp(prefix="bench_tls_prof_")) / "prof.txt"
     rec = subprocess.Popen([str(spy), "record", "-p", str(pid), "-d", str(args.profile), "-r", "250",
                             "-f", "raw", "-o", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -368,6 +373,14 @@ backend origin
             lbm, hpm = statistics.median(lb_v), statistics.median(hp_v)
             print(f"{case:12s}{lbm:10.0f}{hpm:10.0f}{lbm / hpm:17.2f}   "
                   f"{min(lb_v):.0f}-{max(lb_v):.0f}, {min(hp_v):.0f}-{max(hp_v):.0f}")
+    print("proxy CPU per request, and what TLS adds (TLS case minus its plain one), microseconds:")
+    for tls_case, plain_case in (("small", "plain-small"), ("16k", "plain-16k")):
+        row = []
+        for name in targets:
+            t = 1e6 / statistics.median(per_cpu[(name, tls_case)])
+            pl = 1e6 / statistics.median(per_cpu[(name, plain_case)])
+            row.append(f"{name} {t:6.1f} (plain {pl:6.1f}, TLS adds {t - pl:5.1f})")
+        print(f"{tls_case:12s}" + "   ".join(row))
 
 
 def main() -> None:

@@ -168,6 +168,26 @@ def test_close_notify_ends_reading_with_zero_return(pki, io):
     assert data == b"last words" and isinstance(err, SSL.ZeroReturnError)
 
 
+def test_a_read_ending_inside_a_record_returns_what_is_whole_and_the_rest_later(pki, io):
+    # The fast read stops once the input BIO is empty and nothing decrypted is
+    # pending; a record cut by the TCP read must still wait for its tail.
+    server, client = _pair(pki)
+    client.sendall(b"first")
+    one = _bio_out(client)
+    client.sendall(b"second" * 1000)
+    two = _bio_out(client)
+    io["feed"](server, one + two[:100])
+    assert io["read"](server) == (b"first", None)
+    assert io["read"](server) == (b"", None)
+    io["feed"](server, two[100:])
+    assert io["read"](server) == (b"second" * 1000, None)
+    assert io["read"](server) == (b"", None)
+    client.sendall(b"a")
+    client.sendall(b"b")
+    io["feed"](server, _bio_out(client))  # two whole records in one read
+    assert io["read"](server) == (b"ab", None)
+
+
 def test_a_write_before_the_handshake_wants_read(pki, io):
     cert, key = pki
     sctx = SSL.Context(SSL.TLS_METHOD)

@@ -42,8 +42,8 @@ def _binding() -> Any:
     ffi = getattr(SSL, "_ffi", None)
     if lib is None or ffi is None:
         return None
-    needed = ("SSL_read", "SSL_write", "SSL_get_error", "SSL_ERROR_WANT_READ", "BIO_read", "BIO_write",
-              "BIO_get_mem_data")
+    needed = ("SSL_read", "SSL_write", "SSL_get_error", "SSL_ERROR_WANT_READ", "SSL_pending", "BIO_read",
+              "BIO_write", "BIO_get_mem_data")
     if not all(hasattr(lib, n) for n in needed):
         return None
     for attr in ("_ssl", "_into_ssl", "_from_ssl"):
@@ -117,6 +117,7 @@ def _public_feed(conn: SSL.Connection, data: bytes) -> None:
 if FAST:
     _lib, _ffi = _binding()
     _SSL_read, _SSL_write, _SSL_get_error = _lib.SSL_read, _lib.SSL_write, _lib.SSL_get_error
+    _SSL_pending = _lib.SSL_pending
     _BIO_read, _BIO_write, _BIO_get_mem_data = _lib.BIO_read, _lib.BIO_write, _lib.BIO_get_mem_data
     _WANT_READ = _lib.SSL_ERROR_WANT_READ
     _NULL = _ffi.NULL
@@ -135,14 +136,22 @@ if FAST:
     def read_plaintext(conn: SSL.Connection) -> tuple[bytes, SSL.Error | None]:
         """Every byte of application data the input BIO's records decrypt to,
         and the error that ended reading (None when they simply ran out:
-        ``SSL_ERROR_WANT_READ``). Data read before an error is returned with it."""
+        ``SSL_ERROR_WANT_READ``). Data read before an error is returned with it.
+
+        Reading stops without the last ``SSL_read`` (the one that would only
+        say ``SSL_ERROR_WANT_READ``) once the input BIO is empty and OpenSSL
+        holds no decrypted bytes (``SSL_pending``): with nothing left to
+        read, that call cannot return data, an alert or an error."""
         ssl = conn._ssl
+        into = conn._into_ssl
         n = _SSL_read(ssl, _rbuf, READ_SIZE)
         if n <= 0:
             if _SSL_get_error(ssl, n) == _WANT_READ:
                 return b"", None
             return b"", _error(conn, n)
         first = _buffer(_rbuf, n)[:]
+        if _BIO_get_mem_data(into, _NULL) <= 0 and _SSL_pending(ssl) <= 0:
+            return first, None
         n = _SSL_read(ssl, _rbuf, READ_SIZE)
         if n <= 0:
             if _SSL_get_error(ssl, n) == _WANT_READ:
@@ -150,6 +159,8 @@ if FAST:
             return first, _error(conn, n)
         parts = [first, _buffer(_rbuf, n)[:]]
         while True:
+            if _BIO_get_mem_data(into, _NULL) <= 0 and _SSL_pending(ssl) <= 0:
+                return b"".join(parts), None
             n = _SSL_read(ssl, _rbuf, READ_SIZE)
             if n <= 0:
                 err = None if _SSL_get_error(ssl, n) == _WANT_READ else _error(conn, n)
