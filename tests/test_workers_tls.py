@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import ssl
-import time
 
 from lbtwist.tls.testing import TestCA
 from support.procs import Proc, free_port, twistd_cmd
@@ -78,16 +77,7 @@ def test_twenty_resumptions_in_a_row_across_workers(tmp_path):
     proc = Proc(twistd_cmd(_config(tmp_path, port, admin, demo, cert, key)))
     pids = []
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                ws = _workers(admin)
-                if len(ws) == 2:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, proc.output()[-3000:]
-            proc._pump(0.2)
+        ws = _serving(admin, proc)
         pids = [w["pid"] for w in ws]
         assert "forked, pid" in proc.output()
         before = {w["pid"]: w["requests"] for w in ws}
@@ -156,8 +146,7 @@ def test_a_renewed_certificate_reaches_replacement_workers_and_new_ticket_settin
     proc = Proc(twistd_cmd(cfg))
     pids: list[int] = []
     try:
-        _wait(lambda: _try_workers(admin, 2), 60, "2 workers", proc)
-        pids = [w["pid"] for w in _workers(admin)]
+        pids = [w["pid"] for w in _serving(admin, proc)]
         old_serial = _serial(port, cafile)
         # renewed in place (same paths), then a reload: the same workers take it
         ca.issue("localhost", "127.0.0.1").write(tmp_path, "site")
@@ -202,6 +191,12 @@ def test_a_renewed_certificate_reaches_replacement_workers_and_new_ticket_settin
     _wait(lambda: not any(_alive(p) for p in pids), 10, "workers gone", proc)
 
 
+def _serving(admin, proc):
+    """/api/workers' list once both workers serve (within 60 s)."""
+    _wait(lambda: _try_workers(admin, 2), 60, "2 workers serving", proc)
+    return _workers(admin)
+
+
 def _try_workers(admin, n):
     """/api/workers' list (None while the admin port is not up); with n, only once n are listed."""
     try:
@@ -232,16 +227,7 @@ def test_exec_workers_load_openssl_only_with_tls(tmp_path):
     proc = Proc(twistd_cmd(path))
     pids = []
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                ws = _workers(admin)
-                if len(ws) == 2:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, proc.output()[-3000:]
-            proc._pump(0.2)
+        ws = _serving(admin, proc)
         pids = [w["pid"] for w in ws]
         assert "forked, pid" not in proc.output()
         ctx = ssl.create_default_context(cafile=ca.write_ca(tmp_path / "ca.pem"))
